@@ -1,0 +1,168 @@
+"""kvtier configuration: one YAML file plus ``KVTIER_*`` environment overrides, validated at start.
+
+Precedence, lowest to highest: defaults, the YAML file (``KVTIER_CONFIG`` or an explicit path),
+environment variables named ``KVTIER_<KEY>`` in upper case (``KVTIER_CPU_SIZE_GB=16``).
+Every error names the offending key, the value seen and what to write instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+CONFIG_ENV = "KVTIER_CONFIG"
+ENV_PREFIX = "KVTIER_"
+WRITE_POLICIES = ("write_back", "write_through")
+
+
+class ConfigError(ValueError):
+    """A kvtier setting is missing, unknown or out of range; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """All kvtier settings. Sizes are in GB (10**9 bytes)."""
+
+    chunk_tokens: int = 256
+    """Tokens per stored chunk; must be a multiple of SGLang's page size."""
+    cpu_size_gb: float = 8.0
+    """Pinned host memory for the CPU tier, allocated once at start; it also stages disk reads."""
+    disk_path: str = ""
+    """Directory of the disk tier's slab file; empty disables the disk tier."""
+    disk_size_gb: float = 0.0
+    """Capacity of the disk tier; required when disk_path is set."""
+    disk_o_direct: bool = True
+    """Bypass the page cache; falls back with a warning where the filesystem refuses O_DIRECT."""
+    disk_write_queue: int = 16
+    """Chunks that may wait for the disk writer before further demotions are dropped."""
+    remote_url: str = ""
+    """Shared remote tier (not implemented yet: must stay empty)."""
+    write_policy: str = "write_back"
+    """write_back: copy KV out when the radix tree evicts it; write_through: on insert."""
+    metrics_port: int = 0
+    """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
+    pin_timeout_s: float = 60.0
+    """A reader's pins on CPU chunks expire after this long, so a dead reader cannot leak them."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def cpu_bytes(self) -> int:
+        return int(self.cpu_size_gb * 1e9)
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.disk_size_gb * 1e9)
+
+
+def load_config(
+    path: Optional[str | os.PathLike] = None,
+    env: Optional[Mapping[str, str]] = None,
+    **overrides: Any,
+) -> KVTierConfig:
+    """Build the config from ``path`` (else ``$KVTIER_CONFIG``), then env, then ``overrides``."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_read_yaml(Path(path)))
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        _check_known(name, f"environment variable {key}")
+        values[name] = _parse_env(name, raw, key)
+    for name, value in overrides.items():
+        _check_known(name, f"override {name!r}")
+        values[name] = value
+    for name, value in values.items():
+        values[name] = _coerce(name, value)
+    return KVTierConfig(**values)
+
+
+_FIELDS = {f.name: f for f in fields(KVTierConfig)}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"kvtier config file {path} does not exist (set {CONFIG_ENV} to a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"kvtier config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"kvtier config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    for name in data:
+        _check_known(str(name), f"key {name!r} in {path}")
+    return data
+
+
+def _check_known(name: str, where: str) -> None:
+    if name in _FIELDS:
+        return
+    close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown kvtier setting in {where}: {hint}valid keys are {sorted(_FIELDS)}")
+
+
+def _parse_env(name: str, raw: str, env_key: str) -> Any:
+    if _FIELDS[name].type in ("str",):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{env_key}={raw!r} cannot be parsed: {exc}") from exc
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and value is None:
+        return ""
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"kvtier setting {name!r} must be {kind}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _validate(cfg: KVTierConfig) -> None:
+    def bad(key: str, fix: str) -> ConfigError:
+        return ConfigError(f"kvtier setting {key}={getattr(cfg, key)!r}: {fix}")
+
+    if cfg.chunk_tokens <= 0:
+        raise bad("chunk_tokens", "must be a positive number of tokens (default 256)")
+    if cfg.cpu_size_gb <= 0:
+        raise bad("cpu_size_gb", "must be > 0: the CPU tier stages every GPU copy (for a disk-first setup give it e.g. 1)")
+    if cfg.disk_size_gb < 0:
+        raise bad("disk_size_gb", "must be >= 0")
+    if cfg.disk_path and cfg.disk_size_gb == 0:
+        raise bad("disk_size_gb", f"set a capacity for the disk tier at disk_path={cfg.disk_path!r}")
+    if cfg.disk_size_gb > 0 and not cfg.disk_path:
+        raise bad("disk_path", "set a directory for the disk tier, or disk_size_gb: 0 to disable it")
+    if cfg.disk_write_queue < 1:
+        raise bad("disk_write_queue", "must be >= 1")
+    if cfg.remote_url:
+        raise bad("remote_url", "the remote tier is not available in this version; leave it empty")
+    if cfg.write_policy not in WRITE_POLICIES:
+        raise bad("write_policy", f"must be one of {list(WRITE_POLICIES)}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise bad("metrics_port", "must be a TCP port, or 0 to disable metrics")
+    if cfg.pin_timeout_s <= 0:
+        raise bad("pin_timeout_s", "must be > 0 seconds")
+
+
+def check_page_size(cfg: KVTierConfig, page_size: int) -> None:
+    """Chunks hold whole SGLang pages; refuse a chunk size that splits one."""
+    if cfg.chunk_tokens % page_size:
+        raise ConfigError(
+            f"kvtier setting chunk_tokens={cfg.chunk_tokens} is not a multiple of SGLang's "
+            f"--page-size {page_size}; use e.g. chunk_tokens: {max(1, cfg.chunk_tokens // page_size) * page_size}"
+        )
+

@@ -1,0 +1,283 @@
+"""The CPU tier: one pinned host slab carved into fixed chunk slots, LRU, leased pins, demotion.
+
+Readers and writers hold slots through leases (``acquire`` to read, ``reserve`` to write). A
+lease ends when its holder releases it or, at the latest, when its deadline passes: a holder that
+crashed or hung cannot pin a slot forever (LMCache's most reported bug). An expired read lease
+reports ``release() == False`` so its holder knows the bytes may have been overwritten.
+
+When a slot is needed and none is free, the least recently used unpinned chunk is evicted; if a
+``demote`` function is given (the disk tier), the chunk is first handed to it and its slot is
+reused only once the write completed, so a full CPU tier demotes instead of dropping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from kvtier.sglang_ext.chunk_keys import ChunkKey
+from kvtier.sglang_ext.metrics import TierMetrics
+from kvtier.sglang_ext.tiers.host_memory import HostSlab, round_up
+
+logger = logging.getLogger(__name__)
+
+DemoteFn = Callable[[ChunkKey, torch.Tensor], Optional["Future[bool]"]]
+"""Starts writing a chunk to the tier below; None when it cannot take more now (queue full)."""
+
+
+@dataclass
+class _Entry:
+    slot: int
+    ready: bool = False  # committed: visible to readers
+    pins: int = 0
+    demoting: bool = False
+    written_below: bool = False  # the tier below holds a copy, eviction needs no write
+
+
+@dataclass
+class Lease:
+    """Slots held by one reader or writer until ``release`` or ``deadline``."""
+
+    keys: list[ChunkKey]
+    views: list[torch.Tensor]
+    deadline: float
+    writing: bool
+    _tier: "CpuTier" = field(repr=False)
+    _id: int = 0
+    _open: bool = True
+    expired: bool = False
+
+    def release(self) -> bool:
+        """Unpin (a read lease) or abort uncommitted slots (a write lease).
+
+        Returns False if the lease had already expired: the views may no longer hold its keys.
+        """
+        return self._tier._end(self, commit=False)
+
+    def commit(self) -> bool:
+        """Publish a write lease's chunks; returns False if it expired first (nothing stored)."""
+        assert self.writing, "commit() is for leases from reserve()"
+        return self._tier._end(self, commit=True)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open:
+            self.release()
+
+
+class CpuTier:
+    """Fixed-size chunk slots in one page-aligned, pinned host slab."""
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        chunk_bytes: int,
+        capacity_bytes: int,
+        *,
+        metrics: TierMetrics,
+        lease_timeout_s: float = 60.0,
+        demote: Optional[DemoteFn] = None,
+        pin: Optional[bool] = None,
+    ) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.slot_bytes = round_up(chunk_bytes)  # 4 KiB-aligned slots are valid O_DIRECT buffers
+        self.num_slots = capacity_bytes // self.slot_bytes
+        if self.num_slots < 1:
+            raise ValueError(
+                f"CPU tier of {capacity_bytes} bytes cannot hold one chunk of {chunk_bytes} bytes; "
+                "raise cpu_size_gb or lower chunk_tokens"
+            )
+        self.slab = HostSlab(self.num_slots * self.slot_bytes, pin=pin)
+        self._lease_timeout = lease_timeout_s
+        self._demote = demote
+        self._metrics = metrics
+        # Re-entrant: a demotion future that completes at once runs its callback in this thread.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._lru: OrderedDict[ChunkKey, _Entry] = OrderedDict()  # oldest first
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._leases: dict[int, Lease] = {}
+        self._lease_ids = itertools.count(1)
+        metrics.capacity.labels(self.name).set(self.num_slots * self.chunk_bytes)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._lru and self._lru[k].ready for k in keys]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(e.ready for e in self._lru.values())
+
+    def view(self, slot: int) -> torch.Tensor:
+        start = slot * self.slot_bytes
+        return self.slab.view(start, self.chunk_bytes)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None) -> Lease:
+        """Pin the longest prefix of ``keys`` that is present; the lease holds views of those."""
+        with self._lock:
+            self._expire_leases()
+            got: list[ChunkKey] = []
+            for key in keys:
+                entry = self._lru.get(key)
+                if entry is None or not entry.ready:
+                    break
+                entry.pins += 1
+                self._lru.move_to_end(key)
+                got.append(key)
+            return self._new_lease(got, [self._lru[k].slot for k in got], False, timeout_s)
+
+    def reserve(
+        self,
+        keys: Sequence[ChunkKey],
+        wait_s: float = 0.0,
+        timeout_s: Optional[float] = None,
+        written_below: bool = False,
+    ) -> Lease:
+        """Slots for the keys not yet present, evicting or demoting LRU chunks as needed.
+
+        Waits up to ``wait_s`` for demotions to free slots; keys that still get no slot are left
+        out of the lease (the caller stores fewer chunks, it never blocks for long).
+        """
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            self._expire_leases()
+            got: list[ChunkKey] = []
+            slots: list[int] = []
+            for key in dict.fromkeys(keys):  # de-duplicate, keep order
+                if key in self._lru:
+                    continue
+                slot = self._take_slot(deadline)
+                if slot is None:
+                    self._metrics.dropped.labels("cpu_full").inc()
+                    continue
+                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below)
+                got.append(key)
+                slots.append(slot)
+            return self._new_lease(got, slots, True, timeout_s)
+
+    def _new_lease(self, keys: list[ChunkKey], slots: list[int], writing: bool, timeout_s: Optional[float]) -> Lease:
+        timeout = self._lease_timeout if timeout_s is None else timeout_s
+        lease = Lease(
+            keys=keys,
+            views=[self.view(s) for s in slots],
+            deadline=time.monotonic() + timeout,
+            writing=writing,
+            _tier=self,
+            _id=next(self._lease_ids),
+        )
+        if keys:
+            self._leases[lease._id] = lease
+        else:
+            lease._open = False
+        return lease
+
+    def _end(self, lease: Lease, commit: bool) -> bool:
+        with self._lock:
+            if not lease._open:
+                return not lease.expired
+            self._finish(lease, commit)
+            self._changed.notify_all()
+            return True
+
+    def _finish(self, lease: Lease, commit: bool) -> None:
+        lease._open = False
+        self._leases.pop(lease._id, None)
+        for key in lease.keys:
+            entry = self._lru[key]
+            entry.pins -= 1
+            if not lease.writing:
+                continue
+            if commit:
+                entry.ready = True
+                self._lru.move_to_end(key)
+                self._metrics.bytes.labels(self.name, "in").inc(self.chunk_bytes)
+            else:
+                del self._lru[key]
+                self._free.append(entry.slot)
+        self._update_used()
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lease in [l for l in self._leases.values() if l.deadline <= now]:
+            logger.warning(
+                "kvtier: %s lease on %d CPU chunks expired unreleased; reclaiming its slots",
+                "write" if lease.writing else "read",
+                len(lease.keys),
+            )
+            lease.expired = True
+            self._finish(lease, commit=False)
+            self._metrics.expired_pins.inc()
+
+    # -- eviction ----------------------------------------------------------------------------
+
+    def _take_slot(self, deadline: float) -> Optional[int]:
+        while True:
+            if self._free:
+                return self._free.pop()
+            waiting_on_demotion = False
+            for key, entry in list(self._lru.items()):
+                if entry.pins or not entry.ready:
+                    continue
+                if entry.demoting:
+                    waiting_on_demotion = True
+                    continue
+                if self._demote is None or entry.written_below:
+                    del self._lru[key]
+                    self._metrics.evictions.labels(self.name).inc()
+                    return entry.slot
+                future = self._demote(key, self.view(entry.slot))
+                if future is None:  # the tier below is busy: wait for a demotion to finish
+                    waiting_on_demotion = True
+                    break
+                entry.demoting = True
+                waiting_on_demotion = True
+                future.add_done_callback(lambda f, k=key: self._demoted(k, f))
+                if not entry.demoting:  # already written (e.g. the key was on disk): reuse now
+                    del self._lru[key]
+                    self._metrics.evictions.labels(self.name).inc()
+                    return entry.slot
+            self._expire_leases()
+            if self._free:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not waiting_on_demotion and not self._leases:
+                return None  # nothing will free a slot
+            self._changed.wait(min(remaining, 0.05))
+
+    def _demoted(self, key: ChunkKey, future: "Future[bool]") -> None:
+        ok = not future.cancelled() and future.exception() is None and future.result()
+        with self._lock:
+            entry = self._lru.get(key)
+            if entry is not None:
+                entry.demoting = False
+                # A failed write is not retried: the chunk is evicted without a copy.
+                entry.written_below = True
+            if ok:
+                self._metrics.demotions.inc()
+            else:
+                self._metrics.dropped.labels("demotion_failed").inc()
+            self._changed.notify_all()
+
+    def _update_used(self) -> None:
+        used = (self.num_slots - len(self._free)) * self.chunk_bytes
+        self._metrics.used.labels(self.name).set(used)
+
+    def close(self) -> None:
+        self.slab.close()

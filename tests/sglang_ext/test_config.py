@@ -1,0 +1,81 @@
+"""Config: YAML, environment overrides, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.sglang_ext.config import ConfigError, KVTierConfig, check_page_size, load_config
+
+
+def test_defaults_without_file_or_env():
+    cfg = load_config(env={})
+    assert cfg == KVTierConfig()
+    assert cfg.chunk_tokens == 256 and cfg.write_policy == "write_back" and cfg.disk_path == ""
+
+
+def test_yaml_then_env_then_overrides(tmp_path):
+    path = tmp_path / "kvtier.yaml"
+    path.write_text(
+        "chunk_tokens: 512\ncpu_size_gb: 2\ndisk_path: /tmp/kv\ndisk_size_gb: 10\nwrite_policy: write_through\n"
+    )
+    env = {"KVTIER_CONFIG": str(path), "KVTIER_CPU_SIZE_GB": "4.5", "KVTIER_DISK_O_DIRECT": "false"}
+    cfg = load_config(env=env, metrics_port=9400)
+    assert cfg.chunk_tokens == 512
+    assert cfg.cpu_size_gb == 4.5 and cfg.cpu_bytes == 4_500_000_000
+    assert cfg.disk_path == "/tmp/kv" and cfg.disk_bytes == 10_000_000_000
+    assert cfg.disk_o_direct is False
+    assert cfg.write_policy == "write_through"
+    assert cfg.metrics_port == 9400
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "kvtier.yaml"
+    path.write_text("chunk_token: 128\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'chunk_tokens'"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match=r"KVTIER_CPU_SIZE"):
+        load_config(env={"KVTIER_CPU_SIZE": "3"})
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+        ({"cpu_size_gb": 0}, "cpu_size_gb"),
+        ({"disk_path": "/tmp/x"}, "disk_size_gb"),
+        ({"disk_size_gb": 5}, "disk_path"),
+        ({"write_policy": "write_sometimes"}, "write_policy"),
+        ({"metrics_port": 70000}, "metrics_port"),
+        ({"remote_url": "redis://h:1"}, "remote_url"),
+        ({"pin_timeout_s": 0}, "pin_timeout_s"),
+    ],
+)
+def test_invalid_values_name_the_key(changes, key):
+    with pytest.raises(ConfigError, match=rf"kvtier setting {key}="):
+        load_config(env={}, **changes)
+
+
+def test_wrong_types_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'chunk_tokens' must be int"):
+        load_config(env={"KVTIER_CHUNK_TOKENS": "many"})
+    path = tmp_path / "kvtier.yaml"
+    path.write_text("disk_o_direct: 3\n")
+    with pytest.raises(ConfigError, match=r"'disk_o_direct' must be bool"):
+        load_config(path, env={})
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad, env={})
+
+
+def test_chunk_must_hold_whole_pages():
+    cfg = load_config(env={}, chunk_tokens=100)
+    check_page_size(cfg, 1)
+    check_page_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"not a multiple of SGLang's --page-size 64; use e.g. chunk_tokens: 64"):
+        check_page_size(cfg, 64)

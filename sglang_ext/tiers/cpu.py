@@ -29,6 +29,9 @@ from kvtier.sglang_ext.tiers.host_memory import HostSlab, round_up
 
 logger = logging.getLogger(__name__)
 
+FillFn = Callable[[ChunkKey, torch.Tensor], bool]
+"""Loads one chunk into the given slot view (from the tier below); False if it could not."""
+
 DemoteFn = Callable[[ChunkKey, torch.Tensor], Optional["Future[bool]"]]
 """Starts writing a chunk to the tier below; None when it cannot take more now (queue full)."""
 
@@ -127,19 +130,53 @@ class CpuTier:
 
     # -- leases ------------------------------------------------------------------------------
 
-    def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None) -> Lease:
-        """Pin the longest prefix of ``keys`` that is present; the lease holds views of those."""
+    def acquire(
+        self,
+        keys: Sequence[ChunkKey],
+        timeout_s: Optional[float] = None,
+        fill: Optional[FillFn] = None,
+        wait_s: float = 0.0,
+    ) -> Lease:
+        """Pin the longest prefix of ``keys`` that is present, or that ``fill`` can bring in.
+
+        A key missing here is given a fresh slot (waiting up to ``wait_s`` for one) and
+        ``fill(key, view)`` is called outside the lock to load it (the disk tier's read); a
+        filled chunk is kept pinned in this lease like a hit, so a batch larger than the free
+        space cannot evict its own first chunks.
+        """
+        deadline = time.monotonic() + wait_s
         with self._lock:
             self._expire_leases()
-            got: list[ChunkKey] = []
-            for key in keys:
+            lease = self._new_lease([], [], False, timeout_s)
+        for key in keys:
+            with self._lock:
                 entry = self._lru.get(key)
-                if entry is None or not entry.ready:
+                if entry is not None and entry.ready:
+                    entry.pins += 1
+                    self._lru.move_to_end(key)
+                    lease.keys.append(key)
+                    lease.views.append(self.view(entry.slot))
+                    continue
+                if entry is not None or fill is None:
                     break
-                entry.pins += 1
-                self._lru.move_to_end(key)
-                got.append(key)
-            return self._new_lease(got, [self._lru[k].slot for k in got], False, timeout_s)
+                slot = self._take_slot(deadline)
+                if slot is None:
+                    break
+                entry = self._lru[key] = _Entry(slot=slot, pins=1, written_below=True)
+            loaded = fill(key, self.view(slot))
+            with self._lock:
+                if not loaded:
+                    del self._lru[key]
+                    self._free.append(slot)
+                    self._changed.notify_all()
+                    break
+                entry.ready = True
+                lease.keys.append(key)
+                lease.views.append(self.view(slot))
+                self._update_used()
+        with self._lock:
+            self._close_if_empty(lease)
+        return lease
 
     def reserve(
         self,
@@ -168,7 +205,9 @@ class CpuTier:
                 self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below)
                 got.append(key)
                 slots.append(slot)
-            return self._new_lease(got, slots, True, timeout_s)
+            lease = self._new_lease(got, slots, True, timeout_s)
+            self._close_if_empty(lease)
+            return lease
 
     def _new_lease(self, keys: list[ChunkKey], slots: list[int], writing: bool, timeout_s: Optional[float]) -> Lease:
         timeout = self._lease_timeout if timeout_s is None else timeout_s
@@ -180,11 +219,13 @@ class CpuTier:
             _tier=self,
             _id=next(self._lease_ids),
         )
-        if keys:
-            self._leases[lease._id] = lease
-        else:
-            lease._open = False
+        self._leases[lease._id] = lease
         return lease
+
+    def _close_if_empty(self, lease: Lease) -> None:
+        if not lease.keys:
+            self._leases.pop(lease._id, None)
+            lease._open = False
 
     def _end(self, lease: Lease, commit: bool) -> bool:
         with self._lock:
@@ -251,6 +292,7 @@ class CpuTier:
                     del self._lru[key]
                     self._metrics.evictions.labels(self.name).inc()
                     return entry.slot
+                break  # one demotion per slot needed: demote only what must leave, in LRU order
             self._expire_leases()
             if self._free:
                 continue

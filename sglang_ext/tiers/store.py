@@ -90,39 +90,27 @@ class TierStore:
 
     # -- zero-copy leases ----------------------------------------------------------------------
 
-    def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None) -> Lease:
-        """Pin the longest servable prefix of ``keys`` in CPU slots, promoting disk hits first."""
+    def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None, wait_s: float = 1.0) -> Lease:
+        """Pin the longest servable prefix of ``keys`` in CPU slots, loading disk hits on the way.
+
+        Loading a disk hit may wait up to ``wait_s`` for a CPU slot (a demotion to finish).
+        """
+        from_disk = 0
+
+        def fill(key: ChunkKey, view: torch.Tensor) -> bool:
+            nonlocal from_disk
+            assert self.disk is not None
+            loaded = self.disk.read_into([key], [view]) == 1
+            from_disk += loaded
+            return loaded
+
         with self.metrics.timed("store", "acquire"):
-            lease = self.cpu.acquire(keys, timeout_s)
-            cpu_hits = len(lease.keys)
-            if self.disk is not None and cpu_hits < len(keys):
-                # Keep the CPU hits pinned while promotion evicts to make room.
-                with lease:
-                    self._promote(keys[cpu_hits:])
-                    lease = self.cpu.acquire(keys, timeout_s)
-        self.metrics.hits.labels("cpu").inc(cpu_hits)
-        self.metrics.hits.labels("disk").inc(len(lease.keys) - cpu_hits)
+            lease = self.cpu.acquire(keys, timeout_s, fill=fill if self.disk else None, wait_s=wait_s)
+        self.metrics.hits.labels("cpu").inc(len(lease.keys) - from_disk)
+        self.metrics.hits.labels("disk").inc(from_disk)
         self.metrics.misses.inc(len(keys) - len(lease.keys))
         self.metrics.bytes.labels("cpu", "out").inc(len(lease.keys) * self.chunk_bytes)
         return lease
-
-    def _promote(self, keys: Sequence[ChunkKey]) -> int:
-        """Copy the leading disk-resident ``keys`` into CPU slots; returns how many are in CPU."""
-        assert self.disk is not None
-        n = 0
-        for key in keys:
-            if not self.disk.contains([key])[0]:
-                break
-            with self.cpu.reserve([key], written_below=True) as lease:
-                if not lease.keys:  # already in CPU, being written by another thread, or no slot
-                    if not self.cpu.contains([key])[0]:
-                        break
-                elif self.disk.read_into(lease.keys, lease.views) == 1:
-                    lease.commit()
-                else:
-                    break
-            n += 1
-        return n
 
     def reserve(self, keys: Sequence[ChunkKey], wait_s: float = 0.0, timeout_s: Optional[float] = None) -> Lease:
         """Fresh CPU slots for the keys no tier holds yet; write them, then ``commit()``."""
@@ -134,14 +122,24 @@ class TierStore:
     # -- copying batch API ---------------------------------------------------------------------
 
     def get_into(self, keys: Sequence[ChunkKey], buffers: Sequence[torch.Tensor]) -> int:
-        """Copy the longest servable prefix of ``keys`` into ``buffers``; returns its length."""
-        with self.acquire(keys) as lease:
-            for view, dst in zip(lease.views, buffers):
-                dst.copy_(view)
-            n = len(lease.keys)
-            if not lease.release():
-                return 0  # the lease expired mid-copy: the bytes cannot be trusted
-        return n
+        """Copy the longest servable prefix of ``keys`` into ``buffers``; returns its length.
+
+        Works in windows of half the CPU tier, so a batch may be larger than the CPU tier.
+        """
+        window = max(1, self.cpu.num_slots // 2)
+        done = 0
+        while done < len(keys):
+            want = keys[done : done + window]
+            with self.acquire(want) as lease:
+                for view, dst in zip(lease.views, buffers[done:]):
+                    dst.copy_(view)
+                got = len(lease.keys)
+                if not lease.release():
+                    break  # the lease expired mid-copy: this window's bytes cannot be trusted
+            done += got
+            if got < len(want):
+                break
+        return done
 
     def put(self, keys: Sequence[ChunkKey], buffers: Sequence[torch.Tensor], wait_s: float = 1.0) -> int:
         """Store ``buffers`` under ``keys``; returns how many chunks were newly stored."""
@@ -158,19 +156,17 @@ class TierStore:
         """``put`` on a background thread; ``buffers`` must stay unchanged until the future is done."""
         return self._pool.submit(self.put, list(keys), list(buffers), wait_s)
 
-    def prefetch(self, keys: Sequence[ChunkKey]) -> "Future[int]":
-        """Bring the leading disk-resident ``keys`` into the CPU tier in the background."""
-        return self._pool.submit(self._prefetch, list(keys))
+    def prefetch(self, keys: Sequence[ChunkKey], wait_s: float = 1.0) -> "Future[int]":
+        """Bring the leading servable ``keys`` into the CPU tier in the background.
 
-    def _prefetch(self, keys: list[ChunkKey]) -> int:
-        in_cpu = self.cpu.contains(keys)
-        start = 0
-        while start < len(keys) and in_cpu[start]:
-            start += 1
-        if self.disk is None or start == len(keys):
-            return start
-        with self.metrics.timed("disk", "prefetch"):
-            return start + self._promote(keys[start:])
+        The future gives how many leading chunks were in the CPU tier when it ran; they stay
+        there as the most recently used, unpinned.
+        """
+        return self._pool.submit(self._prefetch, list(keys), wait_s)
+
+    def _prefetch(self, keys: list[ChunkKey], wait_s: float) -> int:
+        with self.metrics.timed("disk", "prefetch"), self.acquire(keys, wait_s=wait_s) as lease:
+            return len(lease.keys)
 
     def close(self) -> None:
         """Finish background work and queued disk writes, then free the slab and the file."""

@@ -1,0 +1,312 @@
+"""Move KV between SGLang's paged GPU KV pool and chunk buffers in (pinned) host memory.
+
+``gather_kv`` copies the pool rows of a batch of chunks into a host slab and ``scatter_kv`` copies
+them back, each in a single Triton launch covering every layer, K and V, and every chunk (the
+GPU reads and writes the pinned host memory directly, no staging copy); ``*_reference`` are the
+same operations in plain torch.
+
+Chunk layout (a contract other code relies on): a chunk holds ``T`` tokens (``chunk_tokens``) of
+all ``L`` layers, K then V, contiguous, in the pool's store dtype::
+
+    [K: L x T x (H*Dk)] then [V: L x T x (H*Dv)]
+
+so a chunk is ``T * L * H * (Dk + Dv) * itemsize`` bytes; in elements, K of layer ``l``, token
+``t`` starts at ``(l*T + t) * H*Dk`` and V at ``L*T*H*Dk + (l*T + t) * H*Dv``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+__all__ = [
+    "chunk_nbytes",
+    "gather_kv",
+    "gather_kv_reference",
+    "scatter_kv",
+    "scatter_kv_reference",
+    "uses_triton",
+]
+
+# Rows are copied as the widest integer word that the row sizes, base pointers and chunk
+# offsets are all aligned to, so the kernel never looks at the element dtype (fp8 included).
+_WORD_DTYPES = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
+# Words one program moves per row segment / in all: a tile of 4096 int64 words is 32 KiB, enough
+# to keep a PCIe write stream busy while staying within the register budget of 4 warps.
+_MAX_BLOCK_WORDS = 1024
+_TILE_WORDS = 4096
+
+
+@triton.jit
+def _copy_rows(pool, slot, host_rows, t_mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+               GATHER: tl.constexpr):
+    for w0 in tl.static_range(0, ROW_WORDS, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        mask = t_mask[:, None] & (cols < ROW_WORDS)[None, :]
+        pool_ptrs = pool + slot[:, None] * ROW_WORDS + cols[None, :]
+        host_ptrs = host_rows[:, None] + cols[None, :]
+        if GATHER:
+            tl.store(host_ptrs, tl.load(pool_ptrs, mask=mask), mask=mask)
+        else:
+            tl.store(pool_ptrs, tl.load(host_ptrs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _kv_copy_kernel(
+    layer_ptrs,  # int64 [2L]: data_ptr() of K layer 0..L-1, then V layer 0..L-1
+    slots,  # int64 [n_chunks * CHUNK_TOKENS]
+    host,  # uint8 slab holding the chunks
+    host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
+    num_layers,
+    CHUNK_TOKENS: tl.constexpr,
+    K_WORDS: tl.constexpr,
+    V_WORDS: tl.constexpr,
+    WORD: tl.constexpr,
+    WORD_BYTES: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    BLOCK_VW: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    # Grid: (token tiles of all chunks, layers); each program moves K and V of its tile.
+    tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
+    tile = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    chunk = (tile // tiles_per_chunk).to(tl.int64)
+    t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < CHUNK_TOKENS
+    slot = tl.load(slots + chunk * CHUNK_TOKENS + t, mask=t_mask, other=0)
+
+    host_chunk = host.to(tl.pointer_type(WORD)) + tl.load(host_offsets + chunk) // WORD_BYTES
+    row = layer * CHUNK_TOKENS + t
+    # The layers are separate allocations, so their addresses come in as integers and become
+    # typed pointers here; this lets one launch reach all of them.
+    k_pool = tl.load(layer_ptrs + layer).to(tl.pointer_type(WORD))
+    _copy_rows(k_pool, slot, host_chunk + row * K_WORDS, t_mask, K_WORDS, BLOCK_KW, GATHER)
+    v_pool = tl.load(layer_ptrs + num_layers + layer).to(tl.pointer_type(WORD))
+    v_host = host_chunk + num_layers * CHUNK_TOKENS * K_WORDS
+    _copy_rows(v_pool, slot, v_host + row * V_WORDS, t_mask, V_WORDS, BLOCK_VW, GATHER)
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether ``gather_kv``/``scatter_kv`` run the Triton kernel for a pool on ``device``.
+
+    CUDA pools always do. CPU pools do only under ``TRITON_INTERPRET=1`` (set before this module
+    is imported), which is how the tests exercise the kernel without a GPU; otherwise they use
+    the torch reference.
+    """
+    interpreted = isinstance(_kv_copy_kernel, InterpretedFunction)
+    if device.type == "cuda":
+        if interpreted:
+            # The interpreter dereferences the layer addresses on the host: CUDA ones would crash.
+            raise RuntimeError("TRITON_INTERPRET=1 cannot move KV of a CUDA pool; unset it")
+        return True
+    return interpreted
+
+
+def chunk_nbytes(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], chunk_tokens: int) -> int:
+    """Bytes of one chunk of ``chunk_tokens`` tokens of this pool (see the module's layout)."""
+    k_row = k_buffers[0][0].numel() * k_buffers[0].element_size()
+    v_row = v_buffers[0][0].numel() * v_buffers[0].element_size()
+    return chunk_tokens * len(k_buffers) * (k_row + v_row)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    num_layers: int
+    k_row_bytes: int
+    v_row_bytes: int
+    chunk_bytes: int
+    offsets: list[int]
+    word_bytes: int
+
+
+def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
+           host: torch.Tensor, host_offsets: torch.Tensor, chunk_tokens: int, host_name: str,
+           writes_host: bool) -> _Plan:
+    if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if len(k_buffers) == 0 or len(k_buffers) != len(v_buffers):
+        raise ValueError(f"need as many K as V layer buffers, at least one; got {len(k_buffers)} K "
+                         f"and {len(v_buffers)} V")
+    first = k_buffers[0]
+    for name, bufs in (("k_buffers", k_buffers), ("v_buffers", v_buffers)):
+        for i, buf in enumerate(bufs):
+            if buf.dtype != first.dtype or buf.device != first.device:
+                raise ValueError(f"{name}[{i}] is {buf.dtype} on {buf.device}, but k_buffers[0] is "
+                                 f"{first.dtype} on {first.device}; all layers must match")
+            if buf.dim() < 2 or buf.shape != bufs[0].shape or buf.shape[0] != first.shape[0]:
+                raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer needs the "
+                                 f"same [rows, heads, dim] shape and K and V the same rows")
+            if not buf.is_contiguous():
+                raise ValueError(f"{name}[{i}] is not contiguous")
+    num_layers, rows = len(k_buffers), first.shape[0]
+    k_row_bytes = first[0].numel() * first.element_size()
+    v_row_bytes = v_buffers[0][0].numel() * v_buffers[0].element_size()
+    chunk_bytes = chunk_tokens * num_layers * (k_row_bytes + v_row_bytes)
+
+    if host.dtype != torch.uint8 or host.dim() != 1 or not host.is_contiguous():
+        raise ValueError(f"{host_name} must be a contiguous 1-D uint8 tensor, got {host.dtype} "
+                         f"with shape {tuple(host.shape)}")
+    if host.device != first.device:
+        if host.device.type != "cpu" or first.device.type != "cuda":
+            raise ValueError(f"{host_name} is on {host.device} but the pool is on {first.device}")
+        if not host.is_pinned():
+            raise ValueError(f"{host_name} is pageable host memory; the GPU can only reach pinned "
+                             f"(cudaHostRegister'd) memory")
+
+    if host_offsets.dtype != torch.int64 or host_offsets.dim() != 1:
+        raise ValueError(f"{host_name}_offsets must be a 1-D int64 tensor, got {host_offsets.dtype} "
+                         f"with shape {tuple(host_offsets.shape)}")
+    # Read on the host (a stream sync if they live on the GPU; callers keep them on the CPU).
+    offsets = host_offsets.tolist()
+    n_chunks = len(offsets)
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.numel() != n_chunks * chunk_tokens:
+        raise ValueError(f"slots must be 1-D int64 with n_chunks * chunk_tokens = {n_chunks} * "
+                         f"{chunk_tokens} entries, got {slots.dtype} with shape {tuple(slots.shape)}")
+    if slots.device != first.device and slots.device.type != "cpu":
+        raise ValueError(f"slots are on {slots.device} but the pool is on {first.device}")
+    # CUDA-resident slots are trusted: checking them would stall the stream on a sync.
+    if slots.device.type == "cpu" and n_chunks and not 0 <= int(slots.min()) <= int(slots.max()) < rows:
+        raise ValueError(f"slots must lie in [0, {rows}), got [{int(slots.min())}, {int(slots.max())}]")
+    for off in offsets:
+        if off < 0 or off + chunk_bytes > host.numel():
+            raise ValueError(f"chunk at {host_name} offset {off} ({chunk_bytes} bytes) is outside "
+                             f"{host_name}'s {host.numel()} bytes")
+    if writes_host:
+        ordered = sorted(offsets)
+        for a, b in zip(ordered, ordered[1:]):
+            if b - a < chunk_bytes:
+                raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
+                                 f"({chunk_bytes} bytes each)")
+
+    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), *offsets,
+                         *(b.data_ptr() for b in (*k_buffers, *v_buffers)))
+    word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
+    return _Plan(num_layers, k_row_bytes, v_row_bytes, chunk_bytes, offsets, word_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Keyed by the addresses it holds, so a hit is correct even if the buffers were reallocated.
+    return torch.tensor(ptrs, dtype=torch.int64, device=device)
+
+
+def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+            slots: torch.Tensor, host: torch.Tensor, chunk_tokens: int, gather: bool) -> None:
+    device = k_buffers[0].device
+    table = _layer_ptr_table(tuple(b.data_ptr() for b in (*k_buffers, *v_buffers)), device)
+    offsets = torch.tensor(plan.offsets, dtype=torch.int64, device=device)
+    slots = slots.to(device, non_blocking=True)
+    k_words = plan.k_row_bytes // plan.word_bytes
+    v_words = plan.v_row_bytes // plan.word_bytes
+    block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
+    block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
+    block_t = max(1, min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw)))
+    grid = (len(plan.offsets) * triton.cdiv(chunk_tokens, block_t), plan.num_layers)
+    # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
+    # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
+    _kv_copy_kernel[grid](
+        table, slots, host, offsets, plan.num_layers,
+        CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
+        WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
+        BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
+    )
+
+
+def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
+    # index_select/index_copy_ lack kernels for some dtypes (fp8 on CPU); bytes always work.
+    return buf.view(torch.uint8).view(buf.shape[0], -1)
+
+
+def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+                  slots: torch.Tensor, dst: torch.Tensor, chunk_tokens: int) -> None:
+    n_chunks = len(plan.offsets)
+    slots = slots.to(k_buffers[0].device)
+    parts = []
+    for bufs in (k_buffers, v_buffers):
+        rows = torch.stack([_byte_rows(b).index_select(0, slots) for b in bufs])  # [L, n*T, row]
+        parts.append(rows.view(plan.num_layers, n_chunks, -1).transpose(0, 1).reshape(n_chunks, -1))
+    chunks = torch.cat(parts, dim=1).to(dst.device)
+    for i, off in enumerate(plan.offsets):
+        dst[off : off + plan.chunk_bytes].copy_(chunks[i])
+
+
+def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor, k_buffers: list[torch.Tensor],
+                   v_buffers: list[torch.Tensor], chunk_tokens: int) -> None:
+    device = k_buffers[0].device
+    n_chunks = len(plan.offsets)
+    slots = slots.to(device)
+    chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets]).to(device)
+    k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
+    for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
+                                    (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
+        per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
+        for layer, buf in enumerate(bufs):
+            rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
+            _byte_rows(buf).index_copy_(0, slots, rows)
+
+
+def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
+              dst: torch.Tensor, dst_offsets: torch.Tensor, chunk_tokens: int) -> None:
+    """Copy the KV of ``n_chunks`` chunks from the pool into ``dst``, in one kernel launch.
+
+    Args:
+        k_buffers, v_buffers: the pool's per-layer ``[rows, heads, dim]`` buffers (SGLang's
+            ``MHATokenToKVPool.k_buffer``/``v_buffer``), all of one dtype and device.
+        slots: int64 ``[n_chunks * chunk_tokens]``, the pool rows of each chunk's tokens, chunk
+            after chunk; on the pool's device or the CPU. Only CPU slots are range-checked.
+        dst: 1-D uint8 slab receiving the chunks in the module's layout; on a CUDA pool's device,
+            or pinned host memory, which the kernel writes directly.
+        dst_offsets: int64 ``[n_chunks]`` byte offset in ``dst`` where each chunk starts; read
+            on the host for validation, so keep it on the CPU.
+        chunk_tokens: tokens per chunk (``T``).
+
+    Runs on the current stream for CUDA pools: synchronize before reading ``dst`` on the host.
+    """
+    plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst", writes_host=True)
+    if not plan.offsets:
+        return
+    if uses_triton(k_buffers[0].device):
+        _launch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens, gather=True)
+    else:
+        _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
+
+
+def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
+               k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], chunk_tokens: int) -> None:
+    """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
+
+    The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
+    the roles of ``dst``/``dst_offsets``). ``src`` chunks may overlap; slots should not repeat.
+    """
+    plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src", writes_host=False)
+    if not plan.offsets:
+        return
+    if uses_triton(k_buffers[0].device):
+        _launch(plan, k_buffers, v_buffers, slots, src, chunk_tokens, gather=False)
+    else:
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
+
+
+def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
+                        dst: torch.Tensor, dst_offsets: torch.Tensor, chunk_tokens: int) -> None:
+    """:func:`gather_kv` in plain torch (``index_select``), on any device."""
+    plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst", writes_host=True)
+    if plan.offsets:
+        _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
+
+
+def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
+                         k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+                         chunk_tokens: int) -> None:
+    """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
+    plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src", writes_host=False)
+    if plan.offsets:
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)

@@ -90,7 +90,7 @@ def _kv_copy_kernel(
     k_pool = tl.load(layer_ptrs + layer).to(tl.pointer_type(WORD))
     _copy_rows(k_pool, slot, host_chunk + row * K_WORDS, t_mask, K_WORDS, BLOCK_KW, GATHER)
     v_pool = tl.load(layer_ptrs + num_layers + layer).to(tl.pointer_type(WORD))
-    v_host = host_chunk + num_layers * CHUNK_TOKENS * K_WORDS
+    v_host = host_chunk + num_layers * CHUNK_TOKENS * V_WORDS
     _copy_rows(v_pool, slot, v_host + row * V_WORDS, t_mask, V_WORDS, BLOCK_VW, GATHER)
 
 
@@ -154,12 +154,8 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
     if host.dtype != torch.uint8 or host.dim() != 1 or not host.is_contiguous():
         raise ValueError(f"{host_name} must be a contiguous 1-D uint8 tensor, got {host.dtype} "
                          f"with shape {tuple(host.shape)}")
-    if host.device != first.device:
-        if host.device.type != "cpu" or first.device.type != "cuda":
-            raise ValueError(f"{host_name} is on {host.device} but the pool is on {first.device}")
-        if not host.is_pinned():
-            raise ValueError(f"{host_name} is pageable host memory; the GPU can only reach pinned "
-                             f"(cudaHostRegister'd) memory")
+    if host.device != first.device and host.device.type != "cpu":
+        raise ValueError(f"{host_name} is on {host.device} but the pool is on {first.device}")
 
     if host_offsets.dtype != torch.int64 or host_offsets.dim() != 1:
         raise ValueError(f"{host_name}_offsets must be a 1-D int64 tensor, got {host_offsets.dtype} "
@@ -199,8 +195,12 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-            slots: torch.Tensor, host: torch.Tensor, chunk_tokens: int, gather: bool) -> None:
+            slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
+            gather: bool) -> None:
     device = k_buffers[0].device
+    if host.device != device and not host.is_pinned():
+        raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach pinned "
+                         f"(cudaHostRegister'd) memory")
     table = _layer_ptr_table(tuple(b.data_ptr() for b in (*k_buffers, *v_buffers)), device)
     offsets = torch.tensor(plan.offsets, dtype=torch.int64, device=device)
     slots = slots.to(device, non_blocking=True)
@@ -274,7 +274,7 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens, gather=True)
+        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True)
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
@@ -290,7 +290,7 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, chunk_tokens, gather=False)
+        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False)
     else:
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
 

@@ -29,8 +29,8 @@ from kvtier.sglang_ext.tiers.host_memory import HostSlab, round_up
 
 logger = logging.getLogger(__name__)
 
-FillFn = Callable[[ChunkKey, torch.Tensor], bool]
-"""Loads one chunk into the given slot view (from the tier below); False if it could not."""
+FillFn = Callable[[Sequence[ChunkKey], Sequence[torch.Tensor]], Sequence[bool]]
+"""Loads chunks into the given slot views (from the tier below); per chunk, whether it did."""
 
 DemoteFn = Callable[[ChunkKey, torch.Tensor], Optional["Future[bool]"]]
 """Starts writing a chunk to the tier below; None when it cannot take more now (queue full)."""
@@ -139,42 +139,47 @@ class CpuTier:
     ) -> Lease:
         """Pin the longest prefix of ``keys`` that is present, or that ``fill`` can bring in.
 
-        A key missing here is given a fresh slot (waiting up to ``wait_s`` for one) and
-        ``fill(key, view)`` is called outside the lock to load it (the disk tier's read); a
-        filled chunk is kept pinned in this lease like a hit, so a batch larger than the free
-        space cannot evict its own first chunks.
+        Keys missing here get fresh slots (waiting up to ``wait_s`` for each) and are loaded by
+        one ``fill(keys, views)`` call outside the lock (the disk tier's parallel read). Loaded
+        chunks stay pinned in this lease like hits, so a batch cannot evict its own chunks.
         """
         deadline = time.monotonic() + wait_s
+        planned: list[tuple[ChunkKey, _Entry, bool]] = []  # key, entry, needs filling
         with self._lock:
             self._expire_leases()
             lease = self._new_lease([], [], False, timeout_s)
-        for key in keys:
-            with self._lock:
+            for key in keys:
                 entry = self._lru.get(key)
                 if entry is not None and entry.ready:
                     entry.pins += 1
                     self._lru.move_to_end(key)
-                    lease.keys.append(key)
-                    lease.views.append(self.view(entry.slot))
+                    planned.append((key, entry, False))
                     continue
                 if entry is not None or fill is None:
-                    break
-                slot = self._take_slot(deadline)
+                    break  # being written by someone else, or no tier below to load from
+                slot = self._take_slot(deadline, own=lease)
                 if slot is None:
                     break
                 entry = self._lru[key] = _Entry(slot=slot, pins=1, written_below=True)
-            loaded = fill(key, self.view(slot))
-            with self._lock:
-                if not loaded:
-                    del self._lru[key]
-                    self._free.append(slot)
-                    self._changed.notify_all()
-                    break
-                entry.ready = True
-                lease.keys.append(key)
-                lease.views.append(self.view(slot))
-                self._update_used()
+                planned.append((key, entry, True))
+        missing = [(k, e) for k, e, needs in planned if needs]
+        loaded = fill([k for k, _ in missing], [self.view(e.slot) for _, e in missing]) if missing else []
+        ok = {k: good for (k, _), good in zip(missing, loaded)}
         with self._lock:
+            serving = True
+            for key, entry, needs in planned:
+                serving = serving and (not needs or ok[key])
+                if serving:
+                    entry.ready = True
+                    lease.keys.append(key)
+                    lease.views.append(self.view(entry.slot))
+                    continue
+                entry.pins -= 1  # past the first failure: a prefix cannot use it
+                if needs:
+                    del self._lru[key]
+                    self._free.append(entry.slot)
+            self._update_used()
+            self._changed.notify_all()
             self._close_if_empty(lease)
         return lease
 
@@ -266,7 +271,7 @@ class CpuTier:
 
     # -- eviction ----------------------------------------------------------------------------
 
-    def _take_slot(self, deadline: float) -> Optional[int]:
+    def _take_slot(self, deadline: float, own: Optional[Lease] = None) -> Optional[int]:
         while True:
             if self._free:
                 return self._free.pop()
@@ -299,7 +304,8 @@ class CpuTier:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if not waiting_on_demotion and not self._leases:
+            others_hold_pins = len(self._leases) > (own is not None and own._id in self._leases)
+            if not waiting_on_demotion and not others_hold_pins:
                 return None  # nothing will free a slot
             self._changed.wait(min(remaining, 0.05))
 

@@ -29,7 +29,9 @@ class HostSlab:
         if nbytes <= 0:
             raise ValueError(f"HostSlab size must be positive, got {nbytes}")
         self.nbytes = nbytes
-        self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # MAP_POPULATE faults every page in now: the tier is allocated once, at start, rather
+        # than at 4 KiB a fault on the first copies (which ran at 0.6 GB/s here).
+        self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.pinned = False
         if pin is None:

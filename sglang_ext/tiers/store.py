@@ -95,19 +95,19 @@ class TierStore:
 
         Loading a disk hit may wait up to ``wait_s`` for a CPU slot (a demotion to finish).
         """
-        from_disk = 0
+        from_disk: set[ChunkKey] = set()
 
-        def fill(key: ChunkKey, view: torch.Tensor) -> bool:
-            nonlocal from_disk
+        def fill(keys: Sequence[ChunkKey], views: Sequence[torch.Tensor]) -> list[bool]:
             assert self.disk is not None
-            loaded = self.disk.read_into([key], [view]) == 1
-            from_disk += loaded
+            loaded = self.disk.read_many(keys, views)
+            from_disk.update(k for k, ok in zip(keys, loaded) if ok)
             return loaded
 
         with self.metrics.timed("store", "acquire"):
             lease = self.cpu.acquire(keys, timeout_s, fill=fill if self.disk else None, wait_s=wait_s)
-        self.metrics.hits.labels("cpu").inc(len(lease.keys) - from_disk)
-        self.metrics.hits.labels("disk").inc(from_disk)
+        disk_hits = sum(k in from_disk for k in lease.keys)
+        self.metrics.hits.labels("cpu").inc(len(lease.keys) - disk_hits)
+        self.metrics.hits.labels("disk").inc(disk_hits)
         self.metrics.misses.inc(len(keys) - len(lease.keys))
         self.metrics.bytes.labels("cpu", "out").inc(len(lease.keys) * self.chunk_bytes)
         return lease

@@ -79,3 +79,11 @@ def test_chunk_must_hold_whole_pages():
     check_page_size(cfg, 4)
     with pytest.raises(ConfigError, match=r"not a multiple of SGLang's --page-size 64; use e.g. chunk_tokens: 64"):
         check_page_size(cfg, 64)
+
+
+def test_the_documented_example_config_loads():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "kvtier.yaml"
+    cfg = load_config(example, env={})
+    assert cfg.cpu_size_gb == 30 and cfg.disk_size_gb == 200 and cfg.metrics_port == 9400

@@ -1,19 +1,40 @@
-"""The ``kvtier`` radix-cache backend: SGLang's RadixCache with the tier store behind it.
+"""The ``kvtier`` radix-cache backend: SGLang's RadixCache whose evicted KV spills to the tiers.
 
-This module and ``plugin.py`` are the only ones that import SGLang; everything SGLang-version
-specific (pool classes, build context fields) is read here and handed on as plain values.
+- Spill (``write_back``, the default): ``RadixCache.evict`` frees a leaf's pool rows and then
+  calls ``_delete_leaf``; nothing touches KV in between, so the leaf's whole chunks are copied
+  out there, on a side stream (see ``pool_io``), into CPU-tier slots that are published when the
+  copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
+- Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
+  ``host_hit_length`` (and starts prefetching disk-resident ones); the scheduler then calls
+  ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
+  tree, returning the new rows as SGLang's HiCache does.
+
+This module and ``plugin.py`` are the only ones that import SGLang; everything specific to SGLang
+0.5.17 (pool classes, build-context fields, which methods evict and load) is read here.
 """
 
 from __future__ import annotations
 
 import logging
+from array import array
+from typing import Optional, Sequence
 
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InitLoadBackParams,
+    InsertParams,
+    InsertResult,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-from kvtier.sglang_ext.chunk_keys import KVNamespace
+from kvtier.sglang_ext.chunk_keys import ChunkKey, KVNamespace
 from kvtier.sglang_ext.config import KVTierConfig, check_page_size, load_config
+from kvtier.sglang_ext.pool_io import Completion, PoolIO
 from kvtier.sglang_ext.tiers.store import TierStore
 
 logger = logging.getLogger(__name__)
@@ -43,14 +64,22 @@ def model_identity(ctx: TreeCacheBuildContext) -> str:
     return f"{mc.model_path}@{mc.revision or ''}|q={mc.quantization or ''}|load={args.load_format}"
 
 
+def _token_ids(key: RadixKey) -> list[int]:
+    return list(key.raw_token_ids())
+
+
 class KVTierRadixCache(RadixCache):
-    """SGLang's RadixCache owning a kvtier ``TierStore`` sized for this server's KV pool."""
+    """SGLang's RadixCache over a kvtier ``TierStore`` sized for this server's KV pool."""
 
     def __init__(self, ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> None:
         super().__init__(ctx.params)
+        if self.is_eagle:
+            raise ValueError("--radix-cache-backend kvtier does not support EAGLE speculative decoding yet")
         check_page_size(cfg, self.page_size)
         pool = self.token_to_kv_pool_allocator.get_kvcache()
         layout, per_token = kv_pool_layout(pool)
+        self.cfg = cfg
+        self.chunk_tokens = cfg.chunk_tokens
         self.namespace = KVNamespace(
             model=model_identity(ctx),
             kv_dtype=str(pool.store_dtype).removeprefix("torch."),
@@ -61,6 +90,150 @@ class KVTierRadixCache(RadixCache):
             chunk_tokens=cfg.chunk_tokens,
         )
         self.store = TierStore(cfg, self.namespace, cfg.chunk_tokens * per_token)
+        self.io = PoolIO(pool.k_buffer, pool.v_buffer, cfg.chunk_tokens, self.store.cpu.slab.tensor)
+        self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
+        self._inflight: list[Completion] = []
+        self._prefetching: set[ChunkKey] = set()
+
+    # -- completions ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Publish finished spills and release the pins of finished loads."""
+        self._inflight = [c for c in self._inflight if not c.poll()]
+
+    def flush(self) -> None:
+        """Wait for every copy in flight (tests, shutdown)."""
+        for c in self._inflight:
+            c.wait()
+        self._inflight.clear()
+
+    # -- spill -----------------------------------------------------------------------------------
+
+    def _path(self, node: TreeNode) -> tuple[list[int], torch.Tensor, Optional[str]]:
+        """Token ids and pool rows from the root to the end of ``node``."""
+        nodes = []
+        while node is not self.root_node:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        tokens = [t for n in nodes for t in _token_ids(n.key)]
+        rows = torch.cat([n.value for n in nodes]) if nodes else torch.empty(0, dtype=torch.int64)
+        return tokens, rows, nodes[0].key.extra_key if nodes else None
+
+    def _store_chunks(self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int) -> None:
+        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet."""
+        T = self.chunk_tokens
+        keys = self.namespace.chunk_keys(tokens, extra_key)
+        first = start // T
+        if first >= len(keys):
+            return
+        index = {k: i for i, k in enumerate(keys[first:], start=first)}
+        lease = self.store.reserve(keys[first:])
+        if not lease.keys:
+            return
+        slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
+        self._inflight.append(self.io.to_host(slots, lease.views, lease.commit))
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
+            tokens, rows, extra_key = self._path(node)
+            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value))
+        super()._delete_leaf(node)
+
+    def evict(self, params: EvictParams):
+        self._reap()
+        return super().evict(params)
+
+    def insert(self, params: InsertParams) -> InsertResult:
+        result = super().insert(params)
+        if self.cfg.write_policy == "write_through" and not self.disable:
+            key = params.key.page_aligned(self.page_size)
+            rows = super().match_prefix(MatchPrefixParams(key=key)).device_indices
+            self._store_chunks(_token_ids(key)[: len(rows)], rows, key.extra_key, start=result.prefix_len)
+        return result
+
+    # -- load-back -----------------------------------------------------------------------------
+
+    def _agree(self, n: int) -> int:
+        """The smallest ``n`` over the TP group: every rank must load the same chunks."""
+        if self._tp_group is None:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self._tp_group)
+        return int(t.item())
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        self._reap()
+        result = super().match_prefix(params)
+        key = params.key
+        if self.disable or params.req is None or len(key) == 0:
+            return result
+        T = self.chunk_tokens
+        matched = len(result.device_indices)
+        keys = self.namespace.chunk_keys(_token_ids(key.page_aligned(self.page_size)), key.extra_key)
+        first = matched // T
+        if first >= len(keys):
+            return result
+        rest = keys[first:]
+        in_cpu = self.store.cpu.contains(rest)
+        hits = in_cpu.index(False) if False in in_cpu else len(rest)
+        self._prefetch(rest[hits:])
+        hits = self._agree(hits)
+        host_hit = (first + hits) * T - matched
+        if host_hit <= 0:
+            return result
+        return result._replace(host_hit_length=host_hit)
+
+    def _prefetch(self, keys: list[ChunkKey]) -> None:
+        """Start reading disk-resident chunks into the CPU tier, so a later match hits them."""
+        if self.store.disk is None or not keys or keys[0] in self._prefetching:
+            return
+        on_disk = self.store.disk.contains(keys)
+        n = on_disk.index(False) if False in on_disk else len(keys)
+        if n == 0:
+            return
+        wanted = keys[:n]
+        self._prefetching.update(wanted)
+        future = self.store.prefetch(wanted)
+        future.add_done_callback(lambda _: self._prefetching.difference_update(wanted))
+
+    def init_load_back(self, params: InitLoadBackParams):
+        node = params.best_match_node
+        req = params.req
+        empty = self._empty_match_result.device_indices
+        if req is None or params.host_hit_length <= 0:
+            return empty, node
+        T = self.chunk_tokens
+        matched = len(req.prefix_indices)
+        end = matched + params.host_hit_length
+        tokens = (list(req.origin_input_ids) + list(req.output_ids))[:end]
+        keys = self.namespace.chunk_keys(tokens, req.extra_key)
+        first = matched // T
+        lease = self.store.acquire(keys[first:], wait_s=0.0)
+        got = self._agree(len(lease.keys))
+        end = (first + got) * T
+        rows = self._alloc(end - matched) if end > matched else None
+        if rows is None:
+            lease.release()
+            return empty, node
+        # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
+        skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
+        views = lease.views[:got]
+        self._inflight.append(self.io.to_device(views, torch.cat([skip, rows]), lease.release))
+        inserted = super().insert(
+            InsertParams(key=RadixKey(array("q", tokens[:end]), req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
+        )
+        return rows, inserted.last_device_node
+
+    def _alloc(self, n: int) -> Optional[torch.Tensor]:
+        allocator = self.token_to_kv_pool_allocator
+        rows = allocator.alloc(n)
+        if rows is None:
+            self.evict(EvictParams(num_tokens=n))
+            rows = allocator.alloc(n)
+        if rows is None:
+            logger.debug("kvtier: no room for %d loaded tokens; recomputing them", n)
+        return rows
 
 
 def build(ctx: TreeCacheBuildContext) -> KVTierRadixCache:

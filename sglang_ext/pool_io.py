@@ -1,0 +1,92 @@
+"""Chunk copies between the KV pool and CPU-tier slots, on a side stream, with completions.
+
+A copy to the host (spill) reads pool rows that the radix tree has just freed, so the stream that
+will next write those rows (SGLang's scheduler stream, which the forward stream waits on) waits on
+the copy's event: no CPU thread blocks and no row is overwritten before it was read. A copy to
+the device (load-back) makes the same stream wait, so the forward pass reads the rows after they
+arrived. On a CPU pool (tests) the copies run synchronously and complete at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+
+
+@dataclass
+class Completion:
+    """An in-flight copy; ``on_done`` runs once, from ``poll`` or ``wait``, when it finished."""
+
+    event: Optional[torch.cuda.Event]
+    on_done: Callable[[], None]
+    _finished: bool = field(default=False, repr=False)
+
+    def poll(self) -> bool:
+        if not self._finished and (self.event is None or self.event.query()):
+            self._finished = True
+            self.on_done()
+        return self._finished
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        self.poll()
+
+
+class PoolIO:
+    """Gathers pool rows into host chunks and scatters them back, one kernel launch per batch."""
+
+    def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], chunk_tokens: int, slab: torch.Tensor):
+        self.k_buffers = k_buffers
+        self.v_buffers = v_buffers
+        self.chunk_tokens = chunk_tokens
+        self.slab = slab
+        self.device = k_buffers[0].device
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _offsets(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        base = self.slab.data_ptr()
+        return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64, device=self.device)
+
+    def _run(self, launch: Callable[[], None], on_done: Callable[[], None], *inputs: torch.Tensor) -> Completion:
+        if self.stream is None:
+            launch()
+            done = Completion(None, on_done)
+            done.poll()
+            return done
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            for t in inputs:  # made on the current stream, read on ours: keep them alive until then
+                t.record_stream(self.stream)
+            launch()
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        current.wait_event(event)
+        return Completion(event, on_done)
+
+    def to_host(self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None]) -> Completion:
+        """Copy the pool rows ``slots`` (chunk after chunk) into the slot ``views``."""
+        offsets = self._offsets(views)
+        slots = slots.to(self.device, non_blocking=True)
+        return self._run(
+            lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens),
+            on_done,
+            slots,
+            offsets,
+        )
+
+    def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
+        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token."""
+        offsets = self._offsets(views)
+        slots = slots.to(self.device, non_blocking=True)
+        return self._run(
+            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
+            on_done,
+            slots,
+            offsets,
+        )

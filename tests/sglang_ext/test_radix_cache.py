@@ -1,0 +1,182 @@
+"""The tree hook on real SGLang 0.5.17 classes on CPU: evict -> spill -> match -> load back, bit-exact."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+
+from kvtier.sglang_ext.config import load_config
+
+CHUNK_TOKENS = 64
+
+
+@pytest.fixture
+def make_cache(make_build_context, monkeypatch, tmp_path):
+    """A KVTierRadixCache over a real CPU pool whose K/V buffers hold random data."""
+    from kvtier.sglang_ext.radix_cache import KVTierRadixCache
+
+    made = []
+
+    def make(page_size: int, pool_tokens: int = 2048, **cfg):
+        ctx = make_build_context(page_size=page_size, pool_tokens=pool_tokens)
+        pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+        gen = torch.Generator().manual_seed(page_size)
+        for buf in pool.k_buffer + pool.v_buffer:
+            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+        settings = {"chunk_tokens": CHUNK_TOKENS, "cpu_size_gb": 0.02, **cfg}
+        if "disk_path" in cfg:
+            settings["disk_path"] = str(tmp_path / "disk")
+        cache = KVTierRadixCache(ctx, load_config(env={}, **settings))
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.store.close()
+
+
+def kv_rows(cache, rows: torch.Tensor) -> list[torch.Tensor]:
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    return [buf[rows].clone() for buf in pool.k_buffer + pool.v_buffer]
+
+
+def same_kv(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
+
+
+def make_req(tokens: list[int], rid: str = "r0"):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    return Req(rid, "", array("q", tokens), SamplingParams(max_new_tokens=4))
+
+
+def insert(cache, tokens: list[int]) -> torch.Tensor:
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    rows = cache.token_to_kv_pool_allocator.alloc(len(tokens))
+    cache.insert(InsertParams(key=RadixKey(array("q", tokens)), value=rows))
+    return rows
+
+
+def evict_all(cache) -> None:
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    cache.evict(EvictParams(num_tokens=10**9))
+    cache.flush()
+    assert cache.total_size() == 0
+
+
+def match_and_load(cache, req):
+    """What the scheduler does: ``init_next_round_input`` matches, the prefill adder loads back."""
+    from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
+
+    req.init_next_round_input(cache)
+    device_len, host_hit = len(req.prefix_indices), req.host_hit_length
+    rows, node = cache.init_load_back(
+        InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=host_hit, req=req)
+    )
+    cache.flush()
+    return device_len, host_hit, rows, node
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size):
+    cache = make_cache(page_size)
+    doc = list(range(1000, 1000 + 4 * CHUNK_TOKENS + 32))  # 4 whole chunks + a partial one
+    rows = insert(cache, doc)
+    expected = kv_rows(cache, rows)
+    evict_all(cache)
+    keys = cache.namespace.chunk_keys(doc)
+    assert cache.store.prefix_hits(keys) == 4  # whole chunks spilled; the partial tail is not stored
+
+    for buf in cache.token_to_kv_pool_allocator.get_kvcache().k_buffer:
+        buf.zero_()  # what comes back must come from the store
+    req = make_req(doc + [7, 8, 9])
+    device_len, host_hit, loaded, node = match_and_load(cache, req)
+    assert (device_len, host_hit) == (0, 4 * CHUNK_TOKENS)
+    assert len(loaded) == 4 * CHUNK_TOKENS
+    assert same_kv(kv_rows(cache, loaded), [e[: 4 * CHUNK_TOKENS] for e in expected])
+    assert node is not cache.root_node
+    # The loaded prefix is now an ordinary GPU hit.
+    again = make_req(doc, "r1")
+    again.init_next_round_input(cache)
+    assert torch.equal(again.prefix_indices, loaded) and again.host_hit_length == 0
+    assert not cache.store.cpu._leases  # load-back pins released
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_load_continues_a_partial_gpu_match(make_cache, page_size):
+    cache = make_cache(page_size)
+    doc = list(range(5000, 5000 + 3 * CHUNK_TOKENS))
+    rows = insert(cache, doc)
+    expected = kv_rows(cache, rows)
+    evict_all(cache)
+    # The first 96 tokens come back onto the GPU (recomputed, say): 1.5 chunks.
+    head = insert(cache, doc[:96])
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    for buf, e in zip(pool.k_buffer + pool.v_buffer, expected):
+        buf[head] = e[:96]
+    head_before = kv_rows(cache, head)
+    req = make_req(doc + [1])
+    device_len, host_hit, loaded, _ = match_and_load(cache, req)
+    assert (device_len, host_hit) == (96, 3 * CHUNK_TOKENS - 96)
+    assert same_kv(kv_rows(cache, loaded), [e[96:] for e in expected])
+    assert same_kv(kv_rows(cache, head), head_before)  # skipped rows of chunk 1 left untouched
+
+
+def test_write_through_stores_on_insert(make_cache):
+    cache = make_cache(16, write_policy="write_through")
+    doc = list(range(2 * CHUNK_TOKENS + 10))
+    insert(cache, doc)
+    cache.flush()
+    assert cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) == 2
+    # Eviction then needs no copy: the chunks are already there.
+    evict_all(cache)
+    assert cache.store.metrics.registry.get_sample_value("kvtier_bytes_total", {"tier": "cpu", "direction": "in"}) == 2 * cache.store.chunk_bytes
+
+
+def test_no_room_to_load_releases_everything(make_cache):
+    cache = make_cache(16, pool_tokens=512)
+    doc = list(range(4 * CHUNK_TOKENS))
+    insert(cache, doc)
+    evict_all(cache)
+    allocator = cache.token_to_kv_pool_allocator
+    hog = allocator.alloc(allocator.available_size())  # the pool is full of running requests
+    req = make_req(doc + [1])
+    device_len, host_hit, loaded, node = match_and_load(cache, req)
+    assert host_hit == 4 * CHUNK_TOKENS and len(loaded) == 0 and node is cache.root_node
+    assert not cache.store.cpu._leases
+    allocator.free(hog)
+    _, _, loaded, _ = match_and_load(cache, make_req(doc + [1], "r2"))
+    assert len(loaded) == 4 * CHUNK_TOKENS
+
+
+def test_disk_resident_chunks_are_prefetched_then_hit(make_cache):
+    chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS  # layers x heads x (K,V) x dim x bf16 x tokens
+    cache = make_cache(16, cpu_size_gb=2.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01)
+    doc = list(range(6 * CHUNK_TOKENS))
+    rows = insert(cache, doc)
+    expected = kv_rows(cache, rows)
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    cache.evict(EvictParams(num_tokens=10**9))
+    cache.flush()
+    cache.store.disk.flush(timeout_s=10)
+    keys = cache.namespace.chunk_keys(doc)
+    assert cache.store.prefix_hits(keys) >= 2
+    req = make_req(doc + [1])
+    req.init_next_round_input(cache)  # chunk 0 is on disk only: no host hit yet, a prefetch starts
+    first_hit = req.host_hit_length
+    for _ in range(100):
+        if not cache._prefetching:
+            break
+        import time
+
+        time.sleep(0.05)
+    device_len, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1], "r2"))
+    assert host_hit > first_hit and host_hit >= 2 * CHUNK_TOKENS
+    assert same_kv(kv_rows(cache, loaded), [e[:host_hit] for e in expected])

@@ -50,7 +50,8 @@ class PoolIO:
 
     def _offsets(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         base = self.slab.data_ptr()
-        return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64, device=self.device)
+        # Kept on the host: the kernels read offsets there, a device tensor would force a sync.
+        return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64)
 
     def _run(self, launch: Callable[[], None], on_done: Callable[[], None], *inputs: torch.Tensor) -> Completion:
         if self.stream is None:
@@ -77,7 +78,6 @@ class PoolIO:
             lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens),
             on_done,
             slots,
-            offsets,
         )
 
     def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
@@ -88,5 +88,4 @@ class PoolIO:
             lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
             on_done,
             slots,
-            offsets,
         )

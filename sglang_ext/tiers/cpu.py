@@ -7,7 +7,9 @@ reports ``release() == False`` so its holder knows the bytes may have been overw
 
 When a slot is needed and none is free, the least recently used unpinned chunk is evicted; if a
 ``demote`` function is given (the disk tier), the chunk is first handed to it and its slot is
-reused only once the write completed, so a full CPU tier demotes instead of dropping.
+reused only once the write completed, so a full CPU tier demotes instead of dropping. To keep
+that off the hot path, the LRU eighth of the tier is demoted ahead of need, so eviction usually
+finds a chunk that is already below and reuses its slot at once.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class CpuTier:
         self._lru: OrderedDict[ChunkKey, _Entry] = OrderedDict()  # oldest first
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._leases: dict[int, Lease] = {}
+        self.reuse_target = max(2, self.num_slots // 8)
+        self._demoting_ahead = False
         self._lease_ids = itertools.count(1)
         metrics.capacity.labels(self.name).set(self.num_slots * self.chunk_bytes)
 
@@ -256,6 +260,8 @@ class CpuTier:
                 del self._lru[key]
                 self._free.append(entry.slot)
         self._update_used()
+        if lease.writing and commit:
+            self._demote_ahead()
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -286,14 +292,11 @@ class CpuTier:
                     del self._lru[key]
                     self._metrics.evictions.labels(self.name).inc()
                     return entry.slot
-                future = self._demote(key, self.view(entry.slot))
-                if future is None:  # the tier below is busy: wait for a demotion to finish
-                    waiting_on_demotion = True
+                if not self._start_demotion(key, entry):
+                    waiting_on_demotion = True  # the tier below is busy: wait for it
                     break
-                entry.demoting = True
                 waiting_on_demotion = True
-                future.add_done_callback(lambda f, k=key: self._demoted(k, f))
-                if not entry.demoting:  # already written (e.g. the key was on disk): reuse now
+                if entry.written_below:  # already below (e.g. the key was on disk): reuse now
                     del self._lru[key]
                     self._metrics.evictions.labels(self.name).inc()
                     return entry.slot
@@ -309,6 +312,16 @@ class CpuTier:
                 return None  # nothing will free a slot
             self._changed.wait(min(remaining, 0.05))
 
+    def _start_demotion(self, key: ChunkKey, entry: _Entry) -> bool:
+        """Hand a chunk to the tier below; False if it cannot take more now."""
+        assert self._demote is not None
+        future = self._demote(key, self.view(entry.slot))
+        if future is None:
+            return False
+        entry.demoting = True
+        future.add_done_callback(lambda f: self._demoted(key, f))
+        return True
+
     def _demoted(self, key: ChunkKey, future: "Future[bool]") -> None:
         ok = not future.cancelled() and future.exception() is None and future.result()
         with self._lock:
@@ -321,7 +334,33 @@ class CpuTier:
                 self._metrics.demotions.inc()
             else:
                 self._metrics.dropped.labels("demotion_failed").inc()
+            self._demote_ahead()
             self._changed.notify_all()
+
+    def _demote_ahead(self) -> None:
+        """Keep ``reuse_target`` slots reusable at once by demoting the LRU chunks early.
+
+        Without it a burst of puts into a full tier finds only chunks that still have to be
+        written below, and (not waiting) drops itself; with it eviction is a pointer move.
+        """
+        if self._demote is None or self._demoting_ahead:
+            return
+        self._demoting_ahead = True
+        try:
+            reusable = len(self._free)
+            candidates = []
+            for key, entry in self._lru.items():
+                if not entry.ready or entry.pins:
+                    continue
+                if entry.written_below or entry.demoting:
+                    reusable += 1
+                else:
+                    candidates.append((key, entry))
+            for key, entry in candidates[: max(0, self.reuse_target - reusable)]:
+                if not self._start_demotion(key, entry):
+                    break
+        finally:
+            self._demoting_ahead = False
 
     def _update_used(self) -> None:
         used = (self.num_slots - len(self._free)) * self.chunk_bytes

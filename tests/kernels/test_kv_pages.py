@@ -10,6 +10,7 @@ import pytest
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+from kvtier.kernels import kv_pages
 from kvtier.kernels.kv_pages import (
     chunk_nbytes,
     gather_kv,
@@ -23,48 +24,57 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALIGN = 4096
 LAYERS = 3
 N_CHUNKS = 4
-
-
-def make_pool(dtype: torch.dtype, page_size: int, pages: int, head_num: int = 2, head_dim: int = 16,
-              v_head_dim: int | None = None, gen: torch.Generator | None = None) -> MHATokenToKVPool:
-    """A pool of ``pages`` usable pages, filled with random bytes (or zeros without ``gen``)."""
-    pool = MHATokenToKVPool(size=pages * page_size, page_size=page_size, dtype=dtype, head_num=head_num,
-                            head_dim=head_dim, layer_num=LAYERS, device=str(DEVICE),
-                            enable_memory_saver=False, v_head_dim=v_head_dim)
-    for buf in pool.k_buffer + pool.v_buffer:
-        raw = buf.view(torch.uint8)
-        if gen is None:
-            raw.zero_()
-        else:
-            raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
-    return pool
-
-
-def random_slots(pool: MHATokenToKVPool, n_tokens: int, gen: torch.Generator) -> torch.Tensor:
-    """Slots of ``n_tokens`` tokens on distinct random pages, page by page (page 0 is SGLang's dummy)."""
-    num_pages = pool.size // pool.page_size
-    pages = torch.randperm(num_pages, generator=gen)[: n_tokens // pool.page_size] + 1
-    slots = (pages[:, None] * pool.page_size + torch.arange(pool.page_size)).flatten()
-    return slots.to(DEVICE)
-
-
-def random_offsets(chunk_bytes: int, n_chunks: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """Distinct ALIGN-aligned chunk offsets scattered over a slab twice as large; and its size."""
-    stride = -(-chunk_bytes // ALIGN) * ALIGN
-    positions = torch.randperm(2 * n_chunks, generator=gen)[:n_chunks]
-    return positions.to(torch.int64) * stride, 2 * n_chunks * stride
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
 
 
 def seeded(*params) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
 
 
+def make_pool(dtype: torch.dtype, page_size: int, pages: int, gen: torch.Generator | None = None,
+              head_num: int = 2, head_dim: int = 16,
+              v_head_dim: int | None = None) -> MHATokenToKVPool:
+    """A pool of ``pages`` usable pages, filled with random bytes (zeros without ``gen``)."""
+    pool = MHATokenToKVPool(size=pages * page_size, page_size=page_size, dtype=dtype,
+                            head_num=head_num, head_dim=head_dim, layer_num=LAYERS,
+                            device=str(DEVICE), enable_memory_saver=False, v_head_dim=v_head_dim)
+    for buf in layer_bytes(pool):
+        if gen is None:
+            buf.zero_()
+        else:
+            buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=gen))
+    return pool
+
+
+def layer_bytes(pool: MHATokenToKVPool) -> list[torch.Tensor]:
+    """Every K then V layer buffer, viewed as bytes (comparisons stay bit-exact, NaNs included)."""
+    return [buf.view(torch.uint8) for buf in pool.k_buffer + pool.v_buffer]
+
+
+def random_slots(pool: MHATokenToKVPool, n_tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """Slots of ``n_tokens`` tokens on distinct random pages, page by page (page 0 is SGLang's
+    padding page)."""
+    num_pages = pool.size // pool.page_size
+    pages = torch.randperm(num_pages, generator=gen)[: n_tokens // pool.page_size] + 1
+    slots = (pages[:, None] * pool.page_size + torch.arange(pool.page_size)).flatten()
+    return slots.to(DEVICE)
+
+
+def random_offsets(chunk_bytes: int, n_chunks: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Distinct ALIGN-aligned chunk offsets spread over a slab twice as large; and its size."""
+    stride = -(-chunk_bytes // ALIGN) * ALIGN
+    positions = torch.randperm(2 * n_chunks, generator=gen)[:n_chunks]
+    return positions.to(torch.int64) * stride, 2 * n_chunks * stride
+
+
 def host_slab(nbytes: int) -> torch.Tensor:
     return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=DEVICE.type == "cuda")
 
 
-def row_bytes(buf: torch.Tensor, slot: int) -> torch.Tensor:
-    return buf[slot].reshape(-1).view(torch.uint8).cpu()
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def chunk_by_contract(pool: MHATokenToKVPool, chunk_slots: list[int]) -> torch.Tensor:
@@ -73,19 +83,48 @@ def chunk_by_contract(pool: MHATokenToKVPool, chunk_slots: list[int]) -> torch.T
     dk, dv, itemsize = pool.head_dim, pool.v_head_dim, pool.k_buffer[0].element_size()
     out = torch.empty(T * L * H * (dk + dv) * itemsize, dtype=torch.uint8)
     for layer in range(L):
+        k_rows = pool.k_buffer[layer].view(torch.uint8).reshape(pool.k_buffer[layer].shape[0], -1)
+        v_rows = pool.v_buffer[layer].view(torch.uint8).reshape(pool.v_buffer[layer].shape[0], -1)
         for t, slot in enumerate(chunk_slots):
             k_at = (layer * T + t) * H * dk * itemsize
             v_at = (L * T * H * dk + (layer * T + t) * H * dv) * itemsize
-            out[k_at : k_at + H * dk * itemsize] = row_bytes(pool.k_buffer[layer], slot)
-            out[v_at : v_at + H * dv * itemsize] = row_bytes(pool.v_buffer[layer], slot)
+            out[k_at : k_at + H * dk * itemsize] = k_rows[slot].cpu()
+            out[v_at : v_at + H * dv * itemsize] = v_rows[slot].cpu()
     return out
 
 
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
+def gather_both(pool: MHATokenToKVPool, slots: torch.Tensor, chunk_tokens: int,
+                gen: torch.Generator, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathers ``slots`` into a fresh slab with the kernel and the reference; checks they agree
+    byte for byte (unwritten bytes included) and returns the kernel's slab and the offsets."""
+    n_chunks = slots.numel() // chunk_tokens
+    offsets, slab_bytes = random_offsets(chunk_nbytes(pool.k_buffer, pool.v_buffer, chunk_tokens),
+                                         n_chunks, gen)
+    offsets += shift
+    got, want = host_slab(slab_bytes + shift), host_slab(slab_bytes + shift)
+    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, chunk_tokens)
+    gather_kv_reference(pool.k_buffer, pool.v_buffer, slots, want, offsets, chunk_tokens)
+    sync()
+    assert torch.equal(got, want)
+    return got, offsets
+
+
+def scatter_and_check(slab: torch.Tensor, offsets: torch.Tensor, chunk_tokens: int,
+                      src_pool: MHATokenToKVPool, src_slots: torch.Tensor,
+                      dst_pool: MHATokenToKVPool, dst_slots: torch.Tensor) -> None:
+    """Scatters into the zeroed ``dst_pool``: the source rows land at ``dst_slots``, bit-exact,
+    and no other row is written."""
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens)
+    sync()
+    untouched = torch.ones(dst_pool.k_buffer[0].shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[dst_slots] = False
+    for src, dst in zip(layer_bytes(src_pool), layer_bytes(dst_pool)):
+        assert torch.equal(dst[dst_slots], src[src_slots])
+        assert not dst[untouched].any()
 
 
 def test_kernel_path_is_exercised():
-    # Otherwise CPU runs would compare the torch reference against itself.
+    # Otherwise CPU runs would compare the torch reference with itself.
     assert uses_triton(DEVICE)
 
 
@@ -93,36 +132,23 @@ def test_kernel_path_is_exercised():
 @pytest.mark.parametrize("page_size,chunk_tokens", [(1, 16), (1, 24), (16, 16), (16, 32)])
 def test_gather_matches_reference_and_layout(dtype, page_size, chunk_tokens):
     gen = seeded(dtype, page_size, chunk_tokens)
-    pool = make_pool(dtype, page_size, pages=2 * N_CHUNKS * chunk_tokens // page_size, gen=gen)
+    pool = make_pool(dtype, page_size, 2 * N_CHUNKS * chunk_tokens // page_size, gen)
     slots = random_slots(pool, N_CHUNKS * chunk_tokens, gen)
+    slab, offsets = gather_both(pool, slots, chunk_tokens, gen)
     chunk_bytes = chunk_nbytes(pool.k_buffer, pool.v_buffer, chunk_tokens)
-    offsets, slab_bytes = random_offsets(chunk_bytes, N_CHUNKS, gen)
-    got, want = host_slab(slab_bytes), host_slab(slab_bytes)
-
-    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, chunk_tokens)
-    gather_kv_reference(pool.k_buffer, pool.v_buffer, slots, want, offsets, chunk_tokens)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-    assert torch.equal(got, want)
-    per_chunk = slots.view(N_CHUNKS, chunk_tokens).tolist()
-    for off, chunk_slots in zip(offsets.tolist(), per_chunk):
-        assert torch.equal(got[off : off + chunk_bytes], chunk_by_contract(pool, chunk_slots))
+    for off, chunk_slots in zip(offsets.tolist(), slots.view(N_CHUNKS, -1).tolist()):
+        assert torch.equal(slab[off : off + chunk_bytes], chunk_by_contract(pool, chunk_slots))
 
 
-def test_gather_with_distinct_v_head_dim():
-    gen = torch.Generator().manual_seed(7)
-    pool = make_pool(torch.bfloat16, 16, pages=8, head_dim=24, v_head_dim=16, gen=gen)
+def test_layout_with_distinct_v_head_dim():
+    gen = seeded("v_head_dim")
+    pool = make_pool(torch.bfloat16, 16, 8, gen, head_dim=24, v_head_dim=16)
     slots = random_slots(pool, 2 * 32, gen)
     chunk_bytes = chunk_nbytes(pool.k_buffer, pool.v_buffer, 32)
     assert chunk_bytes == 32 * LAYERS * 2 * (24 + 16) * 2
-    offsets, slab_bytes = random_offsets(chunk_bytes, 2, gen)
-    got = host_slab(slab_bytes)
-    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, 32)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    for off, chunk_slots in zip(offsets.tolist(), slots.view(2, 32).tolist()):
-        assert torch.equal(got[off : off + chunk_bytes], chunk_by_contract(pool, chunk_slots))
+    slab, offsets = gather_both(pool, slots, 32, gen)
+    for off, chunk_slots in zip(offsets.tolist(), slots.view(2, -1).tolist()):
+        assert torch.equal(slab[off : off + chunk_bytes], chunk_by_contract(pool, chunk_slots))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,28 +157,16 @@ def test_round_trip_into_other_slots(dtype, page_size):
     chunk_tokens = 32
     gen = seeded(dtype, page_size)
     pages = 2 * N_CHUNKS * chunk_tokens // page_size
-    src_pool = make_pool(dtype, page_size, pages, gen=gen)
+    src_pool = make_pool(dtype, page_size, pages, gen)
     dst_pool, ref_pool = make_pool(dtype, page_size, pages), make_pool(dtype, page_size, pages)
     src_slots = random_slots(src_pool, N_CHUNKS * chunk_tokens, gen)
     dst_slots = random_slots(dst_pool, N_CHUNKS * chunk_tokens, gen)
-    chunk_bytes = chunk_nbytes(src_pool.k_buffer, src_pool.v_buffer, chunk_tokens)
-    offsets, slab_bytes = random_offsets(chunk_bytes, N_CHUNKS, gen)
-    slab = host_slab(slab_bytes)
-
-    gather_kv(src_pool.k_buffer, src_pool.v_buffer, src_slots, slab, offsets, chunk_tokens)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens)
-    scatter_kv_reference(slab, offsets, dst_slots, ref_pool.k_buffer, ref_pool.v_buffer, chunk_tokens)
-
-    untouched = torch.ones(dst_pool.k_buffer[0].shape[0], dtype=torch.bool, device=DEVICE)
-    untouched[dst_slots] = False
-    for src, dst, ref in zip(src_pool.k_buffer + src_pool.v_buffer, dst_pool.k_buffer + dst_pool.v_buffer,
-                             ref_pool.k_buffer + ref_pool.v_buffer):
-        src_b, dst_b = src.view(torch.uint8), dst.view(torch.uint8)
-        assert torch.equal(dst_b[dst_slots], src_b[src_slots])
-        assert not dst_b[untouched].any()
-        assert torch.equal(dst_b, ref.view(torch.uint8))
+    slab, offsets = gather_both(src_pool, src_slots, chunk_tokens, gen)
+    scatter_and_check(slab, offsets, chunk_tokens, src_pool, src_slots, dst_pool, dst_slots)
+    scatter_kv_reference(slab, offsets, dst_slots, ref_pool.k_buffer, ref_pool.v_buffer,
+                         chunk_tokens)
+    for dst, ref in zip(layer_bytes(dst_pool), layer_bytes(ref_pool)):
+        assert torch.equal(dst, ref)
 
 
 @pytest.mark.parametrize(
@@ -167,28 +181,62 @@ def test_round_trip_into_other_slots(dtype, page_size):
 )
 def test_narrow_words_round_trip(dtype, head_dim, shift):
     chunk_tokens, n_chunks = 16, 3
-    gen = torch.Generator().manual_seed(head_dim * 10 + shift)
-    src_pool = make_pool(dtype, 1, 64, head_num=1, head_dim=head_dim, gen=gen)
+    gen = seeded(dtype, head_dim, shift)
+    src_pool = make_pool(dtype, 1, 64, gen, head_num=1, head_dim=head_dim)
     dst_pool = make_pool(dtype, 1, 64, head_num=1, head_dim=head_dim)
     src_slots = random_slots(src_pool, n_chunks * chunk_tokens, gen)
     dst_slots = random_slots(dst_pool, n_chunks * chunk_tokens, gen)
-    chunk_bytes = chunk_nbytes(src_pool.k_buffer, src_pool.v_buffer, chunk_tokens)
-    offsets, slab_bytes = random_offsets(chunk_bytes, n_chunks, gen)
-    offsets += shift
-    got, want = host_slab(slab_bytes + shift), host_slab(slab_bytes + shift)
+    slab, offsets = gather_both(src_pool, src_slots, chunk_tokens, gen, shift=shift)
+    scatter_and_check(slab, offsets, chunk_tokens, src_pool, src_slots, dst_pool, dst_slots)
 
-    gather_kv(src_pool.k_buffer, src_pool.v_buffer, src_slots, got, offsets, chunk_tokens)
-    gather_kv_reference(src_pool.k_buffer, src_pool.v_buffer, src_slots, want, offsets, chunk_tokens)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    scatter_kv(got, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens)
-    for src, dst in zip(src_pool.k_buffer + src_pool.v_buffer, dst_pool.k_buffer + dst_pool.v_buffer):
-        assert torch.equal(dst.view(torch.uint8)[dst_slots], src.view(torch.uint8)[src_slots])
+
+@pytest.mark.parametrize("head_dim,v_head_dim", [(16, 16), (5, 5), (24, 16)])
+def test_many_token_tiles_and_row_segments(monkeypatch, head_dim, v_head_dim):
+    # Real pools need several token tiles per chunk and several segments per row; shrinking the
+    # tile limits sends these small pools down the same paths.
+    monkeypatch.setattr(kv_pages, "_MAX_BLOCK_WORDS", 4)
+    monkeypatch.setattr(kv_pages, "_TILE_WORDS", 16)
+    chunk_tokens, n_chunks = 24, 3
+    gen = seeded(head_dim, v_head_dim)
+    shape = dict(head_dim=head_dim, v_head_dim=v_head_dim)
+    src_pool = make_pool(torch.bfloat16, 1, 96, gen, **shape)
+    dst_pool = make_pool(torch.bfloat16, 1, 96, **shape)
+    src_slots = random_slots(src_pool, n_chunks * chunk_tokens, gen)
+    dst_slots = random_slots(dst_pool, n_chunks * chunk_tokens, gen)
+    slab, offsets = gather_both(src_pool, src_slots, chunk_tokens, gen)
+    scatter_and_check(slab, offsets, chunk_tokens, src_pool, src_slots, dst_pool, dst_slots)
+
+
+def test_scatter_skips_slots_of_minus_one():
+    T = 16
+    gen = seeded("skip")
+    src_pool = make_pool(torch.bfloat16, 1, 64, gen)
+    src_slots = random_slots(src_pool, 2 * T, gen)
+    slab, offsets = gather_both(src_pool, src_slots, T, gen)
+    # Two pools with the same random rows, so skipped rows must keep their old contents.
+    dst_pool, ref_pool = (make_pool(torch.bfloat16, 1, 64, seeded("dst")) for _ in range(2))
+    before = [buf.clone() for buf in layer_bytes(dst_pool)]
+    dst_slots = random_slots(dst_pool, 2 * T, gen)
+    skip = torch.zeros(2 * T, dtype=torch.bool, device=DEVICE)
+    skip[:5] = True  # the start of chunk 0 is still in the pool
+    skip[T + 7] = True
+    skipped_rows = dst_slots[skip]
+    dst_slots[skip] = -1
+
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T)
+    scatter_kv_reference(slab, offsets, dst_slots, ref_pool.k_buffer, ref_pool.v_buffer, T)
+    sync()
+    for src, dst, ref, old in zip(layer_bytes(src_pool), layer_bytes(dst_pool),
+                                  layer_bytes(ref_pool), before):
+        assert torch.equal(dst, ref)
+        assert torch.equal(dst[dst_slots[~skip]], src[src_slots[~skip]])
+        assert torch.equal(dst[skipped_rows], old[skipped_rows])
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 65\)"):
+        gather_kv(src_pool.k_buffer, src_pool.v_buffer, dst_slots.cpu(), slab, offsets, T)
 
 
 def test_empty_batch_is_a_no_op():
-    pool = make_pool(torch.bfloat16, 1, 8, gen=torch.Generator().manual_seed(0))
+    pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     slab = host_slab(ALIGN)
     none = torch.empty(0, dtype=torch.int64)
     gather_kv(pool.k_buffer, pool.v_buffer, none.to(DEVICE), slab, none, 16)
@@ -198,10 +246,10 @@ def test_empty_batch_is_a_no_op():
 
 @pytest.fixture(scope="module")
 def small_pool() -> MHATokenToKVPool:
-    return make_pool(torch.bfloat16, 1, 64, gen=torch.Generator().manual_seed(1))
+    return make_pool(torch.bfloat16, 1, 64, seeded("small"))
 
 
-def _bad_case(pool: MHATokenToKVPool, case: str):
+def _bad_case(pool: MHATokenToKVPool, case: str | None):
     """Arguments (k, v, slots, slab, offsets, T) broken as ``case`` says; T = 16, two chunks."""
     T = 16
     k, v = list(pool.k_buffer), list(pool.v_buffer)
@@ -231,11 +279,11 @@ def _bad_case(pool: MHATokenToKVPool, case: str):
 
 
 BAD_CASES = {
-    "dtype": "v_buffers\\[1\\] is torch.float16",
+    "dtype": r"v_buffers\[1\] is torch.float16",
     "layers": "as many K as V",
-    "slots-length": "n_chunks \\* chunk_tokens = 2 \\* 16",
+    "slots-length": r"n_chunks \* chunk_tokens = 2 \* 16",
     "slots-dtype": "slots must be 1-D int64",
-    "slots-range": "slots must lie in",
+    "slots-range": r"slots must lie in \[(0|-1), 65\)",
     "offset-past-end": "is outside",
     "offset-negative": "offset -1",
     "slab-dtype": "contiguous 1-D uint8",
@@ -255,10 +303,9 @@ def test_bad_inputs_raise(small_pool, fn, case):
             fn(slab, offsets, slots, k, v, T)
 
 
-def test_overlapping_gather_chunks_raise(small_pool):
-    k, v, slots, slab, offsets, T = _bad_case(small_pool, "none")
+def test_overlapping_chunks_raise_only_when_written(small_pool):
+    k, v, slots, slab, offsets, T = _bad_case(small_pool, None)
     offsets[1] = offsets[0] + 8
     with pytest.raises(ValueError, match="overlap"):
         gather_kv(k, v, slots, slab, offsets, T)
-    # Reading one chunk twice is fine.
-    scatter_kv_reference(slab, torch.zeros(2, dtype=torch.int64), slots, k, v, T)
+    scatter_kv(slab, torch.zeros(2, dtype=torch.int64), slots, k, v, T)

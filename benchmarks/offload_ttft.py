@@ -1,0 +1,144 @@
+"""Cold and warm TTFT of long prompts that no longer fit on the GPU: kvtier vs radix-only vs HiCache.
+
+Each configuration starts its own SGLang 0.5.17 server on the same GPU (dummy-weight
+Llama-3-8B shape, 128 KiB of KV per token), sends ``--docs`` prompts of ``--doc-len`` random token
+ids one at a time (cold), then the same prompts again in the same order (warm), with
+``max_new_tokens=1``: the time of the whole HTTP request is the TTFT. With 8 x 10,000 tokens through
+a 40,000-token GPU pool the warm pass finds nothing on the GPU (LRU), so it measures the tier.
+
+    python benchmarks/offload_ttft.py --config radix_fit --config radix --config hicache \\
+        --config kvtier_cpu --out benchmarks/results/offload_ttft.json
+
+Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
+  radix_fit    radix cache only, 200,000-token pool: every warm prompt is a GPU hit
+  radix        radix cache only, 40,000-token pool
+  hicache      SGLang HiCache, write_through, 30 GB host, 40,000-token pool
+  kvtier_cpu   --radix-cache-backend kvtier, 30 GB CPU tier, 40,000-token pool
+  kvtier_disk  kvtier with a 2 GB CPU tier over a disk tier, 40,000-token pool
+Results of several invocations merge into one JSON file (one key per configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu",
+}
+
+CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
+    "radix_fit": (200_000, [], {}),
+    "radix": (40_000, [], {}),
+    "hicache": (40_000, ["--enable-hierarchical-cache", "--hicache-size", "30", "--hicache-write-policy", "write_through"], {}),
+    "kvtier_cpu": (40_000, ["--radix-cache-backend", "kvtier"], {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": "9400"}),
+    "kvtier_disk": (
+        40_000,
+        ["--radix-cache-backend", "kvtier"],
+        {"KVTIER_CPU_SIZE_GB": "2", "KVTIER_DISK_PATH": "/tmp/kvtier-disk", "KVTIER_DISK_SIZE_GB": "24", "KVTIER_METRICS_PORT": "9400"},
+    ),
+}
+
+
+def post(port: int, ids: list[int], max_new_tokens: int = 1) -> tuple[float, dict]:
+    body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        out = json.loads(r.read())
+    return time.perf_counter() - start, out
+
+
+def kvtier_metrics(port: int) -> dict[str, float]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    wanted = ("kvtier_hits_total", "kvtier_misses_total", "kvtier_bytes_total", "kvtier_dropped_puts_total", "kvtier_demotions_total")
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(wanted)}
+
+
+def summary(ts: list[float]) -> dict:
+    return {"mean_s": round(statistics.mean(ts), 4), "p50_s": round(statistics.median(ts), 4), "all_s": [round(t, 4) for t in ts]}
+
+
+def run_config(name: str, args: argparse.Namespace) -> dict:
+    pool, extra, env = CONFIGS[name]
+    Path(args.model_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.model_dir) / "config.json").write_text(json.dumps(LLAMA3_8B))
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_dir, "--load-format", "dummy",
+           "--skip-tokenizer-init", "--port", str(args.port), "--attention-backend", "triton",
+           "--sampling-backend", "pytorch", "--disable-cuda-graph", "--grammar-backend", "none",
+           "--max-total-tokens", str(pool), *extra]
+    log = Path(args.log_dir) / f"server-{name}.log"
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"{name}: server exited with {proc.returncode}; see {log}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() - t0 > 400:
+                    sys.exit(f"{name}: server not ready after 400 s; see {log}")
+                time.sleep(2)
+        startup = time.time() - t0
+        print(f"{name}: ready after {startup:.0f} s", flush=True)
+        rnd = random.Random(0)
+        prompts = [[rnd.randrange(1000, 120000) for _ in range(args.doc_len)] for _ in range(args.docs)]
+        post(args.port, [rnd.randrange(1000, 120000) for _ in range(256)])  # warm-up off the record
+        result = {"pool_tokens": pool, "server_args": extra, "env": env, "startup_s": round(startup, 1)}
+        for phase in ("cold", "warm"):
+            ts = [post(args.port, p)[0] for p in prompts]
+            result[phase] = summary(ts)
+            print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s  {result[phase]['all_s']}", flush=True)
+        if "KVTIER_METRICS_PORT" in env:
+            result["kvtier_metrics"] = kvtier_metrics(int(env["KVTIER_METRICS_PORT"]))
+        return result
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", choices=list(CONFIGS), required=True)
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--doc-len", type=int, default=10_000)
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-dummy")
+    ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--out", default="benchmarks/results/offload_ttft.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {"benchmark": "offload_ttft", "configs": {}}
+    for name in args.config:
+        report["configs"][name] = run_config(name, args)
+        report["configs"][name]["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        report["workload"] = {"docs": args.docs, "doc_len": args.doc_len, "max_new_tokens": 1, "model": "Llama-3-8B shape, dummy weights"}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

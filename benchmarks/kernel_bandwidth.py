@@ -40,15 +40,17 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def random_rows(n_tokens: int, pool_pages: int, gen: torch.Generator) -> torch.Tensor:
-    pages = torch.randperm(pool_pages - 1, generator=gen)[: n_tokens // PAGE] + 1  # page 0 is SGLang's pad
-    return (pages[:, None] * PAGE + torch.arange(PAGE)).flatten().cuda()
+def random_rows(n_tokens: int, pool_pages: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint random page layouts of ``n_tokens`` rows each (page 0 is SGLang's pad)."""
+    pages = torch.randperm(pool_pages - 1, generator=gen)[: 2 * (n_tokens // PAGE)] + 1
+    rows = (pages[:, None] * PAGE + torch.arange(PAGE)).flatten().cuda()
+    return rows[:n_tokens], rows[n_tokens:]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_240, help="multiple of 256; 10,240 = 40 chunks")
-    ap.add_argument("--pool-tokens", type=int, default=40_960)
+    ap.add_argument("--pool-tokens", type=int, default=40_960, help="at least 2 x --tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/kernel_bandwidth.json")
     args = ap.parse_args()
@@ -62,8 +64,7 @@ def main() -> None:
     nbytes = n_chunks * chunk_bytes
     slab = HostSlab(nbytes)
     offsets = torch.arange(n_chunks, dtype=torch.int64) * chunk_bytes
-    src_rows = random_rows(args.tokens, args.pool_tokens // PAGE, gen)
-    dst_rows = random_rows(args.tokens, args.pool_tokens // PAGE, gen)
+    src_rows, dst_rows = random_rows(args.tokens, args.pool_tokens // PAGE, gen)
 
     gather_s = timed(lambda: gather_kv(pool.k_buffer, pool.v_buffer, src_rows, slab.tensor, offsets, CHUNK), args.repeats)
     scatter_s = timed(lambda: scatter_kv(slab.tensor, offsets, dst_rows, pool.k_buffer, pool.v_buffer, CHUNK), args.repeats)

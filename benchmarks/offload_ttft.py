@@ -13,7 +13,8 @@ Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
   radix_fit    radix cache only, 200,000-token pool: every warm prompt is a GPU hit
   radix        radix cache only, 40,000-token pool
   hicache      SGLang HiCache, write_through, 30 GB host, 40,000-token pool
-  kvtier_cpu   --radix-cache-backend kvtier, 30 GB CPU tier, 40,000-token pool
+  kvtier_cpu   --radix-cache-backend kvtier, 30 GB CPU tier, 40,000-token pool (write_back)
+  kvtier_cpu_wt  the same with write_policy write_through
   kvtier_disk  kvtier with a 2 GB CPU tier over a disk tier, 40,000-token pool
 Results of several invocations merge into one JSON file (one key per configuration).
 """
@@ -47,6 +48,11 @@ CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
     "radix": (40_000, [], {}),
     "hicache": (40_000, ["--enable-hierarchical-cache", "--hicache-size", "30", "--hicache-write-policy", "write_through"], {}),
     "kvtier_cpu": (40_000, ["--radix-cache-backend", "kvtier"], {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": "9400"}),
+    "kvtier_cpu_wt": (
+        40_000,
+        ["--radix-cache-backend", "kvtier"],
+        {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_WRITE_POLICY": "write_through", "KVTIER_METRICS_PORT": "9400"},
+    ),
     "kvtier_disk": (
         40_000,
         ["--radix-cache-backend", "kvtier"],

@@ -1,9 +1,11 @@
 """Chunk copies between the KV pool and CPU-tier slots, on a side stream, with completions.
 
-A copy to the host (spill) reads pool rows that the radix tree has just freed, so the stream that
-will next write those rows (SGLang's scheduler stream, which the forward stream waits on) waits on
-the copy's event: no CPU thread blocks and no row is overwritten before it was read. A copy to
-the device (load-back) makes the same stream wait, so the forward pass reads the rows after they
+A copy to the host of rows the radix tree has just freed (a spill) is *guarded*: the stream that
+will next write those rows (SGLang runs its scheduler under a schedule stream that every forward
+stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
+before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
+forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
+freed. A copy to the device (load-back) is guarded so the forward pass reads the rows after they
 arrived. On a CPU pool (tests) the copies run synchronously and complete at once.
 """
 
@@ -47,13 +49,14 @@ class PoolIO:
         self.slab = slab
         self.device = k_buffers[0].device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._unguarded: list[Completion] = []
 
     def _offsets(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         base = self.slab.data_ptr()
         # Kept on the host: the kernels read offsets there, a device tensor would force a sync.
         return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64)
 
-    def _run(self, launch: Callable[[], None], on_done: Callable[[], None], *inputs: torch.Tensor) -> Completion:
+    def _run(self, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor) -> Completion:
         if self.stream is None:
             launch()
             done = Completion(None, on_done)
@@ -67,16 +70,34 @@ class PoolIO:
             launch()
             event = torch.cuda.Event()
             event.record(self.stream)
-        current.wait_event(event)
-        return Completion(event, on_done)
+        done = Completion(event, on_done)
+        if guard:
+            current.wait_event(event)
+        else:
+            self._unguarded.append(done)
+        return done
 
-    def to_host(self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None]) -> Completion:
-        """Copy the pool rows ``slots`` (chunk after chunk) into the slot ``views``."""
+    def guard_pending(self) -> None:
+        """Make the current stream wait for every unguarded copy still reading pool rows."""
+        self._unguarded = [c for c in self._unguarded if not c.poll()]
+        current = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        for c in self._unguarded:
+            current.wait_event(c.event)
+        self._unguarded.clear()
+
+    def to_host(
+        self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None], guard: bool = True
+    ) -> Completion:
+        """Copy the pool rows ``slots`` (chunk after chunk) into the slot ``views``.
+
+        ``guard=False`` for rows that stay allocated: the forward pass does not wait for it.
+        """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
         return self._run(
             lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens),
             on_done,
+            guard,
             slots,
         )
 
@@ -87,5 +108,6 @@ class PoolIO:
         return self._run(
             lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
             on_done,
+            True,
             slots,
         )

@@ -120,7 +120,9 @@ class KVTierRadixCache(RadixCache):
         rows = torch.cat([n.value for n in nodes]) if nodes else torch.empty(0, dtype=torch.int64)
         return tokens, rows, nodes[0].key.extra_key if nodes else None
 
-    def _store_chunks(self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int) -> None:
+    def _store_chunks(
+        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int, rows_freed: bool
+    ) -> None:
         """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet."""
         T = self.chunk_tokens
         keys = self.namespace.chunk_keys(tokens, extra_key)
@@ -132,12 +134,14 @@ class KVTierRadixCache(RadixCache):
         if not lease.keys:
             return
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
-        self._inflight.append(self.io.to_host(slots, lease.views, lease.commit))
+        self._inflight.append(self.io.to_host(slots, lease.views, lease.commit, guard=rows_freed))
 
     def _delete_leaf(self, node: TreeNode) -> None:
+        # The leaf's rows were just freed: nothing may overwrite them before copies read them.
+        self.io.guard_pending()
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             tokens, rows, extra_key = self._path(node)
-            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value))
+            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=True)
         super()._delete_leaf(node)
 
     def evict(self, params: EvictParams):
@@ -149,7 +153,7 @@ class KVTierRadixCache(RadixCache):
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)
             rows = super().match_prefix(MatchPrefixParams(key=key)).device_indices
-            self._store_chunks(_token_ids(key)[: len(rows)], rows, key.extra_key, start=result.prefix_len)
+            self._store_chunks(_token_ids(key)[: len(rows)], rows, key.extra_key, start=result.prefix_len, rows_freed=False)
         return result
 
     # -- load-back -----------------------------------------------------------------------------

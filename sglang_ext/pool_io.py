@@ -51,6 +51,17 @@ class PoolIO:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._unguarded: list[Completion] = []
 
+    def warm_up(self) -> None:
+        """Compile both kernels now rather than inside the first request that spills or loads.
+
+        Gathers the pool's padding row 0 (SGLang's sink for padded tokens) into the first slab
+        chunk and scatters it back with every token skipped: nothing observable changes.
+        """
+        view = self.slab[: self.slab.numel()]
+        rows = torch.zeros(self.chunk_tokens, dtype=torch.int64, device=self.device)
+        self.to_host(rows, [view], lambda: None).wait()
+        self.to_device([view], torch.full_like(rows, -1), lambda: None).wait()
+
     def _offsets(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         base = self.slab.data_ptr()
         # Kept on the host: the kernels read offsets there, a device tensor would force a sync.

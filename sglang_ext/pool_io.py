@@ -5,8 +5,9 @@ will next write those rows (SGLang runs its scheduler under a schedule stream th
 stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
 before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
 forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
-freed. A copy to the device (load-back) is guarded so the forward pass reads the rows after they
-arrived. On a CPU pool (tests) the copies run synchronously and complete at once.
+freed. A copy to the device (load-back) is issued layer by layer and a ``LayerGate``, which SGLang's KV
+pool consults before attention reads a layer, makes the forward pass wait for that layer only:
+the attention of early layers overlaps the copy of later ones, as in SGLang's HiCache. On a CPU pool (tests) the copies run synchronously and complete at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,27 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+
+
+class LayerGate:
+    """Per-layer events of the latest load, waited on by the stream about to read a layer.
+
+    Loads run in order on one stream, so waiting for the latest load's layer ``l`` also waits
+    for every earlier load's layer ``l``. Installed as the KV pool's ``layer_transfer_counter``.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.events: list[Optional[torch.cuda.Event]] = [None] * num_layers
+
+    def record(self, layer: int, stream: torch.cuda.Stream) -> None:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self.events[layer] = event
+
+    def wait_until(self, layer: int) -> None:
+        event = self.events[layer]
+        if event is not None and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream().wait_event(event)
 
 
 @dataclass
@@ -43,6 +65,7 @@ class PoolIO:
     """Gathers pool rows into host chunks and scatters them back, one kernel launch per batch."""
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], chunk_tokens: int, slab: torch.Tensor):
+        self.gate = LayerGate(len(k_buffers))
         self.k_buffers = k_buffers
         self.v_buffers = v_buffers
         self.chunk_tokens = chunk_tokens
@@ -61,6 +84,7 @@ class PoolIO:
         rows = torch.zeros(self.chunk_tokens, dtype=torch.int64, device=self.device)
         self.to_host(rows, [view], lambda: None).wait()
         self.to_device([view], torch.full_like(rows, -1), lambda: None).wait()
+        self._unguarded.clear()
 
     def _offsets(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         base = self.slab.data_ptr()
@@ -89,7 +113,10 @@ class PoolIO:
         return done
 
     def guard_pending(self) -> None:
-        """Make the current stream wait for every unguarded copy still reading pool rows."""
+        """Make the current stream wait for every unguarded copy still reading or writing pool rows.
+
+        Called before rows are freed, so that whoever gets them next cannot race those copies.
+        """
         self._unguarded = [c for c in self._unguarded if not c.poll()]
         current = torch.cuda.current_stream(self.device) if self.stream is not None else None
         for c in self._unguarded:
@@ -113,12 +140,16 @@ class PoolIO:
         )
 
     def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
-        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token."""
+        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
+
+        The forward pass reads a layer once ``gate`` says it landed; nothing else waits.
+        """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
+        on_layer = None if self.stream is None else (lambda layer: self.gate.record(layer, self.stream))
         return self._run(
-            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
+            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens, on_layer),
             on_done,
-            True,
+            False,
             slots,
         )

@@ -92,6 +92,9 @@ class KVTierRadixCache(RadixCache):
         self.store = TierStore(cfg, self.namespace, cfg.chunk_tokens * per_token)
         self.io = PoolIO(pool.k_buffer, pool.v_buffer, cfg.chunk_tokens, self.store.cpu.slab.tensor)
         self.io.warm_up()
+        if self.io.stream is not None:
+            # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
+            pool.register_layer_transfer_counter(self.io.gate)
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
         self._inflight: list[Completion] = []
         self._prefetching: set[ChunkKey] = set()

@@ -75,7 +75,8 @@ def kvtier_metrics(port: int) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return {}
-    wanted = ("kvtier_hits_total", "kvtier_misses_total", "kvtier_bytes_total", "kvtier_dropped_puts_total", "kvtier_demotions_total")
+    wanted = ("kvtier_hits_total", "kvtier_misses_total", "kvtier_bytes_total", "kvtier_dropped_puts_total",
+              "kvtier_demotions_total", "kvtier_op_seconds_sum", "kvtier_op_seconds_count")
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(wanted)}
 
 

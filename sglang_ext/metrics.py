@@ -16,7 +16,11 @@ _LATENCY_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.2
 
 
 class TierMetrics:
-    """The store's counters; ``tier`` labels are ``cpu`` and ``disk``."""
+    """The store's counters; ``tier`` labels are ``cpu`` and ``disk``.
+
+    ``kvtier_op_seconds`` also times the tree hook: ``tier="gpu"`` the GPU time of each spill and
+    load copy (CUDA events), ``tier="hook"`` the scheduler-thread time of evict / init_load_back.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

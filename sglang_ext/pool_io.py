@@ -43,16 +43,23 @@ class LayerGate:
 
 @dataclass
 class Completion:
-    """An in-flight copy; ``on_done`` runs once, from ``poll`` or ``wait``, when it finished."""
+    """An in-flight copy; ``on_done`` runs once, from ``poll`` or ``wait``, when it finished.
+
+    With a ``start`` event, ``observe(seconds)`` then receives the copy's GPU time.
+    """
 
     event: Optional[torch.cuda.Event]
     on_done: Callable[[], None]
+    start: Optional[torch.cuda.Event] = None
+    observe: Optional[Callable[[float], None]] = None
     _finished: bool = field(default=False, repr=False)
 
     def poll(self) -> bool:
         if not self._finished and (self.event is None or self.event.query()):
             self._finished = True
             self.on_done()
+            if self.start is not None and self.observe is not None:
+                self.observe(self.start.elapsed_time(self.event) / 1e3)
         return self._finished
 
     def wait(self) -> None:
@@ -64,7 +71,15 @@ class Completion:
 class PoolIO:
     """Gathers pool rows into host chunks and scatters them back, one kernel launch per batch."""
 
-    def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], chunk_tokens: int, slab: torch.Tensor):
+    def __init__(
+        self,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        chunk_tokens: int,
+        slab: torch.Tensor,
+        observe: Optional[Callable[[str, float], None]] = None,
+    ):
+        self.observe = observe
         self.gate = LayerGate(len(k_buffers))
         self.k_buffers = k_buffers
         self.v_buffers = v_buffers
@@ -91,7 +106,9 @@ class PoolIO:
         # Kept on the host: the kernels read offsets there, a device tensor would force a sync.
         return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64)
 
-    def _run(self, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor) -> Completion:
+    def _run(
+        self, op: str, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor
+    ) -> Completion:
         if self.stream is None:
             launch()
             done = Completion(None, on_done)
@@ -102,10 +119,13 @@ class PoolIO:
         with torch.cuda.stream(self.stream):
             for t in inputs:  # made on the current stream, read on ours: keep them alive until then
                 t.record_stream(self.stream)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
             launch()
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
-        done = Completion(event, on_done)
+        observe = None if self.observe is None else (lambda seconds: self.observe(op, seconds))
+        done = Completion(event, on_done, start, observe)
         if guard:
             current.wait_event(event)
         else:
@@ -133,6 +153,7 @@ class PoolIO:
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
         return self._run(
+            "spill",
             lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens),
             on_done,
             guard,
@@ -148,6 +169,7 @@ class PoolIO:
         slots = slots.to(self.device, non_blocking=True)
         on_layer = None if self.stream is None else (lambda layer: self.gate.record(layer, self.stream))
         return self._run(
+            "load",
             lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens, on_layer),
             on_done,
             False,

@@ -90,7 +90,14 @@ class KVTierRadixCache(RadixCache):
             chunk_tokens=cfg.chunk_tokens,
         )
         self.store = TierStore(cfg, self.namespace, cfg.chunk_tokens * per_token)
-        self.io = PoolIO(pool.k_buffer, pool.v_buffer, cfg.chunk_tokens, self.store.cpu.slab.tensor)
+        latency = self.store.metrics.latency
+        self.io = PoolIO(
+            pool.k_buffer,
+            pool.v_buffer,
+            cfg.chunk_tokens,
+            self.store.cpu.slab.tensor,
+            observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
+        )
         self.io.warm_up()
         if self.io.stream is not None:
             # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
@@ -150,7 +157,8 @@ class KVTierRadixCache(RadixCache):
 
     def evict(self, params: EvictParams):
         self._reap()
-        return super().evict(params)
+        with self.store.metrics.timed("hook", "evict"):
+            return super().evict(params)
 
     def insert(self, params: InsertParams) -> InsertResult:
         result = super().insert(params)
@@ -206,6 +214,10 @@ class KVTierRadixCache(RadixCache):
         future.add_done_callback(lambda _: self._prefetching.difference_update(wanted))
 
     def init_load_back(self, params: InitLoadBackParams):
+        with self.store.metrics.timed("hook", "init_load_back"):
+            return self._load_back(params)
+
+    def _load_back(self, params: InitLoadBackParams):
         node = params.best_match_node
         req = params.req
         empty = self._empty_match_result.device_indices

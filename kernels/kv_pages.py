@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import triton
@@ -65,7 +64,6 @@ def _kv_copy_kernel(
     host,  # uint8 slab holding the chunks
     host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
     v_region_words,  # L * CHUNK_TOKENS * K_WORDS: where a chunk's V part starts
-    layer_start,  # first layer of this launch (grid axis 1 counts layers from here)
     CHUNK_TOKENS: tl.constexpr,
     K_WORDS: tl.constexpr,
     V_WORDS: tl.constexpr,
@@ -79,7 +77,7 @@ def _kv_copy_kernel(
     # Grid: (token tiles of all chunks, layers); each program moves K and V of its tile.
     tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
     tile = tl.program_id(0)
-    layer = layer_start + tl.program_id(1).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
     chunk = (tile // tiles_per_chunk).to(tl.int64)
     t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < CHUNK_TOKENS
@@ -206,7 +204,7 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
             slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
-            gather: bool, on_layer: Optional[Callable[[int], None]] = None) -> None:
+            gather: bool) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
@@ -220,20 +218,15 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
     block_t = min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw))
-    tiles = len(plan.offsets) * triton.cdiv(chunk_tokens, block_t)
-    # One launch for all layers, or one per layer when the caller wants to know as each lands.
-    spans = [(0, plan.num_layers)] if on_layer is None else [(l, 1) for l in range(plan.num_layers)]
-    for start, count in spans:
-        # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
-        # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
-        _kv_copy_kernel[(tiles, count)](
-            table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, start,
-            CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
-            WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
-            BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
-        )
-        if on_layer is not None:
-            on_layer(start)
+    grid = (len(plan.offsets) * triton.cdiv(chunk_tokens, block_t), plan.num_layers)
+    # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
+    # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
+    _kv_copy_kernel[grid](
+        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words,
+        CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
+        WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
+        BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
+    )
 
 
 def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
@@ -257,21 +250,19 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
 
 def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                   chunk_tokens: int, on_layer: Optional[Callable[[int], None]] = None) -> None:
+                   chunk_tokens: int) -> None:
     device = k_buffers[0].device
     n_chunks = len(plan.offsets)
     slots = slots.to(device)
     keep = slots >= 0
     chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets]).to(device)
     k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
-    k_part = chunks[:, :k_bytes].reshape(n_chunks, plan.num_layers, chunk_tokens, plan.k_row_bytes)
-    v_part = chunks[:, k_bytes:].reshape(n_chunks, plan.num_layers, chunk_tokens, plan.v_row_bytes)
-    for layer in range(plan.num_layers):
-        for buf, part in ((k_buffers[layer], k_part), (v_buffers[layer], v_part)):
-            rows = part[:, layer].reshape(n_chunks * chunk_tokens, -1)
+    for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
+                                    (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
+        per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
+        for layer, buf in enumerate(bufs):
+            rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
             _byte_rows(buf).index_copy_(0, slots[keep], rows[keep])
-        if on_layer is not None:
-            on_layer(layer)
 
 
 def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
@@ -303,29 +294,22 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
 
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-               chunk_tokens: int, on_layer: Optional[Callable[[int], None]] = None) -> None:
-    """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch
-    (or one per layer, with ``on_layer``).
+               chunk_tokens: int) -> None:
+    """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
     the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the
     start of a chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
     Runs on the current stream for CUDA pools: leave ``src`` untouched until it has finished.
-
-    With ``on_layer``, the copy is issued layer by layer (one launch each) and ``on_layer(l)``
-    is called right after layer ``l`` was issued, e.g. to record an event that the forward pass
-    waits on before reading that layer: attention of early layers then overlaps the copy of
-    later ones.
     """
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
-                on_layer=on_layer)
+        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False)
     else:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, on_layer)
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
 
 
 def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
@@ -340,9 +324,9 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
 
 def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                          k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                         chunk_tokens: int, on_layer: Optional[Callable[[int], None]] = None) -> None:
+                         chunk_tokens: int) -> None:
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     if plan.offsets:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, on_layer)
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)

@@ -5,9 +5,10 @@ will next write those rows (SGLang runs its scheduler under a schedule stream th
 stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
 before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
 forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
-freed. A copy to the device (load-back) is issued layer by layer and a ``LayerGate``, which SGLang's KV
-pool consults before attention reads a layer, makes the forward pass wait for that layer only:
-the attention of early layers overlaps the copy of later ones, as in SGLang's HiCache. On a CPU pool (tests) the copies run synchronously and complete at once.
+freed. A copy to the device (load-back) is guarded too, so the forward pass reads the rows after they
+arrived. (A layer-by-layer variant, one launch per layer and a per-layer wait in the pool's
+``layer_transfer_counter`` as HiCache does, was measured slower on the H100: 74 vs 66 ms warm
+TTFT, same machine; see the issue notes.) On a CPU pool (tests) the copies run synchronously and complete at once.
 """
 
 from __future__ import annotations
@@ -18,27 +19,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
-
-
-class LayerGate:
-    """Per-layer events of the latest load, waited on by the stream about to read a layer.
-
-    Loads run in order on one stream, so waiting for the latest load's layer ``l`` also waits
-    for every earlier load's layer ``l``. Installed as the KV pool's ``layer_transfer_counter``.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.events: list[Optional[torch.cuda.Event]] = [None] * num_layers
-
-    def record(self, layer: int, stream: torch.cuda.Stream) -> None:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self.events[layer] = event
-
-    def wait_until(self, layer: int) -> None:
-        event = self.events[layer]
-        if event is not None and not torch.cuda.is_current_stream_capturing():
-            torch.cuda.current_stream().wait_event(event)
 
 
 @dataclass
@@ -80,7 +60,6 @@ class PoolIO:
         observe: Optional[Callable[[str, float], None]] = None,
     ):
         self.observe = observe
-        self.gate = LayerGate(len(k_buffers))
         self.k_buffers = k_buffers
         self.v_buffers = v_buffers
         self.chunk_tokens = chunk_tokens
@@ -161,17 +140,13 @@ class PoolIO:
         )
 
     def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
-        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
-
-        The forward pass reads a layer once ``gate`` says it landed; nothing else waits.
-        """
+        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token."""
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
-        on_layer = None if self.stream is None else (lambda layer: self.gate.record(layer, self.stream))
         return self._run(
             "load",
-            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens, on_layer),
+            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
             on_done,
-            False,
+            True,
             slots,
         )

@@ -99,9 +99,6 @@ class KVTierRadixCache(RadixCache):
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
         )
         self.io.warm_up()
-        if self.io.stream is not None:
-            # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
-            pool.register_layer_transfer_counter(self.io.gate)
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
         self._inflight: list[Completion] = []
         self._prefetching: set[ChunkKey] = set()

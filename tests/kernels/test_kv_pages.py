@@ -310,27 +310,3 @@ def test_overlapping_chunks_raise_only_when_written(small_pool):
         gather_kv(k, v, slots, slab, offsets, T)
     scatter_kv(slab, torch.zeros(2, dtype=torch.int64), slots, k, v, T)
 
-
-@pytest.mark.parametrize("fn", [scatter_kv, scatter_kv_reference], ids=["kernel", "reference"])
-def test_layer_by_layer_scatter_reports_each_layer_in_order(fn):
-    chunk_tokens, page_size = 16, 16
-    gen = seeded("on_layer", fn.__name__)
-    pages = 2 * N_CHUNKS * chunk_tokens // page_size
-    src_pool = make_pool(torch.bfloat16, page_size, pages, gen)
-    src_slots = random_slots(src_pool, N_CHUNKS * chunk_tokens, gen)
-    dst_slots = random_slots(src_pool, N_CHUNKS * chunk_tokens, gen)
-    slab, offsets = gather_both(src_pool, src_slots, chunk_tokens, gen)
-    dst_pool = make_pool(torch.bfloat16, page_size, pages)
-    landed: list[int] = []
-
-    def on_layer(layer: int) -> None:
-        # Issued in order: every earlier layer is in place already (on the GPU: once synced).
-        sync()
-        for i in range(LAYERS):
-            for buf, src in ((dst_pool.k_buffer[i], src_pool.k_buffer[i]), (dst_pool.v_buffer[i], src_pool.v_buffer[i])):
-                written = torch.equal(buf.view(torch.uint8)[dst_slots], src.view(torch.uint8)[src_slots])
-                assert written == (i <= layer), f"layer {i} after on_layer({layer})"
-        landed.append(layer)
-
-    fn(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens, on_layer)
-    assert landed == list(range(LAYERS))

@@ -16,12 +16,10 @@ import datetime
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from sglang_server import generate, sglang_server
 
 SMALL_LLAMA = dict(
     architectures=["LlamaForCausalLM"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -41,47 +39,20 @@ def make_model(path: Path) -> None:
     model.save_pretrained(path)
 
 
-def generate(port: int, ids: list[int], n: int) -> dict:
-    body = json.dumps({
-        "input_ids": ids, "return_logprob": True,
-        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
-    }).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        out = json.loads(r.read())
-    pairs = out["meta_info"]["output_token_logprobs"]
+def greedy(port: int, ids: list[int], n: int) -> dict:
+    pairs = generate(port, ids, n, return_logprob=True)[1]["meta_info"]["output_token_logprobs"]
     return {"tokens": [p[1] for p in pairs], "logprobs": [p[0] for p in pairs]}
-
-
-def serve(name: str, args, pool: int, extra: list[str], env: dict[str, str]):
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model_dir), "--skip-tokenizer-init",
-           "--port", str(args.port), "--attention-backend", "triton", "--sampling-backend", "pytorch",
-           "--disable-cuda-graph", "--grammar-backend", "none", "--enable-deterministic-inference",
-           "--max-total-tokens", str(pool), *extra]
-    log = open(Path(args.log_dir) / f"server-{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"{name}: server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=2)
-            return proc
-        except OSError:
-            if time.time() - t0 > 400:
-                sys.exit(f"{name}: not ready after 400 s")
-            time.sleep(2)
 
 
 def two_passes(port: int, prompts: list[list[int]], n: int) -> list[dict]:
     for p in prompts:
-        generate(port, p, n)
-    return [generate(port, p, n) for p in prompts]
+        greedy(port, p, n)
+    return [greedy(port, p, n) for p in prompts]
 
 
-def stop(proc) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(60)
+def serve(name: str, args, pool: int, extra: list[str], env: dict[str, str]):
+    server_args = ["--enable-deterministic-inference", "--max-total-tokens", str(pool), *extra]
+    return sglang_server(args.model_dir, args.port, server_args, env, Path(args.log_dir) / f"server-{name}.log")
 
 
 def main() -> None:
@@ -99,21 +70,15 @@ def main() -> None:
     prompts = [[rnd.randrange(100, 31000) for _ in range(args.prompt_len)] for _ in range(args.prompts)]
     small_pool = 2 * args.prompt_len + 2000  # holds two prompts: the second pass finds none on the GPU
 
-    ref = serve("reference", args, 200_000, [], {})
-    try:
+    with serve("reference", args, 200_000, [], {}):
         expected = two_passes(args.port, prompts, args.new_tokens)
-    finally:
-        stop(ref)
     results = {}
     for policy in ("write_back", "write_through"):
         env = {"KVTIER_CPU_SIZE_GB": "8", "KVTIER_WRITE_POLICY": policy, "KVTIER_METRICS_PORT": "9400"}
-        proc = serve(f"kvtier-{policy}", args, small_pool, ["--radix-cache-backend", "kvtier"], env)
-        try:
+        with serve(f"kvtier-{policy}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
             got = two_passes(args.port, prompts, args.new_tokens)
             metrics = urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=5).read().decode()
             cpu_hits = next(float(l.split()[1]) for l in metrics.splitlines() if l.startswith('kvtier_hits_total{tier="cpu"}'))
-        finally:
-            stop(proc)
         same = [g == e for g, e in zip(got, expected)]
         results[policy] = {
             "identical_prompts": sum(same),

@@ -26,13 +26,11 @@ import datetime
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from sglang_server import generate, sglang_server
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -61,15 +59,6 @@ CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
 }
 
 
-def post(port: int, ids: list[int], max_new_tokens: int = 1) -> tuple[float, dict]:
-    body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body, headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as r:
-        out = json.loads(r.read())
-    return time.perf_counter() - start, out
-
-
 def kvtier_metrics(port: int) -> dict[str, float]:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -88,43 +77,21 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     pool, extra, env = CONFIGS[name]
     Path(args.model_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.model_dir) / "config.json").write_text(json.dumps(LLAMA3_8B))
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_dir, "--load-format", "dummy",
-           "--skip-tokenizer-init", "--port", str(args.port), "--attention-backend", "triton",
-           "--sampling-backend", "pytorch", "--disable-cuda-graph", "--grammar-backend", "none",
-           "--max-total-tokens", str(pool), *extra]
+    server_args = ["--load-format", "dummy", "--max-total-tokens", str(pool), *extra]
     log = Path(args.log_dir) / f"server-{name}.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
-    try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"{name}: server exited with {proc.returncode}; see {log}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() - t0 > 400:
-                    sys.exit(f"{name}: server not ready after 400 s; see {log}")
-                time.sleep(2)
-        startup = time.time() - t0
+    with sglang_server(args.model_dir, args.port, server_args, env, log) as startup:
         print(f"{name}: ready after {startup:.0f} s", flush=True)
         rnd = random.Random(0)
         prompts = [[rnd.randrange(1000, 120000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        post(args.port, [rnd.randrange(1000, 120000) for _ in range(256)])  # warm-up off the record
+        generate(args.port, [rnd.randrange(1000, 120000) for _ in range(256)])  # warm-up off the record
         result = {"pool_tokens": pool, "server_args": extra, "env": env, "startup_s": round(startup, 1)}
         for phase in ("cold", "warm"):
-            ts = [post(args.port, p)[0] for p in prompts]
+            ts = [generate(args.port, p)[0] for p in prompts]
             result[phase] = summary(ts)
             print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s  {result[phase]['all_s']}", flush=True)
         if "KVTIER_METRICS_PORT" in env:
             result["kvtier_metrics"] = kvtier_metrics(int(env["KVTIER_METRICS_PORT"]))
         return result
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import xxhash
 

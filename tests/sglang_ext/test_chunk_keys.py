@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from kvtier.sglang_ext.chunk_keys import KEY_BYTES, KVNamespace
+from kvtier.sglang_ext.chunk_keys import KEY_BYTES
 
 
 def test_only_whole_chunks_get_keys(namespace):

@@ -29,6 +29,12 @@ def chunks(namespace, n: int, chunk_of, start: int = 0):
     return keys, [chunk_of(k, CHUNK) for k in keys]
 
 
+def put_one_by_one(store, keys, data) -> None:
+    """As evictions from the GPU arrive: a chunk at a time, each stored."""
+    for key, value in zip(keys, data):
+        assert store.put([key], [value], wait_s=5.0) == 1
+
+
 def test_put_and_get_round_trip(namespace, tmp_path, chunk_of, metric):
     store = make_store(namespace, tmp_path, cpu_slots=8)
     keys, data = chunks(namespace, 5, chunk_of)
@@ -56,8 +62,7 @@ def test_prefix_semantics(namespace, tmp_path, chunk_of, metric):
 def test_full_cpu_tier_demotes_to_disk_in_lru_order(namespace, tmp_path, chunk_of, metric):
     store = make_store(namespace, tmp_path, cpu_slots=3, disk_slots=16)
     keys, data = chunks(namespace, 10, chunk_of)
-    for key, value in zip(keys, data):  # one at a time, as evictions from the GPU arrive
-        assert store.put([key], [value], wait_s=5.0) == 1
+    put_one_by_one(store, keys, data)
     store.disk.flush(timeout_s=10)
     in_cpu, on_disk = store.cpu.contains(keys), store.disk.contains(keys)
     assert in_cpu == [False] * 7 + [True] * 3  # the newest stay in CPU
@@ -73,8 +78,7 @@ def test_full_cpu_tier_demotes_to_disk_in_lru_order(namespace, tmp_path, chunk_o
 def test_prefetch_brings_disk_chunks_into_cpu(namespace, tmp_path, chunk_of):
     store = make_store(namespace, tmp_path, cpu_slots=4, disk_slots=16)
     keys, data = chunks(namespace, 8, chunk_of)
-    for key, value in zip(keys, data):
-        store.put([key], [value], wait_s=5.0)
+    put_one_by_one(store, keys, data)
     store.disk.flush(timeout_s=10)
     assert store.cpu.contains(keys[:2]) == [False, False]
     assert store.prefetch(keys[:3]).result(timeout=10) == 3
@@ -87,8 +91,7 @@ def test_prefetch_brings_disk_chunks_into_cpu(namespace, tmp_path, chunk_of):
 def test_restarted_store_serves_from_disk(namespace, tmp_path, chunk_of):
     store = make_store(namespace, tmp_path, cpu_slots=2, disk_slots=16)
     keys, data = chunks(namespace, 6, chunk_of)
-    for key, value in zip(keys, data):
-        store.put([key], [value], wait_s=5.0)
+    put_one_by_one(store, keys, data)
     store.close()
     again = make_store(namespace, tmp_path, cpu_slots=2, disk_slots=16)
     # All 6: 4 demoted on eviction, the last 2 demoted ahead of need and flushed by close().
@@ -104,8 +107,7 @@ def test_another_model_never_reads_these_chunks(namespace, tmp_path, chunk_of):
 
     store = make_store(namespace, tmp_path, cpu_slots=2, disk_slots=8)
     keys, data = chunks(namespace, 4, chunk_of)
-    for key, value in zip(keys, data):
-        store.put([key], [value], wait_s=5.0)
+    put_one_by_one(store, keys, data)
     store.close()
     other_ns = dataclasses.replace(namespace, kv_dtype="float16")
     other = make_store(other_ns, tmp_path, cpu_slots=2, disk_slots=8)

@@ -1,0 +1,62 @@
+"""One SGLang 0.5.17 server for a benchmark: start it, wait until healthy, send token ids, stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+# Seen working on the H100/H200 machines with the carried SGLang bundle (see shared/device).
+BASE_ARGS = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+             "--disable-cuda-graph", "--grammar-backend", "none"]
+
+
+@contextmanager
+def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
+                  log_path: str | Path, ready_timeout_s: float = 400) -> Iterator[float]:
+    """Runs ``sglang.launch_server`` until the block ends; yields its start-up time in seconds."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port),
+           *BASE_ARGS, *server_args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env})
+    try:
+        start = time.time()
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"server exited with {proc.returncode}; see {log_path}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() - start > ready_timeout_s:
+                    sys.exit(f"server not ready after {ready_timeout_s:.0f} s; see {log_path}")
+                time.sleep(2)
+        yield time.time() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def generate(port: int, ids: list[int], max_new_tokens: int = 1, return_logprob: bool = False) -> tuple[float, dict]:
+    """Greedy ``/generate`` of ``ids``; returns (seconds for the whole request, response)."""
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+    if return_logprob:
+        body["return_logprob"] = True
+        body["sampling_params"]["ignore_eos"] = True
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        out = json.loads(r.read())
+    return time.perf_counter() - start, out

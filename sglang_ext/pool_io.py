@@ -5,10 +5,10 @@ will next write those rows (SGLang runs its scheduler under a schedule stream th
 stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
 before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
 forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
-freed. A copy to the device (load-back) is guarded too, so the forward pass reads the rows after they
-arrived. (A layer-by-layer variant, one launch per layer and a per-layer wait in the pool's
-``layer_transfer_counter`` as HiCache does, was measured slower on the H100: 74 vs 66 ms warm
-TTFT, same machine; see the issue notes.) On a CPU pool (tests) the copies run synchronously and complete at once.
+freed. A copy to the device (load-back) is guarded too, so the forward pass reads the rows after
+they arrived. (A layer-by-layer load, one launch per layer and a per-layer wait in the pool's
+``layer_transfer_counter`` as HiCache does, measured slower on the H100: 74 vs 66 ms warm TTFT on
+one machine; ``benchmarks/results/ab/``.) On a CPU pool (tests) copies are synchronous.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""Fixtures: endpoints in other processes (``peer.py``), their payload patterns, a thread-leak check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import zmq.utils.garbage
+
+_spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", Path(__file__).with_name("peer.py"))
+peer_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer_module)
+
+
+class PeerProcess:
+    """``peer.py`` in a child process; ``call`` sends one command and returns its reply."""
+
+    def __init__(self, regions: dict[str, int]):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("peer.py")), json.dumps({"regions": regions})],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.descriptor: dict[str, Any] = self._reply()
+
+    def _reply(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer process exited with {self.proc.wait()}; its stderr is above")
+        return json.loads(line)
+
+    def send(self, **cmd: Any) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def call(self, **cmd: Any) -> Any:
+        self.send(**cmd)
+        return self._reply()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
+    started: list[PeerProcess] = []
+
+    def spawn(regions: dict[str, int]) -> PeerProcess:
+        started.append(PeerProcess(regions))
+        return started[-1]
+
+    yield spawn
+    for p in started:
+        p.kill()
+        p.proc.stdin.close()
+        p.proc.stdout.close()
+
+
+@pytest.fixture
+def pattern():
+    return peer_module.pattern
+
+
+@pytest.fixture
+def digest():
+    return peer_module.digest
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left() -> Iterator[None]:
+    """Every test must stop the threads it started (pyzmq's one process-wide collector aside)."""
+    before = set(threading.enumerate())
+    yield
+    left = [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and not isinstance(t, zmq.utils.garbage.GarbageCollectorThread)
+    ]
+    assert not left, f"threads left running: {left}"

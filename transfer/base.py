@@ -1,0 +1,117 @@
+"""The transport interface: registered regions on the receiver, batched writes and reads, notifications.
+
+A receiver registers named regions once (contiguous 1-D uint8 tensors) and hands its
+``descriptor()``, a JSON-serializable dict, to peers through any control channel. A peer
+``connect``s with it and then, from its side one-sidedly, writes byte ranges into those regions,
+reads ranges out of them, and sends notifications. Every call waits at most ``timeout_s``; a peer
+that dies or hangs makes it raise ``PeerTimeout`` instead of blocking. A notification is delivered
+only after every write that the same sender issued before it to the same peer is visible, so
+"write the data, then notify" is safe. A batch that fails leaves its destination ranges undefined.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+Descriptor = dict[str, Any]
+"""What a receiver publishes about itself: backend, address, and region sizes in bytes."""
+
+WriteOp = tuple[torch.Tensor, str, int]
+"""(source tensor, destination region name, byte offset in that region)."""
+
+ReadOp = tuple[str, int, torch.Tensor]
+"""(source region name, byte offset in that region, destination tensor)."""
+
+
+class TransferError(RuntimeError):
+    """A transfer failed; the message says which peer and what to change."""
+
+
+class PeerTimeout(TransferError, TimeoutError):
+    """A peer did not answer within the deadline (it died, hangs, or is unreachable)."""
+
+
+class RemoteError(TransferError):
+    """The peer rejected the request (unknown region, out of bounds); it wrote nothing."""
+
+
+@dataclass(frozen=True)
+class Notification:
+    sender: str  # the sending transport's address
+    message: bytes
+
+
+def as_bytes(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """A flat uint8 view of a contiguous host tensor, sharing its memory."""
+    if not tensor.is_contiguous():
+        raise TransferError(f"{what} must be contiguous; pass tensor.contiguous() or a contiguous slice")
+    if tensor.device.type != "cpu":
+        raise TransferError(
+            f"{what} is on {tensor.device}; this transport moves host memory, "
+            "so stage device data through a pinned host buffer first"
+        )
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def check_range(regions: dict[str, int], name: Any, offset: Any, nbytes: Any) -> str | None:
+    """Why the byte range [offset, offset + nbytes) of region ``name`` is invalid, or None."""
+    if not isinstance(name, str) or name not in regions:
+        return f"unknown region {name!r}; registered: {sorted(regions)}"
+    if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
+        return f"bad range offset={offset!r} nbytes={nbytes!r} in region {name!r}"
+    if offset + nbytes > regions[name]:
+        return (
+            f"range [{offset}, {offset + nbytes}) is out of bounds of region {name!r} "
+            f"({regions[name]} bytes)"
+        )
+    return None
+
+
+class Transport(abc.ABC):
+    """One endpoint: it receives into its registered regions and writes to or reads from peers."""
+
+    @abc.abstractmethod
+    def register(self, name: str, region: torch.Tensor) -> None:
+        """Expose a contiguous 1-D uint8 tensor to peers under ``name``; keep it alive and in place."""
+
+    @abc.abstractmethod
+    def deregister(self, name: str) -> None:
+        """Stop accepting transfers into and out of ``name``; later requests for it are rejected."""
+
+    @abc.abstractmethod
+    def descriptor(self) -> Descriptor:
+        """What peers need to ``connect``: JSON-serializable; fetch it again after registering more."""
+
+    @abc.abstractmethod
+    def connect(self, descriptor: Descriptor) -> str:
+        """Prepare to talk to the peer described; returns its id for ``write``/``read``/``notify``."""
+
+    @abc.abstractmethod
+    def write(self, peer: str, ops: Sequence[WriteOp], timeout_s: float = 30.0) -> None:
+        """Copy each source into the peer's region at its offset; returns once all are visible there."""
+
+    @abc.abstractmethod
+    def read(self, peer: str, ops: Sequence[ReadOp], timeout_s: float = 30.0) -> None:
+        """Copy each range of the peer's region into its destination; returns once all arrived."""
+
+    @abc.abstractmethod
+    def notify(self, peer: str, message: bytes, timeout_s: float = 30.0) -> None:
+        """Deliver ``message`` to the peer after the writes that preceded it; returns once queued there."""
+
+    @abc.abstractmethod
+    def recv_notification(self, timeout_s: float) -> Notification:
+        """The next notification sent to this endpoint; ``PeerTimeout`` if none comes in time."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sockets, threads and registrations; safe to call more than once."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -180,3 +180,29 @@ def test_disk_resident_chunks_are_prefetched_then_hit(make_cache):
     _, host_hit, loaded, _ = match_and_load(cache, make_req(docs[0] + [1], "r2"))
     assert host_hit == 2 * CHUNK_TOKENS
     assert same_kv(kv_rows(cache, loaded), expected[0])
+
+
+@pytest.mark.parametrize("is_insert", [True, False], ids=["finished", "aborted"])
+def test_a_loaded_request_that_finishes_or_aborts_leaks_nothing(make_cache, is_insert):
+    """Scheduler bookkeeping after a load-back: rows and pins all come back (page_size 1)."""
+    cache = make_cache(1)
+    allocator = cache.token_to_kv_pool_allocator
+    free_at_start = allocator.available_size()
+    doc = list(range(3 * CHUNK_TOKENS))
+    insert(cache, doc)
+    evict_all(cache)
+    req = make_req(doc + list(range(9000, 9020)))
+    _, host_hit, loaded, node = match_and_load(cache, req)
+    assert host_hit == len(doc)
+    # What the prefill adder and the batch do next: lock, allocate the tail, fill req_to_token.
+    req.prefix_indices = torch.cat([req.prefix_indices, loaded])
+    req.last_node, req.cache_protected_len = node, len(req.prefix_indices)
+    cache.inc_lock_ref(node)
+    cache.req_to_token_pool.alloc([req])
+    tail = allocator.alloc(20)
+    cache.req_to_token_pool.write((req.req_pool_idx, slice(0, len(doc) + 20)), torch.cat([req.prefix_indices, tail]))
+    cache.cache_finished_req(req, is_insert=is_insert, kv_len_to_handle=len(doc) + 20)
+    cache.req_to_token_pool.free(req)
+    evict_all(cache)
+    assert allocator.available_size() == free_at_start
+    assert not cache.store.cpu._leases and cache.protected_size() == 0

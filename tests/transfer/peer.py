@@ -48,16 +48,16 @@ def main() -> None:
         elif op == "digests":
             reply(digests())
         elif op == "await_notifications":
-            # The digest is taken the moment each notification arrives: the data must be there.
+            # Each message names a range, hashed the moment it arrives: the data must be there.
             seen = []
             for _ in range(cmd["count"]):
-                note = transport.recv_notification(cmd["timeout_s"])
-                seen.append([note.message.decode(), digests()])
+                name, offset, nbytes = json.loads(transport.recv_notification(cmd["timeout_s"]).message)
+                seen.append(digest(regions[name][offset : offset + nbytes]))
             reply(seen)
         elif op == "write_then_notify":
             for seed in range(cmd["rounds"]):
                 data = pattern(seed, cmd["nbytes"])
-                transport.write(peers["parent"], [(data, cmd["region"], 0)], timeout_s=10)
+                transport.write(peers["parent"], [(data, cmd["region"], seed * cmd["nbytes"])], timeout_s=10)
                 transport.notify(peers["parent"], str(seed).encode(), timeout_s=10)
             reply("ok")
         elif op == "write_forever":

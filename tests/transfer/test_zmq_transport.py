@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -66,7 +67,7 @@ def test_many_ranges_over_several_regions_in_one_batch(pair, pattern):
 
 def test_ranges_larger_than_a_piece_are_split_and_reassembled(pair, pattern):
     sender, receiver = pair
-    region = torch.zeros(3 * PIECE_BYTES, dtype=torch.uint8)
+    region = torch.zeros(3 * PIECE_BYTES + 8, dtype=torch.uint8)
     receiver.register("kv", region)
     peer = sender.connect(receiver.descriptor())
     data = pattern(7, 2 * PIECE_BYTES + 5)
@@ -100,9 +101,10 @@ def test_writes_and_reads_across_processes(spawn_peer, pattern, digest):
 
 
 def test_notification_arrives_only_after_the_data_it_follows(spawn_peer, pattern, digest):
-    nbytes, rounds = 3 * PIECE_BYTES + 1, 12
+    # Each round writes its own slot, so a check can never see the next round's bytes.
+    nbytes, rounds = PIECE_BYTES + 1, 10
     with ZmqTransport() as me:
-        region = torch.zeros(nbytes, dtype=torch.uint8)
+        region = torch.zeros(rounds * nbytes, dtype=torch.uint8)
         me.register("kv", region)
         child = spawn_peer({})
         assert child.call(op="connect", descriptor=me.descriptor()) == "ok"
@@ -110,16 +112,18 @@ def test_notification_arrives_only_after_the_data_it_follows(spawn_peer, pattern
         for seed in range(rounds):
             note = me.recv_notification(timeout_s=20)
             assert note.message == str(seed).encode()
-            assert torch.equal(region, pattern(seed, nbytes)), f"round {seed}: data not there at notify"
-        # and the other direction: the child checks its region the moment each notification lands
-        child2 = spawn_peer({"kv": nbytes})
+            slot = region[seed * nbytes : (seed + 1) * nbytes]
+            assert torch.equal(slot, pattern(seed, nbytes)), f"round {seed}: data not there at notify"
+        assert child._reply() == "ok"
+
+        # and the other direction: the child hashes each slot the moment its notification lands
+        child2 = spawn_peer({"kv": rounds * nbytes})
         peer = me.connect(child2.descriptor)
         child2.send(op="await_notifications", count=rounds, timeout_s=20)
         for seed in range(rounds):
-            me.write(peer, [(pattern(seed, nbytes), "kv", 0)], timeout_s=20)
-            me.notify(peer, str(seed).encode(), timeout_s=20)
-        seen = child2._reply()
-        assert seen == [[str(s), {"kv": digest(pattern(s, nbytes))}] for s in range(rounds)]
+            me.write(peer, [(pattern(seed, nbytes), "kv", seed * nbytes)], timeout_s=20)
+            me.notify(peer, json.dumps(["kv", seed * nbytes, nbytes]).encode(), timeout_s=20)
+        assert child2._reply() == [digest(pattern(s, nbytes)) for s in range(rounds)]
 
 
 def test_receiver_killed_mid_write_fails_the_writer_within_its_deadline(spawn_peer, pattern):

@@ -1,0 +1,6 @@
+"""Moving bytes between processes and hosts: the ``Transport`` interface and its backends.
+
+``base`` defines the interface (registered regions, batched one-sided writes and reads,
+notifications ordered after the writes before them, a deadline on every wait); ``zmq_transport``
+is the ZMQ/TCP backend, which needs nothing beyond pyzmq.
+"""

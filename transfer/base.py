@@ -1,4 +1,4 @@
-"""The transport interface: registered regions on the receiver, batched writes and reads, notifications.
+"""The transport interface: registered regions, batched writes and reads, ordered notifications.
 
 A receiver registers named regions once (contiguous 1-D uint8 tensors) and hands its
 ``descriptor()``, a JSON-serializable dict, to peers through any control channel. A peer
@@ -48,7 +48,7 @@ class Notification:
 def as_bytes(tensor: torch.Tensor, what: str) -> torch.Tensor:
     """A flat uint8 view of a contiguous host tensor, sharing its memory."""
     if not tensor.is_contiguous():
-        raise TransferError(f"{what} must be contiguous; pass tensor.contiguous() or a contiguous slice")
+        raise TransferError(f"{what} must be contiguous; pass tensor.contiguous()")
     if tensor.device.type != "cpu":
         raise TransferError(
             f"{what} is on {tensor.device}; this transport moves host memory, "
@@ -76,7 +76,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def register(self, name: str, region: torch.Tensor) -> None:
-        """Expose a contiguous 1-D uint8 tensor to peers under ``name``; keep it alive and in place."""
+        """Expose a contiguous 1-D uint8 tensor to peers as ``name``; keep it alive and in place."""
 
     @abc.abstractmethod
     def deregister(self, name: str) -> None:
@@ -84,15 +84,15 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def descriptor(self) -> Descriptor:
-        """What peers need to ``connect``: JSON-serializable; fetch it again after registering more."""
+        """What peers need to ``connect``, JSON-serializable; fetch it again after ``register``."""
 
     @abc.abstractmethod
     def connect(self, descriptor: Descriptor) -> str:
-        """Prepare to talk to the peer described; returns its id for ``write``/``read``/``notify``."""
+        """Prepare to talk to the peer described; returns the id that the other calls take."""
 
     @abc.abstractmethod
     def write(self, peer: str, ops: Sequence[WriteOp], timeout_s: float = 30.0) -> None:
-        """Copy each source into the peer's region at its offset; returns once all are visible there."""
+        """Copy each source into the peer's region at its offset; returns once all are visible."""
 
     @abc.abstractmethod
     def read(self, peer: str, ops: Sequence[ReadOp], timeout_s: float = 30.0) -> None:
@@ -100,7 +100,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def notify(self, peer: str, message: bytes, timeout_s: float = 30.0) -> None:
-        """Deliver ``message`` to the peer after the writes that preceded it; returns once queued there."""
+        """Deliver ``message`` after the writes before it; returns once the peer queued it."""
 
     @abc.abstractmethod
     def recv_notification(self, timeout_s: float) -> Notification:

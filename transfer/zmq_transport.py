@@ -41,7 +41,7 @@ from kvtier.transfer.base import (
 logger = logging.getLogger(__name__)
 
 PIECE_BYTES = 4 << 20
-"""Payload per message. 4 MiB frames moved 1.8 GB/s on loopback where 64 MiB frames moved 0.5."""
+"""Payload per message: 256 MiB loopback writes here moved 3 to 4 GB/s in 1 to 16 MiB pieces, 1.6 in 64."""
 
 _POLL_MS = 50  # how soon the receiver thread sees close()
 _SEQ = struct.Struct("<Q")
@@ -110,7 +110,9 @@ class ZmqTransport(Transport):
         self._notifications: "queue.Queue[Notification]" = queue.Queue()
         self._stop = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"kvtier-zmq {self.address}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, name=f"kvtier-zmq {self.address}", daemon=True
+        )
         self._thread.start()
         logger.info("kvtier transfer: ZMQ transport listening on %s", self.address)
 
@@ -119,7 +121,8 @@ class ZmqTransport(Transport):
     def register(self, name: str, region: torch.Tensor) -> None:
         if region.dtype != torch.uint8 or region.dim() != 1:
             raise TransferError(
-                f"region {name!r} must be a 1-D uint8 tensor, got {region.dtype} {tuple(region.shape)}; "
+                f"region {name!r} must be a 1-D uint8 tensor, "
+                f"got {region.dtype} {tuple(region.shape)}; "
                 "pass tensor.view(-1).view(torch.uint8)"
             )
         region = as_bytes(region, f"region {name!r}")
@@ -140,7 +143,8 @@ class ZmqTransport(Transport):
         try:
             return self._notifications.get(timeout=max(timeout_s, 0.0))
         except queue.Empty:
-            raise PeerTimeout(f"no notification reached {self.address} within {timeout_s}s") from None
+            error = f"no notification reached {self.address} within {timeout_s}s"
+            raise PeerTimeout(error) from None
 
     def _sizes(self) -> dict[str, int]:
         with self._regions_lock:
@@ -196,7 +200,8 @@ class ZmqTransport(Transport):
             elif kind == b"C":
                 (seq,) = _SEQ.unpack(header)
                 plan = self._plans.pop(ident, None)
-                error = plan.error if plan and plan.seq == seq else f"write batch {seq} was never begun"
+                begun = plan is not None and plan.seq == seq
+                error = plan.error if begun else f"write batch {seq} was never begun"
                 self._ack(ident, seq, error)
             elif kind == b"R":
                 (seq,) = _SEQ.unpack(header)
@@ -208,8 +213,8 @@ class ZmqTransport(Transport):
                 self._ack(ident, seq, None)
             else:
                 raise _Malformed(f"unknown message kind {kind!r}")
-        except (_Malformed, ValueError, struct.error) as e:
-            logger.warning("kvtier transfer: dropped a malformed message from %r: %s", ident, e)
+        except Exception as e:  # one peer's bad message must not stop serving the others
+            logger.warning("kvtier transfer: dropped a malformed message from %r: %r", ident, e)
         finally:
             self._drain()
 
@@ -233,7 +238,8 @@ class ZmqTransport(Transport):
         views, error = self._views(plan)
         if error is None:
             for start, stop in _groups([len(v) for v in views]):
-                self._router.send_multipart([ident, b"P", _PIECES.pack(seq, start), *views[start:stop]], copy=False)
+                frames = [ident, b"P", _PIECES.pack(seq, start), *views[start:stop]]
+                self._router.send_multipart(frames, copy=False)
         self._ack(ident, seq, error)
 
     # -- sender side ---------------------------------------------------------------------------
@@ -276,7 +282,8 @@ class ZmqTransport(Transport):
             seq = self._begin(p)
             self._send(p, [b"B", _SEQ.pack(seq), json.dumps(plan).encode()], deadline, "a write")
             for start, stop in _groups([len(v) for v in pieces]):
-                self._send(p, [b"D", _PIECES.pack(seq, start), *pieces[start:stop]], deadline, "a write")
+                frames = [b"D", _PIECES.pack(seq, start), *pieces[start:stop]]
+                self._send(p, frames, deadline, "a write")
             self._send(p, [b"C", _SEQ.pack(seq)], deadline, "a write")
             self._wait_ack(p, seq, deadline, "a write", None)
 
@@ -320,7 +327,9 @@ class ZmqTransport(Transport):
 
     def _begin(self, p: _Peer) -> int:
         if p.socket is None:
-            raise TransferError(f"the connection to {p.address} failed earlier; call connect(descriptor) again")
+            raise TransferError(
+                f"the connection to {p.address} failed earlier; call connect(descriptor) again"
+            )
         p.seq += 1
         return p.seq
 
@@ -371,7 +380,7 @@ class ZmqTransport(Transport):
                 i = _PIECES.unpack(header)[1]
                 while sock.getsockopt(zmq.RCVMORE):
                     if i >= len(dests) or sock.recv_into(dests[i]) != len(dests[i]):
-                        error = f"{p.address} sent a piece {i} of {what} that does not match the request"
+                        error = f"{p.address} sent a piece {i} of {what} that was not asked for"
                         raise self._fail(p, RemoteError(error))
                     i += 1
             while sock.getsockopt(zmq.RCVMORE):  # keeps frame sync should a peer send anything else

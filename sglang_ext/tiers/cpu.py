@@ -366,5 +366,26 @@ class CpuTier:
         used = (self.num_slots - len(self._free)) * self.chunk_bytes
         self._metrics.used.labels(self.name).set(used)
 
+    def demote_all(self, timeout_s: float) -> int:
+        """Hand every chunk the tier below lacks to it (graceful shutdown); returns how many.
+
+        Waits while the tier below is busy, at most ``timeout_s`` in all.
+        """
+        if self._demote is None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        started = 0
+        with self._lock:
+            for key, entry in list(self._lru.items()):
+                if not entry.ready or entry.written_below or entry.demoting:
+                    continue
+                while not self._start_demotion(key, entry):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return started
+                    self._changed.wait(min(remaining, 0.05))
+                started += 1
+        return started
+
     def close(self) -> None:
         self.slab.close()

@@ -66,6 +66,7 @@ class TierStore:
             pin=pin,
         )
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-io")
+        self._closed = False
         if serve_metrics and cfg.metrics_port:
             port = cfg.metrics_port + namespace.tp_rank
             self.metrics.serve(port)
@@ -168,9 +169,19 @@ class TierStore:
         with self.metrics.timed("disk", "prefetch"), self.acquire(keys, wait_s=wait_s) as lease:
             return len(lease.keys)
 
-    def close(self) -> None:
-        """Finish background work and queued disk writes, then free the slab and the file."""
+    def close(self, persist_timeout_s: float = 120.0) -> None:
+        """Finish background work, write CPU-only chunks to the disk tier, free slab and file.
+
+        So a restarted server finds everything this one held, not only what had been demoted.
+        Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._pool.shutdown(wait=True)
         if self.disk is not None:
+            n = self.cpu.demote_all(persist_timeout_s)
+            if n:
+                logger.info("kvtier: writing %d CPU-tier chunks to %s before exit", n, self.disk.path)
             self.disk.close()
         self.cpu.close()

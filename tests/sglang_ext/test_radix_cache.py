@@ -206,3 +206,60 @@ def test_a_loaded_request_that_finishes_or_aborts_leaks_nothing(make_cache, is_i
     evict_all(cache)
     assert allocator.available_size() == free_at_start
     assert not cache.store.cpu._leases and cache.protected_size() == 0
+
+
+def test_write_through_stores_each_chunked_prefill_step(make_cache):
+    """Chunked prefill inserts the prompt piece by piece (cache_unfinished_req); each piece's
+    whole chunks are stored as it lands, bit-exact, and finishing leaks nothing."""
+    from kvtier.kernels.kv_pages import gather_kv_reference
+
+    cache = make_cache(16, write_policy="write_through")
+    allocator = cache.token_to_kv_pool_allocator
+    free_at_start = allocator.available_size()
+    doc = list(range(100, 100 + 4 * CHUNK_TOKENS))
+    keys = cache.namespace.chunk_keys(doc)
+    req = make_req(doc + [7])
+    req.init_next_round_input(cache)
+    cache.req_to_token_pool.alloc([req])
+    for step, end in enumerate((2 * CHUNK_TOKENS, 4 * CHUNK_TOKENS), start=1):
+        start = end - 2 * CHUNK_TOKENS
+        rows = allocator.alloc(end - start)
+        cache.req_to_token_pool.write((req.req_pool_idx, slice(start, end)), rows)
+        req.set_extend_range(start, end)
+        cache.cache_unfinished_req(req, chunked=True)
+        cache.flush()
+        assert cache.store.prefix_hits(keys) == 2 * step
+    pool = allocator.get_kvcache()
+    all_rows = cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(doc)].to(torch.int64)
+    want = torch.zeros(4 * cache.store.chunk_bytes, dtype=torch.uint8)
+    offsets = torch.arange(4, dtype=torch.int64) * cache.store.chunk_bytes
+    gather_kv_reference(pool.k_buffer, pool.v_buffer, all_rows, want, offsets, CHUNK_TOKENS)
+    got = [torch.empty(cache.store.chunk_bytes, dtype=torch.uint8) for _ in keys]
+    assert cache.store.get_into(keys, got) == 4
+    assert torch.equal(torch.cat(got), want)
+    cache.cache_finished_req(req, kv_len_to_handle=len(doc))
+    cache.req_to_token_pool.free(req)
+    evict_all(cache)
+    assert allocator.available_size() == free_at_start
+
+
+def test_a_restarted_server_loads_what_it_spilled_to_disk(make_cache):
+    import time
+
+    chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
+    settings = dict(cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01)
+    first = make_cache(16, **settings)
+    doc = list(range(40_000, 40_000 + 3 * CHUNK_TOKENS))
+    expected = kv_rows(first, insert(first, doc))
+    evict_all(first)
+    first.store.close()  # the server stops; its CPU tier is gone, the disk slab stays
+
+    again = make_cache(16, **settings)
+    req = make_req(doc + [1])
+    req.init_next_round_input(again)  # disk only: prefetch starts
+    deadline = time.monotonic() + 10
+    while again._prefetching and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _, host_hit, loaded, _ = match_and_load(again, make_req(doc + [1], "r2"))
+    assert host_hit == 3 * CHUNK_TOKENS
+    assert same_kv(kv_rows(again, loaded), expected)

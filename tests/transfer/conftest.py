@@ -1,4 +1,4 @@
-"""Fixtures: endpoints in other processes (``peer.py``), their payload patterns, a thread-leak check."""
+"""Fixtures: endpoints in other processes (``peer.py``), payload patterns, a thread-leak check."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import zmq.utils.garbage
 
-_spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", Path(__file__).with_name("peer.py"))
+PEER_SCRIPT = Path(__file__).with_name("peer.py")
+_spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", PEER_SCRIPT)
 peer_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(peer_module)
 
@@ -25,14 +26,14 @@ class PeerProcess:
 
     def __init__(self, regions: dict[str, int]):
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("peer.py")), json.dumps({"regions": regions})],
+            [sys.executable, str(PEER_SCRIPT), json.dumps({"regions": regions})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-        self.descriptor: dict[str, Any] = self._reply()
+        self.descriptor: dict[str, Any] = self.reply()
 
-    def _reply(self) -> Any:
+    def reply(self) -> Any:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"peer process exited with {self.proc.wait()}; its stderr is above")
@@ -44,7 +45,7 @@ class PeerProcess:
 
     def call(self, **cmd: Any) -> Any:
         self.send(**cmd)
-        return self._reply()
+        return self.reply()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -85,6 +86,8 @@ def no_thread_left() -> Iterator[None]:
     left = [
         t
         for t in threading.enumerate()
-        if t not in before and t.is_alive() and not isinstance(t, zmq.utils.garbage.GarbageCollectorThread)
+        if t not in before
+        and t.is_alive()
+        and not isinstance(t, zmq.utils.garbage.GarbageCollectorThread)
     ]
     assert not left, f"threads left running: {left}"

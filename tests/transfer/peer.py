@@ -1,7 +1,8 @@
 """A transport endpoint in its own process, driven by JSON lines on stdin, answering on stdout.
 
 Started by ``conftest.Peer``: ``python peer.py '{"regions": {"kv": 4096}}'`` prints its
-descriptor, then runs one command per line (the ``op`` branches of ``main``), printing one JSON reply each.
+descriptor, then runs one command per line (the ``op`` branches of ``main``), printing one
+JSON reply each.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ def main() -> None:
             # Each message names a range, hashed the moment it arrives: the data must be there.
             seen = []
             for _ in range(cmd["count"]):
-                name, offset, nbytes = json.loads(transport.recv_notification(cmd["timeout_s"]).message)
+                note = transport.recv_notification(cmd["timeout_s"])
+                name, offset, nbytes = json.loads(note.message)
                 seen.append(digest(regions[name][offset : offset + nbytes]))
             reply(seen)
         elif op == "write_then_notify":
             for seed in range(cmd["rounds"]):
                 data = pattern(seed, cmd["nbytes"])
-                transport.write(peers["parent"], [(data, cmd["region"], seed * cmd["nbytes"])], timeout_s=10)
+                op = (data, cmd["region"], seed * cmd["nbytes"])
+                transport.write(peers["parent"], [op], timeout_s=10)
                 transport.notify(peers["parent"], str(seed).encode(), timeout_s=10)
             reply("ok")
         elif op == "write_forever":

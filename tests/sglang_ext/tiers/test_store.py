@@ -147,3 +147,17 @@ def test_metrics_are_served_over_http(namespace, tmp_path, chunk_of):
 def test_chunk_larger_than_the_cpu_tier_is_a_clear_error(namespace, tmp_path):
     with pytest.raises(ValueError, match="cannot hold one chunk"):
         TierStore(load_config(env={}, cpu_size_gb=CHUNK / 2e9), namespace, CHUNK)
+
+
+def test_close_writes_cpu_only_chunks_to_disk_for_the_next_start(namespace, tmp_path, chunk_of):
+    store = make_store(namespace, tmp_path, cpu_slots=16, disk_slots=16)
+    keys, data = chunks(namespace, 5, chunk_of)
+    store.put(keys, data)  # plenty of room: nothing was demoted
+    assert store.disk.contains(keys) == [False] * 5
+    store.close()
+    store.close()
+    again = make_store(namespace, tmp_path, cpu_slots=16, disk_slots=16)
+    out = [torch.empty(CHUNK, dtype=torch.uint8) for _ in keys]
+    assert again.get_into(keys, out) == 5
+    assert all(torch.equal(a, b) for a, b in zip(out, data))
+    again.close()

@@ -36,7 +36,7 @@ class PeerTimeout(TransferError, TimeoutError):
 
 
 class RemoteError(TransferError):
-    """The peer rejected the request (unknown region, out of bounds); it wrote nothing."""
+    """The peer refused the request; a batch refused at planning (region, range) wrote nothing."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""Write and read GB/s of a transfer backend between two processes on this host; writes JSON.
+
+A child process registers a region and hands its descriptor to the parent through a pipe; the
+parent writes ``--mib`` MiB into it (and reads it back) ``--repeats`` times over 127.0.0.1.
+
+    python benchmarks/transfer_loopback.py --backend zmq --out benchmarks/results/transfer_loopback_zmq.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+BACKENDS = {"zmq": "kvtier.transfer.zmq_transport:ZmqTransport"}
+
+
+def make(backend: str):
+    module, name = BACKENDS[backend].split(":")
+    return getattr(__import__(module, fromlist=[name]), name)()
+
+
+def receiver(backend: str, nbytes: int, conn) -> None:
+    region = torch.zeros(nbytes, dtype=torch.uint8)
+    with make(backend) as transport:
+        transport.register("bench", region)
+        conn.send(transport.descriptor())
+        conn.recv()  # until the parent is done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=list(BACKENDS), default="zmq")
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    nbytes = args.mib << 20
+    ctx = mp.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    child = ctx.Process(target=receiver, args=(args.backend, nbytes, child_end))
+    child.start()
+    try:
+        descriptor = parent_end.recv()
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        back = torch.zeros(nbytes, dtype=torch.uint8)
+        writes, reads = [], []
+        with make(args.backend) as transport:
+            peer = transport.connect(descriptor)
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                transport.write(peer, [(src, "bench", 0)], timeout_s=60)
+                writes.append(nbytes / (time.perf_counter() - start) / 1e9)
+                start = time.perf_counter()
+                transport.read(peer, [("bench", 0, back)], timeout_s=60)
+                reads.append(nbytes / (time.perf_counter() - start) / 1e9)
+            exact = torch.equal(src, back)
+        parent_end.send("done")
+    finally:
+        child.join(30)
+    report = {
+        "benchmark": "transfer_loopback",
+        "backend": args.backend,
+        "bytes": nbytes,
+        "write_GBps": [round(x, 2) for x in writes],
+        "read_GBps": [round(x, 2) for x in reads],
+        "write_GBps_median": round(sorted(writes)[len(writes) // 2], 2),
+        "read_GBps_median": round(sorted(reads)[len(reads) // 2], 2),
+        "bit_exact": exact,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/transfer_loopback.py --backend {args.backend} --mib {args.mib} --repeats {args.repeats}",
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,6 +100,9 @@ class KVTierRadixCache(RadixCache):
         )
         self.io.warm_up()
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
+        # A PD decode server promises its prefix hit to the prefill server, which then skips
+        # those pages; only HiCache loads host hits back there, so kvtier must report none.
+        self._report_host_hits = ctx.server_args.disaggregation_mode != "decode"
         self._inflight: list[Completion] = []
         self._prefetching: set[ChunkKey] = set()
 
@@ -179,7 +182,7 @@ class KVTierRadixCache(RadixCache):
         self._reap()
         result = super().match_prefix(params)
         key = params.key
-        if self.disable or params.req is None or len(key) == 0:
+        if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
             return result
         T = self.chunk_tokens
         matched = len(result.device_indices)

@@ -263,3 +263,19 @@ def test_a_restarted_server_loads_what_it_spilled_to_disk(make_cache):
     _, host_hit, loaded, _ = match_and_load(again, make_req(doc + [1], "r2"))
     assert host_hit == 3 * CHUNK_TOKENS
     assert same_kv(kv_rows(again, loaded), expected)
+
+
+def test_a_pd_decode_server_reports_no_host_hits(make_build_context, monkeypatch, tmp_path):
+    """Decode promises its prefix to prefill, which then skips it: only GPU hits may count."""
+    from kvtier.sglang_ext.radix_cache import KVTierRadixCache
+
+    ctx = make_build_context(page_size=16, disaggregation_mode="decode")
+    cache = KVTierRadixCache(ctx, load_config(env={}, chunk_tokens=CHUNK_TOKENS, cpu_size_gb=0.02))
+    doc = list(range(2 * CHUNK_TOKENS))
+    insert(cache, doc)
+    evict_all(cache)
+    assert cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) == 2  # still spilled
+    req = make_req(doc + [1])
+    req.init_next_round_input(cache)
+    assert req.host_hit_length == 0
+    cache.store.close()

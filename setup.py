@@ -31,6 +31,7 @@ setup(
         "pyzmq",
         "prometheus-client",
         "xxhash",
+        "redis>=5",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
     entry_points={

@@ -41,7 +41,11 @@ class KVTierConfig:
     disk_write_queue: int = 16
     """Chunks that may wait for the disk writer before further demotions are dropped."""
     remote_url: str = ""
-    """Shared remote tier (not implemented yet: must stay empty)."""
+    """Shared remote tier: ``redis://[:password@]host:port[/db]`` (Redis or Valkey); empty disables."""
+    remote_timeout_s: float = 0.5
+    """Longest wait for the remote tier per call; past it the lookup is a miss (recompute)."""
+    remote_retry_s: float = 5.0
+    """After a remote failure, how long lookups skip the remote tier before trying it again."""
     write_policy: str = "write_back"
     """write_back: copy KV out when the radix tree evicts it; write_through: on insert."""
     metrics_port: int = 0
@@ -148,8 +152,10 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("disk_path", "set a directory for the disk tier, or disk_size_gb: 0 to disable it")
     if cfg.disk_write_queue < 1:
         raise bad("disk_write_queue", "must be >= 1")
-    if cfg.remote_url:
-        raise bad("remote_url", "the remote tier is not available in this version; leave it empty")
+    if cfg.remote_url and not cfg.remote_url.startswith(("redis://", "rediss://", "unix://")):
+        raise bad("remote_url", "use redis://host:port (Redis or Valkey), rediss:// for TLS, or leave it empty")
+    if cfg.remote_timeout_s <= 0 or cfg.remote_retry_s < 0:
+        raise bad("remote_timeout_s", "remote_timeout_s must be > 0 and remote_retry_s >= 0 seconds")
     if cfg.write_policy not in WRITE_POLICIES:
         raise bad("write_policy", f"must be one of {list(WRITE_POLICIES)}")
     if not 0 <= cfg.metrics_port <= 65535:

@@ -37,6 +37,7 @@ class TierMetrics:
         self.demotions = Counter("kvtier_demotions", "Chunks written from CPU to disk on eviction", registry=r)
         self.dropped = Counter("kvtier_dropped_puts", "Chunks not stored, by reason", ["reason"], registry=r)
         self.corrupt = Counter("kvtier_corrupt", "Chunks failing their checksum (served as misses)", ["tier"], registry=r)
+        self.remote_errors = Counter("kvtier_remote_errors", "Remote tier calls that failed or timed out", registry=r)
         self.expired_pins = Counter("kvtier_expired_leases", "Leases released by timeout, not by their holder", registry=r)
 
     @contextmanager

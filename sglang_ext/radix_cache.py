@@ -5,7 +5,7 @@
   out there, on a side stream (see ``pool_io``), into CPU-tier slots that are published when the
   copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
-  ``host_hit_length`` (and starts prefetching disk-resident ones); the scheduler then calls
+  ``host_hit_length`` (and starts prefetching the rest from disk or remote); the scheduler then calls
   ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
   tree, returning the new rows as SGLang's HiCache does.
 
@@ -145,7 +145,7 @@ class KVTierRadixCache(RadixCache):
         if not lease.keys:
             return
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
-        self._inflight.append(self.io.to_host(slots, lease.views, lease.commit, guard=rows_freed))
+        self._inflight.append(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed))
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before copies read them.
@@ -201,17 +201,15 @@ class KVTierRadixCache(RadixCache):
         return result._replace(host_hit_length=host_hit)
 
     def _prefetch(self, keys: list[ChunkKey]) -> None:
-        """Start reading disk-resident chunks into the CPU tier, so a later match hits them."""
-        if self.store.disk is None or not keys or keys[0] in self._prefetching:
+        """Start loading chunks from the disk or remote tier into the CPU tier, for a later match."""
+        store = self.store
+        if (store.disk is None and store.remote is None) or not keys or keys[0] in self._prefetching:
             return
-        on_disk = self.store.disk.contains(keys)
-        n = on_disk.index(False) if False in on_disk else len(keys)
-        if n == 0:
-            return
-        wanted = keys[:n]
-        self._prefetching.update(wanted)
-        future = self.store.prefetch(wanted)
-        future.add_done_callback(lambda _: self._prefetching.difference_update(wanted))
+        if store.remote is None and not store.disk.contains(keys[:1])[0]:
+            return  # nothing below to load: no background work for a cold prompt
+        self._prefetching.update(keys)
+        future = store.prefetch(keys)
+        future.add_done_callback(lambda _: self._prefetching.difference_update(keys))
 
     def init_load_back(self, params: InitLoadBackParams):
         with self.store.metrics.timed("hook", "init_load_back"):

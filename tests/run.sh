@@ -19,4 +19,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   rm -f "$log"
   echo "$want" > "$stamp"
 fi
+# The remote-tier tests start a real redis-server on loopback.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "kvtier: installing redis-server for the remote-tier tests" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null 2>&1 \
+    || echo "kvtier: could not install redis-server (needs root and Debian's packages)" >&2
+fi
 exec "$venv/bin/python" -m pytest "$@"

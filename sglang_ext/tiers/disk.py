@@ -22,7 +22,6 @@ import fcntl
 import logging
 import mmap
 import os
-import queue
 import struct
 import threading
 from collections import OrderedDict
@@ -36,6 +35,7 @@ import xxhash
 from kvtier.sglang_ext.chunk_keys import KEY_BYTES, ChunkKey
 from kvtier.sglang_ext.metrics import TierMetrics
 from kvtier.sglang_ext.tiers.host_memory import round_up
+from kvtier.sglang_ext.tiers.write_queue import WriteQueue
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ class DiskTier:
         self._load_or_format()
         metrics.capacity.labels(self.name).set(self.num_slots * self.chunk_bytes)
         self._update_used()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
-        self._writer = threading.Thread(target=self._write_loop, name="kvtier-disk-writer", daemon=True)
-        self._writer.start()
+        self._writes = WriteQueue("kvtier-disk-writer", queue_depth, self._write)
         self._readers_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="kvtier-disk-read")
 
     # -- start-up ------------------------------------------------------------------------------
@@ -285,32 +283,13 @@ class DiskTier:
         Returns None when the queue stays full for ``block_s``; a future that is already done
         with True when the key is on disk.
         """
-        future: Future[bool] = Future()
         with self._lock:
             present = key in self._index
         if present:
+            future: Future[bool] = Future()
             future.set_result(True)
             return future
-        try:
-            self._queue.put((key, src, future), timeout=block_s if block_s > 0 else None, block=block_s > 0)
-        except queue.Full:
-            return None
-        return future
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            key, src, future = item
-            if key is None:  # a flush marker: everything queued before it is written
-                future.set_result(True)
-                continue
-            try:
-                future.set_result(self._write(key, src))
-            except Exception as exc:  # an I/O error fails this write, not the writer thread
-                logger.error("kvtier: writing chunk %s to %s failed: %s", key.hex()[:16], self.path, exc)
-                future.set_exception(exc)
+        return self._writes.put(key, src, block_s)
 
     def _write(self, key: ChunkKey, src: torch.Tensor) -> bool:
         with self._lock:
@@ -367,16 +346,13 @@ class DiskTier:
 
     def flush(self, timeout_s: Optional[float] = None) -> None:
         """Wait until every queued write is on disk."""
-        done: Future[bool] = Future()
-        self._queue.put((None, None, done), timeout=timeout_s)
-        done.result(timeout=timeout_s)
+        self._writes.flush(timeout_s)
 
     def close(self) -> None:
         """Finish queued writes, stop the writer and release the file."""
         if self._fd < 0:
             return
-        self._queue.put(None)
-        self._writer.join()
+        self._writes.close()
         self._readers_pool.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1

@@ -1,4 +1,4 @@
-"""The tier store: the CPU tier over the disk tier, behind the API the tree hook and transfer share.
+"""The tier store: CPU, then disk, then remote tiers, behind the API the tree hook and transfer share.
 
 Semantics are prefix semantics, because KV of chunk i is useless without chunks 0..i-1: every
 lookup or read returns how many *leading* keys it served and stops at the first miss.
@@ -10,12 +10,15 @@ lookup or read returns how many *leading* keys it served and stops at the first 
 - ``put_async`` / ``prefetch``: background forms with a ``Future`` to wait on with a deadline.
 
 The CPU tier is always present: it is the pinned staging area of every GPU copy. When it is full
-its LRU chunks are demoted to the disk tier (if configured) before their slots are reused.
+its LRU chunks are demoted to the disk tier (if configured) before their slots are reused. Every
+chunk committed to the CPU tier is also written to the remote tier (if configured) in the
+background, so other replicas can hit it; reads fall through CPU, disk, remote in that order.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -26,12 +29,13 @@ from kvtier.sglang_ext.config import KVTierConfig
 from kvtier.sglang_ext.metrics import TierMetrics
 from kvtier.sglang_ext.tiers.cpu import CpuTier, Lease
 from kvtier.sglang_ext.tiers.disk import DiskTier
+from kvtier.sglang_ext.tiers.remote import RedisTier
 
 logger = logging.getLogger(__name__)
 
 
 class TierStore:
-    """Chunks of ``chunk_bytes`` bytes keyed by ``namespace`` chunk keys, in CPU then disk."""
+    """Chunks of ``chunk_bytes`` bytes keyed by ``namespace`` chunk keys, in CPU, disk, remote."""
 
     def __init__(
         self,
@@ -57,6 +61,16 @@ class TierStore:
                 o_direct=cfg.disk_o_direct,
                 queue_depth=cfg.disk_write_queue,
             )
+        self.remote: Optional[RedisTier] = None
+        if cfg.remote_url:
+            self.remote = RedisTier(
+                cfg.remote_url,
+                namespace.digest().hex()[:24],
+                chunk_bytes,
+                metrics=self.metrics,
+                timeout_s=cfg.remote_timeout_s,
+                retry_after_s=cfg.remote_retry_s,
+            )
         self.cpu = CpuTier(
             chunk_bytes,
             cfg.cpu_bytes,
@@ -75,50 +89,90 @@ class TierStore:
             "kvtier: tier store ready: %d CPU slots of %d bytes%s",
             self.cpu.num_slots,
             chunk_bytes,
-            f", {self.disk.num_slots} disk slots in {self.disk.path}" if self.disk else "",
+            (f", {self.disk.num_slots} disk slots in {self.disk.path}" if self.disk else "")
+            + (f", remote tier {self.remote.url}" if self.remote else ""),
         )
 
     # -- lookups -------------------------------------------------------------------------------
 
     def prefix_hits(self, keys: Sequence[ChunkKey]) -> int:
-        """How many leading ``keys`` some tier holds (nothing is pinned: a hint, not a promise)."""
-        in_cpu = self.cpu.contains(keys)
-        in_disk = self.disk.contains(keys) if self.disk else [False] * len(keys)
-        n = 0
-        while n < len(keys) and (in_cpu[n] or in_disk[n]):
-            n += 1
+        """How many leading ``keys`` some tier holds (nothing is pinned: a hint, not a promise).
+
+        Asks the remote tier (a network round trip) only about keys no local tier holds.
+        """
+        local = [a or b for a, b in zip(self.cpu.contains(keys), self.disk.contains(keys) if self.disk else [False] * len(keys))]
+        n = local.index(False) if False in local else len(keys)
+        if self.remote is not None and n < len(keys):
+            remote = self.remote.contains(keys[n:])
+            n += remote.index(False) if False in remote else len(remote)
         return n
 
-    # -- zero-copy leases ----------------------------------------------------------------------
-
     def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None, wait_s: float = 1.0) -> Lease:
-        """Pin the longest servable prefix of ``keys`` in CPU slots, loading disk hits on the way.
+        """Pin the longest servable prefix of ``keys`` in CPU slots, loading lower-tier hits on the way.
 
-        Loading a disk hit may wait up to ``wait_s`` for a CPU slot (a demotion to finish).
+        Loading a disk or remote hit may wait up to ``wait_s`` for a CPU slot (a demotion).
         """
-        from_disk: set[ChunkKey] = set()
+        loaded_from: dict[ChunkKey, str] = {}
 
         def fill(keys: Sequence[ChunkKey], views: Sequence[torch.Tensor]) -> list[bool]:
-            assert self.disk is not None
-            loaded = self.disk.read_many(keys, views)
-            from_disk.update(k for k, ok in zip(keys, loaded) if ok)
+            loaded = self.disk.read_many(keys, views) if self.disk else [False] * len(keys)
+            loaded_from.update((k, "disk") for k, ok in zip(keys, loaded) if ok)
+            missing = [i for i, ok in enumerate(loaded) if not ok]
+            if self.remote is not None and missing:
+                got = self.remote.read_many([keys[i] for i in missing], [views[i] for i in missing])
+                for i, ok in zip(missing, got):
+                    loaded[i] = ok
+                    if ok:
+                        loaded_from[keys[i]] = "remote"
             return loaded
 
+        lower = self.disk is not None or self.remote is not None
         with self.metrics.timed("store", "acquire"):
-            lease = self.cpu.acquire(keys, timeout_s, fill=fill if self.disk else None, wait_s=wait_s)
-        disk_hits = sum(k in from_disk for k in lease.keys)
-        self.metrics.hits.labels("cpu").inc(len(lease.keys) - disk_hits)
-        self.metrics.hits.labels("disk").inc(disk_hits)
+            if lower:  # reserve slots only for chunks some tier can deliver
+                keys = keys[: self.prefix_hits(keys)]
+            lease = self.cpu.acquire(keys, timeout_s, fill=fill if lower else None, wait_s=wait_s)
+        for tier in ("cpu", "disk", "remote"):
+            self.metrics.hits.labels(tier).inc(sum(loaded_from.get(k, "cpu") == tier for k in lease.keys))
         self.metrics.misses.inc(len(keys) - len(lease.keys))
         self.metrics.bytes.labels("cpu", "out").inc(len(lease.keys) * self.chunk_bytes)
         return lease
 
     def reserve(self, keys: Sequence[ChunkKey], wait_s: float = 0.0, timeout_s: Optional[float] = None) -> Lease:
-        """Fresh CPU slots for the keys no tier holds yet; write them, then ``commit()``."""
+        """Fresh CPU slots for the keys no local tier holds yet; write them, then ``commit``."""
         if self.disk is not None:
             on_disk = self.disk.contains(keys)
             keys = [k for k, d in zip(keys, on_disk) if not d]
         return self.cpu.reserve(keys, wait_s=wait_s, timeout_s=timeout_s)
+
+    def commit(self, lease: Lease) -> bool:
+        """Publish a ``reserve`` lease's chunks, and start writing them to the remote tier."""
+        if not lease.commit():
+            return False
+        if self.remote is not None:
+            self._to_remote(lease.keys)
+        return True
+
+    def _to_remote(self, keys: list[ChunkKey]) -> None:
+        """Write chunks to the remote tier from their CPU slots, pinned until every write ended."""
+        assert self.remote is not None
+        lease = self.cpu.acquire(keys, timeout_s=max(60.0, self.cfg.pin_timeout_s))
+        futures = [self.remote.submit(k, v) for k, v in zip(lease.keys, lease.views)]
+        pending = [f for f in futures if f is not None]
+        if not pending:
+            lease.release()
+            return
+        remaining = [len(pending)]
+        lock = threading.Lock()
+
+        def one_done(_: "Future[bool]") -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                lease.release()
+
+        for f in pending:
+            f.add_done_callback(one_done)
 
     # -- copying batch API ---------------------------------------------------------------------
 
@@ -150,7 +204,7 @@ class TierStore:
             with lease:
                 for key, view in zip(lease.keys, lease.views):
                     view.copy_(by_key[key])
-                stored = len(lease.keys) if lease.commit() else 0
+                stored = len(lease.keys) if self.commit(lease) else 0
         return stored
 
     def put_async(self, keys: Sequence[ChunkKey], buffers: Sequence[torch.Tensor], wait_s: float = 1.0) -> "Future[int]":
@@ -166,7 +220,7 @@ class TierStore:
         return self._pool.submit(self._prefetch, list(keys), wait_s)
 
     def _prefetch(self, keys: list[ChunkKey], wait_s: float) -> int:
-        with self.metrics.timed("disk", "prefetch"), self.acquire(keys, wait_s=wait_s) as lease:
+        with self.metrics.timed("store", "prefetch"), self.acquire(keys, wait_s=wait_s) as lease:
             return len(lease.keys)
 
     def close(self, persist_timeout_s: float = 120.0) -> None:
@@ -184,4 +238,6 @@ class TierStore:
             if n:
                 logger.info("kvtier: writing %d CPU-tier chunks to %s before exit", n, self.disk.path)
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()
         self.cpu.close()

@@ -46,7 +46,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"disk_size_gb": 5}, "disk_path"),
         ({"write_policy": "write_sometimes"}, "write_policy"),
         ({"metrics_port": 70000}, "metrics_port"),
-        ({"remote_url": "redis://h:1"}, "remote_url"),
+        ({"remote_url": "memcached://h:1"}, "remote_url"),
         ({"pin_timeout_s": 0}, "pin_timeout_s"),
     ],
 )

@@ -1,0 +1,153 @@
+"""The remote tier on Redis or Valkey (``redis://host:port``): chunks shared by every replica.
+
+Each chunk is one Redis value under ``kvtier:<namespace>:<key hex>``: a header (magic, the chunk
+key, the payload length, the payload's XXH3-64) followed by the payload, so a value that was
+truncated, corrupted or written for another key is detected and read as a miss. Replicas of the
+same model and layout compute the same keys (see ``chunk_keys``) and so share; nothing else does.
+
+A remote store must never stall serving: every call has a short socket timeout, and after a
+failure the tier is marked down for ``retry_after_s`` during which lookups answer "miss" without
+touching the network; then the next call tries again (redis-py reconnects by itself). Writes go
+through a bounded ``WriteQueue``; a full queue drops the write (counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from concurrent.futures import Future
+from typing import Optional, Sequence
+
+import numpy as np
+import redis
+import torch
+import xxhash
+
+from kvtier.sglang_ext.chunk_keys import KEY_BYTES, ChunkKey
+from kvtier.sglang_ext.metrics import TierMetrics
+from kvtier.sglang_ext.tiers.write_queue import WriteQueue
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(f"<8s{KEY_BYTES}sQQ")  # magic, key, payload length, payload xxh3
+_MAGIC = b"KVTREM01"
+
+
+class RedisTier:
+    """Chunks of ``chunk_bytes`` in a Redis/Valkey server, namespaced by ``tag``."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        tag: str,
+        chunk_bytes: int,
+        *,
+        metrics: TierMetrics,
+        timeout_s: float = 0.5,
+        retry_after_s: float = 5.0,
+        queue_depth: int = 64,
+    ) -> None:
+        self.url = url
+        self.chunk_bytes = chunk_bytes
+        self._prefix = f"kvtier:{tag}:"
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._metrics = metrics
+        self._retry_after = retry_after_s
+        self._down_until = 0.0
+        self._writes = WriteQueue("kvtier-remote-writer", queue_depth, self._write)
+
+    def _name(self, key: ChunkKey) -> str:
+        return self._prefix + key.hex()
+
+    # -- availability ---------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        if self.available:
+            logger.warning(
+                "kvtier: remote tier %s failed during %s (%s); treating it as empty for %.0f s",
+                self.url, what, exc, self._retry_after,
+            )
+        self._down_until = time.monotonic() + self._retry_after
+        self._metrics.remote_errors.inc()
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys or not self.available:
+            return [False] * len(keys)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self._name(key))
+            return [bool(n) for n in pipe.execute()]
+        except redis.RedisError as exc:
+            self._failed("a lookup", exc)
+            return [False] * len(keys)
+
+    def read_many(self, keys: Sequence[ChunkKey], dsts: Sequence[torch.Tensor]) -> list[bool]:
+        """Read each key into its ``dst``; per key, whether it was there and intact."""
+        if not keys or not self.available:
+            return [False] * len(keys)
+        with self._metrics.timed(self.name, "read"):
+            try:
+                values = self._client.mget([self._name(k) for k in keys])
+            except redis.RedisError as exc:
+                self._failed("a read", exc)
+                return [False] * len(keys)
+            loaded = [value is not None and self._unpack(key, value, dst) for key, value, dst in zip(keys, values, dsts)]
+        self._metrics.bytes.labels(self.name, "out").inc(sum(loaded) * self.chunk_bytes)
+        return loaded
+
+    def _unpack(self, key: ChunkKey, value: bytes, dst: torch.Tensor) -> bool:
+        payload = memoryview(value)[_HEADER.size :]
+        if len(value) >= _HEADER.size:
+            magic, hkey, length, digest = _HEADER.unpack_from(value)
+            if (magic, hkey, length) == (_MAGIC, key, self.chunk_bytes) and len(payload) == length:
+                if xxhash.xxh3_64_intdigest(payload) == digest:
+                    dst.numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+                    return True
+        self._metrics.corrupt.labels(self.name).inc()
+        logger.warning("kvtier: remote chunk %s is damaged; treated as a miss", key.hex()[:16])
+        return False
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def submit(self, key: ChunkKey, src: torch.Tensor) -> Optional["Future[bool]"]:
+        """Queue ``src`` (unchanged until the future is done) for writing; None if the queue is full."""
+        if not self.available:
+            future: Future[bool] = Future()
+            future.set_result(False)
+            return future
+        future = self._writes.put(key, src)
+        if future is None:
+            self._metrics.dropped.labels("remote_busy").inc()
+        return future
+
+    def _write(self, key: ChunkKey, src: torch.Tensor) -> bool:
+        if not self.available:
+            return False
+        payload = src.numpy().tobytes()
+        header = _HEADER.pack(_MAGIC, key, len(payload), xxhash.xxh3_64_intdigest(payload))
+        try:
+            with self._metrics.timed(self.name, "write"):
+                self._client.set(self._name(key), header + payload)
+        except redis.RedisError as exc:
+            self._failed("a write", exc)
+            return False
+        self._metrics.bytes.labels(self.name, "in").inc(self.chunk_bytes)
+        return True
+
+    def flush(self, timeout_s: Optional[float] = None) -> None:
+        """Wait until every queued write was attempted."""
+        self._writes.flush(timeout_s)
+
+    def close(self) -> None:
+        self._writes.close()
+        self._client.close()

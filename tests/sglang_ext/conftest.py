@@ -1,84 +1,28 @@
-"""Real SGLang 0.5.17 objects on CPU: a tiny Llama config, ServerArgs, pools and a build context."""
+"""Fixtures over ``sglang_objects``: real SGLang 0.5.17 objects on CPU."""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
-import torch
+
+_spec = importlib.util.spec_from_file_location("kvtier_test_sglang_objects", Path(__file__).with_name("sglang_objects.py"))
+sglang_objects = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sglang_objects)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=8192,
-    ).save_pretrained(path)
-    return str(path)
+    return sglang_objects.tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="session")
 def base_server_args(tiny_llama_dir):
-    from sglang.srt.server_args import ServerArgs
-
-    return ServerArgs(model_path=tiny_llama_dir, load_format="dummy", device="cpu", skip_tokenizer_init=True)
+    return sglang_objects.server_args(tiny_llama_dir)
 
 
 @pytest.fixture
 def make_build_context(base_server_args):
     """Builds a real ``TreeCacheBuildContext`` over real CPU pools, as SGLang's scheduler would."""
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
-
-    def make(page_size: int = 16, pool_tokens: int = 4096, kv_pool=None, **server_changes):
-        args = dataclasses.replace(base_server_args, page_size=page_size, **server_changes)
-        model_config = ModelConfig.from_server_args(args)
-        if kv_pool is None:
-            kv_pool = MHATokenToKVPool(
-                size=pool_tokens,
-                page_size=page_size,
-                dtype=torch.bfloat16,
-                head_num=model_config.get_num_kv_heads(1),
-                head_dim=model_config.head_dim,
-                layer_num=model_config.num_hidden_layers,
-                device="cpu",
-                enable_memory_saver=False,
-            )
-        if page_size == 1:
-            allocator = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, "cpu", kv_pool, need_sort=False)
-        else:
-            allocator = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, "cpu", kv_pool, need_sort=False)
-        params = CacheInitParams(
-            disable=False,
-            req_to_token_pool=ReqToTokenPool(size=8, max_context_len=pool_tokens, device="cpu", enable_memory_saver=False),
-            token_to_kv_pool_allocator=allocator,
-            page_size=page_size,
-        )
-        return TreeCacheBuildContext(
-            server_args=args,
-            params=params,
-            is_hybrid_swa=False,
-            is_hybrid_ssm=False,
-            enable_hierarchical_cache=args.enable_hierarchical_cache,
-            disable_radix_cache=args.disable_radix_cache,
-            effective_chunked_prefill_size=args.chunked_prefill_size,
-            tp_worker=None,
-            model_config=model_config,
-            tp_size=1,
-            tp_rank=0,
-            tp_group=None,
-        )
-
-    return make
+    return lambda **kw: sglang_objects.build_context(base_server_args, **kw)

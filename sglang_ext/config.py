@@ -41,7 +41,8 @@ class KVTierConfig:
     disk_write_queue: int = 16
     """Chunks that may wait for the disk writer before further demotions are dropped."""
     remote_url: str = ""
-    """Shared remote tier: ``redis://[:password@]host:port[/db]`` (Redis or Valkey); empty disables."""
+    """Shared remote tier: ``kvtier://host:port?token=T`` (``launch.store``) or
+    ``redis://[:password@]host:port[/db]`` (Redis or Valkey); empty disables."""
     remote_timeout_s: float = 0.5
     """Longest wait for the remote tier per call; past it the lookup is a miss (recompute)."""
     remote_retry_s: float = 5.0
@@ -152,8 +153,8 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("disk_path", "set a directory for the disk tier, or disk_size_gb: 0 to disable it")
     if cfg.disk_write_queue < 1:
         raise bad("disk_write_queue", "must be >= 1")
-    if cfg.remote_url and not cfg.remote_url.startswith(("redis://", "rediss://", "unix://")):
-        raise bad("remote_url", "use redis://host:port (Redis or Valkey), rediss:// for TLS, or leave it empty")
+    if cfg.remote_url and not cfg.remote_url.startswith(("redis://", "rediss://", "unix://", "kvtier://")):
+        raise bad("remote_url", "use kvtier://host:port?token=T (launch.store), redis://host:port (Redis or Valkey), or leave it empty")
     if cfg.remote_timeout_s <= 0 or cfg.remote_retry_s < 0:
         raise bad("remote_timeout_s", "remote_timeout_s must be > 0 and remote_retry_s >= 0 seconds")
     if cfg.write_policy not in WRITE_POLICIES:

@@ -30,6 +30,7 @@ from kvtier.sglang_ext.metrics import TierMetrics
 from kvtier.sglang_ext.tiers.cpu import CpuTier, Lease
 from kvtier.sglang_ext.tiers.disk import DiskTier
 from kvtier.sglang_ext.tiers.remote import RedisTier
+from kvtier.sglang_ext.tiers.remote_store import KvtierStoreTier
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ class TierStore:
                 o_direct=cfg.disk_o_direct,
                 queue_depth=cfg.disk_write_queue,
             )
-        self.remote: Optional[RedisTier] = None
-        if cfg.remote_url:
+        self.remote: Optional[RedisTier | KvtierStoreTier] = None
+        if cfg.remote_url.startswith("kvtier://"):
+            self.remote = KvtierStoreTier(
+                cfg.remote_url, chunk_bytes, metrics=self.metrics, timeout_s=cfg.remote_timeout_s,
+                retry_after_s=cfg.remote_retry_s,
+            )
+        elif cfg.remote_url:
             self.remote = RedisTier(
                 cfg.remote_url,
                 namespace.digest().hex()[:24],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from concurrent.futures import Future
 from typing import Optional, Sequence
 
@@ -26,6 +25,7 @@ import xxhash
 
 from kvtier.sglang_ext.chunk_keys import KEY_BYTES, ChunkKey
 from kvtier.sglang_ext.metrics import TierMetrics
+from kvtier.sglang_ext.tiers.outage import Outage
 from kvtier.sglang_ext.tiers.write_queue import WriteQueue
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ class RedisTier:
         self._prefix = f"kvtier:{tag}:"
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._metrics = metrics
-        self._retry_after = retry_after_s
-        self._down_until = 0.0
+        self._outage = Outage(url, retry_after_s, metrics)
         self._writes = WriteQueue("kvtier-remote-writer", queue_depth, self._write)
 
     def _name(self, key: ChunkKey) -> str:
@@ -66,16 +65,10 @@ class RedisTier:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self._outage.up
 
     def _failed(self, what: str, exc: Exception) -> None:
-        if self.available:
-            logger.warning(
-                "kvtier: remote tier %s failed during %s (%s); treating it as empty for %.0f s",
-                self.url, what, exc, self._retry_after,
-            )
-        self._down_until = time.monotonic() + self._retry_after
-        self._metrics.remote_errors.inc()
+        self._outage.failed(what, exc)
 
     # -- reads ------------------------------------------------------------------------------------
 

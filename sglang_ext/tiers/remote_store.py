@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -22,11 +21,10 @@ import torch
 
 from kvtier.sglang_ext.chunk_keys import ChunkKey
 from kvtier.sglang_ext.metrics import TierMetrics
+from kvtier.sglang_ext.tiers.outage import Outage
 from kvtier.sglang_ext.tiers.write_queue import WriteQueue
 from kvtier.transfer.base import TransferError
 from kvtier.transfer.zmq_transport import ZmqTransport
-
-logger = logging.getLogger(__name__)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -55,8 +53,7 @@ class KvtierStoreTier:
         self._address, self._token = parse_url(url)
         self._metrics = metrics
         self._timeout = timeout_s
-        self._retry_after = retry_after_s
-        self._down_until = 0.0
+        self._outage = Outage(url, retry_after_s, metrics)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._transport = ZmqTransport()
@@ -65,15 +62,11 @@ class KvtierStoreTier:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self._outage.up
 
     def _failed(self, what: str, exc: Exception) -> None:
-        if self.available:
-            logger.warning("kvtier: remote store %s failed during %s (%s); skipping it for %.0f s",
-                           self._address, what, exc, self._retry_after)
-        self._down_until = time.monotonic() + self._retry_after
+        self._outage.failed(what, exc)
         self._server = None  # say hello again next time
-        self._metrics.remote_errors.inc()
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request and its reply (caller holds the lock); raises TransferError or _Refused."""

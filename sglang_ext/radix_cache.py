@@ -223,10 +223,13 @@ class KVTierRadixCache(RadixCache):
         T = self.chunk_tokens
         matched = len(req.prefix_indices)
         end = matched + params.host_hit_length
-        tokens = (list(req.origin_input_ids) + list(req.output_ids))[:end]
+        tokens = array("q", req.origin_input_ids)
+        tokens.extend(req.output_ids)
+        tokens = tokens[:end]
         keys = self.namespace.chunk_keys(tokens, req.extra_key)
         first = matched // T
-        lease = self.store.acquire(keys[first:], wait_s=0.0)
+        # match_prefix promised CPU-resident chunks only: never read disk or network here.
+        lease = self.store.acquire(keys[first:], wait_s=0.0, lower=False)
         got = self._agree(len(lease.keys))
         end = (first + got) * T
         rows = self._alloc(end - matched) if end > matched else None
@@ -238,7 +241,7 @@ class KVTierRadixCache(RadixCache):
         views = lease.views[:got]
         self._inflight.append(self.io.to_device(views, torch.cat([skip, rows]), lease.release))
         inserted = super().insert(
-            InsertParams(key=RadixKey(array("q", tokens[:end]), req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
+            InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         )
         return rows, inserted.last_device_node
 

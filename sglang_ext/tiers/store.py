@@ -113,10 +113,14 @@ class TierStore:
             n += remote.index(False) if False in remote else len(remote)
         return n
 
-    def acquire(self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None, wait_s: float = 1.0) -> Lease:
+    def acquire(
+        self, keys: Sequence[ChunkKey], timeout_s: Optional[float] = None, wait_s: float = 1.0, lower: bool = True
+    ) -> Lease:
         """Pin the longest servable prefix of ``keys`` in CPU slots, loading lower-tier hits on the way.
 
         Loading a disk or remote hit may wait up to ``wait_s`` for a CPU slot (a demotion).
+        ``lower=False`` pins CPU-resident chunks only and never touches the disk or the network:
+        the form for the scheduler's thread.
         """
         loaded_from: dict[ChunkKey, str] = {}
 
@@ -132,14 +136,15 @@ class TierStore:
                         loaded_from[keys[i]] = "remote"
             return loaded
 
-        lower = self.disk is not None or self.remote is not None
+        lower = lower and (self.disk is not None or self.remote is not None)
+        requested = len(keys)
         with self.metrics.timed("store", "acquire"):
             if lower:  # reserve slots only for chunks some tier can deliver
                 keys = keys[: self.prefix_hits(keys)]
             lease = self.cpu.acquire(keys, timeout_s, fill=fill if lower else None, wait_s=wait_s)
         for tier in ("cpu", "disk", "remote"):
             self.metrics.hits.labels(tier).inc(sum(loaded_from.get(k, "cpu") == tier for k in lease.keys))
-        self.metrics.misses.inc(len(keys) - len(lease.keys))
+        self.metrics.misses.inc(requested - len(lease.keys))
         self.metrics.bytes.labels("cpu", "out").inc(len(lease.keys) * self.chunk_bytes)
         return lease
 

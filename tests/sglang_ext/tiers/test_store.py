@@ -47,8 +47,9 @@ def test_put_and_get_round_trip(namespace, tmp_path, chunk_of, metric):
     store.close()
 
 
-def test_prefix_semantics(namespace, tmp_path, chunk_of, metric):
-    store = make_store(namespace, tmp_path, cpu_slots=8)
+@pytest.mark.parametrize("disk_slots", [0, 16], ids=["cpu", "cpu+disk"])
+def test_prefix_semantics(namespace, tmp_path, chunk_of, metric, disk_slots):
+    store = make_store(namespace, tmp_path, cpu_slots=8, disk_slots=disk_slots)
     keys, data = chunks(namespace, 4, chunk_of)
     store.put([keys[0], keys[1], keys[3]], [data[0], data[1], data[3]])
     assert store.prefix_hits(keys) == 2

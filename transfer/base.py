@@ -74,6 +74,9 @@ def check_range(regions: dict[str, int], name: Any, offset: Any, nbytes: Any) ->
 class Transport(abc.ABC):
     """One endpoint: it receives into its registered regions and writes to or reads from peers."""
 
+    device_regions: bool = False
+    """Whether regions and op tensors may live in GPU memory; when False they must be host memory."""
+
     @abc.abstractmethod
     def register(self, name: str, region: torch.Tensor) -> None:
         """Expose a contiguous 1-D uint8 tensor to peers as ``name``; keep it alive and in place."""

@@ -30,32 +30,19 @@ import statistics
 import urllib.request
 from pathlib import Path
 
+from bench_common import KVTIER_ARGS, setups, write_dummy_model
 from sglang_server import generate, sglang_server
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "torch_dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 128000,
-    "eos_token_id": 128001, "hidden_act": "silu",
-}
+# The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
+_SETUPS = setups(host_gb=30, disk_root="/tmp", cpu_disk_cpu_gb=30, cpu_disk_gb=24, disk_cpu_gb=2, disk_gb=24)
 
 CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
     "radix_fit": (200_000, [], {}),
     "radix": (40_000, [], {}),
-    "hicache": (40_000, ["--enable-hierarchical-cache", "--hicache-size", "30", "--hicache-write-policy", "write_through"], {}),
-    "kvtier_cpu": (40_000, ["--radix-cache-backend", "kvtier"], {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": "9400"}),
-    "kvtier_cpu_wt": (
-        40_000,
-        ["--radix-cache-backend", "kvtier"],
-        {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_WRITE_POLICY": "write_through", "KVTIER_METRICS_PORT": "9400"},
-    ),
-    "kvtier_disk": (
-        40_000,
-        ["--radix-cache-backend", "kvtier"],
-        {"KVTIER_CPU_SIZE_GB": "2", "KVTIER_DISK_PATH": "/tmp/kvtier-disk", "KVTIER_DISK_SIZE_GB": "24", "KVTIER_METRICS_PORT": "9400"},
-    ),
+    "hicache": (40_000, list(_SETUPS["hicache"].args), {}),
+    "kvtier_cpu": (40_000, list(KVTIER_ARGS), dict(_SETUPS["kvtier_cpu"].env)),
+    "kvtier_cpu_wt": (40_000, list(KVTIER_ARGS), dict(_SETUPS["kvtier_cpu_wt"].env)),
+    "kvtier_disk": (40_000, list(KVTIER_ARGS), dict(_SETUPS["kvtier_disk"].env)),
 }
 
 
@@ -75,8 +62,7 @@ def summary(ts: list[float]) -> dict:
 
 def run_config(name: str, args: argparse.Namespace) -> dict:
     pool, extra, env = CONFIGS[name]
-    Path(args.model_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.model_dir) / "config.json").write_text(json.dumps(LLAMA3_8B))
+    write_dummy_model(args.model_dir)
     server_args = ["--load-format", "dummy", "--max-total-tokens", str(pool), *extra]
     log = Path(args.log_dir) / f"server-{name}.log"
     with sglang_server(args.model_dir, args.port, server_args, env, log) as startup:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +19,32 @@ BASE_ARGS = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampli
              "--disable-cuda-graph", "--grammar-backend", "none"]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something already accepts connections on ``127.0.0.1:port``."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _log_tail(log_path: str | Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 @contextmanager
 def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
-                  log_path: str | Path, ready_timeout_s: float = 400) -> Iterator[float]:
-    """Runs ``sglang.launch_server`` until the block ends; yields its start-up time in seconds."""
+                  log_path: str | Path, ready_timeout_s: float = 400,
+                  other_ports: tuple[int, ...] = ()) -> Iterator[float]:
+    """Runs ``sglang.launch_server`` until the block ends; yields its start-up time in seconds.
+
+    Refuses to start when ``port`` or one of ``other_ports`` (e.g. kvtier's metrics port) is taken,
+    since the health check would otherwise talk to whatever already listens there.
+    """
+    for p in (port, *other_ports):
+        if port_in_use(p):
+            sys.exit(f"port {p} is already in use (a server left running?); stop it or pick another port")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port),
            *BASE_ARGS, *server_args]
     with open(log_path, "w") as log:
@@ -31,13 +54,13 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
         start = time.time()
         while True:
             if proc.poll() is not None:
-                sys.exit(f"server exited with {proc.returncode}; see {log_path}")
+                sys.exit(f"server exited with {proc.returncode}; {log_path} ends with:\n{_log_tail(log_path)}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
                 if time.time() - start > ready_timeout_s:
-                    sys.exit(f"server not ready after {ready_timeout_s:.0f} s; see {log_path}")
+                    sys.exit(f"server not ready after {ready_timeout_s:.0f} s; {log_path} ends with:\n{_log_tail(log_path)}")
                 time.sleep(2)
         yield time.time() - start
     finally:

@@ -1,0 +1,79 @@
+"""A stand-in for SGLang's streaming ``/generate`` (aiohttp), run as its own process by the client tests.
+
+It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-tokenizer-init`` and
+``stream: true``: ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
+carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
+then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
+longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
+returns the most requests it ever had in flight at once. ``--mode error`` streams SGLang's error
+event, ``--mode hang`` sends the headers and then nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from aiohttp import web
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def make_app(mode: str, ttft_s: float, token_s: float) -> web.Application:
+    seen: list[list[int]] = []
+    state = {"in_flight": 0, "max_in_flight": 0, "requests": 0}
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        ids = body["input_ids"]
+        n_out = body["sampling_params"]["max_new_tokens"]
+        cached = max((common_prefix(ids, s) for s in seen), default=0)
+        seen.append(ids)
+        state["requests"] += 1
+        state["in_flight"] += 1
+        state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            if mode == "hang":
+                await asyncio.sleep(3600)
+            await asyncio.sleep(ttft_s)
+            if mode == "error":
+                await resp.write(b'data: {"error": {"message": "prompt too long", "code": 400}}\n\n')
+            else:
+                for i in range(n_out):
+                    meta = {"prompt_tokens": len(ids), "completion_tokens": i + 1, "cached_tokens": cached}
+                    if cached:
+                        meta["cached_tokens_details"] = {"device": cached, "host": 0}
+                    out = {"text": "", "output_ids": list(range(i + 1)), "meta_info": meta}
+                    await resp.write(b"data: " + json.dumps(out).encode() + b"\n\n")
+                    await asyncio.sleep(token_s)
+            await resp.write(b"data: [DONE]\n\n")
+        finally:
+            state["in_flight"] -= 1
+        return resp
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mode", choices=("ok", "error", "hang"), default="ok")
+    ap.add_argument("--ttft-s", type=float, default=0.05)
+    ap.add_argument("--token-s", type=float, default=0.002)
+    a = ap.parse_args()
+    web.run_app(make_app(a.mode, a.ttft_s, a.token_s), host="127.0.0.1", port=a.port, print=None, shutdown_timeout=0.5)

@@ -1,0 +1,116 @@
+"""The streaming client against a real aiohttp server process that streams like SGLang's ``/generate``.
+
+The client is under test; the server (``standin_server.py``) only reproduces SGLang's event
+format and reports a request's longest common prefix with earlier prompts as cached GPU tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from bench_common import LLAMA3_8B, BenchError
+from long_doc import pass_report, rag_passes, run_pass, token_range
+
+STANDIN = Path(__file__).with_name("standin_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def standin(request):
+    """Start the stand-in with the test's arguments; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(port), *getattr(request, "param", [])])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(base + "/stats", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "stand-in server did not start"
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def stats(base: str) -> dict:
+    return json.loads(urllib.request.urlopen(base + "/stats", timeout=2).read())
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("standin", [["--ttft-s", "0.15", "--token-s", "0.01"]], indirect=True)
+def test_passes_time_every_request_and_count_reuse(standin):
+    docs, doc_len, out_len = 10, 400, 6
+    (_, cold), (_, warm) = rag_passes(docs, doc_len, 1, token_range(LLAMA3_8B), [LLAMA3_8B["bos_token_id"]])
+    progress = []
+    results, wall = asyncio.run(run_pass(standin + "/generate", cold, 4, out_len,
+                                         on_done=lambda d, t, e: progress.append((d, t))))
+    assert stats(standin)["max_in_flight"] == 4
+    assert progress == [(i, docs) for i in range(1, docs + 1)]
+    assert len(results) == docs
+    for r, prompt in zip(results, cold):
+        assert r.prompt_tokens == len(prompt) and r.output_tokens == out_len
+        assert 0.15 <= r.ttft_s < r.latency_s
+        assert r.latency_s - r.ttft_s >= (out_len - 1) * 0.01
+    # 10 requests, 4 at a time: three waves of at least 0.15 + 6 x 0.01 s each.
+    assert wall >= 3 * 0.21
+
+    warm_results, warm_wall = asyncio.run(run_pass(standin + "/generate", warm, 4, out_len))
+    expected = [max(common_prefix(p, c) for c in cold) for p in warm]
+    assert [r.cached_device for r in warm_results] == expected
+    assert all(e >= 1 + doc_len for e in expected)
+
+    report = pass_report(warm_results, warm_wall)
+    assert report["requests"] == docs and report["output_tokens"] == docs * out_len
+    assert report["throughput_tok_s"] == round(docs * out_len / warm_wall, 1)
+    assert report["hit_rate"]["gpu"] == round(sum(expected) / sum(map(len, warm)), 4)
+    assert report["hit_rate"]["host"] == 0
+    assert report["ttft_all_s"] == [round(r.ttft_s, 4) for r in warm_results]
+    assert report["ttft"]["p99_s"] <= max(report["ttft_all_s"])
+
+
+@pytest.mark.parametrize("standin", [["--mode", "error"]], indirect=True)
+def test_streamed_error_fails_the_pass(standin):
+    with pytest.raises(BenchError, match="streamed an error: .*prompt too long"):
+        asyncio.run(run_pass(standin + "/generate", [[1, 2, 3]] * 3, 2, 4))
+
+
+@pytest.mark.parametrize("standin", [["--mode", "hang"]], indirect=True)
+def test_hung_server_fails_within_the_deadline(standin):
+    start = time.monotonic()
+    with pytest.raises(BenchError, match="within 1 s"):
+        asyncio.run(run_pass(standin + "/generate", [[1, 2, 3]] * 4, 4, 4, timeout_s=1))
+    assert time.monotonic() - start < 5
+
+
+def test_dead_server_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(BenchError, match="failed"):
+        asyncio.run(run_pass(f"http://127.0.0.1:{free_port()}/generate", [[1, 2, 3]], 1, 4))
+    assert time.monotonic() - start < 5

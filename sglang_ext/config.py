@@ -18,6 +18,7 @@ import yaml
 CONFIG_ENV = "KVTIER_CONFIG"
 ENV_PREFIX = "KVTIER_"
 WRITE_POLICIES = ("write_back", "write_through")
+PD_TRANSPORTS = ("auto", "zmq", "cuda_ipc")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,17 @@ class KVTierConfig:
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
     """A reader's pins on CPU chunks expire after this long, so a dead reader cannot leak them."""
+    pd_transport: str = "auto"
+    """PD KV transport: zmq (host memory, any hosts), cuda_ipc (GPU to GPU, one host), or auto
+    (cuda_ipc for a CUDA pool when kvtier.transfer.cuda_ipc is available, else zmq)."""
+    pd_stage_slots: int = 4
+    """Staging slots a decode rank keeps per prefill rank: KV writes in flight to it."""
+    pd_stage_slot_mb: float = 32.0
+    """Size of one staging slot in MiB (rounded down to whole pages, at least one page)."""
+    pd_timeout_s: float = 30.0
+    """Longest wait for a PD peer (a write, a free staging slot) before the request fails."""
+    pd_model_id: str = ""
+    """Model identity compared between prefill and decode; empty derives it from the model args."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -163,6 +175,14 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("metrics_port", "must be a TCP port, or 0 to disable metrics")
     if cfg.pin_timeout_s <= 0:
         raise bad("pin_timeout_s", "must be > 0 seconds")
+    if cfg.pd_transport not in PD_TRANSPORTS:
+        raise bad("pd_transport", f"must be one of {list(PD_TRANSPORTS)}")
+    if cfg.pd_stage_slots < 1:
+        raise bad("pd_stage_slots", "must be >= 1 (4 keeps writes and scatters overlapped)")
+    if cfg.pd_stage_slot_mb <= 0:
+        raise bad("pd_stage_slot_mb", "must be > 0 MiB (default 32)")
+    if cfg.pd_timeout_s <= 0:
+        raise bad("pd_timeout_s", "must be > 0 seconds")
 
 
 def check_page_size(cfg: KVTierConfig, page_size: int) -> None:

@@ -87,3 +87,17 @@ def test_the_documented_example_config_loads():
     example = Path(__file__).resolve().parents[2] / "examples" / "kvtier.yaml"
     cfg = load_config(example, env={})
     assert cfg.cpu_size_gb == 30 and cfg.disk_size_gb == 200 and cfg.metrics_port == 9400
+
+
+def test_pd_keys_default_parse_and_validate():
+    cfg = load_config(env={})
+    assert (cfg.pd_transport, cfg.pd_stage_slots, cfg.pd_stage_slot_mb) == ("auto", 4, 32.0)
+    assert cfg.pd_timeout_s == 30.0 and cfg.pd_model_id == ""
+    env = {"KVTIER_PD_TRANSPORT": "zmq", "KVTIER_PD_STAGE_SLOTS": "2", "KVTIER_PD_STAGE_SLOT_MB": "0.5",
+           "KVTIER_PD_MODEL_ID": "llama-8b"}
+    cfg = load_config(env=env)
+    assert (cfg.pd_transport, cfg.pd_stage_slots, cfg.pd_stage_slot_mb, cfg.pd_model_id) == ("zmq", 2, 0.5, "llama-8b")
+    for changes, key in (({"pd_transport": "ucx"}, "pd_transport"), ({"pd_stage_slots": 0}, "pd_stage_slots"),
+                         ({"pd_stage_slot_mb": 0}, "pd_stage_slot_mb"), ({"pd_timeout_s": -1}, "pd_timeout_s")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(env={}, **changes)

@@ -1,0 +1,185 @@
+"""What a prefill and a decode server must agree on before KV moves between them, and the packing.
+
+``PDLayout`` is the record both sides exchange when a decode rank registers with a prefill rank
+(protocol version, model, KV dtype, page size, parallel sizes, KV and metadata buffer geometry,
+transport); ``compare`` says, in one sentence naming the setting to change, why two records
+cannot exchange KV. The rest is the pure arithmetic of the packed data path: the pool rows of a
+list of pages, how a run of pages is cut into staging slots, how the pool's buffers are grouped
+for ``kvtier.kernels.kv_pages.gather_kv``, and the credits that bound how many slots are in
+flight. Nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from kvtier.transfer.base import PeerTimeout, TransferError
+
+PROTO = "kvtier-pd-1"
+
+
+@dataclass(frozen=True)
+class PDLayout:
+    """One server rank's side of the agreement; a field left None is not compared."""
+
+    role: str
+    """"prefill" or "decode": who this is, for messages."""
+    address: str
+    """Where it is (prefill: its bootstrap address), for messages."""
+    model: Optional[str] = None
+    kv_dtype: Optional[str] = None
+    page_size: Optional[int] = None
+    tp_size: Optional[int] = None
+    pp_size: Optional[int] = None
+    cp_size: Optional[int] = None
+    transport: Optional[str] = None
+    kv_item_lens: Optional[tuple[int, ...]] = None
+    """Bytes of one page in each KV buffer (K layers, V layers, then any draft model's)."""
+    aux_item_lens: Optional[tuple[int, ...]] = None
+    """Bytes of one metadata row in each metadata buffer (the first-token wire schema)."""
+    proto: str = PROTO
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PDLayout":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("kv_item_lens", "aux_item_lens"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+# (field, what it is called in a message, how to fix it), in the order they are checked.
+_CHECKS: tuple[tuple[str, str, str], ...] = (
+    ("proto", "protocol", "install the same kvtier version on both"),
+    ("model", "model", "serve the same model (--model-path, --revision, --quantization, --load-format) "
+     "on both, or set the kvtier key pd_model_id to the same value on both"),
+    ("kv_dtype", "kv_cache_dtype", "start both with the same --kv-cache-dtype"),
+    ("page_size", "page_size", "start both with the same --page-size"),
+    ("tp_size", "attention tp_size", "start both with the same --tp (kvtier PD moves KV between equal TP layouts)"),
+    ("pp_size", "pp_size", "start both with the same --pp-size"),
+    ("cp_size", "attention cp_size", "start both with the same context-parallel size"),
+    ("transport", "transport", "set the kvtier key pd_transport to the same value on both"),
+)
+
+
+def compare(local: PDLayout, remote: PDLayout) -> Optional[str]:
+    """Why ``remote`` cannot exchange KV with ``local`` (a message for ``local``'s log), or None."""
+    them = f"{remote.role} {remote.address}"
+    me = f"this {local.role}"
+    for name, label, fix in _CHECKS:
+        a, b = getattr(local, name), getattr(remote, name)
+        if a is not None and b is not None and a != b:
+            return f"kvtier PD: {them} has {label}={b}, {me} has {a}; {fix}"
+    a, b = local.kv_item_lens, remote.kv_item_lens
+    if a is not None and b is not None:
+        if len(a) != len(b):
+            return (
+                f"kvtier PD: {them} has {len(b)} KV buffers (layers x K,V, plus a draft model's), "
+                f"{me} has {len(a)}; serve the same model with the same speculative-decoding draft on both"
+            )
+        if a != b:
+            i = next(i for i in range(len(a)) if a[i] != b[i])
+            return (
+                f"kvtier PD: {them} has {b[i]} bytes per page in KV buffer {i}, {me} has {a[i]} "
+                f"(head count, head dim or dtype per rank differ); serve the same model with the "
+                f"same --tp and --kv-cache-dtype on both"
+            )
+    a, b = local.aux_item_lens, remote.aux_item_lens
+    if a is not None and b is not None and a != b:
+        return (
+            f"kvtier PD: {them} has metadata rows of {list(b)} bytes, {me} has {list(a)} "
+            f"(hidden size, top-logprobs or sampling-mask settings differ); start both with the "
+            f"same model, speculative decoding and SGLANG_DISAGGREGATION_* settings"
+        )
+    return None
+
+
+def page_rows(pages: np.ndarray, page_size: int) -> np.ndarray:
+    """The pool rows (token slots) of ``pages``, page after page: int64 ``[len(pages) * page_size]``."""
+    pages = np.asarray(pages, dtype=np.int64)
+    return (pages[:, None] * page_size + np.arange(page_size, dtype=np.int64)).reshape(-1)
+
+
+def slot_bytes_for(wanted_bytes: int, page_bytes: int) -> int:
+    """A staging slot size holding whole pages: ``wanted_bytes`` rounded down, at least one page."""
+    if page_bytes <= 0:
+        raise ValueError(f"page_bytes must be > 0, got {page_bytes}")
+    return max(1, wanted_bytes // page_bytes) * page_bytes
+
+
+def slot_chunks(n_pages: int, pages_per_slot: int) -> list[tuple[int, int]]:
+    """(first page, page count) of each staging slot's share of ``n_pages`` pages, in order."""
+    if pages_per_slot <= 0:
+        raise ValueError(f"pages_per_slot must be > 0, got {pages_per_slot}")
+    return [(s, min(pages_per_slot, n_pages - s)) for s in range(0, n_pages, pages_per_slot)]
+
+
+def kv_groups(item_lens: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Split the pool's KV buffers into (K-like, V-like) index lists that ``gather_kv`` accepts.
+
+    Each list holds buffers of one page size and both lists are equally long. The packing only has
+    to be the same on both sides (their ``kv_item_lens`` are equal), so SGLang's order, all K
+    layers then all V layers, is one group; a draft model's buffers with another size form their
+    own group.
+    """
+    n = len(item_lens)
+    if n == 0 or n % 2:
+        raise ValueError(f"expected K and V buffers in pairs, got {n} KV buffers")
+    half = n // 2
+    if len(set(item_lens[:half])) == 1 and len(set(item_lens[half:])) == 1:
+        return [(list(range(half)), list(range(half, n)))]
+    groups, start = [], 0
+    while start < n:
+        stop = start
+        while stop < n and item_lens[stop] == item_lens[start]:
+            stop += 1
+        run = stop - start
+        if run % 2:
+            raise ValueError(f"unsupported KV buffer layout (page sizes {list(item_lens)}): "
+                             f"buffers {start}..{stop - 1} cannot be paired into K and V")
+        groups.append((list(range(start, start + run // 2)), list(range(start + run // 2, stop))))
+        start = stop
+    return groups
+
+
+class SlotCredits:
+    """Free staging slots at one decode peer: taken before a write, given back by its ack."""
+
+    def __init__(self, n_slots: int):
+        if n_slots <= 0:
+            raise ValueError(f"n_slots must be > 0, got {n_slots}")
+        self.n_slots = n_slots
+        self._free = list(range(n_slots))
+        self._cond = threading.Condition()
+
+    def take(self, timeout_s: float) -> int:
+        """A free slot; ``PeerTimeout`` if none is returned within ``timeout_s``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free, timeout=max(timeout_s, 0.0)):
+                raise PeerTimeout(
+                    f"no staging slot came back within {timeout_s:.1f}s "
+                    f"(all {self.n_slots} in flight); the decode peer may have died"
+                )
+            return self._free.pop(0)
+
+    def give(self, slot: int) -> None:
+        """Return ``slot``; a slot that is not out (unknown or returned twice) is refused."""
+        with self._cond:
+            if not 0 <= slot < self.n_slots or slot in self._free:
+                raise TransferError(f"staging slot {slot} was not taken (of {self.n_slots})")
+            self._free.append(slot)
+            self._cond.notify()
+
+    @property
+    def available(self) -> int:
+        with self._cond:
+            return len(self._free)

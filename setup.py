@@ -33,7 +33,7 @@ setup(
         "xxhash",
         "redis>=5",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["matplotlib"]},
     entry_points={
         "sglang.srt.plugins": ["kvtier = kvtier.sglang_ext.plugin:register"],
     },

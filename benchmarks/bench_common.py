@@ -23,7 +23,8 @@ from typing import Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+REPO = BENCHMARKS_DIR.parent
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

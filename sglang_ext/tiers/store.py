@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -29,8 +29,10 @@ from kvtier.sglang_ext.config import KVTierConfig
 from kvtier.sglang_ext.metrics import TierMetrics
 from kvtier.sglang_ext.tiers.cpu import CpuTier, Lease
 from kvtier.sglang_ext.tiers.disk import DiskTier
-from kvtier.sglang_ext.tiers.remote import RedisTier
 from kvtier.sglang_ext.tiers.remote_store import KvtierStoreTier
+
+if TYPE_CHECKING:
+    from kvtier.sglang_ext.tiers.remote import RedisTier
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +64,16 @@ class TierStore:
                 o_direct=cfg.disk_o_direct,
                 queue_depth=cfg.disk_write_queue,
             )
-        self.remote: Optional[RedisTier | KvtierStoreTier] = None
+        self.remote: Optional["RedisTier | KvtierStoreTier"] = None
         if cfg.remote_url.startswith("kvtier://"):
             self.remote = KvtierStoreTier(
                 cfg.remote_url, chunk_bytes, metrics=self.metrics, timeout_s=cfg.remote_timeout_s,
                 retry_after_s=cfg.remote_retry_s,
             )
         elif cfg.remote_url:
+            # Imported here: the redis client is needed only by servers configured with Redis.
+            from kvtier.sglang_ext.tiers.remote import RedisTier
+
             self.remote = RedisTier(
                 cfg.remote_url,
                 namespace.digest().hex()[:24],

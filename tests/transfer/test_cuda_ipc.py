@@ -1,0 +1,405 @@
+"""The CUDA IPC transport with real processes: GPU regions by CUDA IPC, host regions over ZMQ.
+
+The CPU tests (backend choice, host identity, the composed ZMQ path, dead peers) run anywhere;
+the GPU tests run on a CUDA host, across GPUs where two are visible, and check every byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from kvtier.transfer.backends import open_transport
+from kvtier.transfer.base import PeerTimeout, RemoteError, TransferError
+from kvtier.transfer.cuda_ipc import CudaIpcTransport, host_identity
+from kvtier.transfer.zmq_transport import ZmqTransport
+
+IPC_PEER = Path(__file__).with_name("ipc_peer.py")
+CUDA = torch.cuda.is_available()
+GPUS = torch.cuda.device_count() if CUDA else 0
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+MiB = 1 << 20
+SIZES = [1, 3, 4096, 65537, MiB + 17, 16 * MiB, 256 * MiB]
+
+
+class IpcPeer:
+    """``ipc_peer.py`` in a child process; ``call`` sends one command and returns its reply."""
+
+    def __init__(self, regions: dict[str, tuple[int, str]]):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(IPC_PEER), json.dumps(regions)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.descriptor: dict[str, Any] = self.reply()
+
+    def reply(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"ipc peer exited with {self.proc.wait()}; its stderr is above")
+        return json.loads(line)
+
+    def send(self, **cmd: Any) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def call(self, **cmd: Any) -> Any:
+        self.send(**cmd)
+        return self.reply()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn_ipc() -> Iterator[Callable[..., IpcPeer]]:
+    started: list[IpcPeer] = []
+
+    def spawn(regions: dict[str, tuple[int, str]]) -> IpcPeer:
+        started.append(IpcPeer(regions))
+        return started[-1]
+
+    yield spawn
+    for p in started:
+        p.kill()
+        p.proc.stdin.close()
+        p.proc.stdout.close()
+
+
+def fake_cuda_region(descriptor: dict, name: str = "gpu", **host: str) -> dict:
+    """A descriptor that also claims a CUDA region, optionally from another host."""
+    forged = copy.deepcopy(descriptor)
+    forged["regions"][name] = 4096
+    forged["cuda_regions"] = {
+        name: {
+            "size": 4096, "offset": 0, "slot": 0, "gen": 1,
+            "storage": {"handle": "", "offset": 0, "size": 4096, "device": 0, "device_uuid": "x"},
+        }
+    }
+    forged["host"] = {**forged["host"], **host}
+    return forged
+
+
+def layout(sizes: list[int], gen: torch.Generator) -> tuple[list[int], int]:
+    """Disjoint offsets for ``sizes`` in shuffled order with random gaps; and the bytes spanned."""
+    offsets, end = [0] * len(sizes), 0
+    for i in torch.randperm(len(sizes), generator=gen).tolist():
+        end += int(torch.randint(0, 4096, (1,), generator=gen))
+        offsets[i], end = end, end + sizes[i]
+    return offsets, end
+
+
+# -- anywhere ----------------------------------------------------------------------------------
+
+
+def test_open_transport_picks_a_kind_and_names_the_choices():
+    with open_transport("zmq") as t:
+        assert isinstance(t, ZmqTransport) and not t.device_regions
+    with open_transport() as t:
+        assert isinstance(t, CudaIpcTransport if CUDA else ZmqTransport)
+    with pytest.raises(TransferError, match=r"unknown transport kind 'ucx'; choose one of \['auto', 'zmq', 'cuda_ipc'\]"):
+        open_transport("ucx")
+    if CUDA:
+        with open_transport("cuda_ipc") as t:
+            assert isinstance(t, CudaIpcTransport) and t.device_regions
+    else:
+        with pytest.raises(TransferError, match="needs a GPU.*use kind 'zmq'"):
+            open_transport("cuda_ipc")
+
+
+def test_host_regions_use_the_composed_zmq_path(pattern):
+    with CudaIpcTransport() as sender, CudaIpcTransport() as receiver:
+        region = torch.zeros(2 * MiB, dtype=torch.uint8)
+        receiver.register("kv", region)
+        descriptor = receiver.descriptor()
+        assert descriptor["backend"] == "cuda_ipc" and descriptor["regions"] == {"kv": 2 * MiB}
+        assert descriptor["cuda_regions"] == {} and descriptor["host"] == host_identity()
+        peer = sender.connect(json.loads(json.dumps(descriptor)))
+        gen = torch.Generator().manual_seed(1)
+        sizes = [1, 4096, MiB + 17]
+        offsets, _ = layout(sizes, gen)
+        payloads = [pattern(n, n) for n in sizes]
+        sender.write(peer, [(d, "kv", o) for d, o in zip(payloads, offsets)], timeout_s=10)
+        expected = torch.zeros_like(region)
+        for d, o in zip(payloads, offsets):
+            expected[o : o + d.numel()] = d
+        assert torch.equal(region, expected)
+        backs = [torch.empty_like(d) for d in payloads]
+        sender.read(peer, [("kv", o, b) for o, b in zip(offsets, backs)], timeout_s=10)
+        assert all(torch.equal(b, d) for b, d in zip(backs, payloads))
+        sender.notify(peer, b"done", timeout_s=5)
+        assert receiver.recv_notification(timeout_s=5).message == b"done"
+
+        # refused before anything moves: locally, and by the receiver for a forged descriptor
+        with pytest.raises(TransferError, match="out of bounds"):
+            sender.write(peer, [(payloads[0], "kv", 0), (payloads[2], "kv", 2 * MiB - 5)])
+        sender.connect({**descriptor, "regions": {"kv": 1 << 30}})
+        with pytest.raises(RemoteError, match="out of bounds"):
+            sender.write(peer, [(payloads[0], "kv", 0), (payloads[2], "kv", 2 * MiB - 5)], timeout_s=5)
+        assert torch.equal(region, expected)
+
+
+def test_host_regions_across_processes_and_with_plain_zmq_peers(spawn_ipc, spawn_peer, pattern, digest):
+    child = spawn_ipc({"a": (3 * MiB, "cpu"), "b": (4096, "cpu")})
+    zmq_child = spawn_peer({"z": MiB})
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        a, b = pattern(10, 3 * MiB), pattern(11, 4096)
+        me.write(peer, [(a, "a", 0), (b, "b", 0)], timeout_s=10)
+        assert child.call(op="digests") == [digest(a), digest(b)]
+        back = torch.empty_like(a)
+        me.read(peer, [("a", 0, back)], timeout_s=10)
+        assert torch.equal(back, a)
+        z = pattern(12, MiB)
+        zpeer = me.connect(zmq_child.descriptor)  # a plain ZmqTransport speaks the same protocol
+        me.write(zpeer, [(z, "z", 0)], timeout_s=10)
+        assert zmq_child.call(op="digests") == {"z": digest(z)}
+    assert child.call(op="close") == "closed"
+
+
+def test_a_descriptor_from_another_host_is_refused_with_the_reason():
+    with CudaIpcTransport() as me, CudaIpcTransport() as other:
+        descriptor = other.descriptor()
+        for host in ({"hostname": "elsewhere"}, {"boot_id": "another-boot"}):
+            with pytest.raises(TransferError, match="CUDA IPC works only within one host.*zmq"):
+                me.connect(fake_cuda_region(descriptor, **host))
+        with pytest.raises(TransferError, match="same transport backend"):
+            me.connect({"backend": "ucx", "address": "x", "regions": {}})
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message of a process without CUDA")
+def test_cuda_regions_need_cuda_in_the_connecting_process():
+    with CudaIpcTransport() as me, CudaIpcTransport() as other:
+        forged = fake_cuda_region(other.descriptor())
+        forged["instance"] = "not-in-this-process"
+        with pytest.raises(TransferError, match=r"exports CUDA regions \['gpu'\] but this process has no CUDA"):
+            me.connect(forged)
+
+
+def test_killed_peer_fails_notify_within_the_deadline(spawn_ipc):
+    child = spawn_ipc({"kv": (4096, "cpu")})
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        me.notify(peer, b"hello", timeout_s=5)
+        child.kill()
+        start = time.monotonic()
+        with pytest.raises(PeerTimeout):
+            me.notify(peer, b"anyone?", timeout_s=1.0)
+        assert time.monotonic() - start < 1.5
+        with pytest.raises(TransferError, match="not connected"):
+            me.write(peer, [(torch.zeros(1, dtype=torch.uint8), "kv", 0)])
+
+
+def test_registration_errors_name_the_fix_and_close_is_final():
+    t = CudaIpcTransport()
+    with pytest.raises(TransferError, match="1-D uint8"):
+        t.register("kv", torch.zeros(4, dtype=torch.float32))
+    t.register("kv", torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(TransferError, match="already registered"):
+        t.register("kv", torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(TransferError, match="contiguous"):
+        t.write(t.connect(t.descriptor()), [(torch.zeros(4, 4, dtype=torch.uint8)[:, 0], "kv", 0)])
+    t.deregister("kv")
+    with pytest.raises(TransferError, match="not registered"):
+        t.deregister("kv")
+    t.close()
+    t.close()
+    with pytest.raises(TransferError, match="closed"):
+        t.register("kv", torch.zeros(4, dtype=torch.uint8))
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+PLACEMENTS = [("cuda:0", "cuda:0"), ("cuda:1", "cuda:0"), ("cuda:0", "cuda:1")]
+
+
+@needs_cuda
+@pytest.mark.parametrize("region_device,source_device", PLACEMENTS)
+def test_gpu_writes_and_reads_of_every_size_are_bit_exact(spawn_ipc, pattern, digest, region_device, source_device):
+    if max(int(d[-1]) for d in (region_device, source_device)) >= GPUS:
+        pytest.skip(f"needs {region_device} and {source_device}; {GPUS} GPU(s) visible")
+    gen = torch.Generator().manual_seed(7)
+    offsets, span = layout(SIZES, gen)
+    child = spawn_ipc({"kv": (span + 4096, region_device)})
+    payloads = [pattern(i, n) for i, n in enumerate(SIZES)]
+    expected = torch.zeros(span + 4096, dtype=torch.uint8)
+    ops = []
+    for i, (data, offset) in enumerate(zip(payloads, offsets)):
+        expected[offset : offset + data.numel()] = data
+        # every third source stays in host memory; even sizes travel as bfloat16
+        src = data if i % 3 == 2 else data.to(source_device)
+        ops.append((src.view(torch.bfloat16) if src.numel() % 2 == 0 else src, "kv", offset))
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        assert set(me._peers[peer].mapped) == {"kv"}
+        me.write(peer, ops, timeout_s=30)
+        ranges = [["kv", o, d.numel()] for d, o in zip(payloads, offsets)]
+        assert child.call(op="digests", ranges=ranges) == [digest(d) for d in payloads]
+        assert child.call(op="digests") == [digest(expected)]  # and nothing around them
+
+        dests = [
+            torch.empty(d.numel(), dtype=torch.uint8, device="cpu" if i % 3 == 1 else source_device)
+            for i, d in enumerate(payloads)
+        ]
+        me.read(peer, [("kv", o, dst) for o, dst in zip(offsets, dests)], timeout_s=30)
+        for data, dst in zip(payloads, dests):
+            assert torch.equal(dst.cpu(), data), data.numel()
+
+
+@needs_cuda
+def test_gpu_write_waits_for_work_queued_on_the_callers_stream(pattern):
+    # The source is filled behind a ~50 ms sleep kernel; a copy that did not wait would read zeros.
+    data = pattern(3, 64 * MiB).cuda()
+    with CudaIpcTransport() as sender, CudaIpcTransport() as receiver:
+        region = torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda")
+        receiver.register("kv", region)
+        peer = sender.connect(receiver.descriptor())  # same process: no IPC mapping needed
+        for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+            with torch.cuda.stream(stream):
+                src = torch.zeros_like(data)
+                torch.cuda._sleep(100_000_000)
+                src.copy_(data)
+                sender.write(peer, [(src, "kv", 0)], timeout_s=10)
+            assert torch.equal(region, data)
+            region.zero_()
+            torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_gpu_notification_arrives_only_after_the_data_it_follows(spawn_ipc, pattern, digest):
+    nbytes, rounds = 4 * MiB + 1, 10
+    with CudaIpcTransport() as me:
+        region = torch.zeros(rounds * nbytes, dtype=torch.uint8, device="cuda")
+        me.register("kv", region)
+        child = spawn_ipc({})
+        assert child.call(op="connect", descriptor=me.descriptor()) == "ok"
+        child.send(op="write_then_notify", region="kv", nbytes=nbytes, rounds=rounds, device="cuda:0")
+        for seed in range(rounds):
+            note = me.recv_notification(timeout_s=30)
+            assert note.message == str(seed).encode()
+            slot = region[seed * nbytes : (seed + 1) * nbytes].cpu()
+            assert torch.equal(slot, pattern(seed, nbytes)), f"round {seed}: notified before data"
+        assert child.reply() == "ok"
+
+        # and the other direction: the child hashes each slot the moment its notification lands
+        child2 = spawn_ipc({"kv": (rounds * nbytes, f"cuda:{GPUS - 1}")})
+        peer = me.connect(child2.descriptor)
+        child2.send(op="await_notifications", count=rounds, timeout_s=30)
+        for seed in range(rounds):
+            me.write(peer, [(pattern(seed, nbytes).cuda(), "kv", seed * nbytes)], timeout_s=30)
+            me.notify(peer, json.dumps(["kv", seed * nbytes, nbytes]).encode(), timeout_s=30)
+        assert child2.reply() == [digest(pattern(s, nbytes)) for s in range(rounds)]
+
+
+@needs_cuda
+def test_gpu_bad_writes_are_refused_and_change_nothing(spawn_ipc, digest):
+    child = spawn_ipc({"kv": (MiB, "cuda:0"), "other": (4096, "cuda:0")})
+    assert child.call(op="fill", name="kv", seed=5) == "ok"
+    before = child.call(op="digests")
+    data = torch.ones(100, dtype=torch.uint8, device="cuda")
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        with pytest.raises(TransferError, match="out of bounds"):
+            me.write(peer, [(data, "kv", 0), (data, "kv", MiB - 99)])
+        with pytest.raises(TransferError, match="unknown region 'nope'"):
+            me.write(peer, [(data, "kv", 0), (data, "nope", 0)])
+        with pytest.raises(TransferError, match="bad range"):
+            me.write(peer, [(data, "kv", -1)])
+        with pytest.raises(TransferError, match="out of bounds"):
+            me.read(peer, [("other", 4000, data)])
+        assert child.call(op="digests") == before
+
+        # a region deregistered after the descriptor was taken: refused, not written
+        assert child.call(op="deregister", name="kv") == "ok"
+        with pytest.raises(RemoteError, match="'kv' was deregistered"):
+            me.write(peer, [(data, "other", 0), (data, "kv", 0)])
+        assert child.call(op="digests") == before
+        me.connect(child.call(op="descriptor"))
+        with pytest.raises(TransferError, match="unknown region 'kv'"):
+            me.write(peer, [(data, "kv", 0)])
+        me.write(peer, [(data, "other", 0)], timeout_s=10)  # the rest still works
+        expected = torch.zeros(4096, dtype=torch.uint8)
+        expected[:100] = 1
+        assert child.call(op="digests", ranges=[["other", 0, 4096]]) == [digest(expected)]
+
+
+@needs_cuda
+def test_gpu_exporter_killed_fails_fast_and_unmaps(spawn_ipc, pattern):
+    child = spawn_ipc({"kv": (64 * MiB, "cuda:0")})
+    data = pattern(0, 64 * MiB).cuda()
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        me.write(peer, [(data, "kv", 0)], timeout_s=10)
+        refs = [StorageWeakRef(m.tensor.untyped_storage()) for m in me._peers[peer].mapped.values()]
+        child.kill()
+        start = time.monotonic()
+        with pytest.raises(PeerTimeout):
+            me.notify(peer, b"anyone?", timeout_s=1.0)
+        assert time.monotonic() - start < 1.5
+        gc.collect()
+        assert all(r.expired() for r in refs), "the dead peer's memory is still mapped"
+        with pytest.raises(TransferError, match="not connected"):
+            me.write(peer, [(data, "kv", 0)])
+        with pytest.raises(TransferError, match="closed or died"):
+            me.connect(child.descriptor)
+
+
+@needs_cuda
+def test_gpu_writer_killed_fails_the_waiting_receiver_in_time(spawn_ipc, pattern):
+    nbytes = 64 * MiB
+    with CudaIpcTransport() as me:
+        region = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+        me.register("kv", region)
+        child = spawn_ipc({})
+        assert child.call(op="connect", descriptor=me.descriptor()) == "ok"
+        assert child.call(op="write_forever", region="kv", nbytes=nbytes, device="cuda:0") == "writing"
+        time.sleep(0.3)
+        child.kill()
+        start = time.monotonic()
+        with pytest.raises(PeerTimeout):
+            me.recv_notification(timeout_s=1.0)
+        assert time.monotonic() - start < 1.5
+        assert torch.equal(region.cpu(), pattern(1, nbytes))
+        # the survivor still serves other peers
+        with CudaIpcTransport() as other:
+            peer = other.connect(me.descriptor())
+            other.write(peer, [(pattern(3, nbytes).cuda(), "kv", 0)], timeout_s=10)
+            other.notify(peer, b"after", timeout_s=5)
+        assert me.recv_notification(timeout_s=5).message == b"after"
+        assert torch.equal(region.cpu(), pattern(3, nbytes))
+
+
+@needs_cuda
+def test_close_releases_every_mapping_and_the_exporter_gets_its_memory_back(spawn_ipc, pattern):
+    nbytes = 256 * MiB
+    child = spawn_ipc({"kv": (nbytes, "cuda:0"), "small": (4096, "cuda:0")})
+    me = CudaIpcTransport()
+    peer = me.connect(child.descriptor)
+    me.write(peer, [(pattern(4, nbytes).cuda(), "kv", 0)], timeout_s=30)
+    refs = [StorageWeakRef(m.tensor.untyped_storage()) for m in me._peers[peer].mapped.values()]
+    free_mapped = torch.cuda.mem_get_info(0)[0]
+    me.close()
+    gc.collect()
+    assert all(r.expired() for r in refs), "close() left a peer mapping alive"
+
+    assert child.call(op="deregister", name="kv", free=True) == "ok"
+    assert child.call(op="deregister", name="small", free=True) == "ok"
+    mem = child.call(op="memory")
+    # torch keeps a shared block out of its allocator while the export holds it; ours is given back
+    assert mem["now"] == mem["baseline"], mem
+    assert torch.cuda.mem_get_info(0)[0] - free_mapped >= nbytes - 16 * MiB
+    assert child.call(op="close") == "closed"

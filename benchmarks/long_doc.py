@@ -314,6 +314,16 @@ def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> li
     return noreuse_passes(args.docs, args.doc_len, args.seed, ids, bos)
 
 
+def describe_workload(kind: str, args: argparse.Namespace, source: str, passes: Sequence[Pass]) -> dict:
+    """What a result file's runs must share: workload, sizes, seed, GPU pool, model, requests per pass."""
+    workload = {"kind": kind, "docs": args.docs, "doc_len": args.doc_len, "concurrency": args.concurrency,
+                "output_len": args.output_len, "pool_tokens": args.pool_tokens, "seed": args.seed,
+                "model": source, "passes": {name: len(p) for name, p in passes}}
+    if kind == "chat":
+        workload.update(users=args.users, turns=args.turns, turn_len=args.turn_len)
+    return workload
+
+
 def load_model(model_path: str | None, model_dir: str) -> tuple[str, dict, list[str], str]:
     """(folder, config.json, SGLang load arguments, description): a local model, or the dummy Llama-3-8B shape."""
     if model_path is None:
@@ -372,11 +382,7 @@ def main() -> None:
     try:
         model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
         passes = build_passes(args.workload, args, config)
-        workload = {"kind": args.workload, "docs": args.docs, "doc_len": args.doc_len, "concurrency": args.concurrency,
-                    "output_len": args.output_len, "pool_tokens": args.pool_tokens, "seed": args.seed,
-                    "model": source, "passes": {name: len(p) for name, p in passes}}
-        if args.workload == "chat":
-            workload.update(users=args.users, turns=args.turns, turn_len=args.turn_len)
+        workload = describe_workload(args.workload, args, source, passes)
         table = setups_from(args)
         for name in args.config:
             facts = run_facts(args.commit)

@@ -6,7 +6,9 @@ carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
 returns the most requests it ever had in flight at once. ``--mode error`` streams SGLang's error
-event, ``--mode hang`` sends the headers and then nothing.
+event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
+With a ``TierMetrics`` (the ``shim`` launcher passes one when ``KVTIER_METRICS_PORT`` is set) every
+request counts its cached whole 256-token chunks as CPU-tier hits and the rest as misses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import json
 
 from aiohttp import web
 
+from kvtier.sglang_ext.metrics import TierMetrics
+
+CHUNK = 256
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -26,7 +32,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def make_app(mode: str, ttft_s: float, token_s: float) -> web.Application:
+def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | None = None) -> web.Application:
     seen: list[list[int]] = []
     state = {"in_flight": 0, "max_in_flight": 0, "requests": 0}
 
@@ -36,6 +42,9 @@ def make_app(mode: str, ttft_s: float, token_s: float) -> web.Application:
         n_out = body["sampling_params"]["max_new_tokens"]
         cached = max((common_prefix(ids, s) for s in seen), default=0)
         seen.append(ids)
+        if metrics is not None:
+            metrics.hits.labels("cpu").inc(cached // CHUNK)
+            metrics.misses.inc(len(ids) // CHUNK - cached // CHUNK)
         state["requests"] += 1
         state["in_flight"] += 1
         state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
@@ -63,9 +72,13 @@ def make_app(mode: str, ttft_s: float, token_s: float) -> web.Application:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(state)
 
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_post("/generate", generate)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/health", health)
     return app
 
 

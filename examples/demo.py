@@ -1,0 +1,76 @@
+"""kvtier in five minutes on one GPU: a small RAG workload on radix-only SGLang, then on SGLang with kvtier.
+
+    pip install -e . && python examples/demo.py [--model-path /path/to/local/model]
+
+Starts SGLang 0.5.17 twice on the same GPU (the dummy-weight Llama-3-8B shape unless
+``--model-path``), each time with a GPU KV pool too small for the documents: 12 documents of 8,000
+tokens, 4 users at a time, each request one document plus a short question and 100 decoded tokens,
+a cold pass and then a warm pass over the same documents in another order. Radix-only must
+recompute what it evicted; kvtier loads it back from its CPU tier. Prints progress, then TTFT and
+latency per pass with kvtier's speed-up. The workload, client and server handling are
+``benchmarks/long_doc.py``'s; every knob of it applies here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_common import BenchError, merge_result, model_shape, run_facts  # noqa: E402
+from long_doc import (  # noqa: E402
+    add_arguments,
+    build_passes,
+    describe_workload,
+    load_model,
+    measure_config,
+    options,
+    setups_from,
+)
+
+CONFIGS = ("radix", "kvtier_cpu")
+
+
+def table(results: dict[str, dict]) -> str:
+    """TTFT and latency means per pass, radix-only against kvtier, with kvtier's speed-up."""
+    radix, kv = results["radix"]["passes"], results["kvtier_cpu"]["passes"]
+    rows = ["pass  | TTFT radix | TTFT kvtier | speed-up | latency radix | latency kvtier | speed-up | kvtier prompt tokens from GPU / CPU tier",
+            "------|------------|-------------|----------|---------------|----------------|----------|------------------------------------------"]
+    for name in radix:
+        r, k = radix[name], kv[name]
+        rt, kt = r["ttft"]["mean_s"], k["ttft"]["mean_s"]
+        rl, kl = r["latency"]["mean_s"], k["latency"]["mean_s"]
+        rows.append(f"{name:5} | {rt:8.3f} s | {kt:9.3f} s | {rt / kt:7.2f}x | {rl:11.2f} s | {kl:12.2f} s | "
+                    f"{rl / kl:7.2f}x | {k['hit_rate']['gpu']:.0%} / {k['hit_rate']['host']:.0%}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    ap.set_defaults(docs=12, doc_len=8000, pool_tokens=40_000, host_gb=16)
+    ap.add_argument("--out", help="also merge both results into this JSON file (plot it with benchmarks/plot_results.py)")
+    args = ap.parse_args()
+    try:
+        model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
+        passes = build_passes("rag", args, config)
+        print(f"demo: {args.docs} documents x {args.doc_len:,} tokens, {args.concurrency} users, {args.output_len} "
+              f"output tokens, {args.pool_tokens:,}-token GPU pool, model {source}", flush=True)
+        table_of = setups_from(args)
+        results = {}
+        for name in CONFIGS:
+            facts = run_facts()
+            results[name] = measure_config(name, table_of[name], passes, options(args), model_dir, load_args)
+            if args.out:
+                merge_result(args.out, "long_doc", describe_workload("rag", args, source, passes), name,
+                             {**results[name], **facts, "model": model_shape(config, source)})
+    except BenchError as exc:
+        sys.exit(f"demo: {exc}")
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""``long_doc.py`` and ``examples/demo.py`` run whole, with the stand-in server launched in SGLang's place.
+
+``tests/benchmarks/shim`` first on ``PYTHONPATH`` makes ``python -m sglang.launch_server`` start the
+stand-in (which serves kvtier's real metrics registry for kvtier configurations): the scripts'
+server start-up, warm-up, passes, metric scrapes, disk folder handling and JSON merge all run as
+they do on a GPU host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_common import BENCHMARKS_DIR, REPO
+
+SHIM = Path(__file__).with_name("shim")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(script: Path, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    sizes = ["--docs", "5", "--doc-len", "700", "--output-len", "4", "--concurrency", "2", "--port", str(free_port()),
+             "--metrics-port", str(free_port()), "--log-dir", str(tmp_path), "--model-dir", str(tmp_path / "model")]
+    return subprocess.run([sys.executable, str(script), *sizes, *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=env)
+
+
+def test_long_doc_runs_configs_in_turn_and_merges(tmp_path):
+    out = tmp_path / "r.json"
+    disk_root = tmp_path / "disks"
+    first = run(BENCHMARKS_DIR / "long_doc.py", "--config", "kvtier_disk", "--out", str(out),
+                "--disk-root", str(disk_root), "--disk-gb", "1", "--disk-cpu-gb", "1", tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    second = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--out", str(out), tmp_path=tmp_path)
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert "[radix] warm: 5/5 requests" in second.stdout and "[radix] server ready" in second.stdout
+
+    report = json.loads(out.read_text())
+    assert report["workload"]["passes"] == {"cold": 5, "warm": 5}
+    assert set(report["configs"]) == {"kvtier_disk", "radix"}
+    kv, radix = report["configs"]["kvtier_disk"], report["configs"]["radix"]
+    assert "--config kvtier_disk" in kv["command"] and kv["model"]["kv_bytes_per_token"] == 131072
+    assert kv["env"]["KVTIER_DISK_PATH"] == str(disk_root / "kvtier_disk") and not (disk_root / "kvtier_disk").exists()
+    assert kv["server_args"][-2:] == ["--radix-cache-backend", "kvtier"]
+    assert radix["passes"]["warm"]["kvtier"] == "n/a"
+    cold, warm = kv["passes"]["cold"], kv["passes"]["warm"]
+    assert cold["requests"] == warm["requests"] == 5 and warm["output_tokens"] == 20
+    # The stand-in serves every warm document from its cache: two whole chunks of 256 per 700-token document.
+    assert warm["hit_rate"]["gpu"] > 0.9 and cold["hit_rate"]["gpu"] < 0.01
+    assert warm["kvtier"]["hits"] == {"cpu": 10} and warm["kvtier"]["misses"] == 0
+    assert cold["kvtier"]["hits"].get("cpu", 0) == 0 and cold["kvtier"]["misses"] == 10
+    assert set(kv["vs_radix"]) == {"cold", "warm"}
+
+
+def test_long_doc_refuses_a_disk_tier_larger_than_the_disk(tmp_path):
+    r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "kvtier_disk", "--out", str(tmp_path / "r.json"),
+            "--disk-root", str(tmp_path), "--disk-gb", "1e9", tmp_path=tmp_path)
+    assert r.returncode != 0 and "lower --disk-gb" in r.stderr
+
+
+def test_demo_prints_the_speedup_table(tmp_path):
+    r = run(REPO / "examples" / "demo.py", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("[radix] server ready") for line in lines)
+    assert any(line.startswith("[kvtier_cpu] warm: 5/5 requests") for line in lines)
+    rows = [line for line in lines if line.startswith(("cold ", "warm "))]
+    assert len(rows) == 2 and all(line.count("x |") == 2 for line in rows)

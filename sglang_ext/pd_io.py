@@ -1,0 +1,136 @@
+"""The memory side of kvtier's PD backend: pool views from SGLang's pointers, staging, packing.
+
+SGLang hands a PD backend only addresses (``KVArgs.kv_data_ptrs`` and friends), so the pool and
+the metadata rows are wrapped here as uint8 tensors on their device, without a copy. ``Packer``
+moves the pages of a request, every layer, K and V, between the pool and a contiguous staging
+buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in page order: page
+``i`` of a batch sits at ``i * page_bytes``. ``make_transport`` picks the transport backend
+(``pd_transport``) and ``staging_buffer`` allocates staging where that transport can reach it:
+on the pool's GPU for a device-capable transport, else in pinned host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+from kvtier.sglang_ext.config import ConfigError, KVTierConfig
+from kvtier.transfer.base import Transport
+from kvtier.transfer.pd_layout import kv_groups, page_rows
+from kvtier.transfer.zmq_transport import ZmqTransport
+
+logger = logging.getLogger(__name__)
+
+
+class _CudaMemory:
+    """Exposes a raw device address as ``__cuda_array_interface__`` so torch can wrap it."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+        }
+
+
+def wrap_memory(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``nbytes`` at address ``ptr`` on ``device``, sharing the memory."""
+    if device.type == "cuda":
+        return torch.as_tensor(_CudaMemory(ptr, nbytes), device=device)
+    if device.type != "cpu":
+        raise ValueError(f"kvtier PD supports KV pools on CUDA or CPU, not {device}")
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=torch.uint8)
+
+
+def cuda_ipc_available() -> bool:
+    try:
+        import kvtier.transfer.cuda_ipc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transport_kind(cfg: KVTierConfig, device: torch.device) -> str:
+    """The backend that ``pd_transport`` selects for a pool on ``device``."""
+    kind = cfg.pd_transport
+    if kind == "auto":
+        return "cuda_ipc" if device.type == "cuda" and cuda_ipc_available() else "zmq"
+    if kind == "cuda_ipc" and device.type != "cuda":
+        raise ConfigError(f"kvtier setting pd_transport='cuda_ipc' needs a CUDA KV pool, this one is on "
+                          f"{device}; use pd_transport: zmq")
+    return kind
+
+
+def make_transport(kind: str, host: str) -> Transport:
+    """A transport of backend ``kind`` listening on ``host`` (a port the OS picks)."""
+    if kind == "cuda_ipc":
+        try:
+            from kvtier.transfer.cuda_ipc import CudaIpcTransport
+        except ImportError as e:
+            raise ConfigError(f"kvtier setting pd_transport='cuda_ipc' but kvtier.transfer.cuda_ipc cannot "
+                              f"be imported ({e}); use pd_transport: zmq") from e
+        return CudaIpcTransport(host=host, port=0)
+    return ZmqTransport(host=host, port=0)
+
+
+def staging_buffer(nbytes: int, device: torch.device, on_device: bool) -> torch.Tensor:
+    """Staging memory the transport can reach: on ``device`` if ``on_device``, else (pinned) host."""
+    if on_device:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+class Packer:
+    """Gathers pages of the pool into a staging buffer and scatters them back, all buffers at once."""
+
+    def __init__(self, ptrs: Sequence[int], lens: Sequence[int], item_lens: Sequence[int],
+                 page_size: int, device: torch.device):
+        self.page_size = page_size
+        self.device = device
+        self.page_bytes = int(sum(item_lens))
+        views = []
+        for ptr, nbytes, item in zip(ptrs, lens, item_lens):
+            row = item // page_size
+            views.append(wrap_memory(ptr, nbytes - nbytes % row, device).view(-1, row))
+        self.groups = []
+        offset = 0
+        for ks, vs in kv_groups(list(item_lens)):
+            self.groups.append(([views[i] for i in ks], [views[i] for i in vs], offset))
+            offset += sum(item_lens[i] for i in ks + vs)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _offsets(self, n: int, base: int, group_offset: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.int64) * self.page_bytes + base + group_offset
+
+    def gather(self, pages: np.ndarray, dst: torch.Tensor, wait: Optional[object] = None) -> None:
+        """Copy ``pages`` into ``dst[: len(pages) * page_bytes]``; returns when the bytes are there.
+
+        ``wait`` is a CUDA event that the copy waits for (the scheduler's KV writes)."""
+        rows = torch.from_numpy(page_rows(pages, self.page_size))
+        with self._on_stream(wait):
+            for ks, vs, off in self.groups:
+                gather_kv(ks, vs, rows, dst, self._offsets(len(pages), 0, off), self.page_size)
+        self._sync()
+
+    def scatter(self, src: torch.Tensor, base: int, pages: np.ndarray) -> None:
+        """Copy ``len(pages)`` packed pages at ``src[base:]`` into ``pages``; returns when done."""
+        rows = torch.from_numpy(page_rows(pages, self.page_size))
+        with self._on_stream(None):
+            for ks, vs, off in self.groups:
+                scatter_kv(src, self._offsets(len(pages), base, off), rows, ks, vs, self.page_size)
+        self._sync()
+
+    def _on_stream(self, wait: Optional[object]):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        if wait is not None:
+            self.stream.wait_event(wait)
+        return torch.cuda.stream(self.stream)
+
+    def _sync(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()

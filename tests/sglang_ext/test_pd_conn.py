@@ -1,0 +1,273 @@
+"""kvtier's PD backend between two real processes: a prefill and a decode over real sockets.
+
+Each side is ``pd_peer.py``: real SGLang 0.5.17 classes (bootstrap server, KVArgs, pools,
+MetadataBuffers) around ``KvtierKVManager``; the test plays the two schedulers' part of the
+protocol (docs/pd-design.md §1) and checks the decode pool byte for byte against the prefill's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+PEER = Path(__file__).with_name("pd_peer.py")
+FAILED, WAITING, SUCCESS = 0, 2, 4
+ADDR_HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((ADDR_HOST, 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """``pd_peer.py`` in a child process; ``call`` sends one command and returns its reply."""
+
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, str(PEER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def reply(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"pd_peer exited with {self.proc.wait()}; its stderr is above")
+        return json.loads(line)
+
+    def call(self, **cmd: Any) -> Any:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def rank(self, name: str, **args: Any) -> "Rank":
+        self.call(op="new", name=name, args=args)
+        return Rank(self, name)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+class Rank:
+    """One server rank inside a ``Process``."""
+
+    def __init__(self, process: Process, name: str):
+        self.process, self.name = process, name
+
+    def call(self, op: str, **cmd: Any) -> Any:
+        return self.process.call(op=op, inst=self.name, **cmd)
+
+
+ENV = {
+    "SGLANG_HOST_IP": ADDR_HOST, "KVTIER_CONFIG": "", "KVTIER_PD_TRANSPORT": "zmq",
+    # 2 slots of 2 pages (a page is 4 tokens x 2 layers x K,V x 2 heads x 8 dims x bf16 = 512 B)
+    "KVTIER_PD_STAGE_SLOTS": "2", "KVTIER_PD_STAGE_SLOT_MB": str(1100 / (1 << 20)),
+    "KVTIER_PD_TIMEOUT_S": "5", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "8",
+    "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "8", "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "1",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Three processes started together (SGLang's imports take seconds each): a prefill, a prefill
+    that a test kills, and one process holding every decode rank the tests create."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(ENV)
+    procs = {name: Process(env) for name in ("prefill", "doomed", "decode")}
+    try:
+        for p in procs.values():
+            assert p.reply() == {"ready": True}
+        ports = {"prefill": free_port(), "doomed": free_port()}
+        ranks = {name: procs[name].rank(name, role="prefill", bootstrap_port=ports[name], seed=1) for name in ports}
+        yield procs, ranks, ports
+    finally:
+        for p in procs.values():
+            p.kill()
+
+
+@pytest.fixture
+def prefill(cluster):
+    procs, ranks, ports = cluster
+    return ranks["prefill"], f"{ADDR_HOST}:{ports['prefill']}"
+
+
+_decodes: dict[str, Rank] = {}
+
+
+def decode_rank(cluster, name: str, **args: Any) -> Rank:
+    """A decode rank in the shared decode process, created on first use."""
+    if name not in _decodes:
+        _decodes[name] = cluster[0]["decode"].rank(name, role="decode", bootstrap_port=0, seed=2, **args)
+    return _decodes[name]
+
+
+def new_room(rng: np.random.Generator) -> int:
+    return int(rng.integers(1, 2**63 - 1))
+
+
+def bootstrap(prefill: Rank, decode: Rank, addr: str, room: int, dst_pages: list[int], prefix_len: int,
+              aux_index: int = 5) -> int:
+    """Both schedulers' steps up to the prefill's WaitingForInput; returns the decode's poll."""
+    prefill.call("sender", room=room)
+    status = decode.call("receiver", room=room, addr=addr)
+    if status == WAITING:
+        decode.call("send_metadata", room=room, pages=dst_pages, aux_index=aux_index, prefix_len=prefix_len)
+    return status
+
+
+def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster, prefill):
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d")
+    rng = np.random.default_rng(7)
+    room, ps, prompt_len, prefix_pages = new_room(rng), 4, 37, 2  # 10 pages, the last one partial
+    n_pages = -(-prompt_len // ps)
+    src_pages = rng.choice(np.arange(1, 64), n_pages, replace=False).tolist()  # prefill's pool pages
+    dst_pages = rng.choice(np.arange(1, 64), n_pages, replace=False).tolist()  # decode's, scattered
+    decode_before = decode.call("digests", pages=list(range(64)))
+    sent_before, received_before = prefill.call("stats"), decode.call("stats")
+
+    assert bootstrap(prefill, decode, addr, room, dst_pages[prefix_pages:], prefix_pages * ps) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    got = prefill.call("init", room=room, prompt_len=prompt_len, aux_index=3, first_token=17)
+    assert got == {"prefix_len": prefix_pages * ps, "num_pages": n_pages - prefix_pages}
+    # Two chunks as send_kv_chunk cuts them (the first ends on a page boundary); with 2 slots of
+    # 2 pages the 8 pages need the credits to come back twice.
+    first, second = src_pages[prefix_pages:6], src_pages[6:]
+    prefill.call("send", room=room, pages=first, last=False, tokens=len(first) * ps)
+    prefill.call("send", room=room, pages=second, last=True, tokens=prompt_len - 6 * ps)
+
+    assert prefill.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
+    assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
+    moved_src = prefill.call("digests", pages=src_pages[prefix_pages:])
+    assert decode.call("digests", pages=dst_pages[prefix_pages:]) == moved_src
+    decode_after = decode.call("digests", pages=list(range(64)))
+    for page in range(64):
+        if page not in dst_pages[prefix_pages:]:  # the prefix pages and every other page are untouched
+            assert decode_after[page] == decode_before[page], page
+    assert decode.call("aux", index=5) == {"first_token": 17, "room": room}
+    sent, received = prefill.call("stats"), decode.call("stats")
+    assert sent["pages"] - sent_before["pages"] == received["pages"] - received_before["pages"] == 8
+    assert sent["bytes"] - sent_before["bytes"] == received["bytes"] - received_before["bytes"] == 8 * 512
+    assert sent["slot_bytes"] == 1024 and sent["transport"] == "zmq"
+    prefill.call("clear", room=room)
+    decode.call("clear", room=room)
+
+
+def test_a_last_chunk_without_pages_still_delivers_the_metadata(cluster, prefill):
+    """The decode prefix covers the whole prompt: the last chunk carries no page, only the aux row."""
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d")
+    room = new_room(np.random.default_rng(8))
+    pages_before = decode.call("stats")["pages"]
+    assert bootstrap(prefill, decode, addr, room, [], prefix_len=16, aux_index=2) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    assert prefill.call("init", room=room, prompt_len=16, aux_index=4, first_token=99)["num_pages"] == 0
+    prefill.call("send", room=room, pages=[], last=True, tokens=0)
+    assert prefill.call("wait", room=room, want=[SUCCESS], timeout_s=10)["status"] == SUCCESS
+    assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=10)["status"] == SUCCESS
+    assert decode.call("aux", index=2) == {"first_token": 99, "room": room}
+    assert decode.call("stats")["pages"] == pages_before
+
+
+@pytest.mark.parametrize(
+    "name, args, decode_says, prefill_says",
+    [
+        ("d_page", {"page_size": 8}, "has page_size=4, this decode has 8; start both with the same --page-size",
+         "has page_size=8, this prefill has 4; start both with the same --page-size"),
+        ("d_dtype", {"dtype": "float16"}, "has kv_cache_dtype=bfloat16, this decode has float16",
+         "has kv_cache_dtype=float16, this prefill has bfloat16"),
+        ("d_heads", {"heads": 4}, "has 128 bytes per page in KV buffer 0, this decode has 256",
+         "has 256 bytes per page in KV buffer 0, this prefill has 128"),
+        ("d_model", {"model": "other-model"}, "has model=tiny-llama@|q=|load=dummy, this decode has "
+                                              "other-model@|q=|load=dummy", "has model=other-model@"),
+    ],
+)
+def test_mismatched_layouts_fail_the_request_on_both_sides_with_the_fix(cluster, prefill, name, args, decode_says,
+                                                                         prefill_says):
+    prefill, addr = prefill
+    decode = decode_rank(cluster, name, **args)
+    for seed in (1, 2):  # the first request is refused at registration, the next one by the cached verdict
+        room = new_room(np.random.default_rng(seed * 100 + len(name)))
+        bootstrap(prefill, decode, addr, room, [1, 2], prefix_len=0)
+        d = decode.call("wait", room=room, want=[], timeout_s=10)
+        p = prefill.call("wait", room=room, want=[], timeout_s=10)
+        assert d["status"] == FAILED and d["type"] == "KVTransferError"
+        assert f"kvtier PD: prefill {addr} {decode_says}" in d["error"], d["error"]
+        assert p["status"] == FAILED and p["type"] == "KVTransferError"
+        assert "kvtier PD: decode 127.0.0.1:" in p["error"] and prefill_says in p["error"], p["error"]
+        assert d["seconds"] < 5 and p["seconds"] < 5
+
+
+def test_decode_abort_fails_the_prefill_side(cluster, prefill):
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d")
+    room = new_room(np.random.default_rng(11))
+    assert bootstrap(prefill, decode, addr, room, [7, 8, 9], prefix_len=0) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    decode.call("abort", room=room)
+    p = prefill.call("wait", room=room, want=[], timeout_s=10)
+    assert p["status"] == FAILED and "the decode server aborted request" in p["error"]
+    d = decode.call("wait", room=room, want=[], timeout_s=1)
+    assert d["status"] == FAILED and "Aborted" in d["error"]
+
+
+def test_a_prefill_killed_mid_transfer_fails_the_decode_side_quickly(cluster):
+    procs, ranks, ports = cluster
+    prefill, addr = ranks["doomed"], f"{ADDR_HOST}:{ports['doomed']}"
+    decode = decode_rank(cluster, "d_doomed")
+    room = new_room(np.random.default_rng(12))
+    assert bootstrap(prefill, decode, addr, room, list(range(10, 20)), prefix_len=0) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    prefill.call("init", room=room, prompt_len=40, aux_index=1, first_token=5)
+    prefill.call("send", room=room, pages=list(range(30, 34)), last=False, tokens=16)
+    procs["doomed"].kill()
+    d = decode.call("wait", room=room, want=[], timeout_s=20)
+    assert d["status"] == FAILED and d["seconds"] < 12, d
+    assert "Lost connection with prefill" in d["error"] or "timed out" in d["error"], d["error"]
+
+
+def test_the_plugin_registers_the_transfer_backend_for_sglang():
+    code = """
+import argparse
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+from sglang.srt.disaggregation import prefill, decode
+from sglang.srt.managers import disagg_service
+from sglang.srt.server_args import ServerArgs
+from kvtier.sglang_ext import pd_conn
+backend = TransferBackend("kvtier")
+assert backend is TransferBackend.KVTIER and backend in list(TransferBackend)
+for fn in (get_kv_class, prefill.get_kv_class, decode.get_kv_class, disagg_service.get_kv_class):
+    assert fn(backend, KVClassType.MANAGER) is pd_conn.KvtierKVManager
+    assert fn(backend, KVClassType.SENDER) is pd_conn.KvtierKVSender
+    assert fn(backend, KVClassType.RECEIVER) is pd_conn.KvtierKVReceiver
+    assert fn(backend, KVClassType.BOOTSTRAP_SERVER) is pd_conn.KvtierKVBootstrapServer
+    assert fn(backend, KVClassType.KVARGS).__name__ == "KVArgs"
+assert get_kv_class(TransferBackend.FAKE, KVClassType.SENDER).__name__ == "FakeKVSender"
+parser = argparse.ArgumentParser()
+ServerArgs.add_cli_args(parser)
+args = parser.parse_args(["--model-path", "m", "--disaggregation-mode", "prefill",
+                          "--disaggregation-transfer-backend", "kvtier"])
+assert args.disaggregation_transfer_backend == "kvtier"
+try:
+    parser.parse_args(["--model-path", "m", "--disaggregation-transfer-backend", "nope"])
+except SystemExit:
+    print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
 from typing import Optional, Sequence
 
@@ -47,8 +48,9 @@ def wrap_memory(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 def cuda_ipc_available() -> bool:
+    """Whether the CUDA IPC transport can be imported here."""
     try:
-        import kvtier.transfer.cuda_ipc  # noqa: F401
+        importlib.import_module("kvtier.transfer.cuda_ipc")
     except ImportError:
         return False
     return True

@@ -41,7 +41,7 @@ def fill_pool(pool, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for buf in pool.k_buffer + pool.v_buffer:
         raw = buf.view(torch.uint8)
-        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen).to(raw.device))
 
 
 def page_digests(pool, pages: list[int]) -> list[str]:
@@ -50,7 +50,7 @@ def page_digests(pool, pages: list[int]) -> list[str]:
     for p in pages:
         h = hashlib.sha256()
         for buf in pool.k_buffer + pool.v_buffer:
-            h.update(buf[p * ps : (p + 1) * ps].contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(buf[p * ps : (p + 1) * ps].contiguous().view(torch.uint8).cpu().numpy().tobytes())
         out.append(h.hexdigest())
     return out
 
@@ -70,12 +70,12 @@ class Instance:
         ps = self.page_size = args.get("page_size", 4)
         dtype = getattr(torch, args.get("dtype", "bfloat16"))
         self.pool = MHATokenToKVPool(args.get("pool_tokens", 256), ps, dtype, args.get("heads", 2),
-                                     args.get("head_dim", 8), args.get("layers", 2), "cpu", False)
+                                     args.get("head_dim", 8), args.get("layers", 2), args.get("device", "cpu"), False)
         fill_pool(self.pool, args["seed"])
         self.meta = MetadataBuffers(8, 16, torch.float32)
         server_args = types.SimpleNamespace(
             host="127.0.0.1", disaggregation_bootstrap_port=self.port, dist_init_addr=None, dcp_size=1,
-            pp_size=1, device="cpu", model_path=args.get("model", "tiny-llama"), revision=None, quantization=None,
+            pp_size=1, device=args.get("device", "cpu"), model_path=args.get("model", "tiny-llama"), revision=None, quantization=None,
             load_format="dummy")
         self.server = KvtierKVBootstrapServer("127.0.0.1", self.port) if self.prefill else None
         # KVArgs exactly as prefill.py / decode.py _init_kv_manager fill them for an MHA pool.

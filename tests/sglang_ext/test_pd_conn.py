@@ -13,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+
+from kvtier.sglang_ext.pd_io import cuda_ipc_available
 
 PEER = Path(__file__).with_name("pd_peer.py")
 FAILED, WAITING, SUCCESS = 0, 2, 4
@@ -129,10 +131,9 @@ def bootstrap(prefill: Rank, decode: Rank, addr: str, room: int, dst_pages: list
     return status
 
 
-def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster, prefill):
-    prefill, addr = prefill
-    decode = decode_rank(cluster, "d")
-    rng = np.random.default_rng(7)
+def check_lifecycle(prefill: Rank, decode: Rank, addr: str, seed: int) -> None:
+    """One request through every step of both schedulers; the decode pool is compared byte for byte."""
+    rng = np.random.default_rng(seed)
     room, ps, prompt_len, prefix_pages = new_room(rng), 4, 37, 2  # 10 pages, the last one partial
     n_pages = -(-prompt_len // ps)
     src_pages = rng.choice(np.arange(1, 64), n_pages, replace=False).tolist()  # prefill's pool pages
@@ -162,16 +163,24 @@ def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster
     sent, received = prefill.call("stats"), decode.call("stats")
     assert sent["pages"] - sent_before["pages"] == received["pages"] - received_before["pages"] == 8
     assert sent["bytes"] - sent_before["bytes"] == received["bytes"] - received_before["bytes"] == 8 * 512
-    assert sent["slot_bytes"] == 1024 and sent["transport"] == "zmq"
+    assert sent["slot_bytes"] == 1024
     prefill.call("clear", room=room)
     decode.call("clear", room=room)
+
+
+def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster, prefill):
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d")
+    for seed in (7, 8):  # a second request reuses the registration and the staging slots
+        check_lifecycle(prefill, decode, addr, seed)
+    assert prefill.call("stats")["transport"] == "zmq"
 
 
 def test_a_last_chunk_without_pages_still_delivers_the_metadata(cluster, prefill):
     """The decode prefix covers the whole prompt: the last chunk carries no page, only the aux row."""
     prefill, addr = prefill
     decode = decode_rank(cluster, "d")
-    room = new_room(np.random.default_rng(8))
+    room = new_room(np.random.default_rng(9))
     pages_before = decode.call("stats")["pages"]
     assert bootstrap(prefill, decode, addr, room, [], prefix_len=16, aux_index=2) == WAITING
     assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
@@ -271,3 +280,27 @@ except SystemExit:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("transport", ["zmq", "cuda_ipc"])
+def test_full_lifecycle_between_cuda_pools(transport):
+    """The GPU path: the Triton gather/scatter kernels on CUDA pools; staging in pinned host memory
+    (zmq) or on the GPU (cuda_ipc, written device to device)."""
+    if transport == "cuda_ipc" and not cuda_ipc_available():
+        pytest.skip("kvtier.transfer.cuda_ipc is not available")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(ENV, KVTIER_PD_TRANSPORT=transport)
+    procs = [Process(env), Process(env)]
+    try:
+        for p in procs:
+            assert p.reply() == {"ready": True}
+        port = free_port()
+        prefill = procs[0].rank("p", role="prefill", bootstrap_port=port, seed=1, device="cuda")
+        decode = procs[1].rank("d", role="decode", bootstrap_port=0, seed=2, device="cuda")
+        for seed in (7, 8):
+            check_lifecycle(prefill, decode, f"{ADDR_HOST}:{port}", seed)
+        assert prefill.call("stats")["transport"] == transport
+    finally:
+        for p in procs:
+            p.kill()

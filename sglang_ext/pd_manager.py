@@ -1,0 +1,469 @@
+"""The per-rank half of kvtier's PD backend: ``KvtierKVManager`` and its protocol threads.
+
+SGLang creates one manager per scheduler rank (``get_kv_class(..., MANAGER)``); the per-request
+classes in ``pd_conn`` talk to it. It owns the transport, the pool views (``pd_io.Packer``) and
+two threads per side:
+
+- prefill: a control thread on SGLang's ZMQ PULL socket (decode registrations with their
+  ``PDLayout``, request metadata, refusals, slot acks, aborts) and a worker that moves each queued
+  chunk: gather its pages into the staging buffer, write them into a free slot of the decode's
+  stage (a credit), notify ``K``; on the last chunk write the metadata rows, notify ``D``, Success.
+- decode: a control thread (refusals and failures from the prefill) and a notification thread
+  that scatters each ``K`` slot into the request's pages, returns the slot, and marks ``D`` Success.
+
+Control messages are ZMQ multipart ``[tag, json, (pages)]`` on the peers' PULL sockets; the data
+notifications go over the transport, whose ordering puts them after the writes they describe.
+"""
+
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import requests
+import torch
+import zmq
+from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
+from sglang.srt.disaggregation.common.conn import CommonKVManager, PrefillServerInfo
+from sglang.srt.disaggregation.common.utils import FastQueue
+from sglang.srt.disaggregation.utils import DisaggregationMode
+from sglang.srt.utils.network import NetworkAddress
+
+from kvtier.sglang_ext.config import load_config
+from kvtier.sglang_ext.pd_io import Packer, make_transport, staging_buffer, transport_kind, wrap_memory
+from kvtier.transfer.base import TransferError
+from kvtier.transfer.pd_layout import PDLayout, SlotCredits, compare, slot_bytes_for, slot_chunks
+
+logger = logging.getLogger(__name__)
+
+REG, META, REFUSE, ACK, ABORT = b"KVTIER_REG", b"KVTIER_META", b"KVTIER_REFUSE", b"KVTIER_ACK", b"ABORT"
+REFUSED, FAIL = b"KVTIER_REFUSED", b"KVTIER_FAIL"
+_POLL_MS = 100
+
+
+def control_message(tag: bytes, obj: dict, *extra: bytes) -> list[bytes]:
+    """A control message: its tag, a JSON body, and binary parts (a page list)."""
+    return [tag, json.dumps(obj).encode(), *extra]
+
+
+@dataclass
+class _DecodePeer:
+    """A registered decode rank, as the prefill sees it."""
+
+    address: str
+    endpoint: str  # its ZMQ PULL socket
+    transport_peer: str
+    stage: str
+    slot_bytes: int
+    pages_per_slot: int
+    credits: SlotCredits
+
+
+@dataclass
+class _Destination:
+    peer: str
+    pages: np.ndarray
+    aux_index: int
+
+
+@dataclass
+class Chunk:
+    room: int
+    pages: np.ndarray
+    index_slice: slice
+    is_last: bool
+    aux_index: Optional[int]
+    event: Optional[object]
+
+
+@dataclass
+class Stage:
+    """A staging area at the decode for one prefill rank."""
+
+    name: str
+    tensor: torch.Tensor
+    slot_bytes: int
+    prefill_endpoint: str
+
+
+@dataclass
+class PDStats:
+    """Totals of this rank's KV movement (both directions count on the side that does the copy)."""
+
+    bytes: int = 0
+    pages: int = 0
+    seconds: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0) -> None:
+        with self.lock:
+            self.bytes += nbytes
+            self.pages += pages
+            self.seconds += seconds
+            self.requests += requests
+            self.failures += failures
+
+
+class KvtierKVManager(CommonKVManager):
+    """One rank's end of kvtier PD: the transport, the pool views and the protocol threads."""
+
+    def __init__(self, args: KVArgs, disaggregation_mode: DisaggregationMode, server_args, is_mla_backend: bool = False):
+        if is_mla_backend or getattr(args, "state_types", None) or getattr(args, "is_hybrid_mla_backend", False):
+            raise ValueError("--disaggregation-transfer-backend kvtier supports MHA KV pools only (not MLA, hybrid, "
+                             "SWA or Mamba models); use mooncake or nixl for this model")
+        super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        self.cfg = load_config()
+        self.device = torch.device(f"cuda:{args.gpu_id}") if str(server_args.device).startswith("cuda") else torch.device("cpu")
+        self.transport_kind = transport_kind(self.cfg, self.device)
+        self.transport = make_transport(self.transport_kind, self.local_ip)
+        self.on_device = bool(self.transport.device_regions) and self.device.type == "cuda"
+        self.packer = Packer(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, args.page_size, self.device)
+        self.page_bytes = self.packer.page_bytes
+        self.slot_bytes = slot_bytes_for(int(self.cfg.pd_stage_slot_mb * (1 << 20)), self.page_bytes)
+        self.timeout_s = self.cfg.pd_timeout_s
+        self.aux = [wrap_memory(p, n, torch.device("cpu")) for p, n in zip(args.aux_data_ptrs, args.aux_data_lens)]
+        self.stats = PDStats()
+        self.room_seconds: dict[int, float] = {}
+        prefill = disaggregation_mode == DisaggregationMode.PREFILL
+        address = (f"{self.bootstrap_host}:{self.bootstrap_port}" if prefill else f"{self.local_ip}:{self.rank_port}")
+        self.layout = PDLayout(
+            role="prefill" if prefill else "decode", address=address, model=self.cfg.pd_model_id or _model_id(server_args),
+            kv_dtype=str(args.kv_cache_dtype_str), page_size=int(args.page_size), tp_size=self.attn_tp_size,
+            pp_size=self.pp_size, cp_size=self.attn_cp_size, transport=self.transport_kind,
+            kv_item_lens=tuple(int(x) for x in args.kv_item_lens), aux_item_lens=tuple(int(x) for x in args.aux_item_lens),
+        )
+        self._status_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._serve_socket, name="kvtier-pd-control", daemon=True)]
+        if prefill:
+            self.peers: dict[str, _DecodePeer] = {}
+            self.refused: dict[str, str] = {}
+            self.early_failures: dict[int, str] = {}
+            self.queue = FastQueue()
+            self.gather_buf = staging_buffer(self.slot_bytes, self.device, self.on_device)
+            self._threads.append(threading.Thread(target=self._serve_queue, name="kvtier-pd-send", daemon=True))
+        else:
+            for j, t in enumerate(self.aux):
+                self.transport.register(f"aux{j}", t)
+            self.rooms: dict[int, tuple[set[str], np.ndarray]] = {}
+            self.stages: dict[str, Stage] = {}
+            self.stage_lock = threading.Lock()
+            self.refused_addrs: dict[str, str] = {}
+            self.refused_peers: dict[str, str] = {}
+            self._threads.append(threading.Thread(target=self._serve_notifications, name="kvtier-pd-recv", daemon=True))
+            self._start_heartbeat_checker_thread()
+        for t in self._threads:
+            t.start()
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def fail(self, room: int, why: str) -> None:
+        """Fail ``room`` with ``why`` unless it already succeeded or failed (the first reason stays)."""
+        with self._status_lock:
+            if self.request_status.get(room) in (KVPoll.Success, KVPoll.Failed):
+                return
+            self.record_failure(room, why)
+            self.update_status(room, KVPoll.Failed)
+        self.stats.add(failures=1)
+
+    def succeed(self, room: int) -> None:
+        """Mark ``room`` done unless it failed meanwhile (update_status would overwrite Failed)."""
+        with self._status_lock:
+            if self.request_status.get(room) not in (None, KVPoll.Failed):
+                self.update_status(room, KVPoll.Success)
+
+    def send_control(self, endpoint: str, frames: list[bytes]) -> None:
+        """Best effort: a control message to a peer's ZMQ socket (a dead peer is found elsewhere)."""
+        try:
+            self._send_multipart_locked(endpoint, frames)
+        except zmq.ZMQError as e:
+            logger.warning("kvtier PD: could not send %s to %s: %s", frames[0].decode(), endpoint, e)
+
+    def _bind_device(self) -> None:
+        """A new thread's current CUDA device is 0; kernels must launch on the pool's GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def _serve_socket(self) -> None:
+        handlers = ({REG: self._on_register, META: self._on_metadata, REFUSE: self._on_refuse, ACK: self._on_ack,
+                     ABORT: self._on_abort} if self.disaggregation_mode == DisaggregationMode.PREFILL
+                    else {REFUSED: self._on_refused, FAIL: self._on_fail})
+        while not self._stop.is_set():
+            if not self.server_socket.poll(_POLL_MS):
+                continue
+            frames = self.server_socket.recv_multipart()
+            handler = handlers.get(frames[0])
+            try:
+                if handler is None:
+                    raise ValueError(f"unknown message {frames[0][:32]!r}")
+                handler(frames)
+            except Exception:  # a bad message must not stop the thread serving every request
+                logger.exception("kvtier PD: dropped a %r message", frames[0][:32])
+
+    def close(self) -> None:
+        """Stop the threads and the transport (tests; SGLang never closes a manager)."""
+        self._stop.set()
+        if self.disaggregation_mode == DisaggregationMode.PREFILL:
+            self.queue.put(None)
+        for t in self._threads:
+            t.join()
+        self.transport.close()
+
+    # -- prefill: control -------------------------------------------------------------------------
+
+    def _on_register(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        peer_id, remote = msg["peer"], PDLayout.from_dict(msg["layout"])
+        endpoint = NetworkAddress(msg["ip"], int(msg["port"])).to_tcp()
+        why = compare(self.layout, remote)
+        transport_peer = None
+        if why is None:
+            try:
+                transport_peer = self.transport.connect(msg["descriptor"])
+            except TransferError as e:
+                why = (f"kvtier PD: cannot reach decode {remote.address} over {self.transport_kind} ({e}); "
+                       f"cuda_ipc works within one host only, set pd_transport: zmq for servers on different hosts")
+        if why is not None:
+            self.refused[peer_id] = why
+            logger.error("%s", why)
+            self.send_control(endpoint, control_message(REFUSED, {"peer": peer_id, "layout": self.layout.to_dict(), "reason": why}))
+            return
+        self.refused.pop(peer_id, None)
+        old = self.peers.get(peer_id)
+        if old is not None and old.slot_bytes == msg["slot_bytes"] and old.credits.n_slots == msg["slots"]:
+            old.transport_peer = transport_peer
+            return
+        slot_bytes = int(msg["slot_bytes"])
+        self.peers[peer_id] = _DecodePeer(
+            remote.address, endpoint, transport_peer, msg["stage"], slot_bytes,
+            min(self.slot_bytes, slot_bytes) // self.page_bytes, SlotCredits(int(msg["slots"])),
+        )
+        logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, stage %d x %.1f MiB",
+                    remote.address, remote.model, self.page_bytes, len(self.layout.kv_item_lens), self.transport_kind,
+                    msg["slots"], slot_bytes / (1 << 20))
+
+    def _on_metadata(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        room, peer_id = int(msg["room"]), msg["peer"]
+        why = self.refused.get(peer_id)
+        if why is None and peer_id not in self.peers:
+            why = f"kvtier PD: decode {peer_id} sent request {room} without registering its KV layout first"
+        if why is not None:
+            self._fail_early(room, why)
+            self.send_control(NetworkAddress(msg["ip"], int(msg["port"])).to_tcp(), control_message(FAIL, {"room": room, "reason": why}))
+            return
+        pages = np.frombuffer(frames[2], dtype=np.int32).astype(np.int64)
+        self.transfer_infos[room] = _Destination(peer_id, pages, int(msg["aux_index"]))
+        self.req_to_decode_prefix_len[room] = int(msg["prefix_len"])
+        self.update_status(room, KVPoll.WaitingForInput)
+
+    def _on_refuse(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        remote = PDLayout.from_dict(msg["layout"])
+        why = compare(self.layout, remote) or f"kvtier PD: decode {remote.address} refused this prefill: {msg['reason']}"
+        logger.error("%s", why)
+        self._fail_early(int(msg["room"]), why)
+
+    def _on_ack(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        peer = self.peers.get(msg["peer"])
+        if peer is not None:
+            peer.credits.give(int(msg["slot"]))
+
+    def _on_abort(self, frames: list[bytes]) -> None:
+        room = int(frames[1].decode("ascii"))
+        if room in self.request_status or room in self.transfer_infos:
+            self._fail_early(room, f"kvtier PD: the decode server aborted request {room}")
+
+    def tell_decode(self, room: int, why: str, background: bool = False) -> None:
+        """Tell the decode rank of ``room``, if it is known, that the request failed and why
+        (``background``: from a thread, as the scheduler must not wait on a dead peer's socket)."""
+        dst = self.transfer_infos.get(room)
+        peer = self.peers.get(dst.peer) if dst is not None else None
+        if peer is None:
+            return
+        frames = control_message(FAIL, {"room": room, "reason": why})
+        if background:
+            threading.Thread(target=self.send_control, args=(peer.endpoint, frames), name="kvtier-pd-fail", daemon=True).start()
+        else:
+            self.send_control(peer.endpoint, frames)
+
+    def _fail_early(self, room: int, why: str) -> None:
+        """Fail ``room`` now, or when its sender is created if the scheduler has not made it yet."""
+        if room in self.request_status:
+            self.fail(room, why)
+        else:
+            self.early_failures[room] = why
+            self.record_failure(room, why)
+
+    # -- prefill: data ------------------------------------------------------------------------------
+
+    def add_chunk(self, chunk: Chunk) -> None:
+        self.queue.put(chunk)
+
+    def _serve_queue(self) -> None:
+        self._bind_device()
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            try:
+                self._transfer(chunk)
+            except Exception as e:
+                why = f"kvtier PD: sending KV of request {chunk.room} failed: {e}"
+                logger.error("%s", why)
+                self.fail(chunk.room, why)
+                self.tell_decode(chunk.room, why)
+
+    def _transfer(self, chunk: Chunk) -> None:
+        room = chunk.room
+        if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
+            return
+        dst = self.transfer_infos[room]
+        peer = self.peers[dst.peer]
+        src = chunk.pages
+        dst_pages = dst.pages[chunk.index_slice]
+        src = src[: len(dst_pages)]
+        start = time.perf_counter()
+        for first, n in slot_chunks(len(src), peer.pages_per_slot):
+            if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
+                return
+            deadline = time.monotonic() + self.timeout_s
+            slot = peer.credits.take(self.timeout_s)
+            try:
+                self.packer.gather(src[first : first + n], self.gather_buf, chunk.event)
+                nbytes = n * self.page_bytes
+                self.transport.write(peer.transport_peer, [(self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)],
+                                     timeout_s=max(deadline - time.monotonic(), 0.001))
+                note = {"room": room, "stage": peer.stage, "slot": slot, "start": chunk.index_slice.start + first, "n": n}
+                self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
+            except BaseException:
+                peer.credits.give(slot)
+                raise
+            self.stats.add(nbytes=nbytes, pages=n)
+        if chunk.is_last:
+            ai, di = chunk.aux_index, dst.aux_index
+            ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
+                   enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
+            self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
+            self.transport.notify(peer.transport_peer, b"D" + json.dumps({"room": room}).encode(), timeout_s=self.timeout_s)
+        seconds = time.perf_counter() - start
+        self.stats.add(seconds=seconds, requests=int(chunk.is_last))
+        self.room_seconds[room] = self.room_seconds.get(room, 0.0) + seconds
+        if chunk.is_last:
+            self.succeed(room)
+
+    # -- decode ---------------------------------------------------------------------------------------
+
+    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
+        """SGLang's check, except that a mismatch fails the requests with a message instead of
+        raising (which would stop the decode scheduler)."""
+        if bootstrap_addr in self.prefill_info_table:
+            return True
+        url = f"http://{bootstrap_addr}/route?prefill_dp_rank=-1&prefill_cp_rank=-1&target_tp_rank=-1&target_pp_rank=-1"
+        try:
+            response = requests.get(url, timeout=5)
+        except requests.RequestException as e:
+            logger.error("kvtier PD: cannot reach the prefill bootstrap server %s: %s", bootstrap_addr, e)
+            return False
+        if response.status_code != 200:
+            logger.error("kvtier PD: prefill bootstrap server %s answered %s: %s", bootstrap_addr,
+                         response.status_code, response.text)
+            return False
+        info = PrefillServerInfo(**response.json())
+        remote = PDLayout(role="prefill", address=bootstrap_addr, kv_dtype=info.kv_cache_dtype, page_size=info.page_size,
+                          tp_size=info.attn_tp_size, pp_size=info.pp_size, cp_size=info.attn_cp_size)
+        why = compare(self.layout, remote)
+        if why is not None:
+            logger.error("%s", why)
+            self.refused_addrs[bootstrap_addr] = why
+        else:
+            self._resolve_rank_mapping(info)
+        self.prefill_info_table[bootstrap_addr] = info
+        return True
+
+    def _handle_node_failure(self, failed_bootstrap_addr: str) -> None:
+        self.refused_addrs.pop(failed_bootstrap_addr, None)
+        super()._handle_node_failure(failed_bootstrap_addr)
+
+    def stage_for(self, rank_ip: str, rank_port: int) -> Stage:
+        """The staging area for one prefill rank, allocated and registered on first use."""
+        endpoint = NetworkAddress(rank_ip, int(rank_port)).to_tcp()
+        name = f"stage/{rank_ip}:{rank_port}"
+        with self.stage_lock:
+            stage = self.stages.get(name)
+            if stage is None:
+                tensor = staging_buffer(self.cfg.pd_stage_slots * self.slot_bytes, self.device, self.on_device)
+                self.transport.register(name, tensor)
+                stage = self.stages[name] = Stage(name, tensor, self.slot_bytes, endpoint)
+                logger.info("kvtier PD: staging for prefill rank %s:%s: %d x %.1f MiB on %s, transport %s, "
+                            "layout %s", rank_ip, rank_port, self.cfg.pd_stage_slots, self.slot_bytes / (1 << 20),
+                            tensor.device, self.transport_kind, self.layout)
+        return stage
+
+    def peer_id(self, stage: Stage) -> str:
+        return f"{self.local_ip}:{self.rank_port}>{stage.name}"
+
+    def _on_refused(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        remote = PDLayout.from_dict(msg["layout"])
+        why = compare(self.layout, remote) or msg["reason"]
+        logger.error("%s", why)
+        self.refused_peers[msg["peer"]] = why
+        for room, (peers, _) in list(self.rooms.items()):
+            if msg["peer"] in peers:
+                self.fail(room, why)
+
+    def _on_fail(self, frames: list[bytes]) -> None:
+        msg = json.loads(frames[1])
+        self.fail(int(msg["room"]), msg["reason"])
+
+    def _serve_notifications(self) -> None:
+        self._bind_device()
+        while not self._stop.is_set():
+            try:
+                note = self.transport.recv_notification(_POLL_MS / 1000)
+            except TransferError:
+                continue
+            try:
+                kind, msg = note.message[:1], json.loads(note.message[1:])
+                if kind == b"K":
+                    self._on_kv(msg)
+                elif kind == b"D":
+                    if int(msg["room"]) in self.rooms:
+                        self.succeed(int(msg["room"]))
+                        self.stats.add(requests=1)
+                else:
+                    raise ValueError(f"unknown notification {note.message[:32]!r}")
+            except Exception:
+                logger.exception("kvtier PD: dropped a notification from %s", note.sender)
+
+    def _on_kv(self, msg: dict) -> None:
+        room, stage = int(msg["room"]), self.stages[msg["stage"]]
+        slot, start, n = int(msg["slot"]), int(msg["start"]), int(msg["n"])
+        try:
+            entry = self.rooms.get(room)
+            if entry is not None and self.request_status.get(room) not in (None, KVPoll.Failed):
+                begin = time.perf_counter()
+                pages = entry[1][start : start + n]
+                if len(pages) != n:
+                    raise TransferError(f"prefill sent pages {start}..{start + n} but the request has {len(entry[1])}")
+                self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages)
+                self.stats.add(nbytes=n * self.page_bytes, pages=n, seconds=time.perf_counter() - begin)
+        except Exception as e:
+            self.fail(room, f"kvtier PD: writing KV of request {room} into the decode pool failed: {e}")
+        finally:
+            self.send_control(stage.prefill_endpoint, control_message(ACK, {"peer": self.peer_id(stage), "slot": slot}))
+
+
+def _model_id(server_args) -> str:
+    return (f"{server_args.model_path}@{getattr(server_args, 'revision', None) or ''}"
+            f"|q={getattr(server_args, 'quantization', None) or ''}|load={getattr(server_args, 'load_format', '')}")

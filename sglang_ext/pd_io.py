@@ -4,9 +4,10 @@ SGLang hands a PD backend only addresses (``KVArgs.kv_data_ptrs`` and friends), 
 the metadata rows are wrapped here as uint8 tensors on their device, without a copy. ``Packer``
 moves the pages of a request, every layer, K and V, between the pool and a contiguous staging
 buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in page order: page
-``i`` of a batch sits at ``i * page_bytes``. ``make_transport`` picks the transport backend
-(``pd_transport``) and ``staging_buffer`` allocates staging where that transport can reach it:
-on the pool's GPU for a device-capable transport, else in pinned host memory.
+``i`` of a batch sits at ``i * page_bytes``. ``transport_kind`` resolves ``pd_transport`` for the
+pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
+allocates staging where that transport can reach it: on the pool's GPU for a device-capable
+transport, else in pinned host memory.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ import torch
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
-from kvtier.transfer.base import Transport
 from kvtier.transfer.pd_layout import kv_groups, page_rows
-from kvtier.transfer.zmq_transport import ZmqTransport
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +63,10 @@ def transport_kind(cfg: KVTierConfig, device: torch.device) -> str:
     if kind == "cuda_ipc" and device.type != "cuda":
         raise ConfigError(f"kvtier setting pd_transport='cuda_ipc' needs a CUDA KV pool, this one is on "
                           f"{device}; use pd_transport: zmq")
+    if kind == "cuda_ipc" and not cuda_ipc_available():
+        raise ConfigError("kvtier setting pd_transport='cuda_ipc' but kvtier.transfer.cuda_ipc cannot be "
+                          "imported here; use pd_transport: zmq")
     return kind
-
-
-def make_transport(kind: str, host: str) -> Transport:
-    """A transport of backend ``kind`` listening on ``host`` (a port the OS picks)."""
-    if kind == "cuda_ipc":
-        try:
-            from kvtier.transfer.cuda_ipc import CudaIpcTransport
-        except ImportError as e:
-            raise ConfigError(f"kvtier setting pd_transport='cuda_ipc' but kvtier.transfer.cuda_ipc cannot "
-                              f"be imported ({e}); use pd_transport: zmq") from e
-        return CudaIpcTransport(host=host, port=0)
-    return ZmqTransport(host=host, port=0)
 
 
 def staging_buffer(nbytes: int, device: torch.device, on_device: bool) -> torch.Tensor:

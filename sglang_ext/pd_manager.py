@@ -36,7 +36,8 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from kvtier.sglang_ext.config import load_config
-from kvtier.sglang_ext.pd_io import Packer, make_transport, staging_buffer, transport_kind, wrap_memory
+from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
+from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import TransferError
 from kvtier.transfer.pd_layout import PDLayout, SlotCredits, compare, slot_bytes_for, slot_chunks
 
@@ -123,7 +124,7 @@ class KvtierKVManager(CommonKVManager):
         self.cfg = load_config()
         self.device = torch.device(f"cuda:{args.gpu_id}") if str(server_args.device).startswith("cuda") else torch.device("cpu")
         self.transport_kind = transport_kind(self.cfg, self.device)
-        self.transport = make_transport(self.transport_kind, self.local_ip)
+        self.transport = open_transport(self.transport_kind, self.local_ip, 0)
         self.on_device = bool(self.transport.device_regions) and self.device.type == "cuda"
         self.packer = Packer(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, args.page_size, self.device)
         self.page_bytes = self.packer.page_bytes

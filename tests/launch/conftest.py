@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,35 +37,56 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tupl
 
 
 class Proc:
-    """A child process whose first stdout line matching ``ready`` says it is serving."""
+    """A child process whose output is collected line by line; a ``ready`` line says it is serving."""
 
     def __init__(self, argv: list[str], ready: str, timeout: float = 30.0, env: Optional[dict] = None):
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)
         self.lines: list[str] = []
+        self._eof = False
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.match = self.wait_for(ready, timeout)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line and self.proc.poll() is not None:
-                    break
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._new:
                 self.lines.append(line)
-                if m := re.search(pattern, line):
-                    return m
-            elif self.proc.poll() is not None:
-                break
+                self._new.notify_all()
+        with self._new:
+            self._eof = True
+            self._new.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching ``pattern``, waiting for it; the process is killed if none."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._new:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := re.search(pattern, line):
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    break
+                self._new.wait(left)
         self.kill()
         raise RuntimeError(f"{self.argv} did not print {pattern!r} in {timeout} s; output:\n{''.join(self.lines)}")
+
+    def output(self, timeout: float = 30.0) -> str:
+        """Everything the process printed, once it has exited."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return "".join(self.lines)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
         self.proc.wait(10)
+        self._reader.join(10)
 
 
 class Standin(Proc):
@@ -77,8 +98,12 @@ class Standin(Proc):
         self.port = int(self.match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def records(self) -> list[dict]:
-        return http("GET", f"{self.url}/records")[1]
+    def records(self, at_least: int = 0, timeout: float = 5.0) -> list[dict]:
+        """The requests it got, waiting until there are ``at_least`` (a prefill's may lag decode's answer)."""
+        deadline = time.monotonic() + timeout
+        while len(recs := http("GET", f"{self.url}/records")[1]) < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return recs
 
     def control(self, **state: Any) -> None:
         assert http("POST", f"{self.url}/control", state)[0] == 200
@@ -114,7 +139,8 @@ class Router(Proc):
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Proc]]:
-    """``spawn("prefill")`` / ``spawn("decode")`` start stand-ins; ``spawn.router(...)`` a router."""
+    """``spawn("prefill")`` / ``spawn("decode")`` start stand-ins, ``spawn.router(...)`` a router,
+    ``spawn.proc(argv, ready_pattern)`` any process; all are killed at the end."""
     started: list[Proc] = []
 
     def standin(role: str) -> Standin:
@@ -125,11 +151,15 @@ def spawn() -> Iterator[Callable[..., Proc]]:
         started.append(Router(prefill, decode, *extra, **kw))
         return started[-1]
 
+    def proc(argv: list[str], ready: str, **kw: Any) -> Proc:
+        started.append(Proc(argv, ready, **kw))
+        return started[-1]
+
     standin.router = router
+    standin.proc = proc
     yield standin
     for p in reversed(started):
         p.kill()
-        p.proc.stdout.close()
 
 
 @pytest.fixture

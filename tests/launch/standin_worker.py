@@ -29,7 +29,7 @@ class Standin:
         self.port = port
         self.argv = argv
         self.records: list[dict] = []
-        self.state = {"healthy": True, "delay": 0.0, "hang": False, "status": 200, "gap": 0.0, "exit": None}
+        self.state = {"healthy": not os.environ.get("STANDIN_UNHEALTHY"), "delay": 0.0, "hang": False, "status": 200, "gap": 0.0, "exit": None}
         self.child = None
         if os.environ.get("STANDIN_CHILD"):
             # A grandchild of the cluster, to check that stopping reaches a worker's children too.

@@ -40,10 +40,10 @@ def test_pairs_both_workers_and_returns_decode_answer(spawn):
         "v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
     }
     rooms = []
-    for endpoint, body in bodies.items():
+    for n, (endpoint, body) in enumerate(bodies.items(), 1):
         status, out = router.post(endpoint, body)
         assert status == 200, out
-        p_rec, d_rec = p.records()[-1], d.records()[-1]
+        p_rec, d_rec = p.records(n)[-1], d.records()[-1]
         assert p_rec["path"] == d_rec["path"] == f"/{endpoint}"
         assert p_rec["prompt"] == d_rec["prompt"] == body.get("text", body.get("prompt", body.get("messages")))
         (room,) = paired(p_rec, d_rec)
@@ -56,12 +56,12 @@ def test_pairs_both_workers_and_returns_decode_answer(spawn):
 def test_batch_gets_a_room_per_item(spawn):
     p, d = spawn("prefill"), spawn("decode")
     router = spawn.router([p], [d])
-    for endpoint, body in [("generate", {"text": ["a", "b", "c"]}),
-                           ("generate", {"input_ids": [[1, 2], [3], [4, 5, 6], [7]]}),
-                           ("v1/completions", {"prompt": ["x", "y"]})]:
+    for n, (endpoint, body) in enumerate([("generate", {"text": ["a", "b", "c"]}),
+                                          ("generate", {"input_ids": [[1, 2], [3], [4, 5, 6], [7]]}),
+                                          ("v1/completions", {"prompt": ["x", "y"]})], 1):
         status, out = router.post(endpoint, body)
         assert status == 200, out
-        rooms = paired(p.records()[-1], d.records()[-1])
+        rooms = paired(p.records(n)[-1], d.records()[-1])
         assert len(rooms) == len(set(rooms)) == batch_size(endpoint, body)
         assert [o["meta_info"]["room"] for o in out] == rooms
     # A single tokenized prompt is not a batch.
@@ -101,7 +101,7 @@ def test_streaming_is_passed_through_as_it_comes(spawn):
     router = spawn.router([p], [d])
     pieces, status = read_stream(f"{router.url}/generate", {"text": "s", "stream": True})
     assert status == 200
-    (room,) = paired(p.records()[-1], d.records()[-1])
+    (room,) = paired(p.records(1)[-1], d.records()[-1])
     body = b"".join(c for _, c in pieces)
     expected = b"".join(
         b"data: " + json.dumps({"text": f"decode {d.port} room {room} item 0 part {k}",
@@ -129,7 +129,7 @@ def test_round_robin_alternates(spawn):
     router = spawn.router(ps, ds, "--policy", "round_robin")
     for i in range(6):
         assert router.post("generate", {"text": "same prompt every time " * 50})[0] == 200
-    assert [len(w.records()) for w in ps + ds] == [3, 3, 3, 3]
+    assert [len(w.records(3)) for w in ps + ds] == [3, 3, 3, 3]
     # Order: prefill 0, 1, 0, ...; decode (least loaded, ties in turn) likewise.
     state = router.get("workers")[1]
     assert [w["requests"] for w in state["prefill"] + state["decode"]] == [3, 3, 3, 3]
@@ -143,10 +143,15 @@ def test_cache_aware_keeps_a_prefix_on_one_prefill(spawn):
     doc_b = [rng.randrange(32000) for _ in range(500)]
     text_c = "".join(rng.choice("abcdefgh ") for _ in range(3000))
 
+    served = [0, 0, 0]
+
     def served_by(body: dict) -> int:
-        before = [len(w.records()) for w in ps]
         assert router.post("generate", body)[0] == 200
-        (owner,) = [i for i, w in enumerate(ps) if len(w.records()) > before[i]]
+        deadline = time.monotonic() + 5
+        while sum(now := [len(w.records()) for w in ps]) == sum(served) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (owner,) = [i for i in range(len(ps)) if now[i] > served[i]]
+        served[owner] += 1
         return owner
 
     a = served_by({"input_ids": doc_a + [1, 2, 3]})
@@ -187,13 +192,13 @@ def test_unhealthy_worker_is_taken_out_and_put_back(spawn):
     router.wait_workers(lambda s: not s["prefill"][1]["healthy"])
     for _ in range(4):
         assert router.post("generate", {"text": "x"})[0] == 200
-    assert [len(w.records()) for w in ps] == [4, 0]
+    assert [len(w.records(n)) for w, n in zip(ps, (4, 0))] == [4, 0]
     assert router.get("health")[0] == 200
     ps[1].control(healthy=True)
     router.wait_workers(lambda s: s["prefill"][1]["healthy"])
     for _ in range(4):
         assert router.post("generate", {"text": "x"})[0] == 200
-    assert len(ps[1].records()) == 2
+    assert len(ps[1].records(2)) == 2
     # No healthy decode worker: the router says so at once, and so does its /health.
     d.control(healthy=False)
     router.wait_workers(lambda s: not s["decode"][0]["healthy"])
@@ -209,6 +214,7 @@ def test_unhealthy_worker_is_taken_out_and_put_back(spawn):
 def test_dead_worker_gives_502_then_503(spawn, role):
     p, d = spawn("prefill"), spawn("decode")
     router = spawn.router([p], [d], "--health-interval", "60")
+    d.control(delay=0.3)  # as a real decode, it answers after the prefill
     assert router.post("generate", {"text": "x"})[0] == 200
     dead = p if role == "prefill" else d
     dead.kill()

@@ -1,0 +1,189 @@
+"""GB/s of GPU-to-GPU KV moves between two processes through CudaIpcTransport, against the bound.
+
+The payload is a 10,000-token Llama-3-8B KV: 32 layers x K,V x 10,000 tokens x 8 KV heads x 128
+dims x bf16 = 64 buffers of 20.48 MB, 1.31 GB. Process B registers one region per buffer and hands
+its descriptor to process A (this script) through a pipe; A moves all 64 buffers with one
+``write`` batch (and one ``read`` back, checked bit for bit). Cases, each with warm-up runs and
+the median of ``--repeats``:
+
+- ``cuda_ipc_same_gpu``: both processes on GPU 0; the bound is ``b.copy_(a)`` of the same bytes
+  within one process on GPU 0.
+- ``cuda_ipc_cross_gpu`` (two or more GPUs): A's GPU 0 into B's GPU 1; the bound is a plain torch
+  peer copy ``b.copy_(a)`` from GPU 0 to GPU 1 in one process.
+- ``zmq_pinned_loopback``: the ZMQ transport over 127.0.0.1 between pinned host buffers, for
+  reference.
+
+    python benchmarks/transfer_gpu.py   # writes benchmarks/results/transfer_gpu_<N>gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing as mp
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kvtier.transfer.base import Transport
+
+LAYERS, HEADS, DIM, ELEM = 32, 8, 128, 2
+
+
+def make_transport(kind: str) -> Transport:
+    from kvtier.transfer.backends import open_transport
+
+    return open_transport(kind)
+
+
+def receiver(kind: str, device: str, buffer_bytes: int, count: int, conn) -> None:
+    """Process B: registers ``count`` regions on ``device`` ("cpu" means pinned host memory)."""
+    if device == "cpu":
+        flat = torch.zeros(buffer_bytes * count, dtype=torch.uint8).pin_memory()
+    else:
+        flat = torch.zeros(buffer_bytes * count, dtype=torch.uint8, device=device)
+    with make_transport(kind) as transport:
+        for i in range(count):
+            transport.register(f"kv{i}", flat[i * buffer_bytes : (i + 1) * buffer_bytes])
+        conn.send(transport.descriptor())
+        with contextlib.suppress(EOFError):  # A failed and closed its end
+            conn.recv()  # until process A closed its side
+
+
+def timed(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls after ``warmup`` untimed ones; fn must block."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def gbps(nbytes: int, times: list[float]) -> list[float]:
+    return [round(nbytes / t / 1e9, 2) for t in times]
+
+
+def plain_copy(src: torch.Tensor, dst_device: str, warmup: int, repeats: int) -> list[float]:
+    dst = torch.empty_like(src, device=dst_device)
+
+    def run() -> None:
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(src.device)
+        torch.cuda.synchronize(dst.device)
+
+    times = timed(run, warmup, repeats)
+    assert torch.equal(dst.to(src.device), src)
+    return times
+
+
+def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: int,
+         warmup: int, repeats: int) -> dict:
+    """Moves ``count`` buffers from ``src_device`` here to regions on ``dst_device`` in process B."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=receiver, args=(kind, dst_device, buffer_bytes, count, there), daemon=True)
+    child.start()
+    there.close()  # so that recv() below fails if B dies
+    nbytes = buffer_bytes * count
+    try:
+        descriptor = here.recv()
+        if src_device == "cpu":
+            src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+            back = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
+        else:
+            src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=src_device)
+            back = torch.zeros(nbytes, dtype=torch.uint8, device=src_device)
+        pieces = [(i * buffer_bytes, f"kv{i}") for i in range(count)]
+        writes = [(src[o : o + buffer_bytes], name, 0) for o, name in pieces]
+        reads = [(name, 0, back[o : o + buffer_bytes]) for o, name in pieces]
+        with make_transport(kind) as transport:
+            peer = transport.connect(descriptor)
+            write_s = timed(lambda: transport.write(peer, writes, timeout_s=120), warmup, repeats)
+            read_s = timed(lambda: transport.read(peer, reads, timeout_s=120), warmup, repeats)
+            exact = torch.equal(src, back)
+        here.send("done")
+    finally:
+        here.close()
+        child.join(60)
+    write, read = gbps(nbytes, write_s), gbps(nbytes, read_s)
+    return {
+        "transport": kind,
+        "from": f"process A {src_device}" + (" (pinned)" if src_device == "cpu" else ""),
+        "to": f"process B {dst_device}" + (" (pinned)" if dst_device == "cpu" else ""),
+        "ops_per_batch": count,
+        "write_GBps": write,
+        "read_GBps": read,
+        "write_GBps_median": statistics.median(write),
+        "read_GBps_median": statistics.median(read),
+        "write_ms_median": round(statistics.median(write_s) * 1e3, 3),
+        "bit_exact": exact,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=10_000)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--zmq-repeats", type=int, default=3, help="ZMQ moves ~1 s per repeat")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/transfer_gpu_<N>gpu.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("transfer_gpu.py needs a CUDA GPU")
+    gpus = torch.cuda.device_count()
+    buffer_bytes = args.tokens * HEADS * DIM * ELEM
+    count = 2 * LAYERS
+    nbytes = buffer_bytes * count
+    started = time.monotonic()
+
+    cases = {}
+    plan = [("cuda_ipc_same_gpu", "cuda:0", "cuda:0")]
+    if gpus >= 2:
+        plan.append(("cuda_ipc_cross_gpu", "cuda:0", "cuda:1"))
+    flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+    for name, src, dst in plan:
+        result = case("cuda_ipc", src, dst, buffer_bytes, count, args.warmup, args.repeats)
+        plain = gbps(nbytes, plain_copy(flat, dst, args.warmup, args.repeats))
+        result["plain_copy_GBps"] = plain
+        result["plain_copy_GBps_median"] = statistics.median(plain)
+        result["plain_copy"] = f"one process, b.copy_(a) of one {nbytes}-byte tensor, {src} -> {dst}"
+        result["write_vs_plain"] = round(result["write_GBps_median"] / result["plain_copy_GBps_median"], 3)
+        result["read_vs_plain"] = round(result["read_GBps_median"] / result["plain_copy_GBps_median"], 3)
+        cases[name] = result
+        print(json.dumps({name: result}), flush=True)
+    del flat
+    cases["zmq_pinned_loopback"] = case("zmq", "cpu", "cpu", buffer_bytes, count, 1, args.zmq_repeats)
+    print(json.dumps({"zmq_pinned_loopback": cases["zmq_pinned_loopback"]}), flush=True)
+
+    report = {
+        "benchmark": "transfer_gpu",
+        "payload": f"{args.tokens}-token Llama-3-8B KV: {LAYERS} layers x K,V x {args.tokens} x "
+        f"{HEADS} heads x {DIM} x bf16 = {count} buffers of {buffer_bytes} B",
+        "bytes": nbytes,
+        "cases": cases,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+        "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "command": shlex.join(["python", *sys.argv]),
+    }
+    out = Path(args.out or f"benchmarks/results/transfer_gpu_{gpus}gpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

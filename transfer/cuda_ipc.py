@@ -107,6 +107,7 @@ class _StateFile:
         self._fd = fd
         self._free = list(range(STATE_SLOTS - 1, -1, -1))
         self._next_gen = 1
+        self._unlink = weakref.finalize(self, _unlink, self.path)  # also at exit without close()
 
     def claim(self) -> tuple[int, int]:
         if not self._free:
@@ -127,8 +128,12 @@ class _StateFile:
         self._map[:] = bytes(len(self._map))
         self._map.close()
         os.close(self._fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self._unlink()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class _PeerState:
@@ -152,8 +157,7 @@ class _PeerState:
         except BlockingIOError:
             return True  # the exporter's shared lock is still held
         fcntl.flock(self._fd, fcntl.LOCK_UN)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a dead exporter cannot clean up after itself
+        _unlink(self.path)  # a dead exporter cannot clean up after itself
         return False
 
     def generation(self, slot: int) -> int:
@@ -409,6 +413,7 @@ class CudaIpcTransport(Transport):
 
     def _map(self, address: str, name: str, info: dict) -> torch.UntypedStorage:
         if self._uuids is None:
+            torch.cuda.init()
             self._uuids = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
         device = self._uuids.get(info["device_uuid"])
         if device is None:

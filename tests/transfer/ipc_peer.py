@@ -42,8 +42,8 @@ def main() -> None:
     def range_digest(name: str, offset: int, nbytes: int) -> str:
         return digest(regions[name][offset : offset + nbytes].cpu())
 
-    for name, t in regions.items():
-        transport.register(name, t)
+    for name in regions:  # no loop variable may keep a region alive after "deregister"
+        transport.register(name, regions[name])
     reply(transport.descriptor())
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -57,10 +57,7 @@ def main() -> None:
             ranges = cmd.get("ranges") or [[name, 0, t.numel()] for name, t in regions.items()]
             reply([range_digest(*r) for r in ranges])
         elif op == "fill":
-            t = regions[cmd["name"]]
-            t.copy_(pattern(cmd["seed"], t.numel()))
-            if t.is_cuda:
-                torch.cuda.synchronize(t.device)
+            regions[cmd["name"]].copy_(pattern(cmd["seed"], regions[cmd["name"]].numel()))
             reply("ok")
         elif op == "await_notifications":
             # Each message names a range, hashed the moment it arrives: the data must be there.

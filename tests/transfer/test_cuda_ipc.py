@@ -111,8 +111,8 @@ def test_open_transport_picks_a_kind_and_names_the_choices():
         assert isinstance(t, ZmqTransport) and not t.device_regions
     with open_transport() as t:
         assert isinstance(t, CudaIpcTransport if CUDA else ZmqTransport)
-    with pytest.raises(TransferError, match=r"unknown transport kind 'ucx'; choose one of \['auto', 'zmq', 'cuda_ipc'\]"):
-        open_transport("ucx")
+    with pytest.raises(TransferError, match=r"unknown transport kind 'nope'; choose one of \['auto', 'zmq', 'cuda_ipc'"):
+        open_transport("nope")
     if CUDA:
         with open_transport("cuda_ipc") as t:
             assert isinstance(t, CudaIpcTransport) and t.device_regions

@@ -33,7 +33,7 @@ setup(
         "xxhash",
         "redis>=5",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-timeout"], "bench": ["matplotlib"], "ucx": ["libucx-cu13>=1.19,<1.22"]},
     entry_points={
         "sglang.srt.plugins": ["kvtier = kvtier.sglang_ext.plugin:register"],
     },

@@ -11,7 +11,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "kvtier: building $venv (sglang==0.5.17 and its pins: about 3 to 6 minutes, 9 GB)" >&2
   log=$(mktemp)
   python3 -m venv "$venv"
-  if ! "$venv/bin/pip" install --progress-bar off -e '.[test]' >"$log" 2>&1; then
+  if ! "$venv/bin/pip" install --progress-bar off -e '.[test,ucx]' >"$log" 2>&1; then
     grep -v "is ignored" "$log" | tail -40 >&2
     echo "kvtier: pip install failed (full log: $log)" >&2
     exit 1

@@ -1,8 +1,10 @@
-"""Choosing a transport backend by name: ``open_transport("auto" | "zmq" | "cuda_ipc")``.
+"""Choosing a transport backend by name: ``open_transport("auto" | "zmq" | "cuda_ipc" | "ucx")``.
 
 ``auto`` takes the fastest backend this process can run: CUDA IPC when a GPU is visible (it
 moves GPU regions directly and host regions over ZMQ), else ZMQ/TCP. Both speak the same ZMQ
 control protocol, so a ``cuda_ipc`` endpoint also talks to a ``zmq`` one (host regions only).
+``ucx`` (host regions over UCX, needs the ``ucx`` extra) is only chosen by name: over loopback
+TCP on a 2-core host it moved less than ZMQ (``benchmarks/results/transfer_loopback_ucx.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ def _cuda_ipc(host: str, port: int) -> Transport:
     return CudaIpcTransport(host, port)
 
 
-KINDS: dict[str, Callable[[str, int], Transport]] = {"zmq": _zmq, "cuda_ipc": _cuda_ipc}
+def _ucx(host: str, port: int) -> Transport:
+    from kvtier.transfer.ucx_transport import UcxTransport
+
+    return UcxTransport(host, port)
+
+
+KINDS: dict[str, Callable[[str, int], Transport]] = {"zmq": _zmq, "cuda_ipc": _cuda_ipc, "ucx": _ucx}
 """Transport constructors by kind, each taking (host, port)."""
 
 

@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import zmq.utils.garbage
 
+from kvtier.transfer.backends import open_transport
+from kvtier.transfer.base import Transport
+
 PEER_SCRIPT = Path(__file__).with_name("peer.py")
 _spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", PEER_SCRIPT)
 peer_module = importlib.util.module_from_spec(_spec)
@@ -24,9 +27,9 @@ _spec.loader.exec_module(peer_module)
 class PeerProcess:
     """``peer.py`` in a child process; ``call`` sends one command and returns its reply."""
 
-    def __init__(self, regions: dict[str, int]):
+    def __init__(self, regions: dict[str, int], backend: str = "zmq"):
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), json.dumps({"regions": regions})],
+            [sys.executable, str(PEER_SCRIPT), json.dumps({"regions": regions, "backend": backend})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -47,6 +50,10 @@ class PeerProcess:
         self.send(**cmd)
         return self.reply()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs with its sockets open, as a wedged peer does."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
@@ -57,8 +64,8 @@ class PeerProcess:
 def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
     started: list[PeerProcess] = []
 
-    def spawn(regions: dict[str, int]) -> PeerProcess:
-        started.append(PeerProcess(regions))
+    def spawn(regions: dict[str, int], backend: str = "zmq") -> PeerProcess:
+        started.append(PeerProcess(regions, backend))
         return started[-1]
 
     yield spawn
@@ -66,6 +73,26 @@ def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
         p.kill()
         p.proc.stdin.close()
         p.proc.stdout.close()
+
+
+@pytest.fixture
+def make(backend: str) -> Iterator[Callable[[], Transport]]:
+    """Opens transports of the test module's ``backend``; closes any the test left open."""
+    opened: list[Transport] = []
+
+    def open_one() -> Transport:
+        opened.append(open_transport(backend))
+        return opened[-1]
+
+    yield open_one
+    for t in opened:
+        t.close()
+
+
+@pytest.fixture
+def pair(make: Callable[[], Transport]) -> Iterator[tuple[Transport, Transport]]:
+    with make() as sender, make() as receiver:
+        yield sender, receiver
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """A transport endpoint in its own process, driven by JSON lines on stdin, answering on stdout.
 
-Started by ``conftest.Peer``: ``python peer.py '{"regions": {"kv": 4096}}'`` prints its
-descriptor, then runs one command per line (the ``op`` branches of ``main``), printing one
-JSON reply each.
+Started by ``conftest.PeerProcess``: ``python peer.py '{"regions": {"kv": 4096}, "backend": "zmq"}'``
+opens that kind of transport (``backends.open_transport``), prints its descriptor, then runs one command per
+line (the ``op`` branches of ``main``), printing one JSON reply each.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from kvtier.transfer.zmq_transport import ZmqTransport
+from kvtier.transfer.backends import open_transport
 
 
 def pattern(seed: int, nbytes: int) -> torch.Tensor:
@@ -28,7 +28,7 @@ def digest(t: torch.Tensor) -> str:
 def main() -> None:
     args = json.loads(sys.argv[1])
     regions = {name: torch.zeros(n, dtype=torch.uint8) for name, n in args["regions"].items()}
-    transport = ZmqTransport()
+    transport = open_transport(args.get("backend", "zmq"))
     peers: dict[str, str] = {}
 
     def reply(obj: object) -> None:
@@ -68,6 +68,11 @@ def main() -> None:
             reply("writing")
             while True:
                 transport.write(peers["parent"], [(data, cmd["region"], 0)], timeout_s=60)
+        elif op == "read_forever":
+            dest = torch.empty(cmd["nbytes"], dtype=torch.uint8)
+            reply("reading")
+            while True:
+                transport.read(peers["parent"], [(cmd["region"], 0, dest)], timeout_s=60)
         elif op == "close":
             transport.close()
             reply("closed")

@@ -174,13 +174,48 @@ class Instance:
         raise ValueError(f"unknown op {op!r}")
 
 
+def plugin_report() -> dict:
+    """What SGLang resolves for "kvtier" after loading its plugins, as a fresh server process would."""
+    import argparse
+
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang.srt.disaggregation import decode, prefill, utils
+    from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+    from sglang.srt.managers import disagg_service
+    from sglang.srt.server_args import ServerArgs
+
+    backend = TransferBackend("kvtier")
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    parsed = parser.parse_args(["--model-path", "m", "--disaggregation-mode", "prefill",
+                                "--disaggregation-transfer-backend", "kvtier"])
+    try:
+        parser.parse_args(["--model-path", "m", "--disaggregation-transfer-backend", "nope"])
+        rejects_unknown = False
+    except SystemExit:
+        rejects_unknown = True
+    return {
+        "member": f"{backend.name}={backend.value}", "is_attr": backend is TransferBackend.KVTIER,
+        "listed": backend in list(TransferBackend),
+        "classes": {module.__name__: {t.value: (lambda c: f"{c.__module__}.{c.__name__}")(module.get_kv_class(backend, t))
+                                      for t in KVClassType}
+                    for module in (utils, prefill, decode, disagg_service)},
+        "fake_sender": get_kv_class(TransferBackend.FAKE, KVClassType.SENDER).__name__,
+        "cli": parsed.disaggregation_transfer_backend, "cli_rejects_unknown": rejects_unknown,
+    }
+
+
 def main() -> None:
     single_rank_sglang()
     instances: dict[str, Instance] = {}
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "new":
+        if cmd["op"] == "plugin":
+            reply = plugin_report()
+        elif cmd["op"] == "new":
             instances[cmd["name"]] = Instance(cmd["args"])
             reply = {"rank_port": instances[cmd["name"]].mgr.rank_port}
         else:

@@ -85,11 +85,11 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Three processes started together (SGLang's imports take seconds each): a prefill, a prefill
-    that a test kills, and one process holding every decode rank the tests create."""
+    """Processes started together (SGLang's imports take seconds each): a prefill, a prefill and
+    a decode that tests kill, and one process holding every other decode rank the tests create."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
     env.update(ENV)
-    procs = {name: Process(env) for name in ("prefill", "doomed", "decode")}
+    procs = {name: Process(env) for name in ("prefill", "doomed", "decode", "doomed_decode")}
     try:
         for p in procs.values():
             assert p.reply() == {"ready": True}
@@ -249,37 +249,35 @@ def test_a_prefill_killed_mid_transfer_fails_the_decode_side_quickly(cluster):
     assert "Lost connection with prefill" in d["error"] or "timed out" in d["error"], d["error"]
 
 
-def test_the_plugin_registers_the_transfer_backend_for_sglang():
-    code = """
-import argparse
-from sglang.srt.plugins import load_plugins
-load_plugins()
-from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
-from sglang.srt.disaggregation import prefill, decode
-from sglang.srt.managers import disagg_service
-from sglang.srt.server_args import ServerArgs
-from kvtier.sglang_ext import pd_conn
-backend = TransferBackend("kvtier")
-assert backend is TransferBackend.KVTIER and backend in list(TransferBackend)
-for fn in (get_kv_class, prefill.get_kv_class, decode.get_kv_class, disagg_service.get_kv_class):
-    assert fn(backend, KVClassType.MANAGER) is pd_conn.KvtierKVManager
-    assert fn(backend, KVClassType.SENDER) is pd_conn.KvtierKVSender
-    assert fn(backend, KVClassType.RECEIVER) is pd_conn.KvtierKVReceiver
-    assert fn(backend, KVClassType.BOOTSTRAP_SERVER) is pd_conn.KvtierKVBootstrapServer
-    assert fn(backend, KVClassType.KVARGS).__name__ == "KVArgs"
-assert get_kv_class(TransferBackend.FAKE, KVClassType.SENDER).__name__ == "FakeKVSender"
-parser = argparse.ArgumentParser()
-ServerArgs.add_cli_args(parser)
-args = parser.parse_args(["--model-path", "m", "--disaggregation-mode", "prefill",
-                          "--disaggregation-transfer-backend", "kvtier"])
-assert args.disaggregation_transfer_backend == "kvtier"
-try:
-    parser.parse_args(["--model-path", "m", "--disaggregation-transfer-backend", "nope"])
-except SystemExit:
-    print("OK")
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+def test_a_decode_killed_mid_transfer_fails_the_prefill_side_within_the_timeout(cluster, prefill):
+    prefill, addr = prefill
+    procs = cluster[0]
+    decode = procs["doomed_decode"].rank("dd", role="decode", bootstrap_port=0, seed=2)
+    room = new_room(np.random.default_rng(13))
+    assert bootstrap(prefill, decode, addr, room, list(range(10, 18)), prefix_len=0) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    prefill.call("init", room=room, prompt_len=32, aux_index=6, first_token=5)
+    procs["doomed_decode"].kill()
+    prefill.call("send", room=room, pages=list(range(40, 48)), last=True, tokens=32)
+    p = prefill.call("wait", room=room, want=[], timeout_s=20)
+    assert p["status"] == FAILED and p["seconds"] < 12, p  # KVTIER_PD_TIMEOUT_S=5
+    assert f"kvtier PD: sending KV of request {room} failed" in p["error"], p["error"]
+    check_lifecycle(prefill, decode_rank(cluster, "d"), addr, seed=14)  # other decode ranks are still served
+
+
+def test_the_plugin_registers_the_transfer_backend_for_sglang(cluster):
+    """load_plugins() in a child process (the decode ranks' one) as every SGLang process runs it."""
+    report = cluster[0]["decode"].call(op="plugin")
+    assert report["member"] == "KVTIER=kvtier" and report["is_attr"] and report["listed"]
+    ours = {"kvargs": "sglang.srt.disaggregation.base.conn.KVArgs"} | {
+        kind: f"kvtier.sglang_ext.pd_conn.KvtierKV{name}" for kind, name in
+        (("sender", "Sender"), ("receiver", "Receiver"), ("bootstrap_server", "BootstrapServer"))}
+    ours["manager"] = "kvtier.sglang_ext.pd_manager.KvtierKVManager"
+    assert len(report["classes"]) == 4  # utils, prefill, decode, disagg_service all see the hook
+    for module, classes in report["classes"].items():
+        assert classes == ours, module
+    assert report["fake_sender"] == "FakeKVSender"  # other backends resolve as before
+    assert report["cli"] == "kvtier" and report["cli_rejects_unknown"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -186,10 +186,9 @@ def merge_logprobs(prefill: Any, decode: Any) -> Any:
 class UpstreamError(Exception):
     """A worker failed a request; ``status`` is what the client gets."""
 
-    def __init__(self, status: int, message: str, worker: Optional[Worker] = None):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.worker = worker
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -353,10 +352,10 @@ class Router:
         if isinstance(exc, asyncio.TimeoutError):
             msg = f"{w.role} worker {w.url} did not answer within {self.request_timeout:g} s"
             self._fail(w, msg, unreachable=False)
-            return UpstreamError(504, msg, w)
+            return UpstreamError(504, msg)
         msg = f"{w.role} worker {w.url} failed: {type(exc).__name__}: {exc}"
         self._fail(w, msg, unreachable=isinstance(exc, (aiohttp.ClientConnectionError, OSError)))
-        return UpstreamError(502, msg, w)
+        return UpstreamError(502, msg)
 
     async def _check_status(self, w: Worker, resp: aiohttp.ClientResponse) -> None:
         """Turn a worker's 5xx into a 502 naming it; 4xx pass through as the client's answer."""
@@ -364,8 +363,7 @@ class Router:
             text = (await resp.text(errors="replace"))[:2000]
             msg = f"{w.role} worker {w.url} answered {resp.status}: {text}"
             self._fail(w, msg, unreachable=False)
-            raise UpstreamError(502, msg, w)
-
+            raise UpstreamError(502, msg)
 
     @contextlib.contextmanager
     def _busy(self, w: Worker) -> Iterator[None]:
@@ -433,6 +431,15 @@ class Router:
         finally:
             main.cancel()
 
+    async def _read(self, w: Worker, read: Awaitable[bytes], prefill: asyncio.Task) -> bytes:
+        """The next piece of ``w``'s stream; its failures, or prefill's, as UpstreamError."""
+        try:
+            return await self._race(read, prefill)
+        except UpstreamError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._upstream_error(w, exc) from exc
+
     async def _generate(self, endpoint: str, data: bytes, p: Worker, d: Worker, logprobs: bool) -> web.Response:
         prefill = _task(self._post(p, endpoint, data))
         decode = _task(self._post(d, endpoint, data))
@@ -475,16 +482,15 @@ class Router:
                     "Content-Type", "text/event-stream")})
                 await out.prepare(request)
                 try:
-                    if first is not None:
-                        while line := await self._race(resp.content.readline(), prefill):
-                            await out.write(_merge_event(first, line))
-                    else:
-                        while chunk := await self._race(resp.content.read(STREAM_READ_BYTES), prefill):
-                            await out.write(chunk)
+                    while True:
+                        read = resp.content.readline() if first else resp.content.read(STREAM_READ_BYTES)
+                        piece = await self._read(d, read, prefill)
+                        if not piece:
+                            break
+                        await out.write(_merge_event(first, piece) if first else piece)
                     complete = True
-                except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                except UpstreamError as err:
                     # Headers are gone; tell the client in the stream, as SGLang does for its own errors.
-                    err = self._upstream_error(d, exc) if not isinstance(exc, UpstreamError) else exc
                     await out.write(b"data: " + json.dumps(error_body(err.status, str(err))).encode() + b"\n\n")
                 await out.write_eof()
                 return out
@@ -548,7 +554,8 @@ class Router:
             return error_response(err.status, str(err))
 
     async def _start(self, _: web.Application) -> None:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # No keep-alive: a pooled connection to a worker that restarted would fail the next request.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _stop(self, _: web.Application) -> None:
@@ -597,8 +604,11 @@ def _merge_event(first: dict, line: bytes) -> bytes:
     """One SSE line of decode's stream with prefill's input logprobs merged into its event."""
     if not line.startswith(b"data:") or b"[DONE]" in line:
         return line
-    event = merge_logprobs(first, json.loads(line[5:]))
-    return b"data: " + json.dumps(event).encode() + b"\n"
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return line  # not an event we understand: the client gets it as the worker sent it
+    return b"data: " + json.dumps(merge_logprobs(first, event)).encode() + b"\n"
 
 
 def parse_workers(prefill: list[list[str]], decode: list[str]) -> tuple[list[tuple[str, int]], list[str]]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,22 @@ def spawn() -> Iterator[Callable[..., Proc]]:
     yield standin
     for p in reversed(started):
         p.kill()
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def free_ports() -> Callable[[int], list[int]]:
+    """``free_ports(n)``: n distinct TCP ports free on loopback right now."""
+    return _free_ports
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,18 +16,8 @@ from kvtier.launch.cluster import arg_parser, gpu_count, plan
 HERE = Path(__file__).parent
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
-def start_cluster(spawn, tmp_path):
+def start_cluster(spawn, tmp_path, free_ports):
     """``start_cluster(*args, ready=..., **env)``: launch.cluster with stand-in workers, ports free."""
 
     def start(*args: str, ready: str = r"ready. Send requests to (http://\S+)", **env: str):

@@ -314,3 +314,37 @@ def test_router_refuses_bad_worker_arguments(args, message):
     out = subprocess.run([sys.executable, "-m", "kvtier.launch.router", *args], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def open_stream(url: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, bytes]:
+    """POST a streaming request and read its first piece."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn.request("POST", u.path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return conn, resp, resp.read1(65536)
+
+
+def test_a_decode_dying_mid_stream_ends_it_with_an_error_event(spawn):
+    p, d = spawn("prefill"), spawn("decode")
+    d.control(gap=1.0)
+    router = spawn.router([p], [d], "--health-interval", "60")
+    conn, resp, first = open_stream(f"{router.url}/generate", {"text": "s", "stream": True})
+    assert resp.status == 200 and first.startswith(b"data: {")
+    d.kill()
+    rest = resp.read()
+    conn.close()
+    event = json.loads(rest.strip().split(b"\n")[-1][5:])
+    assert event["error"]["code"] == 502 and f"decode worker {d.url} failed" in event["error"]["message"]
+
+
+def test_a_client_leaving_a_stream_is_not_a_worker_failure(spawn):
+    p, d = spawn("prefill"), spawn("decode")
+    d.control(gap=0.3)
+    router = spawn.router([p], [d])
+    conn, resp, first = open_stream(f"{router.url}/generate", {"text": "s", "stream": True})
+    assert resp.status == 200 and first
+    conn.close()
+    state = router.wait_workers(lambda s: s["decode"][0]["in_flight"] == 0 and s["prefill"][0]["in_flight"] == 0)
+    assert state["decode"][0]["healthy"] and state["decode"][0]["failures"] == 0
+    assert router.post("generate", {"text": "x"})[0] == 200

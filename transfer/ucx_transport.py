@@ -47,7 +47,6 @@ synchronized before a send.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import json
 import logging
 import os
@@ -337,7 +336,7 @@ class UcxTransport(Transport):
         self._requests: list[_Req] = []
         self._closing: list[int] = []  # ep close requests in flight
         self._to_close: list[_Conn] = []
-        self._tags = itertools.count(1)
+        self._next_tag = 1  # tags of receives posted on this worker, never reused
         self._callbacks = (_AM_CB(self._on_am), _ERR_CB(self._on_error), _CONN_CB(self._on_conn_request))
         self._ready = threading.Event()
         self._start_error: Optional[BaseException] = None
@@ -675,6 +674,11 @@ class UcxTransport(Transport):
         ptr = self._ucp.ucp_tag_recv_nbx(self._worker, buf.data_ptr(), buf.numel(), tag, (1 << 64) - 1, ctypes.byref(param))
         self._track(ptr, buf, on_done, owner, info.length)
 
+    def _take_tags(self, count: int) -> int:
+        first = self._next_tag
+        self._next_tag += count
+        return first
+
     def _cancel(self, recvs: set[int]) -> None:
         for req in list(recvs):
             self._ucp.ucp_request_cancel(self._worker, req)
@@ -756,13 +760,11 @@ class UcxTransport(Transport):
         elif op.kind == "write":
             self._send_am(conn, _PLAN_WRITE, op.seq, 0, json.dumps(op.ranges).encode())
         else:
-            first = next(self._tags)
+            first = self._take_tags(len(op.buffers))
             for i, buf in enumerate(op.buffers):
                 if buf.numel():
                     op.pending += 1
                     self._post_recv(buf, first + i, op.recvs, self._piece_done(conn, op, buf.numel()))
-            for _ in op.buffers[1:]:
-                next(self._tags)
             self._send_am(conn, _PLAN_READ, op.seq, first, json.dumps(op.ranges).encode())
 
     def _piece_done(self, conn: _Conn, op: _Op, expected: int) -> Callable[[int, int], None]:
@@ -844,9 +846,7 @@ class UcxTransport(Transport):
             if error is not None:
                 self._send_am(conn, _DONE, seq, 0, error.encode())
                 return
-            first = next(self._tags)
-            for _ in views[1:]:
-                next(self._tags)
+            first = self._take_tags(len(views))
             batch = _Batch(sum(1 for v in views if v.numel()) + 1)  # + 1 until READY is sent
             for i, view in enumerate(views):
                 if view.numel():

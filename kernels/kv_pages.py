@@ -64,7 +64,6 @@ def _kv_copy_kernel(
     host,  # uint8 slab holding the chunks
     host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
     v_region_words,  # L * CHUNK_TOKENS * K_WORDS: where a chunk's V part starts
-    first_layer,  # the grid's layer 0 is this pool layer (a launch may cover a range of layers)
     CHUNK_TOKENS: tl.constexpr,
     K_WORDS: tl.constexpr,
     V_WORDS: tl.constexpr,
@@ -78,7 +77,7 @@ def _kv_copy_kernel(
     # Grid: (token tiles of all chunks, layers); each program moves K and V of its tile.
     tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
     tile = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64) + first_layer
+    layer = tl.program_id(1).to(tl.int64)
     chunk = (tile // tiles_per_chunk).to(tl.int64)
     t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < CHUNK_TOKENS
@@ -205,7 +204,7 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
             slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
-            gather: bool, layers: range) -> None:
+            gather: bool) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
@@ -219,11 +218,11 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
     block_t = min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw))
-    grid = (len(plan.offsets) * triton.cdiv(chunk_tokens, block_t), len(layers))
+    grid = (len(plan.offsets) * triton.cdiv(chunk_tokens, block_t), plan.num_layers)
     # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
     # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
     _kv_copy_kernel[grid](
-        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, layers.start,
+        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words,
         CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
         WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
@@ -251,7 +250,7 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
 
 def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                   chunk_tokens: int, layers: range) -> None:
+                   chunk_tokens: int) -> None:
     device = k_buffers[0].device
     n_chunks = len(plan.offsets)
     slots = slots.to(device)
@@ -261,9 +260,9 @@ def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
     for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
                                     (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
         per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
-        for layer in layers:
+        for layer, buf in enumerate(bufs):
             rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
-            _byte_rows(bufs[layer]).index_copy_(0, slots[keep], rows[keep])
+            _byte_rows(buf).index_copy_(0, slots[keep], rows[keep])
 
 
 def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
@@ -288,42 +287,29 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
-                layers=range(plan.num_layers))
+        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True)
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
 
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-               chunk_tokens: int, layers: range | None = None) -> None:
+               chunk_tokens: int) -> None:
     """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
     the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the
     start of a chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
-    ``layers`` (default: all) limits the copy to a range of the pool's layers, so a load can be
-    issued in groups of layers that the forward pass waits for one by one.
     Runs on the current stream for CUDA pools: leave ``src`` untouched until it has finished.
     """
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
-    layers = _layer_range(layers, plan.num_layers)
-    if not plan.offsets or not layers:
+    if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
-                layers=layers)
+        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False)
     else:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, layers)
-
-
-def _layer_range(layers: range | None, num_layers: int) -> range:
-    if layers is None:
-        return range(num_layers)
-    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 or layers.stop > num_layers:
-        raise ValueError(f"layers must be a contiguous range within range({num_layers}), got {layers!r}")
-    return layers
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
 
 
 def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
@@ -338,10 +324,9 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
 
 def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                          k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                         chunk_tokens: int, layers: range | None = None) -> None:
+                         chunk_tokens: int) -> None:
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     if plan.offsets:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens,
-                       _layer_range(layers, plan.num_layers))
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)

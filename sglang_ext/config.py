@@ -54,9 +54,6 @@ class KVTierConfig:
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
     """A reader's pins on CPU chunks expire after this long, so a dead reader cannot leak them."""
-    load_layer_groups: int = 4
-    """A load-back is copied in this many groups of layers; the forward pass reads a layer as soon
-    as its group landed (1 = the whole copy before the forward pass)."""
     pd_transport: str = "auto"
     """PD KV transport: zmq (host memory, any hosts), cuda_ipc (GPU to GPU, one host), or auto
     (cuda_ipc for a CUDA pool when kvtier.transfer.cuda_ipc is available, else zmq)."""
@@ -178,8 +175,6 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("metrics_port", "must be a TCP port, or 0 to disable metrics")
     if cfg.pin_timeout_s <= 0:
         raise bad("pin_timeout_s", "must be > 0 seconds")
-    if cfg.load_layer_groups < 1:
-        raise bad("load_layer_groups", "must be >= 1 (1 copies all layers before the forward pass)")
     if cfg.pd_transport not in PD_TRANSPORTS:
         raise bad("pd_transport", f"must be one of {list(PD_TRANSPORTS)}")
     if cfg.pd_stage_slots < 1:

@@ -48,7 +48,6 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"metrics_port": 70000}, "metrics_port"),
         ({"remote_url": "memcached://h:1"}, "remote_url"),
         ({"pin_timeout_s": 0}, "pin_timeout_s"),
-        ({"load_layer_groups": 0}, "load_layer_groups"),
     ],
 )
 def test_invalid_values_name_the_key(changes, key):

@@ -29,7 +29,7 @@ from typing import Optional
 
 import psutil
 
-from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT, find_option
+from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT, LaunchError, check_config, find_option
 
 SHARED_GPU_MEM_FRACTION = 0.35
 # Flags the cluster sets itself per worker, so extra SGLang arguments must not repeat them.
@@ -179,6 +179,7 @@ class Cluster:
         self.stop_timeout = stop_timeout
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.started: dict[str, float] = {}
         self.stopping = threading.Event()
 
     def say(self, msg: str) -> None:
@@ -192,6 +193,7 @@ class Cluster:
             self.procs[svc.name] = subprocess.Popen(svc.argv, stdout=out, stderr=subprocess.STDOUT,
                                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.logs[svc.name] = log
+        self.started[svc.name] = time.monotonic()
         self.say(f"started {svc.name} (pid {self.procs[svc.name].pid}), log {log}")
 
     def dead(self) -> Optional[str]:
@@ -204,9 +206,9 @@ class Cluster:
         return None
 
     def wait_healthy(self, svc: Service, deadline_s: float, progress_s: float = 15.0) -> Optional[str]:
-        """Poll ``/health`` until 200; an error message if the process died or the deadline passed."""
-        started = time.monotonic()
-        next_note = started + progress_s
+        """Poll ``/health`` until 200; an error message if a process died or ``deadline_s`` after its start passed."""
+        started = self.started[svc.name]
+        next_note = time.monotonic() + progress_s
         while not self.stopping.is_set():
             failure = self.dead()
             if failure:
@@ -281,8 +283,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         p = plan(args, extra, gpu_count() if args.decode_gpu is None else 0)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.kvtier_config and not Path(args.kvtier_config).is_file():
-        ap.error(f"--kvtier-config {args.kvtier_config} does not exist")
+    try:
+        check_config(args.kvtier_config, os.environ)  # here, not in two worker logs
+    except LaunchError as exc:
+        ap.error(str(exc))
     for flag, port, host in (("--prefill-port", args.prefill_port, "127.0.0.1"),
                              ("--decode-port", args.decode_port, "127.0.0.1"),
                              ("--bootstrap-port", args.bootstrap_port, "127.0.0.1"),

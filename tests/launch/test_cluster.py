@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,3 +137,14 @@ def test_startup_deadline_and_sigterm_while_starting(start_cluster):
     assert cluster.proc.wait(20) == 0
     assert "ready" not in cluster.output()
     assert gone(pids)
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cpu_size_gb: 0\n")
+    for args, message in ((["--kvtier-config", str(bad)], "cpu_size_gb=0.0: must be > 0"),
+                          (["--", "--base-gpu-id", "3"], "'--base-gpu-id' after -- would override")):
+        out = subprocess.run([sys.executable, "-m", "kvtier.launch.cluster", "--model-path", "m",
+                              "--run-dir", str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()

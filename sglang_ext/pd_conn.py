@@ -93,7 +93,8 @@ class KvtierKVSender(CommonKVSender):
 
     def abort(self) -> None:
         super().abort()
-        self.kv_mgr.tell_decode(self.bootstrap_room, "kvtier PD: the prefill server aborted the request", background=True)
+        self.kv_mgr.tell_decode(self.bootstrap_room, "kvtier PD: the prefill server aborted the request",
+                                background=True)
 
 
 class KvtierKVReceiver(CommonKVReceiver):
@@ -124,7 +125,8 @@ class KvtierKVReceiver(CommonKVReceiver):
         """Fail a request to a prefill that decode refused, and tell that prefill why."""
         self._fail(why)
         info = self.kv_mgr.prefill_info_table[self.bootstrap_addr]
-        rank = self._get_bootstrap_info_from_server(prefill_dp_rank, 0, self.kv_mgr.kv_args.engine_rank % info.attn_tp_size,
+        rank = self._get_bootstrap_info_from_server(prefill_dp_rank, 0,
+                                                    self.kv_mgr.kv_args.engine_rank % info.attn_tp_size,
                                                     self.kv_mgr.pp_rank)
         if rank is not None:
             self._tell_prefill(NetworkAddress(rank["rank_ip"], int(rank["rank_port"])).to_tcp(), why)
@@ -140,7 +142,8 @@ class KvtierKVReceiver(CommonKVReceiver):
     def _register_kv_args(self) -> bool:
         mgr = self.kv_mgr
         for stage in self._stages():
-            msg = {"peer": mgr.peer_id(stage), "ip": mgr.local_ip, "port": mgr.rank_port, "layout": mgr.layout.to_dict(),
+            msg = {"peer": mgr.peer_id(stage), "ip": mgr.local_ip, "port": mgr.rank_port,
+                   "layout": mgr.layout.to_dict(),
                    "descriptor": mgr.transport.descriptor(), "stage": stage.name, "slots": mgr.cfg.pd_stage_slots,
                    "slot_bytes": stage.slot_bytes}
             try:

@@ -116,13 +116,15 @@ class PDStats:
 class KvtierKVManager(CommonKVManager):
     """One rank's end of kvtier PD: the transport, the pool views and the protocol threads."""
 
-    def __init__(self, args: KVArgs, disaggregation_mode: DisaggregationMode, server_args, is_mla_backend: bool = False):
+    def __init__(self, args: KVArgs, disaggregation_mode: DisaggregationMode, server_args,
+                 is_mla_backend: bool = False):
         if is_mla_backend or getattr(args, "state_types", None) or getattr(args, "is_hybrid_mla_backend", False):
             raise ValueError("--disaggregation-transfer-backend kvtier supports MHA KV pools only (not MLA, hybrid, "
                              "SWA or Mamba models); use mooncake or nixl for this model")
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         self.cfg = load_config()
-        self.device = torch.device(f"cuda:{args.gpu_id}") if str(server_args.device).startswith("cuda") else torch.device("cpu")
+        on_gpu = str(server_args.device).startswith("cuda")
+        self.device = torch.device(f"cuda:{args.gpu_id}") if on_gpu else torch.device("cpu")
         self.transport_kind = transport_kind(self.cfg, self.device)
         self.transport = open_transport(self.transport_kind, self.local_ip, 0)
         self.on_device = bool(self.transport.device_regions) and self.device.type == "cuda"
@@ -136,10 +138,12 @@ class KvtierKVManager(CommonKVManager):
         prefill = disaggregation_mode == DisaggregationMode.PREFILL
         address = (f"{self.bootstrap_host}:{self.bootstrap_port}" if prefill else f"{self.local_ip}:{self.rank_port}")
         self.layout = PDLayout(
-            role="prefill" if prefill else "decode", address=address, model=self.cfg.pd_model_id or _model_id(server_args),
+            role="prefill" if prefill else "decode", address=address,
+            model=self.cfg.pd_model_id or _model_id(server_args),
             kv_dtype=str(args.kv_cache_dtype_str), page_size=int(args.page_size), tp_size=self.attn_tp_size,
             pp_size=self.pp_size, cp_size=self.attn_cp_size, transport=self.transport_kind,
-            kv_item_lens=tuple(int(x) for x in args.kv_item_lens), aux_item_lens=tuple(int(x) for x in args.aux_item_lens),
+            kv_item_lens=tuple(int(x) for x in args.kv_item_lens),
+            aux_item_lens=tuple(int(x) for x in args.aux_item_lens),
         )
         self._status_lock = threading.Lock()
         self._stop = threading.Event()
@@ -235,7 +239,8 @@ class KvtierKVManager(CommonKVManager):
         if why is not None:
             self.refused[peer_id] = why
             logger.error("%s", why)
-            self.send_control(endpoint, control_message(REFUSED, {"peer": peer_id, "layout": self.layout.to_dict(), "reason": why}))
+            refusal = {"peer": peer_id, "layout": self.layout.to_dict(), "reason": why}
+            self.send_control(endpoint, control_message(REFUSED, refusal))
             return
         self.refused.pop(peer_id, None)
         old = self.peers.get(peer_id)
@@ -259,7 +264,8 @@ class KvtierKVManager(CommonKVManager):
             why = f"kvtier PD: decode {peer_id} sent request {room} without registering its KV layout first"
         if why is not None:
             self._fail_early(room, why)
-            self.send_control(NetworkAddress(msg["ip"], int(msg["port"])).to_tcp(), control_message(FAIL, {"room": room, "reason": why}))
+            endpoint = NetworkAddress(msg["ip"], int(msg["port"])).to_tcp()
+            self.send_control(endpoint, control_message(FAIL, {"room": room, "reason": why}))
             return
         pages = np.frombuffer(frames[2], dtype=np.int32).astype(np.int64)
         self.transfer_infos[room] = _Destination(peer_id, pages, int(msg["aux_index"]))
@@ -269,7 +275,8 @@ class KvtierKVManager(CommonKVManager):
     def _on_refuse(self, frames: list[bytes]) -> None:
         msg = json.loads(frames[1])
         remote = PDLayout.from_dict(msg["layout"])
-        why = compare(self.layout, remote) or f"kvtier PD: decode {remote.address} refused this prefill: {msg['reason']}"
+        why = (compare(self.layout, remote)
+               or f"kvtier PD: decode {remote.address} refused this prefill: {msg['reason']}")
         logger.error("%s", why)
         self._fail_early(int(msg["room"]), why)
 
@@ -293,7 +300,8 @@ class KvtierKVManager(CommonKVManager):
             return
         frames = control_message(FAIL, {"room": room, "reason": why})
         if background:
-            threading.Thread(target=self.send_control, args=(peer.endpoint, frames), name="kvtier-pd-fail", daemon=True).start()
+            threading.Thread(target=self.send_control, args=(peer.endpoint, frames), name="kvtier-pd-fail",
+                             daemon=True).start()
         else:
             self.send_control(peer.endpoint, frames)
 
@@ -342,9 +350,10 @@ class KvtierKVManager(CommonKVManager):
             try:
                 self.packer.gather(src[first : first + n], self.gather_buf, chunk.event)
                 nbytes = n * self.page_bytes
-                self.transport.write(peer.transport_peer, [(self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)],
-                                     timeout_s=max(deadline - time.monotonic(), 0.001))
-                note = {"room": room, "stage": peer.stage, "slot": slot, "start": chunk.index_slice.start + first, "n": n}
+                op = (self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)
+                self.transport.write(peer.transport_peer, [op], timeout_s=max(deadline - time.monotonic(), 0.001))
+                note = {"room": room, "stage": peer.stage, "slot": slot, "start": chunk.index_slice.start + first,
+                        "n": n}
                 self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
             except BaseException:
                 peer.credits.give(slot)
@@ -355,7 +364,8 @@ class KvtierKVManager(CommonKVManager):
             ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
                    enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
             self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
-            self.transport.notify(peer.transport_peer, b"D" + json.dumps({"room": room}).encode(), timeout_s=self.timeout_s)
+            done = b"D" + json.dumps({"room": room}).encode()
+            self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
         seconds = time.perf_counter() - start
         self.stats.add(seconds=seconds, requests=int(chunk.is_last))
         self.room_seconds[room] = self.room_seconds.get(room, 0.0) + seconds
@@ -380,8 +390,9 @@ class KvtierKVManager(CommonKVManager):
                          response.status_code, response.text)
             return False
         info = PrefillServerInfo(**response.json())
-        remote = PDLayout(role="prefill", address=bootstrap_addr, kv_dtype=info.kv_cache_dtype, page_size=info.page_size,
-                          tp_size=info.attn_tp_size, pp_size=info.pp_size, cp_size=info.attn_cp_size)
+        remote = PDLayout(role="prefill", address=bootstrap_addr, kv_dtype=info.kv_cache_dtype,
+                          page_size=info.page_size, tp_size=info.attn_tp_size, pp_size=info.pp_size,
+                          cp_size=info.attn_cp_size)
         why = compare(self.layout, remote)
         if why is not None:
             logger.error("%s", why)

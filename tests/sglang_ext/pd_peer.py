@@ -75,8 +75,8 @@ class Instance:
         self.meta = MetadataBuffers(8, 16, torch.float32)
         server_args = types.SimpleNamespace(
             host="127.0.0.1", disaggregation_bootstrap_port=self.port, dist_init_addr=None, dcp_size=1,
-            pp_size=1, device=args.get("device", "cpu"), model_path=args.get("model", "tiny-llama"), revision=None, quantization=None,
-            load_format="dummy")
+            pp_size=1, device=args.get("device", "cpu"), model_path=args.get("model", "tiny-llama"), revision=None,
+            quantization=None, load_format="dummy")
         self.server = KvtierKVBootstrapServer("127.0.0.1", self.port) if self.prefill else None
         # KVArgs exactly as prefill.py / decode.py _init_kv_manager fill them for an MHA pool.
         kv_args = KVArgs()
@@ -187,6 +187,7 @@ def plugin_report() -> dict:
     from sglang.srt.server_args import ServerArgs
 
     backend = TransferBackend("kvtier")
+    qualified = lambda c: f"{c.__module__}.{c.__name__}"  # noqa: E731
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     parsed = parser.parse_args(["--model-path", "m", "--disaggregation-mode", "prefill",
@@ -199,8 +200,7 @@ def plugin_report() -> dict:
     return {
         "member": f"{backend.name}={backend.value}", "is_attr": backend is TransferBackend.KVTIER,
         "listed": backend in list(TransferBackend),
-        "classes": {module.__name__: {t.value: (lambda c: f"{c.__module__}.{c.__name__}")(module.get_kv_class(backend, t))
-                                      for t in KVClassType}
+        "classes": {module.__name__: {t.value: qualified(module.get_kv_class(backend, t)) for t in KVClassType}
                     for module in (utils, prefill, decode, disagg_service)},
         "fake_sender": get_kv_class(TransferBackend.FAKE, KVClassType.SENDER).__name__,
         "cli": parsed.disaggregation_transfer_backend, "cli_rejects_unknown": rejects_unknown,

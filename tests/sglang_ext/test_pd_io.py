@@ -48,7 +48,8 @@ def test_pages_move_bit_exact_through_a_staging_buffer(device, on_device):
     sp, dp = packer_of(src), packer_of(dst)
     assert sp.page_bytes == 6 * page_size * 2 * 16 * 2
     rng = np.random.default_rng(3)
-    src_pages, dst_pages = rng.choice(np.arange(1, 16), 5, replace=False), rng.choice(np.arange(1, 16), 5, replace=False)
+    src_pages = rng.choice(np.arange(1, 16), 5, replace=False)
+    dst_pages = rng.choice(np.arange(1, 16), 5, replace=False)
     buf = staging_buffer(7 * sp.page_bytes, torch.device(device), on_device)
     assert buf.device.type == (device if on_device else "cpu")
     assert buf.is_pinned() == (device == "cuda" and not on_device)

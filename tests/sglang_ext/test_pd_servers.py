@@ -27,7 +27,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-_spec = importlib.util.spec_from_file_location("kvtier_test_sglang_objects_pd", Path(__file__).with_name("sglang_objects.py"))
+_spec = importlib.util.spec_from_file_location("kvtier_test_sglang_objects_pd",
+                                               Path(__file__).with_name("sglang_objects.py"))
 sglang_objects = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sglang_objects)
 
@@ -108,8 +109,8 @@ def test_pd_servers_match_a_single_server_and_refuse_a_mismatched_decode(tmp_pat
         "reference": Server(model, tmp_path / "reference.log"),
         "prefill": Server(model, tmp_path / "prefill.log", "--disaggregation-mode", "prefill", *pd_args),
         "decode": Server(model, tmp_path / "decode.log", "--disaggregation-mode", "decode", *pd_args),
-        "decode_page16": Server(model, tmp_path / "decode16.log", "--disaggregation-mode", "decode", "--page-size", "16",
-                                *pd_args),
+        "decode_page16": Server(model, tmp_path / "decode16.log", "--disaggregation-mode", "decode",
+                                "--page-size", "16", *pd_args),
     }
     try:
         for s in servers.values():
@@ -119,7 +120,8 @@ def test_pd_servers_match_a_single_server_and_refuse_a_mismatched_decode(tmp_pat
         for i, length in enumerate((5, 300, 1500)):
             ids = torch.randint(10, 900, (length,), generator=gen).tolist()
             ref: dict = {}
-            reference.generate({"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 12}}, ref, "r")
+            body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 12}}
+            reference.generate(body, ref, "r")
             got = pd_generate(prefill, decode, bootstrap, ids, room=1000 + i, n=12)
             assert got["d"][0] == 200, got
             assert got["d"][1]["output_ids"] == ref["r"][1]["output_ids"], (length, got["d"][1], ref["r"][1])

@@ -107,7 +107,8 @@ class _StateFile:
         self._fd = fd
         self._free = list(range(STATE_SLOTS - 1, -1, -1))
         self._next_gen = 1
-        self._unlink = weakref.finalize(self, _unlink, self.path)  # also at exit without close()
+        # also at exit without close(), but never from a forked child
+        self._unlink = weakref.finalize(self, _unlink, self.path, os.getpid())
 
     def claim(self) -> tuple[int, int]:
         if not self._free:
@@ -131,9 +132,10 @@ class _StateFile:
         self._unlink()
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _unlink(path: str, owner: int | None = None) -> None:
+    if owner is None or owner == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class _PeerState:
@@ -261,10 +263,14 @@ class CudaIpcTransport(Transport):
                 raise TransferError(
                     f"region {name!r} must be contiguous and not empty; pass tensor.contiguous()"
                 )
-            export = self._export(name, region)
             if self._state is None:
                 self._state = _StateFile()
             slot, gen = self._state.claim()
+            try:
+                export = self._export(name, region)
+            except BaseException:
+                self._state.release(slot)
+                raise
             export.users += 1
             self._cuda[name] = _Region(region, export, slot, gen)
 
@@ -384,9 +390,12 @@ class CudaIpcTransport(Transport):
                 f"{peer.address} exports CUDA regions {sorted(cuda)} but this process has no "
                 "CUDA; run it on a GPU of the same host, or have the peer register host regions"
             )
-        peer.state = _PeerState(descriptor["state_file"], peer.address)
+        peer.state = _PeerState(descriptor.get("state_file") or "", peer.address)
         if not peer.state.alive():
-            raise PeerTimeout(f"{peer.address} has exited; connect to it again once it is back")
+            raise PeerTimeout(
+                f"{peer.address} may have died (it no longer holds the lock on its state file); "
+                "connect to it again once it is back"
+            )
         storages: dict[tuple, torch.UntypedStorage] = {}
         for name, c in cuda.items():
             info = c["storage"]
@@ -505,8 +514,9 @@ class CudaIpcTransport(Transport):
         if not p.state.alive():
             self._drop(p)
             raise PeerTimeout(
-                f"{p.address} exited before {what}; its GPU memory is unmapped here; "
-                "call connect(descriptor) again once it is back"
+                f"{p.address} did not complete {what}: it may have died (it no longer holds the "
+                "lock on its state file); its GPU memory is unmapped here; call "
+                "connect(descriptor) again once it is back"
             )
         for name in names:
             mapped = p.mapped.get(name)

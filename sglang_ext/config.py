@@ -54,6 +54,10 @@ class KVTierConfig:
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
     """A reader's pins on CPU chunks expire after this long, so a dead reader cannot leak them."""
+    lower_tier_wait_s: float = 0.0
+    """How long a prefix lookup may wait for chunks being fetched from the disk or remote tier
+    into the CPU tier; 0 never waits (those chunks are recomputed now and prefetched for next
+    time). The wait holds SGLang's scheduler, so set it only where a fetch beats a recompute."""
     pd_transport: str = "auto"
     """PD KV transport: zmq (host memory, any hosts), cuda_ipc (GPU to GPU, one host), or auto
     (cuda_ipc for a CUDA pool when kvtier.transfer.cuda_ipc is available, else zmq)."""
@@ -175,6 +179,8 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("metrics_port", "must be a TCP port, or 0 to disable metrics")
     if cfg.pin_timeout_s <= 0:
         raise bad("pin_timeout_s", "must be > 0 seconds")
+    if cfg.lower_tier_wait_s < 0:
+        raise bad("lower_tier_wait_s", "must be >= 0 seconds (0: never wait for the disk or remote tier)")
     if cfg.pd_transport not in PD_TRANSPORTS:
         raise bad("pd_transport", f"must be one of {list(PD_TRANSPORTS)}")
     if cfg.pd_stage_slots < 1:

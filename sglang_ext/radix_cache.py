@@ -5,7 +5,8 @@
   out there, on a side stream (see ``pool_io``), into CPU-tier slots that are published when the
   copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
-  ``host_hit_length`` (and starts prefetching the rest from disk or remote); the scheduler then calls
+  ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
+  ``lower_tier_wait_s``); the scheduler then calls
   ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
   tree, returning the new rows as SGLang's HiCache does.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from concurrent.futures import Future, wait
 from typing import Optional, Sequence
 
 import torch
@@ -100,7 +102,7 @@ class KVTierRadixCache(RadixCache):
         # those pages; only HiCache loads host hits back there, so kvtier must report none.
         self._report_host_hits = ctx.server_args.disaggregation_mode != "decode"
         self._inflight: list[Completion] = []
-        self._prefetching: set[ChunkKey] = set()
+        self._prefetching: dict[ChunkKey, Future] = {}
 
     # -- completions ---------------------------------------------------------------------------
 
@@ -190,25 +192,35 @@ class KVTierRadixCache(RadixCache):
         if first >= len(keys):
             return result
         rest = keys[first:]
-        in_cpu = self.store.cpu.contains(rest)
-        hits = in_cpu.index(False) if False in in_cpu else len(rest)
-        self._prefetch(rest[hits:])
+        hits = self._cpu_hits(rest)
+        fetching = self._prefetch(rest[hits:])
+        if fetching is not None and self.cfg.lower_tier_wait_s > 0:
+            wait([fetching], timeout=self.cfg.lower_tier_wait_s)
+            hits = self._cpu_hits(rest)
         hits = self._agree(hits)
         host_hit = (first + hits) * T - matched
         if host_hit <= 0:
             return result
         return result._replace(host_hit_length=host_hit)
 
-    def _prefetch(self, keys: list[ChunkKey]) -> None:
-        """Start loading chunks from the disk or remote tier into the CPU tier, for a later match."""
+    def _cpu_hits(self, keys: list[ChunkKey]) -> int:
+        in_cpu = self.store.cpu.contains(keys)
+        return in_cpu.index(False) if False in in_cpu else len(keys)
+
+    def _prefetch(self, keys: list[ChunkKey]) -> Optional[Future]:
+        """Start loading chunks from the disk or remote tier into the CPU tier; the fetch, if any."""
         store = self.store
-        if (store.disk is None and store.remote is None) or not keys or keys[0] in self._prefetching:
-            return
+        if (store.disk is None and store.remote is None) or not keys:
+            return None
+        running = self._prefetching.get(keys[0])  # the fetch thread removes finished ones
+        if running is not None:
+            return running
         if store.remote is None and not store.disk.contains(keys[:1])[0]:
-            return  # nothing below to load: no background work for a cold prompt
-        self._prefetching.update(keys)
+            return None  # nothing below to load: no background work for a cold prompt
         future = store.prefetch(keys)
-        future.add_done_callback(lambda _: self._prefetching.difference_update(keys))
+        self._prefetching.update(dict.fromkeys(keys, future))
+        future.add_done_callback(lambda _: [self._prefetching.pop(k, None) for k in keys])
+        return future
 
     def init_load_back(self, params: InitLoadBackParams):
         with self.store.metrics.timed("hook", "init_load_back"):

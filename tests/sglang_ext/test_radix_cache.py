@@ -182,6 +182,27 @@ def test_disk_resident_chunks_are_prefetched_then_hit(make_cache):
     assert same_kv(kv_rows(cache, loaded), expected[0])
 
 
+def test_with_a_wait_a_disk_only_prefix_is_a_hit_at_once(make_cache):
+    """lower_tier_wait_s > 0: the first lookup waits for the disk fetch instead of recomputing."""
+    chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
+    cache = make_cache(16, cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01,
+                       lower_tier_wait_s=10.0)
+    docs = [list(range(n * 1000, n * 1000 + 2 * CHUNK_TOKENS)) for n in range(1, 4)]
+    expected = []
+    for doc in docs:
+        expected.append(kv_rows(cache, insert(cache, doc)))
+        evict_all(cache)
+        cache.store.disk.flush(timeout_s=10)
+    keys = cache.namespace.chunk_keys(docs[0])
+    assert cache.store.cpu.contains(keys) == [False, False]
+    _, host_hit, loaded, _ = match_and_load(cache, make_req(docs[0] + [1]))
+    assert host_hit == 2 * CHUNK_TOKENS
+    assert same_kv(kv_rows(cache, loaded), expected[0])
+    cold = make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS)) + [1], "cold")
+    cold.init_next_round_input(cache)  # in no tier: nothing to wait for
+    assert cold.host_hit_length == 0 and not cache._prefetching
+
+
 @pytest.mark.parametrize("is_insert", [True, False], ids=["finished", "aborted"])
 def test_a_loaded_request_that_finishes_or_aborts_leaks_nothing(make_cache, is_insert):
     """Scheduler bookkeeping after a load-back: rows and pins all come back (page_size 1)."""

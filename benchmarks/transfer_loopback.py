@@ -4,6 +4,7 @@ A child process registers a region and hands its descriptor to the parent throug
 parent writes ``--mib`` MiB into it (and reads it back) ``--repeats`` times over 127.0.0.1.
 
     python benchmarks/transfer_loopback.py --backend zmq --out benchmarks/results/transfer_loopback_zmq.json
+    python benchmarks/transfer_loopback.py --backend ucx --out benchmarks/results/transfer_loopback_ucx.json
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = {"zmq": "kvtier.transfer.zmq_transport:ZmqTransport"}
-
-
-def make(backend: str):
-    module, name = BACKENDS[backend].split(":")
-    return getattr(__import__(module, fromlist=[name]), name)()
+from kvtier.transfer.backends import KINDS, open_transport
 
 
 def receiver(backend: str, nbytes: int, conn) -> None:
     region = torch.zeros(nbytes, dtype=torch.uint8)
-    with make(backend) as transport:
+    with open_transport(backend) as transport:
         transport.register("bench", region)
         conn.send(transport.descriptor())
         conn.recv()  # until the parent is done
@@ -37,7 +33,7 @@ def receiver(backend: str, nbytes: int, conn) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=list(BACKENDS), default="zmq")
+    ap.add_argument("--backend", choices=list(KINDS), default="zmq")
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--out", default=None)
@@ -52,7 +48,7 @@ def main() -> None:
         src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         back = torch.zeros(nbytes, dtype=torch.uint8)
         writes, reads = [], []
-        with make(args.backend) as transport:
+        with open_transport(args.backend) as transport:
             peer = transport.connect(descriptor)
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -74,6 +70,7 @@ def main() -> None:
         "write_GBps_median": round(sorted(writes)[len(writes) // 2], 2),
         "read_GBps_median": round(sorted(reads)[len(reads) // 2], 2),
         "bit_exact": exact,
+        "ucx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX_")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": f"python benchmarks/transfer_loopback.py --backend {args.backend} --mib {args.mib} --repeats {args.repeats}",

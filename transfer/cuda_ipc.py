@@ -7,17 +7,11 @@ id). A peer on the same host maps the allocation once at ``connect`` (``_new_sha
 then writes and reads with plain ``copy_`` on a dedicated stream per GPU, over NVLink or PCIe
 peer-to-peer when the GPUs differ, synchronizing once per batch before returning, so a later
 notification never overtakes the data. Host regions, notifications and their deadlines go
-through a composed ``ZmqTransport`` on the same address, so this transport also talks to plain
-ZMQ peers. Each exporter keeps a small state file in ``/dev/shm``: one generation number per
-CUDA region (zero once deregistered), so a peer holding a stale descriptor is refused instead
-of writing into memory that may be reused, and a shared ``flock`` held for the exporter's
-lifetime, so a peer learns at once that the exporter died.
-
-When the peer process dies: writes and reads raise ``PeerTimeout`` at once (the lock is gone)
-and the peer is dropped, notifications fail the same way or at their deadline. Until then, and
-until we close or reconnect, the dead exporter's GPU memory stays mapped, and therefore
-allocated on its GPU, in this process. A copy itself cannot hang on a dead peer, so GPU copies
-are not cut short by ``timeout_s``.
+through a composed ``ZmqTransport`` on the same address, so this transport can also connect to
+plain ZMQ peers. Each exporter keeps a small state file in ``/dev/shm``: one generation number
+per CUDA region (zero once deregistered), so a peer holding a stale descriptor is refused
+instead of writing into memory that may be reused, and a shared ``flock`` held for the
+exporter's lifetime, so a peer learns at once that the exporter died.
 """
 
 from __future__ import annotations
@@ -222,7 +216,15 @@ class _Peer:
 
 
 class CudaIpcTransport(Transport):
-    """CUDA regions move by CUDA IPC, host regions and notifications over ZMQ at ``host:port``."""
+    """CUDA regions move by CUDA IPC, host regions and notifications over ZMQ at ``host:port``.
+
+    When a peer that exported CUDA regions dies, our next write, read or notify to it raises
+    ``PeerTimeout`` at once (its lock is gone) and drops it, unmapping its memory; until then,
+    or until we close or reconnect, that memory stays mapped here and so stays allocated on its
+    GPU. A copy cannot hang on a dead peer (the mapping keeps the memory alive), so GPU copies
+    are not cut short by ``timeout_s``; ZMQ calls (host regions, notifications) keep their
+    deadlines. When a peer that only writes to us dies, ``recv_notification`` times out as usual.
+    """
 
     device_regions = True
 

@@ -26,7 +26,7 @@ import signal
 import time
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlparse
 
@@ -34,12 +34,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT
+
 logger = logging.getLogger("kvtier.router")
 T = TypeVar("T")
 
 ENDPOINTS = ("generate", "v1/completions", "v1/chat/completions")
 POLICIES = ("round_robin", "cache_aware")
-DEFAULT_BOOTSTRAP_PORT = 8998
 # SGLang gives the items of a batch sent with one scalar room the rooms room+i, and a room must
 # fit in int64; leave that headroom. Room 0 never passes decode's metadata check.
 MAX_ROOM = 2**63 - 1 - 2**20
@@ -305,7 +306,8 @@ class Router:
         self.metrics.healthy.labels(w.role, w.url).set(1 if w.healthy else 0)
         self.metrics.in_flight.labels(w.role, w.url).set(w.in_flight)
 
-    def _set_health(self, w: Worker, ok: bool, why: str = "") -> None:
+    def _set_health(self, w: Worker, ok: bool, why: str = "", at_once: bool = False) -> None:
+        """Record a check; ``unhealthy_after`` failures in a row (or one, ``at_once``) take ``w`` out."""
         if ok:
             w.failed_checks = 0
             if not w.healthy:
@@ -314,7 +316,7 @@ class Router:
         else:
             w.failed_checks += 1
             w.last_error = why
-            if w.healthy and w.failed_checks >= self.unhealthy_after:
+            if w.healthy and (at_once or w.failed_checks >= self.unhealthy_after):
                 logger.warning("%s worker %s taken out: %s", w.role, w.url, why)
                 w.healthy = False
         self._publish(w)
@@ -334,11 +336,13 @@ class Router:
         try:
             async with self._session.get(f"{w.url}/health",
                                          timeout=aiohttp.ClientTimeout(total=self.health_timeout)) as resp:
-                ok, why = resp.status == 200, f"/health answered {resp.status}"
+                ok, why, refused = resp.status == 200, f"/health answered {resp.status}", False
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # Nothing listening is certain; a slow or failed answer may pass, so it needs a streak.
             ok, why = False, f"/health failed: {type(exc).__name__}: {exc}"
+            refused = isinstance(exc, aiohttp.ClientConnectorError)
         w.last_check = time.time()
-        self._set_health(w, ok, why)
+        self._set_health(w, ok, why, at_once=refused)
 
     async def _health_loop(self) -> None:
         while True:
@@ -644,7 +648,8 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--health-timeout", type=float, default=10.0,
                     help="a /health slower than this fails (default 10; SGLang's runs a 1-token generation)")
     ap.add_argument("--unhealthy-after", type=int, default=2,
-                    help="failed checks in a row that take a worker out (default 2; it is back after one success)")
+                    help="failed checks in a row that take a worker out (default 2; one if nothing listens; "
+                         "it is back after one success)")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="longest a request may take, streams included, before the client gets 504 (default 600)")
     ap.add_argument("--connect-timeout", type=float, default=5.0, help="TCP connect timeout to workers (default 5)")

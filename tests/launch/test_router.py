@@ -348,3 +348,14 @@ def test_a_client_leaving_a_stream_is_not_a_worker_failure(spawn):
     state = router.wait_workers(lambda s: s["decode"][0]["in_flight"] == 0 and s["prefill"][0]["in_flight"] == 0)
     assert state["decode"][0]["healthy"] and state["decode"][0]["failures"] == 0
     assert router.post("generate", {"text": "x"})[0] == 200
+
+
+def test_a_worker_not_listening_is_out_after_one_check(spawn, free_ports):
+    p, d = spawn("prefill"), spawn("decode")
+    (nobody,) = free_ports(1)
+    router = spawn.router([p], [d], "--decode", f"http://127.0.0.1:{nobody}", "--health-interval", "30")
+    state = router.wait_workers(lambda s: not s["decode"][1]["healthy"], timeout=5)
+    assert "ClientConnectorError" in state["decode"][1]["last_error"] and state["decode"][0]["healthy"]
+    for _ in range(3):
+        assert router.post("generate", {"text": "x"})[0] == 200
+    assert len(d.records()) == 3

@@ -236,7 +236,7 @@ class CudaIpcTransport(Transport):
         self._lock = threading.Lock()
         self._cuda: dict[str, _Region] = {}
         self._host_regions: set[str] = set()
-        self._exports: dict[int, _Export] = {}  # by storage data pointer
+        self._exports: dict[tuple[int, int], _Export] = {}  # by storage data pointer and size
         self._state: Optional[_StateFile] = None
         self._peers: dict[str, _Peer] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
@@ -278,7 +278,8 @@ class CudaIpcTransport(Transport):
 
     def _export(self, name: str, region: torch.Tensor) -> _Export:
         storage = region.untyped_storage()
-        export = self._exports.get(storage.data_ptr())
+        key = (storage.data_ptr(), storage.nbytes())
+        export = self._exports.get(key)
         if export is not None:
             return export
         try:
@@ -296,8 +297,7 @@ class CudaIpcTransport(Transport):
             "device": device,
             "device_uuid": _gpu_uuid(device),
         }
-        export = _Export(storage, info, ref_counter, ref_offset)
-        self._exports[storage.data_ptr()] = export
+        export = self._exports[key] = _Export(storage, info, ref_counter, ref_offset)
         return export
 
     def deregister(self, name: str) -> None:
@@ -317,7 +317,7 @@ class CudaIpcTransport(Transport):
         export = region.export
         export.users -= 1
         if export.users == 0:
-            del self._exports[export.storage.data_ptr()]
+            del self._exports[(export.storage.data_ptr(), export.storage.nbytes())]
             torch.UntypedStorage._release_ipc_counter_cuda(export.ref_counter, export.ref_counter_offset)
 
     def descriptor(self) -> Descriptor:

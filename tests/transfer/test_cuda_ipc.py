@@ -279,6 +279,28 @@ def test_gpu_write_waits_for_work_queued_on_the_callers_stream(pattern):
             torch.cuda.synchronize()
 
 
+class _CudaMemory:
+    """A raw device address as ``__cuda_array_interface__``, the way kvtier's PD wraps SGLang's pool."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+@needs_cuda
+def test_gpu_regions_wrapped_around_a_pointer_export_from_an_allocation_start_only(pattern):
+    pool = torch.zeros(4 * MiB, dtype=torch.uint8, device="cuda")
+    whole = torch.as_tensor(_CudaMemory(pool.data_ptr(), pool.numel()), device="cuda")
+    inner = torch.as_tensor(_CudaMemory(pool.data_ptr() + MiB, MiB), device="cuda")
+    with CudaIpcTransport() as sender, CudaIpcTransport() as receiver:
+        receiver.register("pool", whole)
+        with pytest.raises(TransferError, match="cannot export region 'inner'.*caching allocator"):
+            receiver.register("inner", inner)
+        peer = sender.connect(receiver.descriptor())
+        data = pattern(9, MiB).cuda()
+        sender.write(peer, [(data, "pool", MiB)], timeout_s=10)
+        assert torch.equal(pool[MiB : 2 * MiB], data) and not pool[:MiB].any()
+
+
 @needs_cuda
 def test_gpu_notification_arrives_only_after_the_data_it_follows(spawn_ipc, pattern, digest):
     nbytes, rounds = 4 * MiB + 1, 10

@@ -93,8 +93,7 @@ class KvtierKVSender(CommonKVSender):
 
     def abort(self) -> None:
         super().abort()
-        self.kv_mgr.tell_decode(self.bootstrap_room, "kvtier PD: the prefill server aborted the request",
-                                background=True)
+        self.kv_mgr.tell_decode(self.bootstrap_room, "kvtier PD: the prefill server aborted the request")
 
 
 class KvtierKVReceiver(CommonKVReceiver):

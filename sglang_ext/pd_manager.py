@@ -186,9 +186,13 @@ class KvtierKVManager(CommonKVManager):
                 self.update_status(room, KVPoll.Success)
 
     def send_control(self, endpoint: str, frames: list[bytes]) -> None:
-        """Best effort: a control message to a peer's ZMQ socket (a dead peer is found elsewhere)."""
+        """Best effort and never blocking: a control message to a peer's ZMQ socket. A peer that is
+        gone drops it at once (it is found dead by the heartbeat or a deadline), so neither the
+        scheduler nor a protocol thread waits on it."""
         try:
-            self._send_multipart_locked(endpoint, frames)
+            sock = self._connect(endpoint)
+            with self._socket_send_locks[endpoint]:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             logger.warning("kvtier PD: could not send %s to %s: %s", frames[0].decode(), endpoint, e)
 
@@ -291,19 +295,12 @@ class KvtierKVManager(CommonKVManager):
         if room in self.request_status or room in self.transfer_infos:
             self._fail_early(room, f"kvtier PD: the decode server aborted request {room}")
 
-    def tell_decode(self, room: int, why: str, background: bool = False) -> None:
-        """Tell the decode rank of ``room``, if it is known, that the request failed and why
-        (``background``: from a thread, as the scheduler must not wait on a dead peer's socket)."""
+    def tell_decode(self, room: int, why: str) -> None:
+        """Tell the decode rank of ``room``, if it is known, that the request failed and why."""
         dst = self.transfer_infos.get(room)
         peer = self.peers.get(dst.peer) if dst is not None else None
-        if peer is None:
-            return
-        frames = control_message(FAIL, {"room": room, "reason": why})
-        if background:
-            threading.Thread(target=self.send_control, args=(peer.endpoint, frames), name="kvtier-pd-fail",
-                             daemon=True).start()
-        else:
-            self.send_control(peer.endpoint, frames)
+        if peer is not None:
+            self.send_control(peer.endpoint, control_message(FAIL, {"room": room, "reason": why}))
 
     def _fail_early(self, room: int, why: str) -> None:
         """Fail ``room`` now, or when its sender is created if the scheduler has not made it yet."""

@@ -234,6 +234,18 @@ def test_decode_abort_fails_the_prefill_side(cluster, prefill):
     assert d["status"] == FAILED and "Aborted" in d["error"]
 
 
+def test_prefill_abort_fails_the_decode_side(cluster, prefill):
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d")
+    room = new_room(np.random.default_rng(15))
+    assert bootstrap(prefill, decode, addr, room, [3, 4], prefix_len=0) == WAITING
+    assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+    prefill.call("abort", room=room)
+    d = decode.call("wait", room=room, want=[], timeout_s=5)
+    assert d["status"] == FAILED and "the prefill server aborted the request" in d["error"], d
+    assert d["seconds"] < 2
+
+
 def test_a_prefill_killed_mid_transfer_fails_the_decode_side_quickly(cluster):
     procs, ranks, ports = cluster
     prefill, addr = ranks["doomed"], f"{ADDR_HOST}:{ports['doomed']}"

@@ -131,39 +131,44 @@ def bootstrap(prefill: Rank, decode: Rank, addr: str, room: int, dst_pages: list
     return status
 
 
-def check_lifecycle(prefill: Rank, decode: Rank, addr: str, seed: int) -> None:
-    """One request through every step of both schedulers; the decode pool is compared byte for byte."""
+def check_lifecycle(prefill: Rank, decode: Rank, addr: str, seed: int, ps: int = 4, page_bytes: int = 512,
+                    pool_pages: int = 64) -> None:
+    """One request through every step of both schedulers, in chunks as send_kv_chunk cuts them
+    (page-aligned, the last one partial); the decode pool is compared byte for byte."""
     rng = np.random.default_rng(seed)
-    room, ps, prompt_len, prefix_pages = new_room(rng), 4, 37, 2  # 10 pages, the last one partial
-    n_pages = -(-prompt_len // ps)
-    src_pages = rng.choice(np.arange(1, 64), n_pages, replace=False).tolist()  # prefill's pool pages
-    dst_pages = rng.choice(np.arange(1, 64), n_pages, replace=False).tolist()  # decode's, scattered
-    decode_before = decode.call("digests", pages=list(range(64)))
+    room, n_pages = new_room(rng), int(rng.integers(6, 12))
+    prompt_len = (n_pages - 1) * ps + int(rng.integers(1, ps + 1))
+    prefix_pages = int(rng.integers(0, 3))
+    cut = int(rng.integers(prefix_pages, n_pages))  # pages of the middle chunk end here
+    src_pages = rng.choice(np.arange(1, pool_pages), n_pages, replace=False).tolist()  # prefill's pool pages
+    dst_pages = rng.choice(np.arange(1, pool_pages), n_pages, replace=False).tolist()  # decode's, scattered
+    decode_before = decode.call("digests", pages=list(range(pool_pages)))
     sent_before, received_before = prefill.call("stats"), decode.call("stats")
 
     assert bootstrap(prefill, decode, addr, room, dst_pages[prefix_pages:], prefix_pages * ps) == WAITING
     assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
     got = prefill.call("init", room=room, prompt_len=prompt_len, aux_index=3, first_token=17)
     assert got == {"prefix_len": prefix_pages * ps, "num_pages": n_pages - prefix_pages}
-    # Two chunks as send_kv_chunk cuts them (the first ends on a page boundary); with 2 slots of
-    # 2 pages the 8 pages need the credits to come back twice.
-    first, second = src_pages[prefix_pages:6], src_pages[6:]
-    prefill.call("send", room=room, pages=first, last=False, tokens=len(first) * ps)
-    prefill.call("send", room=room, pages=second, last=True, tokens=prompt_len - 6 * ps)
+    first, second = src_pages[prefix_pages:cut], src_pages[cut:]
+    if first:
+        prefill.call("send", room=room, pages=first, last=False, tokens=len(first) * ps)
+    prefill.call("send", room=room, pages=second, last=True, tokens=prompt_len - cut * ps)
 
     assert prefill.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
     assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
     moved_src = prefill.call("digests", pages=src_pages[prefix_pages:])
     assert decode.call("digests", pages=dst_pages[prefix_pages:]) == moved_src
-    decode_after = decode.call("digests", pages=list(range(64)))
-    for page in range(64):
+    decode_after = decode.call("digests", pages=list(range(pool_pages)))
+    for page in range(pool_pages):
         if page not in dst_pages[prefix_pages:]:  # the prefix pages and every other page are untouched
             assert decode_after[page] == decode_before[page], page
     assert decode.call("aux", index=5) == {"first_token": 17, "room": room}
+    moved = n_pages - prefix_pages
     sent, received = prefill.call("stats"), decode.call("stats")
-    assert sent["pages"] - sent_before["pages"] == received["pages"] - received_before["pages"] == 8
-    assert sent["bytes"] - sent_before["bytes"] == received["bytes"] - received_before["bytes"] == 8 * 512
-    assert sent["slot_bytes"] == 1024
+    assert sent["pages"] - sent_before["pages"] == received["pages"] - received_before["pages"] == moved
+    assert sent["bytes"] - sent_before["bytes"] == received["bytes"] - received_before["bytes"] == moved * page_bytes
+    # Slots of KVTIER_PD_STAGE_SLOT_MB (1100 B) hold whole pages, at least one: fewer than the request.
+    assert sent["slot_bytes"] == max(1100 // page_bytes, 1) * page_bytes < moved * page_bytes
     prefill.call("clear", room=room)
     decode.call("clear", room=room)
 
@@ -171,9 +176,25 @@ def check_lifecycle(prefill: Rank, decode: Rank, addr: str, seed: int) -> None:
 def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster, prefill):
     prefill, addr = prefill
     decode = decode_rank(cluster, "d")
-    for seed in (7, 8):  # a second request reuses the registration and the staging slots
+    for seed in range(3):  # later requests reuse the registration and the staging slots
         check_lifecycle(prefill, decode, addr, seed)
     assert prefill.call("stats")["transport"] == "zmq"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lifecycle_over_random_pool_layouts(cluster, seed):
+    """Page size, heads, head dim, layers and dtype drawn at random; a pair of ranks per layout."""
+    procs, _, _ = cluster
+    rng = np.random.default_rng(100 + seed)
+    layout = {"page_size": int(rng.choice([1, 2, 8, 16])), "heads": int(rng.integers(1, 5)),
+              "head_dim": int(rng.choice([8, 16, 24])), "layers": int(rng.integers(1, 4)),
+              "dtype": str(rng.choice(["bfloat16", "float16", "float32"])), "pool_tokens": 64 * 16}
+    itemsize = 4 if layout["dtype"] == "float32" else 2
+    page_bytes = layout["page_size"] * layout["heads"] * layout["head_dim"] * itemsize * 2 * layout["layers"]
+    port = free_port()
+    prefill = procs["prefill"].rank(f"p{seed}", role="prefill", bootstrap_port=port, seed=seed + 10, **layout)
+    decode = decode_rank(cluster, f"d{seed}", **layout)
+    check_lifecycle(prefill, decode, f"{ADDR_HOST}:{port}", seed, layout["page_size"], page_bytes)
 
 
 def test_a_last_chunk_without_pages_still_delivers_the_metadata(cluster, prefill):
@@ -308,7 +329,7 @@ def test_full_lifecycle_between_cuda_pools(transport):
         port = free_port()
         prefill = procs[0].rank("p", role="prefill", bootstrap_port=port, seed=1, device="cuda")
         decode = procs[1].rank("d", role="decode", bootstrap_port=0, seed=2, device="cuda")
-        for seed in (7, 8):
+        for seed in range(3):
             check_lifecycle(prefill, decode, f"{ADDR_HOST}:{port}", seed)
         assert prefill.call("stats")["transport"] == transport
     finally:

@@ -101,6 +101,7 @@ def pd_generate(prefill: Server, decode: Server, bootstrap_port: int, ids: list[
     return out
 
 
+@pytest.mark.timeout(580)  # four servers start at once on one GPU
 def test_pd_servers_match_a_single_server_and_refuse_a_mismatched_decode(tmp_path):
     model = sglang_objects.tiny_llama(str(tmp_path / "model"))
     bootstrap = free_port()

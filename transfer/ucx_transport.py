@@ -46,6 +46,7 @@ synchronized before a send.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import logging
@@ -56,6 +57,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -242,6 +244,16 @@ def _ucx() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         return _libs
 
 
+_open: "weakref.WeakSet[UcxTransport]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stops service threads before interpreter exit: UCX torn down under a live one aborts."""
+    for transport in list(_open):
+        transport.close()
+
+
 def _status_of(ptr: Optional[int]) -> int:
     """UCS_PTR_STATUS: OK for NULL, an error code for an error pointer, INPROGRESS for a request."""
     if not ptr:
@@ -350,6 +362,7 @@ class UcxTransport(Transport):
             self._close_pipe()
             raise self._start_error
         self._thread.name = f"kvtier-ucx {self.address}"
+        _open.add(self)
         logger.info("kvtier transfer: UCX transport listening on %s", self.address)
 
     # -- public interface ---------------------------------------------------------------------
@@ -432,6 +445,7 @@ class UcxTransport(Transport):
                 return
             self._closed = True
             self._peers.clear()
+        _open.discard(self)
         self._submit(self._request_stop)
         self._thread.join(_START_S)
         if self._thread.is_alive():

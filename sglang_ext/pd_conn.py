@@ -99,9 +99,6 @@ class KvtierKVSender(CommonKVSender):
 class KvtierKVReceiver(CommonKVReceiver):
     """Decode side of one request: registers with the prefill rank and sends its destination pages."""
 
-    def __init__(self, mgr: KvtierKVManager, bootstrap_addr: str, bootstrap_room: Optional[int] = None, **kwargs):
-        super().__init__(mgr, bootstrap_addr, bootstrap_room)
-
     def init(self, prefill_dp_rank: int) -> None:
         why = self.kv_mgr.refused_addrs.get(self.bootstrap_addr)
         if why is not None:

@@ -68,6 +68,8 @@ class _DecodePeer:
 
 @dataclass
 class _Destination:
+    """Where a request's KV goes: the decode peer, its pages after the prefix, its metadata row."""
+
     peer: str
     pages: np.ndarray
     aux_index: int
@@ -75,6 +77,9 @@ class _Destination:
 
 @dataclass
 class Chunk:
+    """One ``send`` of a request: prefill pages, their place among the destination pages, and the
+    CUDA event after which the scheduler's KV writes are done."""
+
     room: int
     pages: np.ndarray
     index_slice: slice

@@ -332,7 +332,6 @@ class UcxTransport(Transport):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._ucp, self._ucs = _ucx()
-        self._host = host
         self._regions: dict[str, torch.Tensor] = {}
         self._regions_lock = threading.Lock()
         self._peers: dict[str, _Conn] = {}  # outgoing, by peer address; service thread writes
@@ -422,10 +421,11 @@ class UcxTransport(Transport):
         return address
 
     def write(self, peer: str, ops: Sequence[WriteOp], timeout_s: float = 30.0) -> None:
-        self._run(peer, "write", [(name, offset, src) for src, name, offset in ops], "write source", timeout_s)
+        plan = [(name, offset, src) for src, name, offset in ops]
+        self._run(peer, "write", f"write to {peer}", plan, "write source", timeout_s)
 
     def read(self, peer: str, ops: Sequence[ReadOp], timeout_s: float = 30.0) -> None:
-        self._run(peer, "read", ops, "read destination", timeout_s)
+        self._run(peer, "read", f"read from {peer}", ops, "read destination", timeout_s)
 
     def notify(self, peer: str, message: bytes, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -472,7 +472,8 @@ class UcxTransport(Transport):
             raise type(error)(str(error))
         return conn
 
-    def _run(self, peer: str, kind: str, ops: Sequence[tuple[str, int, torch.Tensor]], role: str, timeout_s: float) -> None:
+    def _run(self, peer: str, kind: str, what: str, ops: Sequence[tuple[str, int, torch.Tensor]], role: str,
+             timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         conn = self._peer(peer)
         ranges, buffers = [], []
@@ -480,7 +481,7 @@ class UcxTransport(Transport):
             data = as_bytes(tensor, role)
             error = check_range(conn.regions, name, offset, data.numel())
             if error:
-                raise TransferError(f"{kind} to {peer}: {error}")
+                raise TransferError(f"{what}: {error}")
             ranges.append([name, offset, data.numel()])
             buffers.append(data)
         self._wait(conn, _Op(kind, ranges, buffers), deadline, timeout_s, None)
@@ -588,7 +589,10 @@ class UcxTransport(Transport):
                 except queue.Empty:
                     break
                 busy = True
-                command()
+                try:
+                    command()
+                except Exception:  # a bug in one command must not stop the others
+                    logger.exception("kvtier transfer: a UCX command failed on %s", self.address)
             if self._requests:
                 busy = self._reap() or busy
             if self._to_close:
@@ -763,6 +767,15 @@ class UcxTransport(Transport):
         return conn
 
     def _start(self, conn: _Conn, op: _Op, message: Optional[bytes]) -> None:
+        try:
+            self._post(conn, op, message)
+        except Exception as e:
+            error = TransferError(f"UCX failed to start a {op.kind} to {conn.address}: {e!r}")
+            self._fail(conn, error)
+            self._finish(op, error)
+            raise
+
+    def _post(self, conn: _Conn, op: _Op, message: Optional[bytes]) -> None:
         if conn.failed is not None:
             self._finish(op, type(conn.failed)(str(conn.failed)))
             return

@@ -120,12 +120,15 @@ class KvtierKVReceiver(CommonKVReceiver):
     def _refuse(self, why: str, prefill_dp_rank: int) -> None:
         """Fail a request to a prefill that decode refused, and tell that prefill why."""
         self._fail(why)
-        info = self.kv_mgr.prefill_info_table[self.bootstrap_addr]
-        rank = self._get_bootstrap_info_from_server(prefill_dp_rank, 0,
-                                                    self.kv_mgr.kv_args.engine_rank % info.attn_tp_size,
-                                                    self.kv_mgr.pp_rank)
-        if rank is not None:
-            self._tell_prefill(NetworkAddress(rank["rank_ip"], int(rank["rank_port"])).to_tcp(), why)
+        mgr, key = self.kv_mgr, (self.bootstrap_addr, prefill_dp_rank)
+        if key not in mgr.refused_endpoints:  # one lookup per prefill rank, not one per request
+            info = mgr.prefill_info_table[self.bootstrap_addr]
+            rank = self._get_bootstrap_info_from_server(prefill_dp_rank, 0, mgr.kv_args.engine_rank % info.attn_tp_size,
+                                                        mgr.pp_rank)
+            if rank is None:
+                return
+            mgr.refused_endpoints[key] = NetworkAddress(rank["rank_ip"], int(rank["rank_port"])).to_tcp()
+        self._tell_prefill(mgr.refused_endpoints[key], why)
 
     def _tell_prefill(self, endpoint: str, why: str) -> None:
         """Fail the request on the prefill rank too; it words the reason from its side."""

@@ -167,6 +167,7 @@ class KvtierKVManager(CommonKVManager):
             self.stages: dict[str, Stage] = {}
             self.stage_lock = threading.Lock()
             self.refused_addrs: dict[str, str] = {}
+            self.refused_endpoints: dict[tuple[str, int], str] = {}
             self.refused_peers: dict[str, str] = {}
             self._threads.append(threading.Thread(target=self._serve_notifications, name="kvtier-pd-recv", daemon=True))
             self._start_heartbeat_checker_thread()
@@ -405,7 +406,9 @@ class KvtierKVManager(CommonKVManager):
         return True
 
     def _handle_node_failure(self, failed_bootstrap_addr: str) -> None:
-        self.refused_addrs.pop(failed_bootstrap_addr, None)
+        self.refused_addrs.pop(failed_bootstrap_addr, None)  # a restarted prefill is checked again
+        for key in [k for k in self.refused_endpoints if k[0] == failed_bootstrap_addr]:
+            del self.refused_endpoints[key]
         super()._handle_node_failure(failed_bootstrap_addr)
 
     def stage_for(self, rank_ip: str, rank_port: int) -> Stage:

@@ -618,7 +618,7 @@ class UcxTransport(Transport):
         while (self._closing or self._requests) and time.monotonic() < end and self._worker:
             ucp.ucp_worker_progress(self._worker)
             self._reap()
-            self._closing = [r for r in self._closing if self._finished(r)]
+            self._closing = [r for r in self._closing if self._in_flight(r)]
         if self._closing or self._requests:
             logger.warning("kvtier transfer: UCX requests still open at close of %s", self.address)
         if self._listener:
@@ -629,7 +629,7 @@ class UcxTransport(Transport):
             ucp.ucp_cleanup(self._context)
         self._listener = self._worker = self._context = None
 
-    def _finished(self, req: int) -> bool:
+    def _in_flight(self, req: int) -> bool:
         """Frees a closing endpoint's request once done; True while it is still in flight."""
         if self._ucp.ucp_request_check_status(req) == _UCS_INPROGRESS:
             return True
@@ -730,7 +730,7 @@ class UcxTransport(Transport):
             if _status_of(ptr) == _UCS_INPROGRESS:
                 self._closing.append(ptr)
         self._to_close.clear()
-        self._closing = [r for r in self._closing if self._finished(r)]
+        self._closing = [r for r in self._closing if self._in_flight(r)]
 
     def _finish(self, op: _Op, error: Optional[TransferError]) -> None:
         if not op.done.is_set():

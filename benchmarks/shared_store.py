@@ -35,11 +35,11 @@ STORE_PORT, TOKEN = 9600, "shared-store-bench"
 SERVERS = ((31001, 9401), (31002, 9402))
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
+def wait_for(predicate, timeout_s: float, what: str, state) -> None:
     deadline = time.time() + timeout_s
     while not predicate():
         if time.time() > deadline:
-            sys.exit(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            sys.exit(f"timed out after {timeout_s:.0f} s waiting for {what}; state: {json.dumps(state())}")
         time.sleep(0.5)
 
 
@@ -68,7 +68,8 @@ def main() -> None:
     args1, args2 = [*server_args, "--mem-fraction-static", "0.35"], [*server_args, "--mem-fraction-static", "0.75"]
     common = {"KVTIER_CPU_SIZE_GB": "16", "KVTIER_REMOTE_URL": remote, "KVTIER_REMOTE_TIMEOUT_S": "10"}
     (p1, m1), (p2, m2) = SERVERS
-    env1 = {**common, "KVTIER_WRITE_POLICY": "write_through", "KVTIER_METRICS_PORT": str(m1)}
+    env1 = {**common, "KVTIER_WRITE_POLICY": "write_through", "KVTIER_REMOTE_WRITE_QUEUE": "512",
+            "KVTIER_METRICS_PORT": str(m1)}
     env2 = {**common, "KVTIER_LOWER_TIER_WAIT_S": "10", "KVTIER_METRICS_PORT": str(m2)}
     chunks_per_doc = args.doc_len // 256
     try:
@@ -77,9 +78,15 @@ def main() -> None:
             print(f"servers up in {up1:.0f} s and {up2:.0f} s", flush=True)
             url1, url2 = f"http://127.0.0.1:{m1}/metrics", f"http://127.0.0.1:{m2}/metrics"
             server1 = [generate(p1, doc)[0] for doc in shared]
-            pushed = args.docs * chunks_per_doc * CHUNK_BYTES
-            wait_for(lambda: scrape_metrics(url1).get("kvtier_bytes_total{direction=in,tier=remote}", 0) >= pushed,
-                     120, "server 1's chunks to reach the store")
+            def pushes_ended() -> bool:
+                m = scrape_metrics(url1)
+                stored = m.get("kvtier_bytes_total{direction=in,tier=remote}", 0) // CHUNK_BYTES
+                dropped = m.get("kvtier_dropped_puts_total{reason=remote_busy}", 0)
+                return stored + dropped >= args.docs * chunks_per_doc
+
+            wait_for(pushes_ended, 300, "server 1's chunks to reach the store",
+                     lambda: {k: v for k, v in scrape_metrics(url1).items() if k.startswith("kvtier") and v})
+            server1_metrics = kvtier_summary(counter_delta({}, scrape_metrics(url1)))
             before = scrape_metrics(url2)
             hits = []
             for doc in shared:
@@ -100,10 +107,12 @@ def main() -> None:
         **run_facts(),
         "workload": {"docs": args.docs, "doc_len": args.doc_len, "model": "Llama-3-8B shape, dummy weights",
                      "servers": "two on one GPU, 40,000-token pools (--mem-fraction-static 0.35 and 0.75)"},
+        "server_env": {"server1": env1, "server2": env2},
         "server1_compute_ttft": summarize(server1),
         "server2_store_hit_ttft": summarize(hits),
         "server2_recompute_ttft": summarize(misses),
         "hit_vs_recompute": round(summarize(hits)["mean_s"] / summarize(misses)["mean_s"], 3),
+        "server1_writes": server1_metrics,
         "server2_on_shared_docs": kvtier_summary(hit_delta),
         "server2_on_fresh_docs": kvtier_summary(counter_delta(mid, after)),
         "store_fetch_GBps": round(fetched / fetch / 1e9, 2) if fetch else None,

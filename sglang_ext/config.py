@@ -48,6 +48,9 @@ class KVTierConfig:
     """Longest wait for the remote tier per call; past it the lookup is a miss (recompute)."""
     remote_retry_s: float = 5.0
     """After a remote failure, how long lookups skip the remote tier before trying it again."""
+    remote_write_queue: int = 256
+    """Chunks that may wait for the remote writer (each holds its CPU slot, no copy); beyond that
+    new chunks are not written to the remote tier (counted as dropped puts, reason remote_busy)."""
     write_policy: str = "write_back"
     """write_back: copy KV out when the radix tree evicts it; write_through: on insert."""
     metrics_port: int = 0
@@ -171,6 +174,8 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("disk_write_queue", "must be >= 1")
     if cfg.remote_url and not cfg.remote_url.startswith(("redis://", "rediss://", "unix://", "kvtier://")):
         raise bad("remote_url", "use kvtier://host:port?token=T (launch.store), redis://host:port (Redis or Valkey), or leave it empty")
+    if cfg.remote_write_queue < 1:
+        raise bad("remote_write_queue", "must be >= 1")
     if cfg.remote_timeout_s <= 0 or cfg.remote_retry_s < 0:
         raise bad("remote_timeout_s", "remote_timeout_s must be > 0 and remote_retry_s >= 0 seconds")
     if cfg.write_policy not in WRITE_POLICIES:

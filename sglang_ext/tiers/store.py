@@ -68,7 +68,7 @@ class TierStore:
         if cfg.remote_url.startswith("kvtier://"):
             self.remote = KvtierStoreTier(
                 cfg.remote_url, chunk_bytes, metrics=self.metrics, timeout_s=cfg.remote_timeout_s,
-                retry_after_s=cfg.remote_retry_s,
+                retry_after_s=cfg.remote_retry_s, queue_depth=cfg.remote_write_queue,
             )
         elif cfg.remote_url:
             # Imported here: the redis client is needed only by servers configured with Redis.
@@ -81,6 +81,7 @@ class TierStore:
                 metrics=self.metrics,
                 timeout_s=cfg.remote_timeout_s,
                 retry_after_s=cfg.remote_retry_s,
+                queue_depth=cfg.remote_write_queue,
             )
         self.cpu = CpuTier(
             chunk_bytes,

@@ -48,6 +48,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"metrics_port": 70000}, "metrics_port"),
         ({"remote_url": "memcached://h:1"}, "remote_url"),
         ({"pin_timeout_s": 0}, "pin_timeout_s"),
+        ({"remote_write_queue": 0}, "remote_write_queue"),
         ({"lower_tier_wait_s": -1}, "lower_tier_wait_s"),
     ],
 )

@@ -41,7 +41,11 @@ def _ucx(host: str, port: int) -> Transport:
     return UcxTransport(host, port)
 
 
-KINDS: dict[str, Callable[[str, int], Transport]] = {"zmq": _zmq, "cuda_ipc": _cuda_ipc, "ucx": _ucx}
+KINDS: dict[str, Callable[[str, int], Transport]] = {
+    "zmq": _zmq,
+    "cuda_ipc": _cuda_ipc,
+    "ucx": _ucx,
+}
 """Transport constructors by kind, each taking (host, port)."""
 
 

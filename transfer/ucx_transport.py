@@ -1,47 +1,49 @@
 """The UCX transport: UCP tag rendezvous for data, active messages for control, one owned worker.
 
-Design (measured here, see the notes at the end): each endpoint owns one UCP context and worker in
-``UCS_THREAD_MODE_SINGLE``, reached through ctypes on the ``libucp`` of the ``libucx-cu13`` wheel
-(the UCX build that ``ucxx-cu13`` 0.52 pins; ucxx's own Python layer is not used, see below). Only the transport's own service thread ever calls
-UCX: it progresses the worker, runs the commands that callers queue, and reaps requests by
-polling them. Callers wait on an event with their deadline and never enter UCX, so a peer that
+Design: each endpoint owns one UCP context and worker in ``UCS_THREAD_MODE_SINGLE``, reached
+through ctypes on the ``libucp`` of the ``libucx-cu13`` wheel (the UCX build that ``ucxx-cu13``
+0.52 pins; ucxx's own Python layer is not used, see below). Only the transport's own service thread
+ever calls UCX: it progresses the worker, runs the commands that callers queue, and reaps requests
+by polling them. Callers wait on an event with their deadline and never enter UCX, so a peer that
 dies, a UCX request that never completes or even a UCX call that spins cannot hold a caller past
 ``timeout_s``; at the deadline the caller asks the service thread to drop the connection (force
 close, posted receives cancelled) and raises ``PeerTimeout``. Endpoints use
 ``UCP_ERR_HANDLING_MODE_PEER``: a peer's death reaches the error callback, which fails everything
-waiting on that connection at once, usually long before the deadline. When idle the thread
-sleeps on the worker's event fd (``ucp_worker_arm``) and a wake-up pipe, never longer than
-``_IDLE_S``, so a transport whose wake-up events are unreliable (cma) is slow, not stuck.
+waiting on that connection at once (a SIGKILLed peer on this host failed a write, read or notify
+36-50 ms after its death, deadline 30 s). When idle the thread sleeps on the worker's event fd
+(``ucp_worker_arm``) and a wake-up pipe, never longer than ``_IDLE_S``, so a transport whose
+wake-up events are unreliable (cma) is slow, not stuck.
 
-Protocol: a client connects to the peer's UCP listener (``host:port``) and says hello with its
-own address. A write sends its plan (region, offset, size per range) as an active message; the
-receiver checks every range against its regions, posts one tag receive per range straight into
-the region and answers with the tags to use, or refuses with the reason (nothing written); the
-writer then sends each range with ``ucp_tag_send_nbx`` (rendezvous: the bytes land in place, zero
-copies) and the receiver acknowledges when every range arrived. A read posts the tag receives
-into the destinations first, then sends the plan; the peer checks it and sends the ranges. A
+Protocol: a client connects to the peer's UCP listener (``host:port``) and says hello with its own
+address. A write sends its plan (region, offset, size per range) as an active message; the receiver
+checks every range against its regions, posts one tag receive per range straight into the region
+and answers with the tags to use, or refuses with the reason (nothing written); the writer then
+sends each range with ``ucp_tag_send_nbx`` (rendezvous: the bytes land in place, zero copies) and
+the receiver acknowledges when every range arrived. A read posts the tag receives into the
+destinations first, then sends the plan; the peer checks it and sends the ranges. The ranges of one
+batch land in no set order, so ranges that overlap within a batch leave the overlap undefined. A
 notification is an active message acknowledged once queued; since a write returns only after the
-receiver acknowledged all of its ranges, a notification is always delivered after the writes
-before it. Two-sided rendezvous rather than one-sided ``ucp_put_nbx`` keeps the receiver's checks
-(a stale or forged descriptor cannot write outside a region, a deregistered region takes no
-bytes), and UCX still moves rendezvous data with its zero-copy get/put where the transport has it.
+receiver acknowledged all of its ranges, a notification is always delivered after the writes before
+it. Two-sided rendezvous rather than one-sided ``ucp_put_nbx`` keeps the receiver's checks (a stale
+or forged descriptor cannot write outside a region, a deregistered region takes no bytes), and UCX
+still moves rendezvous data with its zero-copy get/put where the transport has it.
 
 Why not ucxx's Python endpoints (measured here with ucxx 0.52 core API, a peer SIGKILLed mid
 ``tag_send``, error handling on): the send in flight failed within 3-30 ms, but with the blocking
 progress thread a ``tag_send`` posted afterwards on the failed endpoint never completed, and
-``UCXEndpoint.close()`` on it returned a request whose ``completed`` segfaulted, in both
-blocking and polling modes. Neither can be cut by a deadline from Python; owning the progress loop
-removes both (a previous attempt also saw ``am_send`` spin). The wheel's UCX has TCP, shared
-memory and CUDA transports but no InfiniBand; ``UCX_TLS`` is the user's (``tcp,self`` works on
-loopback; the listener needs ``tcp``). Error handling mode PEER keeps shared memory lanes out
-unless ``UCX_MM_ERROR_HANDLING=y``, so same-host data runs over tcp/lo ("rendezvous zero-copy").
-Unless the user set them, TCP segments are 512 KiB (``UCX_TCP_TX_SEG_SIZE``/``_RX_SEG_SIZE``):
-that helps eager and fragmented protocols (a previous attempt measured 0.3-0.95 GB/s with the
-8 KiB default against 2.85 GB/s), while this module's rendezvous writes moved 1.7-2.3 GB/s either
-way on this loaded 2-core host. Regions are host memory (``device_regions = False``); GPU regions
-would need ``cuda_copy``/``cuda_ipc`` in ``UCX_TLS``, a CUDA context current on the service
-thread before the worker is created, ``memory_type`` on each request, and the producing stream
-synchronized before a send.
+``UCXEndpoint.close()`` on it returned a request whose ``completed`` segfaulted, in both blocking
+and polling modes. Neither can be cut by a deadline from Python; owning the progress loop removes
+both (a previous attempt also saw ``am_send`` spin). The wheel's UCX has TCP, shared memory and
+CUDA transports but no InfiniBand; ``UCX_TLS`` is the user's (``tcp,self`` works on loopback; the
+listener needs ``tcp``). Error handling mode PEER keeps shared memory lanes out unless
+``UCX_MM_ERROR_HANDLING=y``, so same-host data runs over tcp/lo ("rendezvous zero-copy"). Unless
+the user set them, TCP segments are 512 KiB (``UCX_TCP_TX_SEG_SIZE``/``_RX_SEG_SIZE``): that helps
+eager and fragmented protocols (a previous attempt measured 0.3-0.95 GB/s with the 8 KiB default
+against 2.85 GB/s), while this module's rendezvous writes moved 1.7-2.3 GB/s either way on this
+loaded 2-core host. Regions are host memory (``device_regions = False``); GPU regions would need
+``cuda_copy``/``cuda_ipc`` in ``UCX_TLS``, a CUDA context current on the service thread before the
+worker is created, ``memory_type`` on each request, and the producing stream synchronized before a
+send.
 """
 
 from __future__ import annotations
@@ -115,11 +117,19 @@ class _Callback(ctypes.Structure):
 
 
 class _Params(ctypes.Structure):
-    _fields_ = [("field_mask", ctypes.c_uint64), ("features", ctypes.c_uint64), ("rest", ctypes.c_byte * 256)]
+    _fields_ = [
+        ("field_mask", ctypes.c_uint64),
+        ("features", ctypes.c_uint64),
+        ("rest", ctypes.c_byte * 256),
+    ]
 
 
 class _WorkerParams(ctypes.Structure):
-    _fields_ = [("field_mask", ctypes.c_uint64), ("thread_mode", ctypes.c_int), ("rest", ctypes.c_byte * 1024)]
+    _fields_ = [
+        ("field_mask", ctypes.c_uint64),
+        ("thread_mode", ctypes.c_int),
+        ("rest", ctypes.c_byte * 1024),
+    ]
 
 
 class _EpParams(ctypes.Structure):
@@ -184,8 +194,13 @@ class _TagRecvInfo(ctypes.Structure):
 
 
 _AM_CB = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(_AmRecvParam),
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.POINTER(_AmRecvParam),
 )
 _ERR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 _CONN_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
@@ -209,13 +224,18 @@ def _ucx() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             ) from e
         ucs, _, _, ucp = libucx.load_library()
         if ucp is None or ucs is None:
-            raise TransferError("libucx is installed but libucp.so was not found in it; reinstall libucx-cu13")
+            raise TransferError(
+                "libucx is installed but libucp.so was not found in it; reinstall libucx-cu13"
+            )
         vp, st, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
         sigs: dict[str, tuple[Any, list]] = {
             "ucp_config_read": (st, [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(vp)]),
             "ucp_config_modify": (st, [vp, ctypes.c_char_p, ctypes.c_char_p]),
             "ucp_config_release": (None, [vp]),
-            "ucp_init_version": (st, [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(_Params), vp, ctypes.POINTER(vp)]),
+            "ucp_init_version": (
+                st,
+                [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(_Params), vp, ctypes.POINTER(vp)],
+            ),
             "ucp_cleanup": (None, [vp]),
             "ucp_worker_create": (st, [vp, ctypes.POINTER(_WorkerParams), ctypes.POINTER(vp)]),
             "ucp_worker_destroy": (None, [vp]),
@@ -228,9 +248,15 @@ def _ucx() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             "ucp_listener_destroy": (None, [vp]),
             "ucp_ep_create": (st, [vp, ctypes.POINTER(_EpParams), ctypes.POINTER(vp)]),
             "ucp_ep_close_nbx": (vp, [vp, ctypes.POINTER(_RequestParam)]),
-            "ucp_am_send_nbx": (vp, [vp, ctypes.c_uint, vp, sz, vp, sz, ctypes.POINTER(_RequestParam)]),
+            "ucp_am_send_nbx": (
+                vp,
+                [vp, ctypes.c_uint, vp, sz, vp, sz, ctypes.POINTER(_RequestParam)],
+            ),
             "ucp_tag_send_nbx": (vp, [vp, vp, sz, ctypes.c_uint64, ctypes.POINTER(_RequestParam)]),
-            "ucp_tag_recv_nbx": (vp, [vp, vp, sz, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(_RequestParam)]),
+            "ucp_tag_recv_nbx": (
+                vp,
+                [vp, vp, sz, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(_RequestParam)],
+            ),
             "ucp_request_check_status": (st, [vp]),
             "ucp_tag_recv_request_test": (st, [vp, ctypes.POINTER(_TagRecvInfo)]),
             "ucp_request_cancel": (None, [vp, vp]),
@@ -267,13 +293,22 @@ def _sockaddr(host: str, port: int) -> ctypes.Array:
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        raise TransferError(f"cannot resolve host {host!r} ({e}); pass an IP address this host owns") from e
+        raise TransferError(
+            f"cannot resolve host {host!r} ({e}); pass an IP address this host owns"
+        ) from e
     if family == socket.AF_INET:
-        raw = struct.pack("=H", family) + struct.pack("!H", addr[1]) + socket.inet_aton(addr[0]) + bytes(8)
+        raw = (
+            struct.pack("=H", family)
+            + struct.pack("!H", addr[1])
+            + socket.inet_aton(addr[0])
+            + bytes(8)
+        )
     else:
         raw = (
-            struct.pack("=H", family) + struct.pack("!HI", addr[1], addr[2])
-            + socket.inet_pton(socket.AF_INET6, addr[0]) + struct.pack("=I", addr[3])
+            struct.pack("=H", family)
+            + struct.pack("!HI", addr[1], addr[2])
+            + socket.inet_pton(socket.AF_INET6, addr[0])
+            + struct.pack("=I", addr[3])
         )
     return ctypes.create_string_buffer(raw, len(raw))
 
@@ -348,11 +383,17 @@ class UcxTransport(Transport):
         self._closing: list[int] = []  # ep close requests in flight
         self._to_close: list[_Conn] = []
         self._next_tag = 1  # tags of receives posted on this worker, never reused
-        self._callbacks = (_AM_CB(self._on_am), _ERR_CB(self._on_error), _CONN_CB(self._on_conn_request))
+        self._callbacks = (
+            _AM_CB(self._on_am),
+            _ERR_CB(self._on_error),
+            _CONN_CB(self._on_conn_request),
+        )
         self._ready = threading.Event()
         self._start_error: Optional[BaseException] = None
         self.address = ""
-        self._thread = threading.Thread(target=self._serve, args=(host, port), name="kvtier-ucx", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(host, port), name="kvtier-ucx", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(_START_S):
             raise TransferError(f"UCX did not start within {_START_S}s on {host}:{port}")
@@ -437,7 +478,9 @@ class UcxTransport(Transport):
         try:
             return self._notifications.get(timeout=max(timeout_s, 0.0))
         except queue.Empty:
-            raise PeerTimeout(f"no notification reached {self.address} within {timeout_s}s") from None
+            raise PeerTimeout(
+                f"no notification reached {self.address} within {timeout_s}s"
+            ) from None
 
     def close(self) -> None:
         with self._peers_lock:
@@ -472,8 +515,15 @@ class UcxTransport(Transport):
             raise type(error)(str(error))
         return conn
 
-    def _run(self, peer: str, kind: str, what: str, ops: Sequence[tuple[str, int, torch.Tensor]], role: str,
-             timeout_s: float) -> None:
+    def _run(
+        self,
+        peer: str,
+        kind: str,
+        what: str,
+        ops: Sequence[tuple[str, int, torch.Tensor]],
+        role: str,
+        timeout_s: float,
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         conn = self._peer(peer)
         ranges, buffers = [], []
@@ -486,7 +536,9 @@ class UcxTransport(Transport):
             buffers.append(data)
         self._wait(conn, _Op(kind, ranges, buffers), deadline, timeout_s, None)
 
-    def _wait(self, conn: _Conn, op: _Op, deadline: float, timeout_s: float, message: Optional[bytes]) -> None:
+    def _wait(
+        self, conn: _Conn, op: _Op, deadline: float, timeout_s: float, message: Optional[bytes]
+    ) -> None:
         """Hands ``op`` to the service thread and waits for it until the deadline, no longer."""
         self._submit(lambda: self._start(conn, op, message))
         if not op.done.wait(max(deadline - time.monotonic(), 0.0)):
@@ -515,13 +567,17 @@ class UcxTransport(Transport):
 
     def _check(self, status: int, what: str) -> None:
         if status != _UCS_OK:
-            raise TransferError(f"UCX {what} failed: {self._ucs.ucs_status_string(status).decode()}")
+            raise TransferError(
+                f"UCX {what} failed: {self._ucs.ucs_status_string(status).decode()}"
+            )
 
     def _serve(self, host: str, port: int) -> None:
         try:
             self._open(host, port)
         except BaseException as e:
-            self._start_error = e if isinstance(e, TransferError) else TransferError(f"UCX failed to start: {e!r}")
+            self._start_error = (
+                e if isinstance(e, TransferError) else TransferError(f"UCX failed to start: {e!r}")
+            )
             self._teardown()
             self._ready.set()
             return
@@ -539,16 +595,25 @@ class UcxTransport(Transport):
         try:
             for key, value in UCX_DEFAULTS.items():
                 if f"UCX_{key}" not in os.environ:
-                    self._check(ucp.ucp_config_modify(config, key.encode(), value.encode()), f"setting {key}")
+                    self._check(
+                        ucp.ucp_config_modify(config, key.encode(), value.encode()),
+                        f"setting {key}",
+                    )
             params = _Params(field_mask=1, features=_FEATURE_TAG | _FEATURE_AM | _FEATURE_WAKEUP)
             context = ctypes.c_void_p()
-            self._check(ucp.ucp_init_version(1, 21, ctypes.byref(params), config, ctypes.byref(context)), "init")
+            self._check(
+                ucp.ucp_init_version(1, 21, ctypes.byref(params), config, ctypes.byref(context)),
+                "init",
+            )
             self._context = context.value
         finally:
             ucp.ucp_config_release(config)
         worker = ctypes.c_void_p()
         wparams = _WorkerParams(field_mask=1, thread_mode=0)  # single: only this thread calls UCX
-        self._check(ucp.ucp_worker_create(self._context, ctypes.byref(wparams), ctypes.byref(worker)), "worker create")
+        self._check(
+            ucp.ucp_worker_create(self._context, ctypes.byref(wparams), ctypes.byref(worker)),
+            "worker create",
+        )
         self._worker = worker.value
         efd = ctypes.c_int()
         self._check(ucp.ucp_worker_get_efd(self._worker, ctypes.byref(efd)), "worker event fd")
@@ -556,10 +621,15 @@ class UcxTransport(Transport):
         self._poller.register(efd.value, select.POLLIN)
         self._poller.register(self._wake_r, select.POLLIN)
         am = _AmHandlerParams(
-            field_mask=_AM_FIELD_ID | _AM_FIELD_FLAGS | _AM_FIELD_CB, id=_AM_ID, flags=_AM_FLAG_WHOLE_MSG,
+            field_mask=_AM_FIELD_ID | _AM_FIELD_FLAGS | _AM_FIELD_CB,
+            id=_AM_ID,
+            flags=_AM_FLAG_WHOLE_MSG,
             cb=ctypes.cast(self._callbacks[0], ctypes.c_void_p),
         )
-        self._check(ucp.ucp_worker_set_am_recv_handler(self._worker, ctypes.byref(am)), "active message handler")
+        self._check(
+            ucp.ucp_worker_set_am_recv_handler(self._worker, ctypes.byref(am)),
+            "active message handler",
+        )
         addr = _sockaddr(host, port)
         lparams = _ListenerParams(
             field_mask=_LISTENER_FIELD_SOCK_ADDR | _LISTENER_FIELD_CONN_HANDLER,
@@ -567,7 +637,9 @@ class UcxTransport(Transport):
             conn_handler=_Callback(ctypes.cast(self._callbacks[2], ctypes.c_void_p), None),
         )
         listener = ctypes.c_void_p()
-        status = ucp.ucp_listener_create(self._worker, ctypes.byref(lparams), ctypes.byref(listener))
+        status = ucp.ucp_listener_create(
+            self._worker, ctypes.byref(lparams), ctypes.byref(listener)
+        )
         if status != _UCS_OK:
             raise TransferError(
                 f"UCX could not listen on {host}:{port}: {self._ucs.ucs_status_string(status).decode()}; "
@@ -638,8 +710,14 @@ class UcxTransport(Transport):
 
     # -- service thread: requests -------------------------------------------------------------
 
-    def _track(self, ptr: Optional[int], keep: Any, on_done: Callable[[int, int], None],
-               owner: Optional[set[int]] = None, length: int = 0) -> None:
+    def _track(
+        self,
+        ptr: Optional[int],
+        keep: Any,
+        on_done: Callable[[int, int], None],
+        owner: Optional[set[int]] = None,
+        length: int = 0,
+    ) -> None:
         """Follows a request returned by a *_nbx call; calls ``on_done`` now if it already ended."""
         status = _status_of(ptr)
         if status == _UCS_INPROGRESS:
@@ -671,9 +749,14 @@ class UcxTransport(Transport):
         return bool(ended)
 
     def _send_am(self, conn: _Conn, kind: int, seq: int, tag: int, payload: bytes) -> None:
-        param = _RequestParam(op_attr_mask=_OP_FIELD_FLAGS, flags=_AM_SEND_REPLY | _AM_SEND_EAGER | _AM_SEND_COPY_HEADER)
+        param = _RequestParam(
+            op_attr_mask=_OP_FIELD_FLAGS,
+            flags=_AM_SEND_REPLY | _AM_SEND_EAGER | _AM_SEND_COPY_HEADER,
+        )
         header = _HEADER.pack(kind, seq, tag)
-        ptr = self._ucp.ucp_am_send_nbx(conn.ep, _AM_ID, header, len(header), payload or None, len(payload), ctypes.byref(param))
+        ptr = self._ucp.ucp_am_send_nbx(
+            conn.ep, _AM_ID, header, len(header), payload or None, len(payload), ctypes.byref(param)
+        )
 
         def sent(status: int, _: int) -> None:
             if status != _UCS_OK:
@@ -681,15 +764,23 @@ class UcxTransport(Transport):
 
         self._track(ptr, payload, sent)
 
-    def _send_tag(self, conn: _Conn, buf: torch.Tensor, tag: int, on_done: Callable[[int, int], None]) -> None:
+    def _send_tag(
+        self, conn: _Conn, buf: torch.Tensor, tag: int, on_done: Callable[[int, int], None]
+    ) -> None:
         param = _RequestParam()
-        ptr = self._ucp.ucp_tag_send_nbx(conn.ep, buf.data_ptr(), buf.numel(), tag, ctypes.byref(param))
+        ptr = self._ucp.ucp_tag_send_nbx(
+            conn.ep, buf.data_ptr(), buf.numel(), tag, ctypes.byref(param)
+        )
         self._track(ptr, buf, on_done)
 
-    def _post_recv(self, buf: torch.Tensor, tag: int, owner: set[int], on_done: Callable[[int, int], None]) -> None:
+    def _post_recv(
+        self, buf: torch.Tensor, tag: int, owner: set[int], on_done: Callable[[int, int], None]
+    ) -> None:
         info = _TagRecvInfo()
         param = _RequestParam(op_attr_mask=_OP_FIELD_RECV_INFO, recv_info=ctypes.addressof(info))
-        ptr = self._ucp.ucp_tag_recv_nbx(self._worker, buf.data_ptr(), buf.numel(), tag, (1 << 64) - 1, ctypes.byref(param))
+        ptr = self._ucp.ucp_tag_recv_nbx(
+            self._worker, buf.data_ptr(), buf.numel(), tag, (1 << 64) - 1, ctypes.byref(param)
+        )
         self._track(ptr, buf, on_done, owner, info.length)
 
     def _take_tags(self, count: int) -> int:
@@ -713,7 +804,12 @@ class UcxTransport(Transport):
         if conn.failed is not None:
             return
         conn.failed = error
-        logger.debug("kvtier transfer: UCX connection %s -> %s dropped: %s", self.address, conn.address, error)
+        logger.debug(
+            "kvtier transfer: UCX connection %s -> %s dropped: %s",
+            self.address,
+            conn.address,
+            error,
+        )
         for op in conn.ops.values():
             self._cancel(op.recvs)
             self._finish(op, error)
@@ -748,7 +844,10 @@ class UcxTransport(Transport):
         host, _, port = address.removeprefix("ucx://").rpartition(":")
         addr = _sockaddr(host.strip("[]"), int(port))
         params = _EpParams(
-            field_mask=_EP_FIELD_ERR_MODE | _EP_FIELD_ERR_HANDLER | _EP_FIELD_SOCK_ADDR | _EP_FIELD_FLAGS,
+            field_mask=_EP_FIELD_ERR_MODE
+            | _EP_FIELD_ERR_HANDLER
+            | _EP_FIELD_SOCK_ADDR
+            | _EP_FIELD_FLAGS,
             err_mode=_ERR_MODE_PEER,
             err_handler=_Callback(ctypes.cast(self._callbacks[1], ctypes.c_void_p), None),
             flags=_EP_FLAG_CLIENT_SERVER,
@@ -791,7 +890,9 @@ class UcxTransport(Transport):
             for i, buf in enumerate(op.buffers):
                 if buf.numel():
                     op.pending += 1
-                    self._post_recv(buf, first + i, op.recvs, self._piece_done(conn, op, buf.numel()))
+                    self._post_recv(
+                        buf, first + i, op.recvs, self._piece_done(conn, op, buf.numel())
+                    )
             self._send_am(conn, _PLAN_READ, op.seq, first, json.dumps(op.ranges).encode())
 
     def _piece_done(self, conn: _Conn, op: _Op, expected: int) -> Callable[[int, int], None]:
@@ -802,7 +903,10 @@ class UcxTransport(Transport):
             if status != _UCS_OK:
                 self._fail(conn, self._lost(conn, status))
             elif op.kind == "read" and length != expected:
-                self._fail(conn, RemoteError(f"{conn.address} sent {length} bytes for a range of {expected}"))
+                self._fail(
+                    conn,
+                    RemoteError(f"{conn.address} sent {length} bytes for a range of {expected}"),
+                )
             else:
                 self._settle(conn, op)
 
@@ -877,7 +981,9 @@ class UcxTransport(Transport):
             batch = _Batch(sum(1 for v in views if v.numel()) + 1)  # + 1 until READY is sent
             for i, view in enumerate(views):
                 if view.numel():
-                    self._post_recv(view, first + i, conn.recvs, self._landed(conn, seq, batch, view.numel()))
+                    self._post_recv(
+                        view, first + i, conn.recvs, self._landed(conn, seq, batch, view.numel())
+                    )
             self._send_am(conn, _READY, seq, first, b"")
             self._landed(conn, seq, batch, 0)(_UCS_OK, 0)
 
@@ -888,7 +994,9 @@ class UcxTransport(Transport):
 
         return done
 
-    def _landed(self, conn: _Conn, seq: int, batch: _Batch, expected: int) -> Callable[[int, int], None]:
+    def _landed(
+        self, conn: _Conn, seq: int, batch: _Batch, expected: int
+    ) -> Callable[[int, int], None]:
         def done(status: int, length: int) -> None:
             if conn.failed is not None:
                 return
@@ -907,11 +1015,17 @@ class UcxTransport(Transport):
     def _on_am(self, _arg, header, header_len, data, length, param) -> int:
         try:
             if header_len != _HEADER.size or param[0].recv_attr & _AM_RECV_RNDV:
-                logger.warning("kvtier transfer: dropped a foreign UCX active message on %s", self.address)
+                logger.warning(
+                    "kvtier transfer: dropped a foreign UCX active message on %s", self.address
+                )
                 return _UCS_OK
             kind, seq, tag = _HEADER.unpack(ctypes.string_at(header, header_len))
             payload = ctypes.string_at(data, length) if length else b""
-            conn = self._conns.get(param[0].reply_ep) if param[0].recv_attr & _AM_RECV_REPLY_EP else None
+            conn = (
+                self._conns.get(param[0].reply_ep)
+                if param[0].recv_attr & _AM_RECV_REPLY_EP
+                else None
+            )
             if conn is None or conn.failed is not None:
                 return _UCS_OK
             if kind in (_READY, _DONE) and conn.outgoing:
@@ -937,7 +1051,10 @@ class UcxTransport(Transport):
         ep = ctypes.c_void_p()
         status = self._ucp.ucp_ep_create(self._worker, ctypes.byref(params), ctypes.byref(ep))
         if status != _UCS_OK:
-            logger.warning("kvtier transfer: could not accept a UCX connection on %s: %s",
-                           self.address, self._ucs.ucs_status_string(status).decode())
+            logger.warning(
+                "kvtier transfer: could not accept a UCX connection on %s: %s",
+                self.address,
+                self._ucs.ucs_status_string(status).decode(),
+            )
             return
         self._conns[ep.value] = _Conn(ep.value, "(unknown peer)", outgoing=False)

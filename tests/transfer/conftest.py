@@ -29,7 +29,11 @@ class PeerProcess:
 
     def __init__(self, regions: dict[str, int], backend: str = "zmq"):
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), json.dumps({"regions": regions, "backend": backend})],
+            [
+                sys.executable,
+                str(PEER_SCRIPT),
+                json.dumps({"regions": regions, "backend": backend}),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -78,7 +78,9 @@ def test_empty_ranges_and_batches_are_fine(pair, pattern):
     receiver.register("kv", region)
     peer = sender.connect(receiver.descriptor())
     sender.write(peer, [], timeout_s=5)
-    sender.write(peer, [(torch.empty(0, dtype=torch.uint8), "kv", 64), (pattern(1, 8), "kv", 0)], timeout_s=5)
+    sender.write(
+        peer, [(torch.empty(0, dtype=torch.uint8), "kv", 64), (pattern(1, 8), "kv", 0)], timeout_s=5
+    )
     assert torch.equal(region[:8], pattern(1, 8)) and not region[8:].any()
     sender.read(peer, [], timeout_s=5)
 
@@ -110,7 +112,9 @@ def test_writes_and_reads_across_processes(make, backend, spawn_peer, pattern, d
     assert child.call(op="close") == "closed"
 
 
-def test_notification_arrives_only_after_the_data_it_follows(make, backend, spawn_peer, pattern, digest):
+def test_notification_arrives_only_after_the_data_it_follows(
+    make, backend, spawn_peer, pattern, digest
+):
     # Each round writes its own slot, so a check can never see the next round's bytes.
     nbytes, rounds = (4 << 20) + 1, 10
     with make() as me:
@@ -149,7 +153,9 @@ def _fails_in_time(call, deadline_s: float, killer: threading.Timer) -> None:
 
 
 @pytest.mark.parametrize("what", ["write", "read", "notify"])
-def test_peer_killed_mid_transfer_fails_the_caller_within_its_deadline(make, backend, spawn_peer, pattern, what):
+def test_peer_killed_mid_transfer_fails_the_caller_within_its_deadline(
+    make, backend, spawn_peer, pattern, what
+):
     nbytes = 64 << 20
     child = spawn_peer({"kv": nbytes}, backend)
     data = pattern(0, nbytes)
@@ -174,7 +180,9 @@ def test_hung_peer_fails_the_caller_at_its_deadline(make, backend, spawn_peer, p
         child.pause()
         for call in (
             lambda: me.write(peer, [(pattern(1, 1 << 20), "kv", 0)], timeout_s=0.5),
-            lambda: me.read(peer, [("kv", 0, torch.empty(1 << 20, dtype=torch.uint8))], timeout_s=0.5),
+            lambda: me.read(
+                peer, [("kv", 0, torch.empty(1 << 20, dtype=torch.uint8))], timeout_s=0.5
+            ),
             lambda: me.notify(peer, b"anyone?", timeout_s=0.5),
         ):
             peer = me.connect(child.descriptor)
@@ -186,14 +194,19 @@ def test_hung_peer_fails_the_caller_at_its_deadline(make, backend, spawn_peer, p
 
 
 @pytest.mark.parametrize("what", ["write", "read"])
-def test_peer_killed_mid_transfer_leaves_the_survivor_serving(make, backend, spawn_peer, pattern, what):
+def test_peer_killed_mid_transfer_leaves_the_survivor_serving(
+    make, backend, spawn_peer, pattern, what
+):
     nbytes = 64 << 20
     with make() as me:
         region = torch.zeros(nbytes, dtype=torch.uint8)
         me.register("kv", region)
         child = spawn_peer({}, backend)
         assert child.call(op="connect", descriptor=me.descriptor()) == "ok"
-        assert child.call(op=f"{what}_forever", region="kv", nbytes=nbytes) in ("writing", "reading")
+        assert child.call(op=f"{what}_forever", region="kv", nbytes=nbytes) in (
+            "writing",
+            "reading",
+        )
         time.sleep(0.3)
         child.kill()
         start = time.monotonic()
@@ -276,5 +289,9 @@ def test_close_is_idempotent_and_later_calls_say_so(make):
     with make() as again:  # a new endpoint works after the old one closed
         region = torch.zeros(8, dtype=torch.uint8)
         again.register("kv", region)
-        again.write(again.connect(again.descriptor()), [(torch.ones(8, dtype=torch.uint8), "kv", 0)], timeout_s=5)
+        again.write(
+            again.connect(again.descriptor()),
+            [(torch.ones(8, dtype=torch.uint8), "kv", 0)],
+            timeout_s=5,
+        )
         assert region.all()

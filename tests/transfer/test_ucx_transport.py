@@ -17,7 +17,9 @@ import torch
 from kvtier.transfer.base import PeerTimeout, TransferError
 from kvtier.transfer.ucx_transport import UcxTransport
 
-_spec = importlib.util.spec_from_file_location("kvtier_transport_contract", Path(__file__).with_name("contract.py"))
+_spec = importlib.util.spec_from_file_location(
+    "kvtier_transport_contract", Path(__file__).with_name("contract.py")
+)
 _contract = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_contract)
 globals().update({k: v for k, v in vars(_contract).items() if k.startswith("test_")})
@@ -88,7 +90,9 @@ def test_concurrent_callers_share_one_endpoint(pair, pattern):
     for t in threads:
         t.join()
     assert not errors, errors
-    got = sorted(int(receiver.recv_notification(timeout_s=5).message) for _ in range(workers * rounds))
+    got = sorted(
+        int(receiver.recv_notification(timeout_s=5).message) for _ in range(workers * rounds)
+    )
     assert got == list(range(workers * rounds))
     assert torch.equal(region, torch.cat([pattern(i, slot) for i in range(workers * rounds)]))
 
@@ -111,5 +115,7 @@ def test_a_process_that_never_closes_its_transports_exits_cleanly():
         "a.write(a.connect(b.descriptor()), [(torch.ones(1 << 20, dtype=torch.uint8), 'kv', 0)], timeout_s=10)\n"
     )
     for _ in range(3):  # without the exit hook UCX aborted in about half of these exits
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr[-2000:]

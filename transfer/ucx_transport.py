@@ -88,7 +88,8 @@ _START_S = 30.0  # longest wait for the service thread to open UCX or run a comm
 _CLOSE_S = 2.0  # longest wait for endpoints to close at shutdown
 
 # UCP constants (ucp/api/ucp.h, ucs/type/status.h of UCX 1.21)
-_UCS_OK, _UCS_INPROGRESS, _UCS_ERR_BUSY, _UCS_ERR_CANCELED = 0, 1, -15, -16
+_UCS_OK, _UCS_INPROGRESS, _UCS_ERR_UNREACHABLE, _UCS_ERR_BUSY = 0, 1, -6, -15
+_UCS_ERR_CANCELED = -16
 _UCS_ERR_LAST = -100
 _FEATURE_TAG, _FEATURE_WAKEUP, _FEATURE_AM = 1 << 0, 1 << 4, 1 << 6
 _EP_FIELD_ERR_MODE, _EP_FIELD_ERR_HANDLER = 1 << 1, 1 << 2
@@ -794,10 +795,14 @@ class UcxTransport(Transport):
 
     def _lost(self, conn: _Conn, status: int) -> PeerTimeout:
         reason = self._ucs.ucs_status_string(status).decode()
-        return PeerTimeout(
-            f"the UCX connection to {conn.address} failed ({reason}); it may have died; "
-            "call connect(descriptor) again once it is back"
-        )
+        if status == _UCS_ERR_UNREACHABLE:
+            hint = (
+                "no transport in UCX_TLS reaches it with peer error handling; keep tcp in "
+                "UCX_TLS (shared memory alone also needs UCX_MM_ERROR_HANDLING=y)"
+            )
+        else:
+            hint = "it may have died; call connect(descriptor) again once it is back"
+        return PeerTimeout(f"the UCX connection to {conn.address} failed ({reason}); {hint}")
 
     def _fail(self, conn: _Conn, error: TransferError) -> None:
         """Ends every batch on ``conn`` with ``error``, cancels its receives and closes it."""

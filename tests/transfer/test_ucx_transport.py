@@ -119,3 +119,12 @@ def test_a_process_that_never_closes_its_transports_exits_cleanly():
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_transports_without_tcp_say_what_to_change(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "sm,self")  # read by each new UCX context
+    with UcxTransport() as a, UcxTransport() as b:
+        b.register("kv", torch.zeros(16, dtype=torch.uint8))
+        peer = a.connect(b.descriptor())
+        with pytest.raises(PeerTimeout, match="keep tcp in UCX_TLS"):
+            a.write(peer, [(torch.ones(16, dtype=torch.uint8), "kv", 0)], timeout_s=5)

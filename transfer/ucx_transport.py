@@ -36,14 +36,18 @@ and polling modes. Neither can be cut by a deadline from Python; owning the prog
 both (a previous attempt also saw ``am_send`` spin). The wheel's UCX has TCP, shared memory and
 CUDA transports but no InfiniBand; ``UCX_TLS`` is the user's (``tcp,self`` works on loopback; the
 listener needs ``tcp``). Error handling mode PEER keeps shared memory lanes out unless
-``UCX_MM_ERROR_HANDLING=y``, so same-host data runs over tcp/lo ("rendezvous zero-copy"). Unless
-the user set them, TCP segments are 512 KiB (``UCX_TCP_TX_SEG_SIZE``/``_RX_SEG_SIZE``): that helps
-eager and fragmented protocols (a previous attempt measured 0.3-0.95 GB/s with the 8 KiB default
-against 2.85 GB/s), while this module's rendezvous writes moved 1.7-2.3 GB/s either way on this
-loaded 2-core host. Regions are host memory (``device_regions = False``); GPU regions would need
-``cuda_copy``/``cuda_ipc`` in ``UCX_TLS``, a CUDA context current on the service thread before the
-worker is created, ``memory_type`` on each request, and the producing stream synchronized before a
-send.
+``UCX_MM_ERROR_HANDLING=y``, so same-host data runs over tcp/lo ("rendezvous zero-copy"). With
+``UCX_MM_ERROR_HANDLING=y`` same-host transfers moved 16 GB/s here instead of 4.6, but after a
+writing peer was SIGKILLed, a new peer's connection to the survivor stalled in 1 of 5 runs, and in
+2 of 8 with the thread polling every 0.5 ms, so not from this module's sleeping (the caller got
+``PeerTimeout`` at its deadline; the new endpoint never said hello), so it stays the user's choice,
+not a default. Unless the user set them, TCP segments are 512 KiB
+(``UCX_TCP_TX_SEG_SIZE``/``_RX_SEG_SIZE``): that helps eager and fragmented protocols (a previous
+attempt measured 0.3-0.95 GB/s with the 8 KiB default against 2.85 GB/s), while this module's
+rendezvous writes moved 1.7-2.3 GB/s either way on this loaded 2-core host. Regions are host memory
+(``device_regions = False``); GPU regions would need ``cuda_copy``/``cuda_ipc`` in ``UCX_TLS``, a
+CUDA context current on the service thread before the worker is created, ``memory_type`` on each
+request, and the producing stream synchronized before a send.
 """
 
 from __future__ import annotations

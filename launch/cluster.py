@@ -304,9 +304,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     failure = None
     try:
         cluster.start(p.prefill)
-        cluster.start(p.decode)
-        for svc in (p.prefill, p.decode):
-            failure = failure or cluster.wait_healthy(svc, args.startup_timeout)
+        if p.shared_mem_fraction:
+            # One GPU: SGLang sizes its pool from the memory that others leave free while it
+            # loads, so the decode starts once the prefill has taken its share.
+            failure = cluster.wait_healthy(p.prefill, args.startup_timeout)
+        if not failure and not cluster.stopping.is_set():
+            cluster.start(p.decode)
+        for svc in (p.decode,) if p.shared_mem_fraction else (p.prefill, p.decode):
+            if not failure and svc.name in cluster.started:
+                failure = cluster.wait_healthy(svc, args.startup_timeout)
         if not failure and not cluster.stopping.is_set():
             cluster.start(p.router)
             failure = cluster.wait_healthy(p.router, ROUTER_STARTUP_S)

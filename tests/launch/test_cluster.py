@@ -131,7 +131,7 @@ def test_startup_deadline_and_sigterm_while_starting(start_cluster):
     cluster, _ = start_cluster("--startup-timeout", "2", ready=r"stopping: prefill not healthy", STANDIN_UNHEALTHY="1")
     assert "after 2 s (raise --startup-timeout" in cluster.match.string
     assert cluster.proc.wait(20) == 1
-    cluster, _ = start_cluster(ready=r"started decode", STANDIN_UNHEALTHY="1")
+    cluster, _ = start_cluster(ready=r"started prefill", STANDIN_UNHEALTHY="1")
     pids = family(cluster.proc.pid)
     cluster.proc.send_signal(signal.SIGTERM)
     assert cluster.proc.wait(20) == 0

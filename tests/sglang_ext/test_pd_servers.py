@@ -101,21 +101,24 @@ def pd_generate(prefill: Server, decode: Server, bootstrap_port: int, ids: list[
     return out
 
 
-@pytest.mark.timeout(580)  # four servers start at once on one GPU
+@pytest.mark.timeout(580)  # four servers start one after another on one GPU
 def test_pd_servers_match_a_single_server_and_refuse_a_mismatched_decode(tmp_path):
     model = sglang_objects.tiny_llama(str(tmp_path / "model"))
     bootstrap = free_port()
     pd_args = ["--disaggregation-transfer-backend", "kvtier", "--disaggregation-bootstrap-port", str(bootstrap)]
-    servers = {
-        "reference": Server(model, tmp_path / "reference.log"),
-        "prefill": Server(model, tmp_path / "prefill.log", "--disaggregation-mode", "prefill", *pd_args),
-        "decode": Server(model, tmp_path / "decode.log", "--disaggregation-mode", "decode", *pd_args),
-        "decode_page16": Server(model, tmp_path / "decode16.log", "--disaggregation-mode", "decode",
-                                "--page-size", "16", *pd_args),
+    plan = {
+        "reference": (),
+        "prefill": ("--disaggregation-mode", "prefill", *pd_args),
+        "decode": ("--disaggregation-mode", "decode", *pd_args),
+        "decode_page16": ("--disaggregation-mode", "decode", "--page-size", "16", *pd_args),
     }
+    servers: dict[str, Server] = {}
     try:
-        for s in servers.values():
-            s.wait_ready()
+        # One at a time: SGLang sizes its pool from the GPU memory that other processes leave free
+        # while it loads, which servers allocating at the same moment make unpredictable.
+        for name, args in plan.items():
+            servers[name] = Server(model, tmp_path / f"{name}.log", *args)
+            servers[name].wait_ready()
         prefill, decode, reference = servers["prefill"], servers["decode"], servers["reference"]
         gen = torch.Generator().manual_seed(0)
         for i, length in enumerate((5, 300, 1500)):

@@ -1,7 +1,8 @@
 """Write and read GB/s of a transfer backend between two processes on this host; writes JSON.
 
 A child process registers a region and hands its descriptor to the parent through a pipe; the
-parent writes ``--mib`` MiB into it (and reads it back) ``--repeats`` times over 127.0.0.1.
+parent writes ``--mib`` MiB into it (and reads it back) ``--repeats`` times over 127.0.0.1, as one
+range or, with ``--range-kib``, as one batch of ranges of that size (KV pages).
 
     python benchmarks/transfer_loopback.py --backend zmq --out benchmarks/results/transfer_loopback_zmq.json
     python benchmarks/transfer_loopback.py --backend ucx --out benchmarks/results/transfer_loopback_ucx.json
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=list(KINDS), default="zmq")
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--range-kib", type=int, default=0, help="0: one range of --mib MiB")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nbytes = args.mib << 20
@@ -50,12 +52,15 @@ def main() -> None:
         writes, reads = [], []
         with open_transport(args.backend) as transport:
             peer = transport.connect(descriptor)
+            step = (args.range_kib << 10) or nbytes
+            write_ops = [(src[i : i + step], "bench", i) for i in range(0, nbytes, step)]
+            read_ops = [("bench", i, back[i : i + step]) for i in range(0, nbytes, step)]
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                transport.write(peer, [(src, "bench", 0)], timeout_s=60)
+                transport.write(peer, write_ops, timeout_s=60)
                 writes.append(nbytes / (time.perf_counter() - start) / 1e9)
                 start = time.perf_counter()
-                transport.read(peer, [("bench", 0, back)], timeout_s=60)
+                transport.read(peer, read_ops, timeout_s=60)
                 reads.append(nbytes / (time.perf_counter() - start) / 1e9)
             exact = torch.equal(src, back)
         parent_end.send("done")
@@ -65,6 +70,7 @@ def main() -> None:
         "benchmark": "transfer_loopback",
         "backend": args.backend,
         "bytes": nbytes,
+        "range_bytes": (args.range_kib << 10) or nbytes,
         "write_GBps": [round(x, 2) for x in writes],
         "read_GBps": [round(x, 2) for x in reads],
         "write_GBps_median": round(sorted(writes)[len(writes) // 2], 2),
@@ -73,7 +79,8 @@ def main() -> None:
         "ucx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX_")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/transfer_loopback.py --backend {args.backend} --mib {args.mib} --repeats {args.repeats}",
+        "command": f"python benchmarks/transfer_loopback.py --backend {args.backend} --mib {args.mib} "
+        f"--repeats {args.repeats} --range-kib {args.range_kib}",
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -17,10 +17,12 @@ wake-up events are unreliable (cma) is slow, not stuck.
 
 Protocol: a client connects to the peer's UCP listener (``host:port``) and says hello with its own
 address. A write sends its plan (region, offset, size per range) as an active message; the receiver
-checks every range against its regions, posts one tag receive per range straight into the region
-and answers with the tags to use, or refuses with the reason (nothing written); the writer then
-sends each range with ``ucp_tag_send_nbx`` (rendezvous: the bytes land in place, zero copies) and
-the receiver acknowledges when every range arrived. A read posts the tag receives into the
+checks every range against its regions, posts tag receives straight into the region, one per run of
+ranges of up to ``GROUP_BYTES`` (an iovec, so a batch of KV pages is a few messages, not one per
+page), and answers with the tags to use, or refuses with the reason (nothing written); the writer
+then sends each run with ``ucp_tag_send_nbx`` (rendezvous: the bytes land in place, zero copies)
+and the receiver acknowledges when every run arrived. Between two processes here, 256 MiB as 64 KiB
+ranges moved 2.6 GB/s (ZMQ 1.7; one range per message gave 0.8). A read posts the receives into the
 destinations first, then sends the plan; the peer checks it and sends the ranges. The ranges of one
 batch land in no set order, so ranges that overlap within a batch leave the overlap undefined. A
 notification is an active message acknowledged once queued; since a write returns only after the
@@ -90,6 +92,9 @@ logger = logging.getLogger(__name__)
 UCX_DEFAULTS = {"TCP_TX_SEG_SIZE": "512k", "TCP_RX_SEG_SIZE": "512k"}
 """UCX settings applied unless ``UCX_<KEY>`` is set in the environment."""
 
+GROUP_BYTES = 4 << 20
+"""Ranges of a batch travel as one tag message (an iovec) per run of up to this many bytes."""
+GROUP_RANGES = 256  # and at most this many ranges
 _IDLE_S = 0.05  # longest sleep of the service thread between progress calls
 _START_S = 30.0  # longest wait for the service thread to open UCX or run a command
 _CLOSE_S = 2.0  # longest wait for endpoints to close at shutdown
@@ -109,7 +114,8 @@ _AM_FIELD_ID, _AM_FIELD_FLAGS, _AM_FIELD_CB = 1 << 0, 1 << 1, 1 << 2
 _AM_FLAG_WHOLE_MSG = 1 << 0
 _AM_SEND_REPLY, _AM_SEND_EAGER, _AM_SEND_COPY_HEADER = 1 << 0, 1 << 1, 1 << 3
 _AM_RECV_REPLY_EP, _AM_RECV_RNDV = 1 << 0, 1 << 17
-_OP_FIELD_CALLBACK, _OP_FIELD_USER_DATA = 1 << 1, 1 << 2
+_OP_FIELD_CALLBACK, _OP_FIELD_USER_DATA, _OP_FIELD_DATATYPE = 1 << 1, 1 << 2, 1 << 3
+_DATATYPE_IOV = 2  # ucp_dt_make_iov()
 _OP_FIELD_FLAGS, _OP_FIELD_RECV_INFO = 1 << 4, 1 << 7
 
 _AM_ID = 0
@@ -196,6 +202,10 @@ class _RequestParam(ctypes.Structure):
         ("recv_info", ctypes.c_void_p),
         ("memh", ctypes.c_void_p),
     ]
+
+
+class _Iov(ctypes.Structure):
+    _fields_ = [("buffer", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
 
 class _TagRecvInfo(ctypes.Structure):
@@ -298,6 +308,31 @@ def _status_of(ptr: Optional[int]) -> int:
         return _UCS_OK
     signed = ctypes.c_int64(ptr).value
     return signed if _UCS_ERR_LAST <= signed < 0 else _UCS_INPROGRESS
+
+
+def _groups(buffers: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The non-empty ranges of a batch in runs of up to GROUP_BYTES, one tag message per run;
+    both sides cut the same plan the same way."""
+    groups: list[list[torch.Tensor]] = []
+    total = GROUP_BYTES
+    for buf in buffers:
+        n = buf.numel()
+        if not n:
+            continue
+        if total + n > GROUP_BYTES or len(groups[-1]) == GROUP_RANGES:
+            groups.append([])
+            total = 0
+        groups[-1].append(buf)
+        total += n
+    return groups
+
+
+def _buffer(group: list[torch.Tensor]) -> tuple[int, int, Any]:
+    """(buffer, count, what to keep alive) for a tag message: contiguous bytes or an iovec."""
+    if len(group) == 1:
+        return group[0].data_ptr(), group[0].numel(), group
+    iov = (_Iov * len(group))(*[_Iov(t.data_ptr(), t.numel()) for t in group])
+    return ctypes.addressof(iov), len(group), (iov, group)
 
 
 def _sockaddr(host: str, port: int) -> ctypes.Array:
@@ -732,6 +767,7 @@ class UcxTransport(Transport):
         on_done: Callable[[int, int], None],
         owner: Optional[set[int]] = None,
         flags: int = 0,
+        iov: bool = False,
     ) -> None:
         """Starts one ``*_nbx`` operation whose completion calls ``on_done(status, length)``:
         from the UCX callback, or at once if the operation completed inside the call."""
@@ -746,6 +782,9 @@ class UcxTransport(Transport):
         if owner is not None:
             param.op_attr_mask |= _OP_FIELD_RECV_INFO
             param.recv_info = ctypes.addressof(info)
+        if iov:
+            param.op_attr_mask |= _OP_FIELD_DATATYPE
+            param.datatype = _DATATYPE_IOV
         ptr = call(param)
         status = _status_of(ptr)
         if status != _UCS_INPROGRESS:
@@ -787,26 +826,32 @@ class UcxTransport(Transport):
         )
 
     def _send_tag(
-        self, conn: _Conn, buf: torch.Tensor, tag: int, on_done: Callable[[int, int], None]
+        self, conn: _Conn, group: list[torch.Tensor], tag: int, on_done: Callable[[int, int], None]
     ) -> None:
+        buffer, count, keep = _buffer(group)
         self._issue(
-            lambda param: self._ucp.ucp_tag_send_nbx(
-                conn.ep, buf.data_ptr(), buf.numel(), tag, param
-            ),
-            buf,
+            lambda param: self._ucp.ucp_tag_send_nbx(conn.ep, buffer, count, tag, param),
+            keep,
             on_done,
+            iov=len(group) > 1,
         )
 
     def _post_recv(
-        self, buf: torch.Tensor, tag: int, owner: set[int], on_done: Callable[[int, int], None]
+        self,
+        group: list[torch.Tensor],
+        tag: int,
+        owner: set[int],
+        on_done: Callable[[int, int], None],
     ) -> None:
+        buffer, count, keep = _buffer(group)
         self._issue(
             lambda param: self._ucp.ucp_tag_recv_nbx(
-                self._worker, buf.data_ptr(), buf.numel(), tag, (1 << 64) - 1, param
+                self._worker, buffer, count, tag, (1 << 64) - 1, param
             ),
-            buf,
+            keep,
             on_done,
             owner,
+            iov=len(group) > 1,
         )
 
     def _take_tags(self, count: int) -> int:
@@ -918,16 +963,18 @@ class UcxTransport(Transport):
         elif op.kind == "write":
             self._send_am(conn, _PLAN_WRITE, op.seq, 0, json.dumps(op.ranges).encode())
         else:
-            first = self._take_tags(len(op.buffers))
-            for i, buf in enumerate(op.buffers):
-                if buf.numel():
-                    op.pending += 1
-                    self._post_recv(
-                        buf, first + i, op.recvs, self._piece_done(conn, op, buf.numel())
-                    )
+            groups = _groups(op.buffers)
+            first = self._take_tags(len(groups))
+            for i, group in enumerate(groups):
+                op.pending += 1
+                self._post_recv(group, first + i, op.recvs, self._piece_done(conn, op, group))
             self._send_am(conn, _PLAN_READ, op.seq, first, json.dumps(op.ranges).encode())
 
-    def _piece_done(self, conn: _Conn, op: _Op, expected: int) -> Callable[[int, int], None]:
+    def _piece_done(
+        self, conn: _Conn, op: _Op, group: list[torch.Tensor]
+    ) -> Callable[[int, int], None]:
+        expected = sum(t.numel() for t in group)
+
         def done(status: int, length: int) -> None:
             op.pending -= 1
             if op.done.is_set():
@@ -954,10 +1001,9 @@ class UcxTransport(Transport):
         if op is None:
             return  # a batch that already failed
         if kind == _READY:
-            for i, buf in enumerate(op.buffers):
-                if buf.numel():
-                    op.pending += 1
-                    self._send_tag(conn, buf, tag + i, self._piece_done(conn, op, buf.numel()))
+            for i, group in enumerate(_groups(op.buffers)):
+                op.pending += 1
+                self._send_tag(conn, group, tag + i, self._piece_done(conn, op, group))
             return
         reason = payload.decode(errors="replace")
         if reason:
@@ -1000,24 +1046,22 @@ class UcxTransport(Transport):
         elif kind == _PLAN_READ:
             views, error = self._views(payload)
             if error is None:
-                for i, view in enumerate(views):
-                    if view.numel():
-                        self._send_tag(conn, view, tag + i, self._served(conn))
+                for i, group in enumerate(_groups(views)):
+                    self._send_tag(conn, group, tag + i, self._served(conn))
             self._send_am(conn, _DONE, seq, 0, (error or "").encode())
         elif kind == _PLAN_WRITE:
             views, error = self._views(payload)
             if error is not None:
                 self._send_am(conn, _DONE, seq, 0, error.encode())
                 return
-            first = self._take_tags(len(views))
-            batch = _Batch(sum(1 for v in views if v.numel()) + 1)  # + 1 until READY is sent
-            for i, view in enumerate(views):
-                if view.numel():
-                    self._post_recv(
-                        view, first + i, conn.recvs, self._landed(conn, seq, batch, view.numel())
-                    )
+            groups = _groups(views)
+            first = self._take_tags(len(groups))
+            batch = _Batch(len(groups) + 1)  # + 1 until READY is sent
+            for i, group in enumerate(groups):
+                landed = self._landed(conn, seq, batch, group)
+                self._post_recv(group, first + i, conn.recvs, landed)
             self._send_am(conn, _READY, seq, first, b"")
-            self._landed(conn, seq, batch, 0)(_UCS_OK, 0)
+            self._landed(conn, seq, batch, [])(_UCS_OK, 0)
 
     def _served(self, conn: _Conn) -> Callable[[int, int], None]:
         def done(status: int, _: int) -> None:
@@ -1027,8 +1071,10 @@ class UcxTransport(Transport):
         return done
 
     def _landed(
-        self, conn: _Conn, seq: int, batch: _Batch, expected: int
+        self, conn: _Conn, seq: int, batch: _Batch, group: list[torch.Tensor]
     ) -> Callable[[int, int], None]:
+        expected = sum(t.numel() for t in group)
+
         def done(status: int, length: int) -> None:
             if conn.failed is not None:
                 return

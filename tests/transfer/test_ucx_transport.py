@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtier.transfer import ucx_transport
 from kvtier.transfer.base import PeerTimeout, TransferError
 from kvtier.transfer.ucx_transport import UcxTransport
 
@@ -128,3 +129,23 @@ def test_transports_without_tcp_say_what_to_change(monkeypatch):
         peer = a.connect(b.descriptor())
         with pytest.raises(PeerTimeout, match="keep tcp in UCX_TLS"):
             a.write(peer, [(torch.ones(16, dtype=torch.uint8), "kv", 0)], timeout_s=5)
+
+
+def test_ranges_cut_into_iovec_runs_land_bit_exact(pair, pattern):
+    # Runs end at GROUP_BYTES and at GROUP_RANGES ranges; empty ranges are in no run.
+    sender, receiver = pair
+    g = ucx_transport.GROUP_BYTES
+    sizes = [g - 1, 2, g + 5, 0, 1] + [17] * (ucx_transport.GROUP_RANGES + 3) + [g // 2] * 3
+    offsets = [sum(sizes[:i]) + 3 * i for i in range(len(sizes))]
+    region = torch.zeros(offsets[-1] + sizes[-1], dtype=torch.uint8)
+    receiver.register("kv", region)
+    peer = sender.connect(receiver.descriptor())
+    data = [pattern(i, n) for i, n in enumerate(sizes)]
+    sender.write(peer, [(d, "kv", o) for d, o in zip(data, offsets)], timeout_s=20)
+    expected = torch.zeros_like(region)
+    for d, o in zip(data, offsets):
+        expected[o : o + d.numel()] = d
+    assert torch.equal(region, expected)
+    back = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    sender.read(peer, [("kv", o, b) for b, o in zip(back, offsets)], timeout_s=20)
+    assert all(torch.equal(b, d) for b, d in zip(back, data))

@@ -20,16 +20,17 @@ address. A write sends its plan (region, offset, size per range) as an active me
 checks every range against its regions, posts tag receives straight into the region, one per run of
 ranges of up to ``GROUP_BYTES`` (an iovec, so a batch of KV pages is a few messages, not one per
 page), and answers with the tags to use, or refuses with the reason (nothing written); the writer
-then sends each run with ``ucp_tag_send_nbx`` (rendezvous: the bytes land in place, zero copies)
-and the receiver acknowledges when every run arrived. Between two processes here, 256 MiB as 64 KiB
-ranges moved 2.6 GB/s (ZMQ 1.7; one range per message gave 0.8). A read posts the receives into the
-destinations first, then sends the plan; the peer checks it and sends the ranges. The ranges of one
-batch land in no set order, so ranges that overlap within a batch leave the overlap undefined. A
-notification is an active message acknowledged once queued; since a write returns only after the
-receiver acknowledged all of its ranges, a notification is always delivered after the writes before
-it. Two-sided rendezvous rather than one-sided ``ucp_put_nbx`` keeps the receiver's checks (a stale
-or forged descriptor cannot write outside a region, a deregistered region takes no bytes), and UCX
-still moves rendezvous data with its zero-copy get/put where the transport has it.
+then sends each run with ``ucp_tag_send_nbx`` (UCX picks eager or rendezvous per message; a large
+run lands in place without a copy) and the receiver acknowledges when every run arrived. Between
+two processes here, 256 MiB as 64 KiB ranges moved 2.6 GB/s (ZMQ 1.7; one range per message gave
+0.8). A read posts the receives into the destinations first, then sends the plan; the peer checks
+it and sends the ranges. The ranges of one batch land in no set order, so ranges that overlap
+within a batch leave the overlap undefined. A notification is an active message acknowledged once
+queued; since a write returns only after the receiver acknowledged all of its ranges, a
+notification is always delivered after the writes before it. Two-sided rendezvous rather than
+one-sided ``ucp_put_nbx`` keeps the receiver's checks (a stale or forged descriptor cannot write
+outside a region, a deregistered region takes no bytes), and UCX still moves rendezvous data with
+its zero-copy get/put where the transport has it.
 
 Why not ucxx's Python endpoints (measured here with ucxx 0.52 core API, a peer SIGKILLed mid
 ``tag_send``, error handling on): the send in flight failed within 3-30 ms, but with the blocking

@@ -5,7 +5,7 @@ moves GPU regions directly and host regions over ZMQ), else ZMQ/TCP. Both speak 
 control protocol, so a ``cuda_ipc`` endpoint also talks to a ``zmq`` one (host regions only).
 ``ucx`` (host regions over UCX, needs the ``ucx`` extra) is only chosen by name: it does not speak
 that ZMQ protocol, so ``auto`` keeps every endpoint of a cluster able to talk to every other. Over
-loopback on a shared 2-core host it moved 1.3-4.7 GB/s against ZMQ's 1.3-3.3, run to run
+loopback on a shared 2-core host it moved 1.3-4.9 GB/s against ZMQ's 1.3-3.8, run to run
 (``benchmarks/results/transfer_loopback_ucx.json``).
 """
 

@@ -13,6 +13,7 @@ one machine; ``benchmarks/results/ab/``.) On a CPU pool (tests) copies are synch
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +26,8 @@ from kvtier.kernels.kv_pages import gather_kv, scatter_kv
 class Completion:
     """An in-flight copy; ``on_done`` runs once, from ``poll`` or ``wait``, when it finished.
 
-    With a ``start`` event, ``observe(seconds)`` then receives the copy's GPU time.
+    With a ``start`` event, ``observe(seconds)`` then receives the copy's GPU time. Several
+    threads may poll one completion; ``on_done`` still runs exactly once.
     """
 
     event: Optional[torch.cuda.Event]
@@ -33,14 +35,16 @@ class Completion:
     start: Optional[torch.cuda.Event] = None
     observe: Optional[Callable[[float], None]] = None
     _finished: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def poll(self) -> bool:
-        if not self._finished and (self.event is None or self.event.query()):
-            self._finished = True
-            self.on_done()
-            if self.start is not None and self.observe is not None:
-                self.observe(self.start.elapsed_time(self.event) / 1e3)
-        return self._finished
+        with self._lock:  # held through on_done: a poller seeing True knows on_done has ended
+            if not self._finished and (self.event is None or self.event.query()):
+                self._finished = True
+                self.on_done()
+                if self.start is not None and self.observe is not None:
+                    self.observe(self.start.elapsed_time(self.event) / 1e3)
+            return self._finished
 
     def wait(self) -> None:
         if self.event is not None:

@@ -17,6 +17,8 @@ This module and ``plugin.py`` are the only ones that import SGLang; everything s
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from array import array
 from concurrent.futures import Future, wait
 from typing import Optional, Sequence
@@ -40,6 +42,8 @@ from kvtier.sglang_ext.pool_io import Completion, PoolIO
 from kvtier.sglang_ext.tiers.store import TierStore
 
 logger = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 0.05
 
 
 def kv_pool_layout(pool: object) -> tuple[str, int]:
@@ -102,19 +106,34 @@ class KVTierRadixCache(RadixCache):
         # those pages; only HiCache loads host hits back there, so kvtier must report none.
         self._report_host_hits = ctx.server_args.disaggregation_mode != "decode"
         self._inflight: list[Completion] = []
+        self._inflight_lock = threading.Lock()
+        # Copies are published (spills committed, load pins released) as they finish, also while
+        # no request comes: an idle server's last spills must still reach the tiers.
+        threading.Thread(target=self._reap_while_open, name="kvtier-reaper", daemon=True).start()
         self._prefetching: dict[ChunkKey, Future] = {}
 
     # -- completions ---------------------------------------------------------------------------
 
     def _reap(self) -> None:
         """Publish finished spills and release the pins of finished loads."""
-        self._inflight = [c for c in self._inflight if not c.poll()]
+        with self._inflight_lock:
+            self._inflight = [c for c in self._inflight if not c.poll()]
+
+    def _track(self, copy: Completion) -> None:
+        with self._inflight_lock:
+            self._inflight.append(copy)
+
+    def _reap_while_open(self) -> None:
+        while not self.store.closed:
+            time.sleep(REAP_INTERVAL_S)
+            self._reap()
 
     def flush(self) -> None:
         """Wait for every copy in flight (tests, shutdown)."""
-        for c in self._inflight:
-            c.wait()
-        self._inflight.clear()
+        with self._inflight_lock:
+            for c in self._inflight:
+                c.wait()
+            self._inflight.clear()
 
     # -- spill -----------------------------------------------------------------------------------
 
@@ -145,7 +164,7 @@ class KVTierRadixCache(RadixCache):
         if not lease.keys:
             return
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
-        self._inflight.append(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed))
+        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed))
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before copies read them.
@@ -251,7 +270,7 @@ class KVTierRadixCache(RadixCache):
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
         views = lease.views[:got]
-        self._inflight.append(self.io.to_device(views, torch.cat([skip, rows]), lease.release))
+        self._track(self.io.to_device(views, torch.cat([skip, rows]), lease.release))
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         )

@@ -240,6 +240,10 @@ class TierStore:
         with self.metrics.timed("store", "prefetch"), self.acquire(keys, wait_s=wait_s) as lease:
             return len(lease.keys)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self, persist_timeout_s: float = 120.0) -> None:
         """Finish background work, write CPU-only chunks to the disk tier, free slab and file.
 

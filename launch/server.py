@@ -3,8 +3,9 @@
 The launchers take kvtier's own flags (``--kvtier-config``, ``--bootstrap-port``), check the config
 before SGLang starts, prepend the flags that make the server a kvtier PD worker
 (``--disaggregation-mode ROLE --disaggregation-transfer-backend kvtier
---disaggregation-bootstrap-port N --radix-cache-backend kvtier``) and hand every other argument to
-SGLang unchanged, after loading SGLang's plugins as ``sglang.launch_server`` does. A user argument
+--disaggregation-bootstrap-port N``, and on a prefill server ``--radix-cache-backend kvtier``) and
+hand every other argument to SGLang unchanged, after loading SGLang's plugins as
+``sglang.launch_server`` does. A user argument
 that sets one of those flags to another value is refused with a message naming what to remove.
 """
 
@@ -60,8 +61,9 @@ def arg_parser(role: str) -> argparse.ArgumentParser:
         epilog=(
             "Every other argument goes to SGLang unchanged (python -m sglang.launch_server --help "
             f"lists them). launch.{role} adds --disaggregation-mode {role} "
-            f"--disaggregation-transfer-backend {BACKEND} --disaggregation-bootstrap-port N "
-            f"--radix-cache-backend {BACKEND}, and refuses those flags with other values. When "
+            f"--disaggregation-transfer-backend {BACKEND} --disaggregation-bootstrap-port N"
+            + (f" --radix-cache-backend {BACKEND}" if role == "prefill" else "")
+            + ", and refuses those flags with other values. When "
             "SGLANG_HOST_IP is unset and the server listens on loopback, it is set to 127.0.0.1."
         ),
         allow_abbrev=False,  # an abbreviation of an SGLang flag must reach SGLang, not match ours
@@ -89,12 +91,16 @@ def parse_args(role: str, argv: list[str]) -> LaunchOptions:
 
 def role_flags(role: str, bootstrap_port: int) -> list[str]:
     """The flags a launcher puts in front of the user's SGLang arguments."""
-    return [
+    flags = [
         "--disaggregation-mode", role,
         "--disaggregation-transfer-backend", BACKEND,
         "--disaggregation-bootstrap-port", str(bootstrap_port),
-        "--radix-cache-backend", BACKEND,
     ]
+    if role == "prefill":
+        # SGLang runs a decode server without a radix cache (kvtier's cache needs one); the
+        # tiers pay off where prompts are prefilled.
+        flags += ["--radix-cache-backend", BACKEND]
+    return flags
 
 
 def option_index(parser: argparse.ArgumentParser) -> dict[str, str]:

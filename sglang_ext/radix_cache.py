@@ -292,5 +292,8 @@ def build(ctx: TreeCacheBuildContext) -> KVTierRadixCache:
     if ctx.enable_hierarchical_cache:
         raise ValueError("--radix-cache-backend kvtier replaces HiCache: remove --enable-hierarchical-cache")
     if ctx.disable_radix_cache:
+        if ctx.server_args.disaggregation_mode == "decode":
+            raise ValueError("--radix-cache-backend kvtier needs the radix cache, which a PD decode server runs "
+                             "without: add --disaggregation-decode-enable-radix-cache or drop --radix-cache-backend")
         raise ValueError("--radix-cache-backend kvtier needs the radix cache: remove --disable-radix-cache")
     return KVTierRadixCache(ctx, load_config())

@@ -300,3 +300,14 @@ def test_a_pd_decode_server_reports_no_host_hits(make_build_context, monkeypatch
     req.init_next_round_input(cache)
     assert req.host_hit_length == 0
     cache.store.close()
+
+
+def test_a_decode_server_without_radix_cache_is_told_what_to_add(make_build_context):
+    """SGLang runs a PD decode server without a radix cache; the error names the flag that adds it."""
+    import dataclasses
+
+    from kvtier.sglang_ext.radix_cache import build
+
+    ctx = dataclasses.replace(make_build_context(page_size=16, disaggregation_mode="decode"), disable_radix_cache=True)
+    with pytest.raises(ValueError, match="--disaggregation-decode-enable-radix-cache"):
+        build(ctx)

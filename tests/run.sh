@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
 stamp="$venv/.kvtier-setup-hash"
-want=$(sha256sum setup.py | cut -d' ' -f1)
+extras="test,ucx,bench"
+want=$(echo "$extras" | cat setup.py - | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "kvtier: building $venv (sglang==0.5.17 and its pins: about 3 to 6 minutes, 9 GB)" >&2
   log=$(mktemp)
   python3 -m venv "$venv"
-  if ! "$venv/bin/pip" install --progress-bar off -e '.[test,ucx]' >"$log" 2>&1; then
+  if ! "$venv/bin/pip" install --progress-bar off -e ".[$extras]" >"$log" 2>&1; then
     grep -v "is ignored" "$log" | tail -40 >&2
     echo "kvtier: pip install failed (full log: $log)" >&2
     exit 1

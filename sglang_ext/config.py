@@ -43,7 +43,8 @@ class KVTierConfig:
     """Chunks that may wait for the disk writer before further demotions are dropped."""
     remote_url: str = ""
     """Shared remote tier: ``kvtier://host:port?token=T`` (``launch.store``) or
-    ``redis://[:password@]host:port[/db]`` (Redis or Valkey); empty disables."""
+    ``redis://[:password@]host:port[/db]`` (Redis or Valkey), ``redis+cluster://host:port`` (Redis
+    Cluster, any node); empty disables."""
     remote_timeout_s: float = 0.5
     """Longest wait for the remote tier per call; past it the lookup is a miss (recompute)."""
     remote_retry_s: float = 5.0
@@ -172,8 +173,11 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("disk_path", "set a directory for the disk tier, or disk_size_gb: 0 to disable it")
     if cfg.disk_write_queue < 1:
         raise bad("disk_write_queue", "must be >= 1")
-    if cfg.remote_url and not cfg.remote_url.startswith(("redis://", "rediss://", "unix://", "kvtier://")):
-        raise bad("remote_url", "use kvtier://host:port?token=T (launch.store), redis://host:port (Redis or Valkey), or leave it empty")
+    if cfg.remote_url and not cfg.remote_url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "kvtier://")
+    ):
+        raise bad("remote_url", "use kvtier://host:port?token=T (launch.store), redis://host:port (Redis or Valkey), "
+                                "redis+cluster://host:port (Redis Cluster), or leave it empty")
     if cfg.remote_write_queue < 1:
         raise bad("remote_write_queue", "must be >= 1")
     if cfg.remote_timeout_s <= 0 or cfg.remote_retry_s < 0:

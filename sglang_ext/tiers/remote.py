@@ -1,5 +1,8 @@
 """The remote tier on Redis or Valkey (``redis://host:port``): chunks shared by every replica.
 
+``redis+cluster://host:port`` (any node as the seed) talks to a Redis Cluster: chunks spread over
+its nodes by key slot, and batched reads go to each node separately.
+
 Each chunk is one Redis value under ``kvtier:<namespace>:<key hex>``: a header (magic, the chunk
 key, the payload length, the payload's XXH3-64) followed by the payload, so a value that was
 truncated, corrupted or written for another key is detected and read as a miss. Replicas of the
@@ -20,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import redis
+import redis.cluster
 import torch
 import xxhash
 
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(f"<8s{KEY_BYTES}sQQ")  # magic, key, payload length, payload xxh3
 _MAGIC = b"KVTREM01"
+_CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
 
 
 class RedisTier:
@@ -53,10 +58,33 @@ class RedisTier:
         self.url = url
         self.chunk_bytes = chunk_bytes
         self._prefix = f"kvtier:{tag}:"
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._timeout = timeout_s
         self._metrics = metrics
         self._outage = Outage(url, retry_after_s, metrics)
+        self._client: Optional[redis.Redis | redis.cluster.RedisCluster] = None
+        self._connect()
         self._writes = WriteQueue("kvtier-remote-writer", queue_depth, self._write)
+
+    def _connect(self) -> bool:
+        """Create the client; a cluster client must reach a node to learn the slots, which may fail."""
+        if self._client is not None:
+            return True
+        timeouts = {"socket_timeout": self._timeout, "socket_connect_timeout": self._timeout}
+        for scheme, plain in _CLUSTER_SCHEMES.items():
+            if self.url.startswith(scheme):
+                try:
+                    self._client = redis.cluster.RedisCluster.from_url(plain + self.url[len(scheme):], **timeouts)
+                except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                    self._failed("connecting to the cluster", exc)
+                    return False
+                return True
+        self._client = redis.Redis.from_url(self.url, **timeouts)
+        return True
+
+    def _mget(self, names: list[str]) -> list[Optional[bytes]]:
+        if isinstance(self._client, redis.cluster.RedisCluster):
+            return self._client.mget_nonatomic(names)  # keys live on several nodes
+        return self._client.mget(names)
 
     def _name(self, key: ChunkKey) -> str:
         return self._prefix + key.hex()
@@ -65,7 +93,7 @@ class RedisTier:
 
     @property
     def available(self) -> bool:
-        return self._outage.up
+        return self._outage.up and self._connect()
 
     def _failed(self, what: str, exc: Exception) -> None:
         self._outage.failed(what, exc)
@@ -90,7 +118,7 @@ class RedisTier:
             return [False] * len(keys)
         with self._metrics.timed(self.name, "read"):
             try:
-                values = self._client.mget([self._name(k) for k in keys])
+                values = self._mget([self._name(k) for k in keys])
             except redis.RedisError as exc:
                 self._failed("a read", exc)
                 return [False] * len(keys)
@@ -143,4 +171,5 @@ class RedisTier:
 
     def close(self) -> None:
         self._writes.close()
-        self._client.close()
+        if self._client is not None:
+            self._client.close()

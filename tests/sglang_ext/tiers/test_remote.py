@@ -196,3 +196,85 @@ def test_a_wrong_password_reads_and_writes_nothing():
         intruder.close()
     finally:
         secured.stop()
+
+
+class RedisCluster:
+    """Three real redis-server nodes on loopback joined into a Redis Cluster (no replicas)."""
+
+    def __init__(self, tmp_path) -> None:
+        if shutil.which("redis-cli") is None:
+            pytest.fail("redis-cli is not installed; tests/run.sh installs it with redis-server")
+        self.ports = [_cluster_port() for _ in range(3)]
+        self.procs = [
+            subprocess.Popen(
+                ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf", "--dir", str(tmp_path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for p in self.ports
+        ]
+        for p in self.ports:
+            _wait_for_ping(redis.Redis(port=p))
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in self.ports):
+            assert time.monotonic() < deadline, "the cluster did not reach state ok"
+            time.sleep(0.1)
+
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[1]}"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid, free port too."""
+    while True:
+        port = free_port()
+        if port + 10_000 < 65_536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
+
+
+def _wait_for_ping(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_redis_cluster_spreads_chunks_over_its_nodes_and_serves_them(namespace, chunk_of, tmp_path, metric):
+    cluster = RedisCluster(tmp_path)
+    try:
+        writer, reader = make_store(namespace, cluster.url()), make_store(namespace, cluster.url())
+        keys, data = chunks(namespace, 8, chunk_of)
+        assert writer.put(keys, data) == 8
+        writer.remote.flush(timeout_s=10)
+        per_node = [redis.Redis(port=p).dbsize() for p in cluster.ports]
+        assert sum(per_node) == 8 and sum(n > 0 for n in per_node) >= 2, per_node
+        out = [torch.zeros(CHUNK, dtype=torch.uint8) for _ in keys]
+        assert reader.get_into(keys, out) == 8
+        assert all(torch.equal(a, b) for a, b in zip(out, data))
+        assert metric(reader.metrics, "kvtier_hits_total", tier="remote") == 8
+        writer.close()
+        reader.close()
+    finally:
+        cluster.stop()
+    start = time.monotonic()  # a cluster that is gone: the store still starts, and misses fast
+    dead = make_store(namespace, cluster.url())
+    assert dead.prefix_hits(keys) == 0
+    assert time.monotonic() - start < 3.0
+    assert metric(dead.metrics, "kvtier_remote_errors_total") >= 1
+    dead.close()

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-size-gb", type=float, default=8.0)
     ap.add_argument("--disk-path", default="", help="directory of a disk tier that keeps chunks across restarts")
     ap.add_argument("--disk-size-gb", type=float, default=0.0)
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 disables")
+    ap.add_argument("--metrics-port", type=int, default=0, help="HTTP port of Prometheus /metrics and a JSON /health; 0 disables")
     args = ap.parse_args(argv)
     if not args.token:
         ap.error("--token (or KVTIER_STORE_TOKEN) is required: without it anyone on the network could read the KV")

@@ -93,10 +93,11 @@ class TierStore:
         )
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-io")
         self._closed = False
+        self._http = None
         if serve_metrics and cfg.metrics_port:
             port = cfg.metrics_port + namespace.tp_rank
-            self.metrics.serve(port)
-            logger.info("kvtier: Prometheus metrics on port %d", port)
+            self._http = self.metrics.serve(port, self.health)
+            logger.info("kvtier: Prometheus metrics on port %d (/metrics, /health)", port)
         logger.info(
             "kvtier: tier store ready: %d CPU slots of %d bytes%s",
             self.cpu.num_slots,
@@ -244,6 +245,18 @@ class TierStore:
     def closed(self) -> bool:
         return self._closed
 
+    def health(self) -> dict:
+        """What ``/health`` answers: ok while open, with each tier's occupancy and the remote's state."""
+        state = {
+            "status": "closed" if self._closed else "ok",
+            "cpu": {"chunks": len(self.cpu), "capacity": self.cpu.num_slots},
+        }
+        if self.disk is not None:
+            state["disk"] = {"chunks": len(self.disk), "capacity": self.disk.num_slots}
+        if self.remote is not None:
+            state["remote"] = {"url": self.remote.url.split("?", 1)[0], "up": self.remote.available}
+        return state
+
     def close(self, persist_timeout_s: float = 120.0) -> None:
         """Finish background work, write CPU-only chunks to the disk tier, free slab and file.
 
@@ -253,6 +266,9 @@ class TierStore:
         if self._closed:
             return
         self._closed = True
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         self._pool.shutdown(wait=True)
         if self.disk is not None:
             n = self.cpu.demote_all(persist_timeout_s)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -142,7 +144,15 @@ def test_metrics_are_served_over_http(namespace, tmp_path, chunk_of):
     samples = {(s.name, tuple(s.labels.items())): s.value for f in text_string_to_metric_families(body) for s in f.samples}
     assert samples[("kvtier_capacity_bytes", (("tier", "cpu"),))] == 4 * CHUNK
     assert samples[("kvtier_used_bytes", (("tier", "cpu"),))] == 2 * CHUNK
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())
+    assert health["status"] == "ok" and health["cpu"] == {"chunks": 2, "capacity": 4}
+    assert "disk" not in health and "remote" not in health
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
+    assert missing.value.code == 404
     store.close()
+    with pytest.raises(urllib.error.URLError):  # closing the store stops its HTTP server
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
 def test_chunk_larger_than_the_cpu_tier_is_a_clear_error(namespace, tmp_path):

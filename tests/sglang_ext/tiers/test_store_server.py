@@ -113,6 +113,28 @@ def test_a_restarted_store_with_a_disk_keeps_what_another_process_wrote(namespac
     reader.close()
 
 
+def test_a_corrupt_entry_on_the_stores_disk_is_a_miss_not_served(namespace, store_server, tmp_path):
+    port = free_port()
+    disk = ("--disk-path", str(tmp_path / "store"), "--disk-size-gb", str(40 * CHUNK / 1e9))
+    server = store_server(port, *disk)
+    subprocess.run([sys.executable, "-c", _WRITER, json.dumps(dataclasses.asdict(namespace)), str(port), str(CHUNK)],
+                   check=True, timeout=120)
+    server.stop()
+    (slab,) = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.stat().st_size > CHUNK]
+    with open(slab, "r+b") as f:  # flip one byte inside the second chunk's payload (all 8s)
+        at = f.read().find(bytes([8]) * 4096)
+        assert at > 0
+        f.seek(at + 1000)
+        f.write(bytes([0x88]))
+    store_server(port, *disk)
+    reader = client(namespace, port)
+    keys = namespace.chunk_keys(list(range(2 * namespace.chunk_tokens)))
+    out = [torch.zeros(CHUNK, dtype=torch.uint8) for _ in keys]
+    assert reader.get_into(keys, out) == 1  # the first chunk is whole; the damaged one is recomputed
+    assert bool((out[0] == 7).all()) and not out[1].any()
+    reader.close()
+
+
 def test_a_wrong_token_is_refused(namespace, store_server, chunk_of, metric):
     server = store_server()
     good, bad = client(namespace, server.port), client(namespace, server.port, token="guess")

@@ -124,6 +124,9 @@ class KVTierRadixCache(RadixCache):
             self._inflight.append(copy)
 
     def _reap_while_open(self) -> None:
+        if self.io.device.type == "cuda":
+            # CUDA calls from a new thread would otherwise start a context on GPU 0 as well.
+            torch.cuda.set_device(self.io.device)
         while not self.store.closed:
             time.sleep(REAP_INTERVAL_S)
             self._reap()

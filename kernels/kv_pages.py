@@ -211,7 +211,12 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
                          f"pinned (cudaHostRegister'd) memory")
     ptrs = tuple(b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv)
     table = _layer_ptr_table(ptrs, device)
-    offsets = torch.tensor(plan.offsets, dtype=torch.int64, device=device)
+    offsets = torch.tensor(plan.offsets, dtype=torch.int64)
+    if device.type == "cuda":
+        # From pinned memory, without a wait: a blocking copy of pageable memory synchronizes the
+        # stream, so the host would wait for everything queued before it, e.g. the forward pass
+        # that a spill's side stream waits on.
+        offsets = offsets.pin_memory().to(device, non_blocking=True)
     slots = slots.to(device, non_blocking=True)
     k_words = plan.k_row_bytes // plan.word_bytes
     v_words = plan.v_row_bytes // plan.word_bytes

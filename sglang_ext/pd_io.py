@@ -4,7 +4,9 @@ SGLang hands a PD backend only addresses (``KVArgs.kv_data_ptrs`` and friends), 
 the metadata rows are wrapped here as uint8 tensors on their device, without a copy. ``Packer``
 moves the pages of a request, every layer, K and V, between the pool and a contiguous staging
 buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in page order: page
-``i`` of a batch sits at ``i * page_bytes``. ``transport_kind`` resolves ``pd_transport`` for the
+``i`` of a batch sits at ``i * page_bytes``; between servers of different TP sizes it moves a
+head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
+those heads), column by column with torch copies. ``transport_kind`` resolves ``pd_transport`` for the
 pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
 allocates staging where that transport can reach it: on the pool's GPU for a device-capable
 transport, else in pinned host memory.
@@ -23,6 +25,7 @@ import torch
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
+from kvtier.transfer.pd_heads import slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows
 
 logger = logging.getLogger(__name__)
@@ -77,14 +80,18 @@ def staging_buffer(nbytes: int, device: torch.device, on_device: bool) -> torch.
 
 
 class Packer:
-    """Gathers pages of the pool into a staging buffer and scatters them back, all buffers at once."""
+    """Gathers pages of the pool into a staging buffer and scatters them back, all buffers at once.
+
+    ``heads=(start, stop, of)`` moves only heads ``[start, stop)`` of the ``of`` heads each buffer
+    row holds, packed as ``slice_plan`` says; None moves whole pages."""
 
     def __init__(self, ptrs: Sequence[int], lens: Sequence[int], item_lens: Sequence[int],
                  page_size: int, device: torch.device):
         self.page_size = page_size
         self.device = device
+        self.item_lens = tuple(int(x) for x in item_lens)
         self.page_bytes = int(sum(item_lens))
-        views = []
+        self.views = views = []
         for ptr, nbytes, item in zip(ptrs, lens, item_lens):
             row = item // page_size
             views.append(wrap_memory(ptr, nbytes - nbytes % row, device).view(-1, row))
@@ -98,22 +105,46 @@ class Packer:
     def _offsets(self, n: int, base: int, group_offset: int) -> torch.Tensor:
         return torch.arange(n, dtype=torch.int64) * self.page_bytes + base + group_offset
 
-    def gather(self, pages: np.ndarray, dst: torch.Tensor, wait: Optional[object] = None) -> None:
-        """Copy ``pages`` into ``dst[: len(pages) * page_bytes]``; returns when the bytes are there.
+    def packed_bytes(self, heads: Optional[tuple[int, int, int]] = None) -> int:
+        """Bytes of one packed page (of the head slice ``heads``)."""
+        if heads is None:
+            return self.page_bytes
+        return slice_plan(self.item_lens, self.page_size, heads[2], heads[0], heads[1])[0]
 
-        ``wait`` is a CUDA event that the copy waits for (the scheduler's KV writes)."""
+    def gather(self, pages: np.ndarray, dst: torch.Tensor, wait: Optional[object] = None,
+               heads: Optional[tuple[int, int, int]] = None) -> None:
+        """Copy ``pages`` into ``dst[: len(pages) * packed_bytes(heads)]``; returns when the bytes
+        are there. ``wait`` is a CUDA event that the copy waits for (the scheduler's KV writes)."""
         rows = torch.from_numpy(page_rows(pages, self.page_size))
         with self._on_stream(wait):
-            for ks, vs, off in self.groups:
-                gather_kv(ks, vs, rows, dst, self._offsets(len(pages), 0, off), self.page_size)
+            if heads is None:
+                for ks, vs, off in self.groups:
+                    gather_kv(ks, vs, rows, dst, self._offsets(len(pages), 0, off), self.page_size)
+            else:
+                rows, n, ps = rows.to(self.device), len(pages), self.page_size
+                nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
+                out = dst[: n * nbytes].view(n, nbytes)
+                for b in plan:
+                    part = self.views[b.buffer][:, b.column : b.column + b.width].index_select(0, rows)
+                    out[:, b.offset : b.offset + ps * b.width].copy_(part.view(n, ps * b.width))
         self._sync()
 
-    def scatter(self, src: torch.Tensor, base: int, pages: np.ndarray) -> None:
-        """Copy ``len(pages)`` packed pages at ``src[base:]`` into ``pages``; returns when done."""
+    def scatter(self, src: torch.Tensor, base: int, pages: np.ndarray,
+                heads: Optional[tuple[int, int, int]] = None) -> None:
+        """Copy ``len(pages)`` packed pages (of the head slice ``heads``) at ``src[base:]`` into
+        ``pages``; returns when done."""
         rows = torch.from_numpy(page_rows(pages, self.page_size))
         with self._on_stream(None):
-            for ks, vs, off in self.groups:
-                scatter_kv(src, self._offsets(len(pages), base, off), rows, ks, vs, self.page_size)
+            if heads is None:
+                for ks, vs, off in self.groups:
+                    scatter_kv(src, self._offsets(len(pages), base, off), rows, ks, vs, self.page_size)
+            else:
+                rows, n, ps = rows.to(self.device), len(pages), self.page_size
+                nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
+                packed = src[base : base + n * nbytes].view(n, nbytes)
+                for b in plan:
+                    part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width)
+                    self.views[b.buffer][:, b.column : b.column + b.width].index_copy_(0, rows, part)
         self._sync()
 
     def _on_stream(self, wait: Optional[object]):

@@ -90,6 +90,7 @@ class KvtierKVSender(CommonKVSender):
     def clear(self) -> None:
         super().clear()
         self.kv_mgr.room_seconds.pop(self.bootstrap_room, None)
+        self.kv_mgr.forget(self.bootstrap_room, unfinished_only=True)
 
     def abort(self) -> None:
         super().abort()
@@ -192,6 +193,7 @@ class KvtierKVReceiver(CommonKVReceiver):
     def clear(self) -> None:
         super().clear()
         self.kv_mgr.rooms.pop(self.bootstrap_room, None)
+        self.kv_mgr.forget(self.bootstrap_room)
 
 
 class KvtierKVBootstrapServer(CommonKVBootstrapServer):

@@ -36,6 +36,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from kvtier.sglang_ext.config import load_config
+from kvtier.sglang_ext.metrics import PDMetrics, pd_metrics_on
 from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
 from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import TransferError
@@ -100,13 +101,16 @@ class Stage:
 
 @dataclass
 class PDStats:
-    """Totals of this rank's KV movement (both directions count on the side that does the copy)."""
+    """Totals of this rank's KV movement (both directions count on the side that does the copy),
+    mirrored into Prometheus counters when ``metrics`` is set."""
 
     bytes: int = 0
     pages: int = 0
     seconds: float = 0.0
     requests: int = 0
     failures: int = 0
+    role: str = ""
+    metrics: Optional[PDMetrics] = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0) -> None:
@@ -116,6 +120,24 @@ class PDStats:
             self.seconds += seconds
             self.requests += requests
             self.failures += failures
+        m, role = self.metrics, self.role
+        if m is not None:
+            for counter, value in ((m.bytes, nbytes), (m.pages, pages), (m.busy, seconds)):
+                if value:
+                    counter.labels(role).inc(value)
+            if requests:
+                m.requests.labels(role, "success").inc(requests)
+            if failures:
+                m.requests.labels(role, "failed").inc(failures)
+
+
+@dataclass
+class _Timing:
+    """A request's transfer as the prefill times it: slots written and not yet acknowledged."""
+
+    start: float
+    in_flight: int = 0
+    sent_at: Optional[float] = None  # when the last chunk went out
 
 
 class KvtierKVManager(CommonKVManager):
@@ -138,9 +160,12 @@ class KvtierKVManager(CommonKVManager):
         self.slot_bytes = slot_bytes_for(int(self.cfg.pd_stage_slot_mb * (1 << 20)), self.page_bytes)
         self.timeout_s = self.cfg.pd_timeout_s
         self.aux = [wrap_memory(p, n, torch.device("cpu")) for p, n in zip(args.aux_data_ptrs, args.aux_data_lens)]
-        self.stats = PDStats()
-        self.room_seconds: dict[int, float] = {}
         prefill = disaggregation_mode == DisaggregationMode.PREFILL
+        self.stats = PDStats(role="prefill" if prefill else "decode", metrics=self._open_metrics(args))
+        self.room_seconds: dict[int, float] = {}
+        self._timing_lock = threading.Lock()
+        self.timings: dict[int, _Timing | float] = {}  # prefill: room -> its transfer; decode: first slot's time
+        self.slot_rooms: dict[tuple[str, int], int] = {}  # prefill: (decode peer, slot) -> room written there
         address = (f"{self.bootstrap_host}:{self.bootstrap_port}" if prefill else f"{self.local_ip}:{self.rank_port}")
         self.layout = PDLayout(
             role="prefill" if prefill else "decode", address=address,
@@ -176,6 +201,17 @@ class KvtierKVManager(CommonKVManager):
 
     # -- shared ---------------------------------------------------------------------------------
 
+    def _open_metrics(self, args: KVArgs) -> Optional[PDMetrics]:
+        """The PD counters on ``metrics_port`` + this rank, or None where metrics are off."""
+        if not self.cfg.metrics_port:
+            return None
+        port = self.cfg.metrics_port + int(args.engine_rank)
+        try:
+            return pd_metrics_on(port)
+        except OSError as e:
+            raise ValueError(f"kvtier PD: cannot serve metrics on port {port} ({e}); give this server another "
+                             f"metrics_port (KVTIER_METRICS_PORT), e.g. when prefill and decode share a host") from e
+
     def fail(self, room: int, why: str) -> None:
         """Fail ``room`` with ``why`` unless it already succeeded or failed (the first reason stays)."""
         with self._status_lock:
@@ -184,6 +220,19 @@ class KvtierKVManager(CommonKVManager):
             self.record_failure(room, why)
             self.update_status(room, KVPoll.Failed)
         self.stats.add(failures=1)
+        self.forget(room)
+
+    def forget(self, room: int, unfinished_only: bool = False) -> None:
+        """Drop ``room``'s transfer timing; with ``unfinished_only`` not one whose last chunk went out
+        (its acknowledgements are still counted)."""
+        with self._timing_lock:
+            t = self.timings.get(room)
+            if t is not None and not (unfinished_only and isinstance(t, _Timing) and t.sent_at is not None):
+                del self.timings[room]
+
+    def _observe(self, seconds: float) -> None:
+        if self.stats.metrics is not None:
+            self.stats.metrics.transfer.labels(self.stats.role).observe(seconds)
 
     def succeed(self, room: int) -> None:
         """Mark ``room`` done unless it failed meanwhile (update_status would overwrite Failed)."""
@@ -294,7 +343,46 @@ class KvtierKVManager(CommonKVManager):
         msg = json.loads(frames[1])
         peer = self.peers.get(msg["peer"])
         if peer is not None:
+            self._slot_acked(msg["peer"], int(msg["slot"]))
             peer.credits.give(int(msg["slot"]))
+
+    def _slot_written(self, room: int, peer_id: str, slot: int) -> None:
+        now = time.perf_counter()
+        with self._timing_lock:
+            t = self.timings.get(room)
+            if t is None:
+                # Entries whose acknowledgements never came (a decode gone after the last write).
+                for old in [r for r, x in self.timings.items() if x.sent_at is not None and
+                            now - x.sent_at > self.timeout_s]:
+                    del self.timings[old]
+                t = self.timings[room] = _Timing(now)
+            t.in_flight += 1
+            self.slot_rooms[(peer_id, slot)] = room
+
+    def _slot_acked(self, peer_id: str, slot: int) -> None:
+        with self._timing_lock:
+            room = self.slot_rooms.pop((peer_id, slot), None)
+            t = self.timings.get(room)
+            if t is None:
+                return
+            t.in_flight -= 1
+            done = t.sent_at is not None and t.in_flight == 0
+            if done:
+                del self.timings[room]
+        if done:
+            self._observe(time.perf_counter() - t.start)
+
+    def _last_chunk_sent(self, room: int) -> None:
+        with self._timing_lock:
+            t = self.timings.get(room)
+            if t is None:  # no page moved (the decode held the whole prompt): nothing to time
+                return
+            t.sent_at = time.perf_counter()
+            done = t.in_flight == 0
+            if done:
+                del self.timings[room]
+        if done:
+            self._observe(t.sent_at - t.start)
 
     def _on_abort(self, frames: list[bytes]) -> None:
         room = int(frames[1].decode("ascii"))
@@ -351,6 +439,7 @@ class KvtierKVManager(CommonKVManager):
             deadline = time.monotonic() + self.timeout_s
             slot = peer.credits.take(self.timeout_s)
             try:
+                self._slot_written(room, dst.peer, slot)
                 self.packer.gather(src[first : first + n], self.gather_buf, chunk.event)
                 nbytes = n * self.page_bytes
                 op = (self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)
@@ -359,6 +448,7 @@ class KvtierKVManager(CommonKVManager):
                         "n": n}
                 self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
             except BaseException:
+                self._slot_acked(dst.peer, slot)
                 peer.credits.give(slot)
                 raise
             self.stats.add(nbytes=nbytes, pages=n)
@@ -369,6 +459,7 @@ class KvtierKVManager(CommonKVManager):
             self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
             done = b"D" + json.dumps({"room": room}).encode()
             self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
+            self._last_chunk_sent(room)
         seconds = time.perf_counter() - start
         self.stats.add(seconds=seconds, requests=int(chunk.is_last))
         self.room_seconds[room] = self.room_seconds.get(room, 0.0) + seconds
@@ -458,6 +549,10 @@ class KvtierKVManager(CommonKVManager):
                     if int(msg["room"]) in self.rooms:
                         self.succeed(int(msg["room"]))
                         self.stats.add(requests=1)
+                        with self._timing_lock:
+                            first = self.timings.pop(int(msg["room"]), None)
+                        if first is not None:
+                            self._observe(time.perf_counter() - first)
                 else:
                     raise ValueError(f"unknown notification {note.message[:32]!r}")
             except Exception:
@@ -470,6 +565,8 @@ class KvtierKVManager(CommonKVManager):
             entry = self.rooms.get(room)
             if entry is not None and self.request_status.get(room) not in (None, KVPoll.Failed):
                 begin = time.perf_counter()
+                with self._timing_lock:
+                    self.timings.setdefault(room, begin)
                 pages = entry[1][start : start + n]
                 if len(pages) != n:
                     raise TransferError(f"prefill sent pages {start}..{start + n} but the request has {len(entry[1])}")

@@ -1,0 +1,571 @@
+"""PD disaggregation against one colocated server on two GPUs: greedy equality, KV transfer GB/s, TTFT and ITL.
+
+One invocation runs two configurations one after another with the same SGLang arguments
+(``--enable-deterministic-inference`` and the rest of ``--extra-args``), over the dummy-weight
+Llama-3-8B shape unless ``--model-path``:
+
+- ``colocated``: one plain SGLang server on ``--colocated-gpu``;
+- ``pd``: ``launch.prefill`` on ``--prefill-gpu`` and ``launch.decode`` on ``--decode-gpu``
+  (kvtier's PD backend, ``pd_transport`` auto: CUDA IPC between the GPUs), ``launch.router`` in
+  front, each worker with its own ``KVTIER_METRICS_PORT`` so the PD counters can be read.
+
+For each: greedy outputs of ``--equality-lens`` prompts (compared token for token between the two),
+a transfer probe (``--probe-len``-token prompts, one output token; on PD the prefill's
+``kvtier_pd_bytes_total`` and ``kvtier_pd_transfer_seconds`` give GB/s, compared with
+``--link-gb-s``), and a mixed load: ``--decode-users`` users streaming ``--decode-output-len``
+tokens each, one request after another, while ``--prefills`` long prompts arrive every
+``--prefill-interval-s``; TTFT and inter-token latency (from stream chunk times) per class,
+also for decode tokens produced while the long prefills were in the system. The JSON goes to
+``--out`` with the command, GPUs, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
+
+import aiohttp
+import numpy as np
+
+from bench_common import BenchError, counter_delta, model_shape, run_facts, scrape_metrics, summarize
+from long_doc import load_model, token_range
+from sglang_server import BASE_ARGS, port_in_use, sglang_server
+
+DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
+
+
+@dataclass
+class StreamResult:
+    """One streamed request: when each chunk came (seconds after the request was sent) and how many
+    output tokens the request had by then, and the output token ids."""
+
+    sent_at: float
+    chunks: list[tuple[float, int]] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.chunks[0][0]
+
+    @property
+    def latency_s(self) -> float:
+        return self.chunks[-1][0]
+
+
+def itl_gaps(chunks: Sequence[tuple[float, int]]) -> list[tuple[float, float]]:
+    """Inter-token latencies of one stream as ``(time of the token, seconds since the previous one)``.
+
+    ``chunks`` are ``(time, output tokens so far)``. A chunk that brings ``k`` new tokens gives
+    ``k`` latencies of ``gap / k`` (as SGLang's ``bench_serving`` splits them); chunks that bring
+    no token are skipped, and tokens of the first chunk have no gap (their time is the TTFT).
+    """
+    gaps = []
+    prev_t, prev_n = None, 0
+    for t, n in chunks:
+        if n <= prev_n:
+            continue
+        if prev_t is not None:
+            k = n - prev_n
+            gaps += [(t, (t - prev_t) / k)] * k
+        prev_t, prev_n = t, n
+    return gaps
+
+
+def class_report(results: Sequence[StreamResult], window: Optional[tuple[float, float]] = None) -> dict:
+    """TTFT and ITL summaries of one class of requests; with ``window`` (absolute times, as
+    ``sent_at``) also the ITL of tokens that arrived within it."""
+    itl = [(r.sent_at + t, g) for r in results for t, g in itl_gaps(r.chunks)]
+    out = {"requests": len(results), "output_tokens": sum(r.chunks[-1][1] for r in results),
+           "ttft": summarize([r.ttft_s for r in results]),
+           "itl": summarize([g for _, g in itl]) if itl else None}
+    if window is not None:
+        inside = [g for t, g in itl if window[0] <= t <= window[1]]
+        out["itl_during_prefills"] = summarize(inside) if inside else None
+        out["tokens_during_prefills"] = len(inside)
+    return out
+
+
+def ratios(colocated: Mapping, pd: Mapping) -> dict:
+    """``colocated / pd`` for every TTFT and ITL statistic both have (> 1: PD is faster)."""
+    out = {}
+    for cls in ("decode", "prefill"):
+        for metric in ("ttft", "itl", "itl_during_prefills"):
+            a, b = colocated.get(cls, {}).get(metric), pd.get(cls, {}).get(metric)
+            if not a or not b:
+                continue
+            for stat in ("mean_s", "p50_s", "p99_s"):
+                if b[stat] > 0:
+                    out[f"{cls}_{metric}_{stat.removesuffix('_s')}"] = round(a[stat] / b[stat], 3)
+    return out
+
+
+def equality(colocated: Sequence[Sequence[int]], pd: Sequence[Sequence[int]], lens: Sequence[int]) -> list[dict]:
+    """Per prompt: equal or not, and the first output position where the two differ."""
+    rows = []
+    for n, a, b in zip(lens, colocated, pd):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None and len(a) != len(b):
+            first = min(len(a), len(b))
+        rows.append({"prompt_len": n, "equal": first is None, "first_difference": first, "tokens": len(a)})
+    return rows
+
+
+def transfer_report(before: Mapping[str, float], after: Mapping[str, float], role: str, expected_bytes: int,
+                    link_gb_s: float) -> dict:
+    """One request's KV transfer from two scrapes of a PD worker's metrics page: bytes, per-request
+    transfer time, GB/s and its share of ``link_gb_s``; the busy time of the copying thread too."""
+    d = counter_delta(before, after)
+    nbytes = d.get(f"kvtier_pd_bytes_total{{role={role}}}", 0.0)
+    seconds = d.get(f"kvtier_pd_transfer_seconds_sum{{role={role}}}", 0.0)
+    busy = d.get(f"kvtier_pd_busy_seconds_total{{role={role}}}", 0.0)
+    gb_s = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+    return {"bytes": int(nbytes), "expected_bytes": expected_bytes, "bytes_match": int(nbytes) == expected_bytes,
+            "requests": int(d.get(f"kvtier_pd_transfer_seconds_count{{role={role}}}", 0.0)),
+            "transfer_s": round(seconds, 5), "gb_s": round(gb_s, 2),
+            "link_fraction": round(gb_s / link_gb_s, 3) if link_gb_s > 0 else None,
+            "busy_s": round(busy, 5), "busy_gb_s": round(nbytes / busy / 1e9, 2) if busy > 0 else 0.0}
+
+
+async def stream(session: aiohttp.ClientSession, url: str, ids: list[int], max_new_tokens: int,
+                 timeout_s: float) -> StreamResult:
+    """POST one streaming greedy ``/generate`` (``ignore_eos``) and time every chunk."""
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
+    result = StreamResult(sent_at=time.perf_counter())
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)) as resp:
+            if resp.status != 200:
+                raise BenchError(f"{url} answered HTTP {resp.status}: {(await resp.text())[:300]}")
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise BenchError(f"{url} streamed an error: {event['error']}")
+                ids_now = event.get("output_ids", [])
+                n = int(event.get("meta_info", {}).get("completion_tokens", len(result.output_ids) + len(ids_now)))
+                # SGLang streams cumulative output_ids unless --incremental-streaming-output.
+                result.output_ids = list(ids_now) if len(ids_now) == n else result.output_ids + list(ids_now)
+                result.chunks.append((time.perf_counter() - result.sent_at, n))
+    except asyncio.TimeoutError as exc:
+        raise BenchError(f"{url} did not finish a request within {timeout_s:g} s (raise --request-timeout?)") from exc
+    except aiohttp.ClientError as exc:
+        raise BenchError(f"request to {url} failed: {exc}") from exc
+    if not result.chunks or result.chunks[-1][1] == 0:
+        raise BenchError(f"{url} closed the stream without any output token")
+    return result
+
+
+@dataclass(frozen=True)
+class MixedLoad:
+    """The mixed load's sizes: decode users streaming long outputs, long prefills at a fixed rate."""
+
+    decode_users: int = 8
+    decode_prompt_len: int = 256
+    decode_output_len: int = 256
+    prefills: int = 8
+    prefill_len: int = 8192
+    prefill_output_len: int = 16
+    prefill_start_s: float = 1.0
+    prefill_interval_s: float = 0.5
+    seed: int = 7
+
+
+async def mixed_load(url: str, load: MixedLoad, ids: tuple[int, int], timeout_s: float) -> dict:
+    """Decode users stream one request after another until the last long prefill has finished;
+    the long prefills start ``prefill_start_s`` after the users, one every ``prefill_interval_s``.
+    Returns per class TTFT/ITL summaries, and the decode ITL within the prefills' window."""
+    rng = np.random.default_rng(load.seed)
+    long_prompts = rng.integers(*ids, size=(load.prefills, load.prefill_len)).tolist()
+    decode_out: list[StreamResult] = []
+    prefill_out: list[StreamResult] = []
+    prefills_done = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=load.decode_users + load.prefills)
+    async with aiohttp.ClientSession(connector=connector, read_bufsize=1 << 22) as session:
+
+        async def decode_user(user: int) -> None:
+            users_rng = np.random.default_rng([load.seed, user])
+            while not prefills_done.is_set():
+                prompt = users_rng.integers(*ids, size=load.decode_prompt_len).tolist()
+                decode_out.append(await stream(session, url, prompt, load.decode_output_len, timeout_s))
+
+        async def long_prefill(i: int, at: float) -> None:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            prefill_out.append(await stream(session, url, long_prompts[i], load.prefill_output_len, timeout_s))
+
+        start = time.perf_counter()
+        users = [asyncio.create_task(decode_user(u)) for u in range(load.decode_users)]
+        first = start + load.prefill_start_s
+        arrivals = [asyncio.create_task(long_prefill(i, first + i * load.prefill_interval_s))
+                    for i in range(load.prefills)]
+        try:
+            await asyncio.gather(*arrivals)
+            window = (first, time.perf_counter())
+            prefills_done.set()
+            await asyncio.gather(*users)
+        except BaseException:
+            for t in users + arrivals:
+                t.cancel()
+            await asyncio.gather(*users, *arrivals, return_exceptions=True)
+            raise
+    return {"wall_s": round(time.perf_counter() - start, 3), "prefill_window_s": round(window[1] - window[0], 3),
+            "decode": class_report(decode_out, window), "prefill": class_report(prefill_out)}
+
+
+def run_requests(url: str, prompts: Sequence[list[int]], max_new_tokens: int, timeout_s: float,
+                 concurrency: int = 1) -> list[StreamResult]:
+    """Stream ``prompts``, ``concurrency`` at a time, in order."""
+
+    async def go() -> list[StreamResult]:
+        sem = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(read_bufsize=1 << 22) as session:
+            async def one(p: list[int]) -> StreamResult:
+                async with sem:
+                    return await stream(session, url, p, max_new_tokens, timeout_s)
+
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(go())
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> float:
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{url} exited with {proc.returncode}; {log} ends with:\n{_tail(log)}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            return time.monotonic() - start
+        except OSError:
+            if time.monotonic() - start > timeout_s:
+                raise BenchError(f"{url} not healthy after {timeout_s:g} s; {log} ends with:\n{_tail(log)}") from None
+            time.sleep(1)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass(frozen=True)
+class PDPorts:
+    prefill: int = 30100
+    decode: int = 30101
+    router: int = 8100
+    bootstrap: int = 8998
+    prefill_metrics: int = 9400
+    decode_metrics: int = 9401
+
+
+@contextmanager
+def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], ports: PDPorts, prefill_gpu: int,
+               decode_gpu: int, log_dir: Path, timeout_s: float, prefill_cache: str = "kvtier") -> Iterator[float]:
+    """``launch.prefill`` and ``launch.decode`` (started together: different GPUs), then the router;
+    yields the seconds until all three were healthy, and stops every process group at the end.
+    ``prefill_cache="radix"`` starts the prefill with ``sglang.launch_server`` and SGLang's radix
+    cache instead of ``launch.prefill`` (which always adds kvtier's cache)."""
+    for p in (ports.prefill, ports.decode, ports.router, ports.bootstrap, ports.prefill_metrics, ports.decode_metrics):
+        if port_in_use(p):
+            raise BenchError(f"port {p} is already in use (a server left running?); stop it or pick other ports")
+    sglang = ["--model-path", model_dir, "--host", "127.0.0.1", *BASE_ARGS, *args]
+    bootstrap = ["--bootstrap-port", str(ports.bootstrap)]
+    prefill = (["-m", "kvtier.launch.prefill", *bootstrap] if prefill_cache == "kvtier" else
+               ["-m", "sglang.launch_server", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
+                "kvtier", "--disaggregation-bootstrap-port", str(ports.bootstrap)])
+    plan = [
+        ("prefill", [*prefill, *sglang, "--port", str(ports.prefill), "--base-gpu-id", str(prefill_gpu)],
+         ports.prefill, ports.prefill_metrics),
+        ("decode", ["-m", "kvtier.launch.decode", *bootstrap, *sglang, "--port", str(ports.decode),
+                    "--base-gpu-id", str(decode_gpu)], ports.decode, ports.decode_metrics),
+        ("router", ["-m", "kvtier.launch.router", "--prefill", f"http://127.0.0.1:{ports.prefill}",
+                    str(ports.bootstrap), "--decode", f"http://127.0.0.1:{ports.decode}", "--port",
+                    str(ports.router), "--policy", "round_robin"], ports.router, None),
+    ]
+    procs: list[tuple[str, subprocess.Popen, Path, int]] = []
+    start = time.monotonic()
+    try:
+        for name, argv, port, metrics_port in plan:
+            if name == "router":
+                for n, proc, log, p in procs:
+                    _wait_healthy(f"http://127.0.0.1:{p}", proc, log, timeout_s)
+                    print(f"[pd] {n} healthy after {time.monotonic() - start:.0f} s", flush=True)
+            log = log_dir / f"pd-{name}.log"
+            worker_env = {**os.environ, "SGLANG_HOST_IP": "127.0.0.1", **env}
+            if metrics_port is not None:
+                worker_env["KVTIER_METRICS_PORT"] = str(metrics_port)
+            with open(log, "w") as out:
+                out.write(f"$ {shlex.join([sys.executable, *argv])}\n")
+                out.flush()
+                proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env=worker_env)
+            procs.append((name, proc, log, port))
+        _wait_healthy(f"http://127.0.0.1:{ports.router}", procs[-1][1], procs[-1][2], 60)
+        yield time.monotonic() - start
+    finally:
+        for _, proc, _, _ in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for _, proc, _, _ in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Prompts and sizes shared by both configurations."""
+
+    equality_prompts: list[list[int]]
+    equality_tokens: int
+    probe_prompts: list[list[int]]
+    load: MixedLoad
+    ids: tuple[int, int]
+    timeout_s: float
+
+
+def make_plan(args: argparse.Namespace, config: Mapping) -> Plan:
+    ids = token_range(config)
+    rng = np.random.default_rng(args.seed)
+    lens = [int(x) for x in args.equality_lens.split(",") if x]
+    load = MixedLoad(args.decode_users, args.decode_prompt_len, args.decode_output_len, args.prefills,
+                     args.prefill_len, args.prefill_output_len, args.prefill_start_s, args.prefill_interval_s,
+                     args.seed + 1)
+    return Plan([rng.integers(*ids, size=n).tolist() for n in lens], args.equality_tokens,
+                [rng.integers(*ids, size=args.probe_len).tolist() for _ in range(args.probe_repeats)],
+                load, ids, args.request_timeout)
+
+
+def warm_up(url: str, plan: Plan) -> None:
+    """Off the record: a long prompt and a batch of short ones, so kernels are compiled and the PD
+    pair has registered before anything is timed."""
+    rng = np.random.default_rng(999)
+    run_requests(url, [rng.integers(*plan.ids, size=plan.load.prefill_len).tolist()], 4, plan.timeout_s)
+    short = [rng.integers(*plan.ids, size=plan.load.decode_prompt_len).tolist() for _ in range(plan.load.decode_users)]
+    run_requests(url, short, 16, plan.timeout_s, concurrency=len(short))
+
+
+class PDProbe:
+    """Reads both PD workers' metrics pages around one request and reports its KV transfer."""
+
+    def __init__(self, urls: Mapping[str, str], expected_bytes: int, link_gb_s: float, settle_s: float = 10.0):
+        self.urls, self.expected_bytes, self.link_gb_s, self.settle_s = dict(urls), expected_bytes, link_gb_s, settle_s
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {role: scrape_metrics(url) for role, url in self.urls.items()}
+
+    def report(self, before: Mapping[str, Mapping[str, float]]) -> dict[str, dict]:
+        return {role: transfer_report(before[role], self.settle(role, before[role]), role, self.expected_bytes,
+                                      self.link_gb_s) for role in self.urls}
+
+    def settle(self, role: str, before: Mapping[str, float]) -> dict[str, float]:
+        """Scrape until the transfer histogram counted one more request, at most ``settle_s`` (the
+        prefill observes it at the decode's last acknowledgement, which may come after the answer)."""
+        key = f"kvtier_pd_transfer_seconds_count{{role={role}}}"
+        deadline = time.monotonic() + self.settle_s
+        while True:
+            after = scrape_metrics(self.urls[role])
+            if after.get(key, 0.0) > before.get(key, 0.0) or time.monotonic() > deadline:
+                return after
+            time.sleep(0.05)
+
+
+def measure(name: str, url: str, plan: Plan, probe: Optional[PDProbe] = None) -> dict:
+    """Equality outputs, the probe and the mixed load against one running configuration."""
+    warm_up(url, plan)
+    out: dict = {}
+    eq = run_requests(url, plan.equality_prompts, plan.equality_tokens, plan.timeout_s)
+    out["equality_output_ids"] = [r.output_ids for r in eq]
+    probes = []
+    for prompt in plan.probe_prompts:
+        before = probe.snapshot() if probe else None
+        (r,) = run_requests(url, [prompt], 1, plan.timeout_s)
+        row = {"prompt_len": len(prompt), "ttft_s": round(r.ttft_s, 4)}
+        if probe:
+            row["metrics"] = probe.report(before)
+        probes.append(row)
+        print(f"[{name}] probe {len(prompt)} tokens: TTFT {r.ttft_s:.3f} s"
+              + (f", {describe_transfer(row['metrics'])}" if probe else ""), flush=True)
+    out["probe"] = probes
+    mixed = asyncio.run(mixed_load(url, plan.load, plan.ids, plan.timeout_s))
+    out["mixed"] = mixed
+    print(f"[{name}] mixed load: {describe_mixed(mixed)}", flush=True)
+    return out
+
+
+def describe_transfer(m: Mapping) -> str:
+    p = m["prefill"]
+    return (f"PD moved {p['bytes'] / 1e9:.3f} GB in {p['transfer_s'] * 1e3:.1f} ms = {p['gb_s']:.1f} GB/s "
+            f"({p['link_fraction']:.0%} of the link), busy {p['busy_gb_s']:.1f} GB/s")
+
+
+def describe_mixed(m: Mapping) -> str:
+    d, p = m["decode"], m["prefill"]
+    during = d.get("itl_during_prefills") or {}
+    return (f"decode TTFT p50 {d['ttft']['p50_s'] * 1e3:.0f} ms, ITL mean/p50/p99 {d['itl']['mean_s'] * 1e3:.1f}/"
+            f"{d['itl']['p50_s'] * 1e3:.1f}/{d['itl']['p99_s'] * 1e3:.1f} ms (during prefills p99 "
+            f"{during.get('p99_s', 0) * 1e3:.1f} ms); prefill TTFT mean/p99 {p['ttft']['mean_s']:.3f}/"
+            f"{p['ttft']['p99_s']:.3f} s")
+
+
+def wait_gpu_released(gpu: int, timeout_s: float = 90.0, below_mib: int = 4096) -> None:
+    """Wait until ``gpu`` has less than ``below_mib`` in use: a stopped server's scheduler process may
+    still hold its memory for a moment, and the next server sizes its pool from what is free."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            used = subprocess.run(["nvidia-smi", "-i", str(gpu), "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return  # no nvidia-smi: nothing to wait for
+        if not used.isdigit() or int(used) < below_mib:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"GPU {gpu} still has {used} MiB in use {timeout_s:g} s after the last server stopped; "
+                             "stop whatever holds it")
+        time.sleep(1)
+
+
+def gpu_names() -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-path", help="a local model folder; default: the dummy-weight Llama-3-8B shape")
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-dummy", help="where the dummy model's config.json goes")
+    ap.add_argument("--extra-args", default=DEFAULT_EXTRA, help=f"SGLang arguments for every server ({DEFAULT_EXTRA!r})")
+    ap.add_argument("--colocated-gpu", type=int, default=0)
+    ap.add_argument("--prefill-gpu", type=int, default=0)
+    ap.add_argument("--decode-gpu", type=int, default=1)
+    ap.add_argument("--port", type=int, default=30000, help="colocated server port")
+    ap.add_argument("--pd-ports", default="30100,30101,8100,8998,9400,9401",
+                    help="prefill, decode, router, bootstrap, prefill metrics, decode metrics")
+    ap.add_argument("--pd-transport", default="auto", help="kvtier pd_transport for the PD workers")
+    ap.add_argument("--pd-stage-slots", type=int, default=4, help="kvtier pd_stage_slots")
+    ap.add_argument("--pd-stage-slot-mb", type=float, default=128, help="kvtier pd_stage_slot_mb")
+    ap.add_argument("--prefill-cpu-gb", type=float, default=4, help="kvtier CPU tier of the PD prefill worker")
+    ap.add_argument("--prefill-cache", choices=("kvtier", "radix"), default="kvtier",
+                    help="PD prefill worker's cache: kvtier (launch.prefill) or SGLang's radix cache")
+    ap.add_argument("--equality-lens", default="1000,4000,7000,10000", help="greedy equality prompt lengths")
+    ap.add_argument("--equality-tokens", type=int, default=16)
+    ap.add_argument("--probe-len", type=int, default=10_000, help="tokens of the transfer probe prompt")
+    ap.add_argument("--probe-repeats", type=int, default=3)
+    ap.add_argument("--link-gb-s", type=float, default=394.0, help="plain torch peer copy between the GPUs, GB/s")
+    ap.add_argument("--metrics-settle-s", type=float, default=10.0,
+                    help="longest wait for the PD counters to count a probe request")
+    ap.add_argument("--decode-users", type=int, default=8)
+    ap.add_argument("--decode-prompt-len", type=int, default=256)
+    ap.add_argument("--decode-output-len", type=int, default=256)
+    ap.add_argument("--prefills", type=int, default=8)
+    ap.add_argument("--prefill-len", type=int, default=8192)
+    ap.add_argument("--prefill-output-len", type=int, default=16)
+    ap.add_argument("--prefill-start-s", type=float, default=1.0, help="first long prefill after the decode users")
+    ap.add_argument("--prefill-interval-s", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=300)
+    ap.add_argument("--startup-timeout", type=float, default=400)
+    ap.add_argument("--configs", default="colocated,pd", help="which to run, in order")
+    ap.add_argument("--out", default="benchmarks/results/pd_serving.json")
+    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
+    ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"), help="server logs go here")
+    args = ap.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if not set(configs) <= {"colocated", "pd"}:
+        ap.error(f"--configs takes colocated and/or pd, got {args.configs!r}")
+    try:
+        ports = PDPorts(*(int(p) for p in args.pd_ports.split(",")))
+    except (TypeError, ValueError):
+        ap.error(f"--pd-ports needs six ports separated by commas, got {args.pd_ports!r}")
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
+        shape = model_shape(config, source)
+        plan = make_plan(args, config)
+        server_args = [*load_args, *shlex.split(args.extra_args)]
+        report: dict = {"benchmark": "pd_serving", **run_facts(args.commit), "gpus": gpu_names(), "model": shape,
+                        "server_args": [*BASE_ARGS, *server_args], "link_gb_s": args.link_gb_s,
+                        "workload": {"equality_lens": [len(p) for p in plan.equality_prompts],
+                                     "equality_tokens": plan.equality_tokens, "probe_len": args.probe_len,
+                                     "probe_repeats": args.probe_repeats, "mixed": asdict(plan.load)}}
+        results: dict = {}
+        for name in configs:
+            wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
+            if name == "colocated":
+                cfg_args = [*server_args, "--base-gpu-id", str(args.colocated_gpu)]
+                with sglang_server(model_dir, args.port, cfg_args, {}, log_dir / "colocated.log",
+                                   args.startup_timeout) as startup:
+                    print(f"[colocated] server ready after {startup:.0f} s on GPU {args.colocated_gpu}", flush=True)
+                    results[name] = {"startup_s": round(startup, 1), "gpu": args.colocated_gpu,
+                                     **measure(name, f"http://127.0.0.1:{args.port}/generate", plan)}
+            else:
+                env = {"KVTIER_CONFIG": "", "KVTIER_PD_TRANSPORT": args.pd_transport,
+                       "KVTIER_PD_STAGE_SLOTS": str(args.pd_stage_slots),
+                       "KVTIER_PD_STAGE_SLOT_MB": f"{args.pd_stage_slot_mb:g}",
+                       "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
+                probe = PDProbe({"prefill": f"http://127.0.0.1:{ports.prefill_metrics}/metrics",
+                                 "decode": f"http://127.0.0.1:{ports.decode_metrics}/metrics"},
+                                args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s)
+                with pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
+                                args.startup_timeout, args.prefill_cache) as startup:
+                    print(f"[pd] prefill GPU {args.prefill_gpu}, decode GPU {args.decode_gpu}, router ready after "
+                          f"{startup:.0f} s", flush=True)
+                    before = probe.snapshot()
+                    measured = measure(name, f"http://127.0.0.1:{ports.router}/generate", plan, probe)
+                    after = probe.snapshot()
+                    totals = {role: {k: v for k, v in counter_delta(before[role], after[role]).items()
+                                     if k.startswith("kvtier_pd_")} for role in after}
+                    results[name] = {"startup_s": round(startup, 1), "prefill_gpu": args.prefill_gpu,
+                                     "decode_gpu": args.decode_gpu, "prefill_cache": args.prefill_cache,
+                                     "kvtier_env": env, **measured,
+                                     "pd_metrics_delta": totals}
+        report["configs"] = results
+        if {"colocated", "pd"} <= set(results):
+            c, p = results["colocated"], results["pd"]
+            rows = equality(c["equality_output_ids"], p["equality_output_ids"], report["workload"]["equality_lens"])
+            report["greedy_equality"] = {"all_equal": all(r["equal"] for r in rows), "prompts": rows}
+            report["ratios_colocated_over_pd"] = ratios(c["mixed"], p["mixed"])
+            print(f"greedy equality: {[r['equal'] for r in rows]}", flush=True)
+            print(f"colocated / PD (> 1: PD faster): {report['ratios_colocated_over_pd']}", flush=True)
+        if "pd" in results:
+            gb = [row["metrics"]["prefill"]["gb_s"] for row in results["pd"]["probe"]]
+            report["transfer"] = {"gb_s": gb, "best_gb_s": max(gb), "median_gb_s": float(np.median(gb)),
+                                  "link_gb_s": args.link_gb_s, "best_link_fraction": round(max(gb) / args.link_gb_s, 3),
+                                  "target_fraction": 0.8}
+            print(f"PD transfer: {report['transfer']}", flush=True)
+    except BenchError as exc:
+        sys.exit(f"pd_serving: {exc}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

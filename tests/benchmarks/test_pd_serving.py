@@ -1,0 +1,205 @@
+"""``benchmarks/pd_serving.py`` on CPU: its arithmetic, and its mixed-load client against stand-in servers.
+
+The pure parts (inter-token latencies from chunk times, summaries, ratios, equality, the transfer
+report from two scrapes of a real PD metrics page) are checked against numbers computed here. The
+mixed load runs end to end against two ``standin_server.py`` processes that stream like SGLang's
+``/generate``, one slow ("colocated") and one fast ("pd"), so the ratios must favour the fast one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bench_common import LLAMA3_8B, REPO, scrape_metrics
+from long_doc import token_range
+from pd_serving import (
+    MixedLoad,
+    StreamResult,
+    class_report,
+    equality,
+    itl_gaps,
+    mixed_load,
+    ratios,
+    run_requests,
+    transfer_report,
+)
+
+from kvtier.sglang_ext.metrics import pd_metrics_on
+
+STANDIN = Path(__file__).with_name("standin_server.py")
+SHIM = Path(__file__).with_name("shim")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_itl_splits_multi_token_chunks_and_skips_empty_ones():
+    chunks = [(0.10, 1), (0.15, 2), (0.15, 2), (0.35, 5), (0.40, 6)]
+    gaps = itl_gaps(chunks)
+    assert [t for t, _ in gaps] == [0.15, 0.35, 0.35, 0.35, 0.40]
+    assert [g for _, g in gaps] == pytest.approx([0.05, 0.2 / 3, 0.2 / 3, 0.2 / 3, 0.05])
+    # Tokens of the first chunk have no gap: their time is the TTFT.
+    assert itl_gaps([(0.1, 2), (0.3, 3)]) == [(0.3, pytest.approx(0.2))]
+    assert itl_gaps([(0.1, 1)]) == []
+
+
+def test_class_report_matches_numpy_and_windows_by_arrival_time():
+    rng = np.random.default_rng(3)
+    results, all_gaps, arrivals = [], [], []
+    for i in range(20):
+        sent = 100.0 + i * 0.3
+        times = np.cumsum(rng.uniform(0.005, 0.05, size=int(rng.integers(2, 30))))
+        chunks = [(float(t), n + 1) for n, t in enumerate(times)]
+        results.append(StreamResult(sent, chunks, list(range(len(chunks)))))
+        all_gaps += list(np.diff(times))
+        arrivals += [sent + t for t in times[1:]]
+    report = class_report(results, window=(101.0, 103.0))
+    assert report["requests"] == 20 and report["output_tokens"] == sum(len(r.chunks) for r in results)
+    ttft = [r.chunks[0][0] for r in results]
+    assert report["ttft"] == {"mean_s": round(float(np.mean(ttft)), 4), "p50_s": round(float(np.percentile(ttft, 50)), 4),
+                              "p99_s": round(float(np.percentile(ttft, 99)), 4)}
+    assert report["itl"]["mean_s"] == round(float(np.mean(all_gaps)), 4)
+    assert report["itl"]["p99_s"] == round(float(np.percentile(all_gaps, 99)), 4)
+    inside = [g for g, t in zip(all_gaps, arrivals) if 101.0 <= t <= 103.0]
+    assert report["tokens_during_prefills"] == len(inside) > 0
+    assert report["itl_during_prefills"]["p50_s"] == round(float(np.percentile(inside, 50)), 4)
+
+
+def test_ratios_and_equality():
+    slow = {"decode": {"ttft": {"mean_s": 0.4, "p50_s": 0.3, "p99_s": 1.0}, "itl": {"mean_s": 0.05, "p50_s": 0.02,
+                                                                                    "p99_s": 0.5}},
+            "prefill": {"ttft": {"mean_s": 0.9, "p50_s": 0.8, "p99_s": 2.0}, "itl": None}}
+    fast = {"decode": {"ttft": {"mean_s": 0.2, "p50_s": 0.3, "p99_s": 0.25}, "itl": {"mean_s": 0.025, "p50_s": 0.02,
+                                                                                     "p99_s": 0.05}},
+            "prefill": {"ttft": {"mean_s": 0.3, "p50_s": 0.4, "p99_s": 1.0}, "itl": {"mean_s": 0.01, "p50_s": 0.01,
+                                                                                     "p99_s": 0.01}}}
+    r = ratios(slow, fast)
+    assert r["decode_ttft_mean"] == 2.0 and r["decode_ttft_p99"] == 4.0 and r["decode_itl_p99"] == 10.0
+    assert r["prefill_ttft_p50"] == 2.0 and r["decode_itl_p50"] == 1.0
+    assert not any(k.startswith("prefill_itl") for k in r)  # one side has no ITL for that class
+    rows = equality([[1, 2, 3], [4, 5, 6], [7, 8]], [[1, 2, 3], [4, 9, 6], [7, 8, 9]], [10, 20, 30])
+    assert [(x["equal"], x["first_difference"]) for x in rows] == [(True, None), (False, 1), (False, 2)]
+    assert [x["prompt_len"] for x in rows] == [10, 20, 30]
+
+
+def test_transfer_report_from_two_scrapes_of_a_pd_metrics_page():
+    port = free_port()
+    pd = pd_metrics_on(port)
+    url = f"http://127.0.0.1:{port}/metrics"
+    pd.bytes.labels("prefill").inc(1000)  # an earlier request
+    pd.transfer.labels("prefill").observe(1.0)
+    before = scrape_metrics(url)
+    nbytes = 10_000 * 131072  # a 10K-token Llama-3-8B KV
+    pd.bytes.labels("prefill").inc(nbytes)
+    pd.transfer.labels("prefill").observe(0.004)
+    pd.busy.labels("prefill").inc(0.0035)
+    report = transfer_report(before, scrape_metrics(url), "prefill", nbytes, 394.0)
+    assert report["bytes"] == nbytes and report["bytes_match"] and report["requests"] == 1
+    assert report["transfer_s"] == 0.004
+    assert report["gb_s"] == round(nbytes / 0.004 / 1e9, 2)
+    assert report["link_fraction"] == round(nbytes / 0.004 / 1e9 / 394.0, 3)
+    assert report["busy_gb_s"] == round(nbytes / 0.0035 / 1e9, 2)
+    assert not transfer_report(before, scrape_metrics(url), "prefill", nbytes + 1, 394.0)["bytes_match"]
+
+
+@pytest.fixture
+def standins():
+    """Two stand-ins: ``colocated`` slow (TTFT 0.2 s, 20 ms a token), ``pd`` fast (0.05 s, 5 ms)."""
+    procs, urls = [], {}
+    for name, ttft, token in (("colocated", "0.2", "0.02"), ("pd", "0.05", "0.005")):
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, str(STANDIN), "--port", str(port), "--ttft-s", ttft,
+                                       "--token-s", token]))
+        urls[name] = f"http://127.0.0.1:{port}"
+    try:
+        for base, proc in zip(urls.values(), procs):
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=1)
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "stand-in did not start"
+                    time.sleep(0.1)
+        yield {name: base + "/generate" for name, base in urls.items()}
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_mixed_load_end_to_end_against_two_standins(standins):
+    load = MixedLoad(decode_users=3, decode_prompt_len=50, decode_output_len=12, prefills=3, prefill_len=400,
+                     prefill_output_len=4, prefill_start_s=0.2, prefill_interval_s=0.15, seed=1)
+    ids = token_range(LLAMA3_8B)
+    reports = {name: asyncio.run(mixed_load(url, load, ids, timeout_s=30)) for name, url in standins.items()}
+    for name, token_s, ttft_s in (("colocated", 0.02, 0.2), ("pd", 0.005, 0.05)):
+        r = reports[name]
+        d, p = r["decode"], r["prefill"]
+        assert p["requests"] == 3 and p["output_tokens"] == 3 * 4
+        assert d["requests"] >= 3 and d["output_tokens"] == d["requests"] * 12
+        assert p["ttft"]["p50_s"] >= ttft_s and d["ttft"]["p50_s"] >= ttft_s
+        assert token_s * 0.8 <= d["itl"]["mean_s"] <= token_s * 4, (name, d["itl"])
+        # Decode users kept streaming while the long prefills were in the system.
+        assert d["tokens_during_prefills"] > 0
+        assert r["prefill_window_s"] >= 2 * 0.15 + ttft_s
+    r = ratios(reports["colocated"], reports["pd"])
+    assert r["decode_ttft_mean"] > 1.5 and r["prefill_ttft_mean"] > 1.5 and r["decode_itl_mean"] > 1.5, r
+
+    prompts = [list(range(1000, 1000 + n)) for n in (30, 200)]
+    outs = {name: run_requests(url, prompts, 6, timeout_s=30) for name, url in standins.items()}
+    for res in outs.values():
+        assert [x.output_ids for x in res] == [list(range(6))] * 2
+        assert all(x.chunks[-1][1] == 6 for x in res)
+    rows = equality(*[[x.output_ids for x in outs[n]] for n in ("colocated", "pd")], [30, 200])
+    assert all(row["equal"] for row in rows)
+
+
+def test_the_script_runs_both_configurations_with_standins_in_sglangs_place(tmp_path):
+    """``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server`` (colocated) and the
+    ``launch.prefill`` / ``launch.decode`` workers (which import it) become stand-ins, the router is
+    kvtier's own. The stand-ins have no PD counters, so the probe reports zero bytes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    env.pop("KVTIER_METRICS_PORT", None)
+    out = tmp_path / "pd.json"
+    ports = [free_port() for _ in range(6)]
+    sizes = ["--equality-lens", "20,300", "--equality-tokens", "5", "--probe-len", "500", "--probe-repeats", "1",
+             "--decode-users", "2", "--decode-prompt-len", "30", "--decode-output-len", "10", "--prefills", "2",
+             "--prefill-len", "300", "--prefill-output-len", "3", "--prefill-start-s", "0.1",
+             "--prefill-interval-s", "0.1", "--metrics-settle-s", "0.2"]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *sizes, "--port", str(free_port()),
+                        "--pd-ports", ",".join(map(str, ports)), "--log-dir", str(tmp_path), "--model-dir",
+                        str(tmp_path / "model"), "--out", str(out), "--commit", "abc123"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads(out.read_text())
+    assert report["commit"] == "abc123" and "pd_serving.py" in report["command"] and report["date"]
+    assert set(report["configs"]) == {"colocated", "pd"}
+    assert report["greedy_equality"]["all_equal"] and len(report["greedy_equality"]["prompts"]) == 2
+    assert "--enable-deterministic-inference" in report["server_args"]
+    pd = report["configs"]["pd"]
+    assert pd["probe"][0]["metrics"]["prefill"]["expected_bytes"] == 500 * 131072
+    assert pd["probe"][0]["metrics"]["prefill"]["bytes"] == 0 and report["transfer"]["best_gb_s"] == 0
+    for name in ("colocated", "pd"):
+        mixed = report["configs"][name]["mixed"]
+        assert mixed["prefill"]["requests"] == 2 and mixed["decode"]["requests"] >= 2
+    assert set(report["ratios_colocated_over_pd"]) >= {"decode_ttft_mean", "decode_itl_p99", "prefill_ttft_p50"}
+    assert {p.name for p in tmp_path.glob("*.log")} >= {"colocated.log", "pd-prefill.log", "pd-decode.log",
+                                                        "pd-router.log"}
+    assert "kvtier.launch.prefill" in (tmp_path / "pd-prefill.log").read_text().splitlines()[0]
+    for port in ports[:3]:  # every worker and the router were stopped
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0

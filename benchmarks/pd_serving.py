@@ -514,57 +514,80 @@ def main() -> None:
                         "workload": {"equality_lens": [len(p) for p in plan.equality_prompts],
                                      "equality_tokens": plan.equality_tokens, "probe_len": args.probe_len,
                                      "probe_repeats": args.probe_repeats, "mixed": asdict(plan.load)}}
-        results: dict = {}
+        out = Path(args.out)
+        errors = []
+        report["configs"] = {}
         for name in configs:
-            wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
-            if name == "colocated":
-                cfg_args = [*server_args, "--base-gpu-id", str(args.colocated_gpu)]
-                with sglang_server(model_dir, args.port, cfg_args, {}, log_dir / "colocated.log",
-                                   args.startup_timeout) as startup:
-                    print(f"[colocated] server ready after {startup:.0f} s on GPU {args.colocated_gpu}", flush=True)
-                    results[name] = {"startup_s": round(startup, 1), "gpu": args.colocated_gpu,
-                                     **measure(name, f"http://127.0.0.1:{args.port}/generate", plan)}
-            else:
-                env = {"KVTIER_CONFIG": "", "KVTIER_PD_TRANSPORT": args.pd_transport,
-                       "KVTIER_PD_STAGE_SLOTS": str(args.pd_stage_slots),
-                       "KVTIER_PD_STAGE_SLOT_MB": f"{args.pd_stage_slot_mb:g}",
-                       "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
-                probe = PDProbe({"prefill": f"http://127.0.0.1:{ports.prefill_metrics}/metrics",
-                                 "decode": f"http://127.0.0.1:{ports.decode_metrics}/metrics"},
-                                args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s)
-                with pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
-                                args.startup_timeout, args.prefill_cache) as startup:
-                    print(f"[pd] prefill GPU {args.prefill_gpu}, decode GPU {args.decode_gpu}, router ready after "
-                          f"{startup:.0f} s", flush=True)
-                    before = probe.snapshot()
-                    measured = measure(name, f"http://127.0.0.1:{ports.router}/generate", plan, probe)
-                    after = probe.snapshot()
-                    totals = {role: {k: v for k, v in counter_delta(before[role], after[role]).items()
-                                     if k.startswith("kvtier_pd_")} for role in after}
-                    results[name] = {"startup_s": round(startup, 1), "prefill_gpu": args.prefill_gpu,
-                                     "decode_gpu": args.decode_gpu, "prefill_cache": args.prefill_cache,
-                                     "kvtier_env": env, **measured,
-                                     "pd_metrics_delta": totals}
-        report["configs"] = results
-        if {"colocated", "pd"} <= set(results):
-            c, p = results["colocated"], results["pd"]
-            rows = equality(c["equality_output_ids"], p["equality_output_ids"], report["workload"]["equality_lens"])
-            report["greedy_equality"] = {"all_equal": all(r["equal"] for r in rows), "prompts": rows}
-            report["ratios_colocated_over_pd"] = ratios(c["mixed"], p["mixed"])
-            print(f"greedy equality: {[r['equal'] for r in rows]}", flush=True)
-            print(f"colocated / PD (> 1: PD faster): {report['ratios_colocated_over_pd']}", flush=True)
-        if "pd" in results:
-            gb = [row["metrics"]["prefill"]["gb_s"] for row in results["pd"]["probe"]]
-            report["transfer"] = {"gb_s": gb, "best_gb_s": max(gb), "median_gb_s": float(np.median(gb)),
-                                  "link_gb_s": args.link_gb_s, "best_link_fraction": round(max(gb) / args.link_gb_s, 3),
-                                  "target_fraction": 0.8}
-            print(f"PD transfer: {report['transfer']}", flush=True)
+            try:
+                wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
+                run = run_colocated if name == "colocated" else run_pd
+                report["configs"][name] = run(args, model_dir, server_args, plan, shape, ports, log_dir)
+            except (BenchError, SystemExit) as exc:  # sglang_server exits with its message
+                errors.append(f"{name}: {exc}")
+                report["configs"][name] = {"error": str(exc)}
+                print(f"[{name}] failed: {exc}", flush=True)
+            summarize_report(report, args.link_gb_s)
+            write_report(out, report)  # after each configuration: a later failure keeps the earlier one
     except BenchError as exc:
         sys.exit(f"pd_serving: {exc}")
-    out = Path(args.out)
+    print(f"wrote {out}", flush=True)
+    if errors:
+        sys.exit("pd_serving: " + "; ".join(errors))
+
+
+def run_colocated(args: argparse.Namespace, model_dir: str, server_args: list[str], plan: Plan, shape: Mapping,
+                  ports: PDPorts, log_dir: Path) -> dict:
+    """One plain SGLang server on ``--colocated-gpu``, measured."""
+    cfg_args = [*server_args, "--base-gpu-id", str(args.colocated_gpu)]
+    with sglang_server(model_dir, args.port, cfg_args, {}, log_dir / "colocated.log", args.startup_timeout) as startup:
+        print(f"[colocated] server ready after {startup:.0f} s on GPU {args.colocated_gpu}", flush=True)
+        return {"startup_s": round(startup, 1), "gpu": args.colocated_gpu,
+                **measure("colocated", f"http://127.0.0.1:{args.port}/generate", plan)}
+
+
+def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], plan: Plan, shape: Mapping,
+           ports: PDPorts, log_dir: Path) -> dict:
+    """The PD workers and router, measured, with the PD counters' totals over the whole run."""
+    env = {"KVTIER_CONFIG": "", "KVTIER_PD_TRANSPORT": args.pd_transport,
+           "KVTIER_PD_STAGE_SLOTS": str(args.pd_stage_slots), "KVTIER_PD_STAGE_SLOT_MB": f"{args.pd_stage_slot_mb:g}",
+           "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
+    probe = PDProbe({"prefill": f"http://127.0.0.1:{ports.prefill_metrics}/metrics",
+                     "decode": f"http://127.0.0.1:{ports.decode_metrics}/metrics"},
+                    args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s)
+    with pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
+                    args.startup_timeout, args.prefill_cache) as startup:
+        print(f"[pd] prefill GPU {args.prefill_gpu}, decode GPU {args.decode_gpu}, router ready after "
+              f"{startup:.0f} s", flush=True)
+        before = probe.snapshot()
+        measured = measure("pd", f"http://127.0.0.1:{ports.router}/generate", plan, probe)
+        after = probe.snapshot()
+    totals = {role: {k: v for k, v in counter_delta(before[role], after[role]).items() if k.startswith("kvtier_pd_")}
+              for role in after}
+    return {"startup_s": round(startup, 1), "prefill_gpu": args.prefill_gpu, "decode_gpu": args.decode_gpu,
+            "prefill_cache": args.prefill_cache, "kvtier_env": env, **measured, "pd_metrics_delta": totals}
+
+
+def summarize_report(report: dict, link_gb_s: float) -> None:
+    """Equality, ratios and transfer GB/s from the configurations that ran."""
+    ok = {name: r for name, r in report["configs"].items() if "error" not in r}
+    if {"colocated", "pd"} <= set(ok):
+        c, p = ok["colocated"], ok["pd"]
+        rows = equality(c["equality_output_ids"], p["equality_output_ids"], report["workload"]["equality_lens"])
+        report["greedy_equality"] = {"all_equal": all(r["equal"] for r in rows), "prompts": rows}
+        report["ratios_colocated_over_pd"] = ratios(c["mixed"], p["mixed"])
+        print(f"greedy equality: {[r['equal'] for r in rows]}", flush=True)
+        print(f"colocated / PD (> 1: PD faster): {report['ratios_colocated_over_pd']}", flush=True)
+    if "pd" in ok:
+        gb = [row["metrics"]["prefill"]["gb_s"] for row in ok["pd"]["probe"]]
+        report["transfer"] = {"gb_s": gb, "best_gb_s": max(gb), "median_gb_s": float(np.median(gb)),
+                              "link_gb_s": link_gb_s, "best_link_fraction": round(max(gb) / link_gb_s, 3),
+                              "target_fraction": 0.8}
+        print(f"PD transfer: {report['transfer']}", flush=True)
+
+
+def write_report(out: Path, report: Mapping) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

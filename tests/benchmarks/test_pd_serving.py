@@ -168,24 +168,30 @@ def test_mixed_load_end_to_end_against_two_standins(standins):
     assert all(row["equal"] for row in rows)
 
 
-def test_the_script_runs_both_configurations_with_standins_in_sglangs_place(tmp_path):
-    """``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server`` (colocated) and the
-    ``launch.prefill`` / ``launch.decode`` workers (which import it) become stand-ins, the router is
-    kvtier's own. The stand-ins have no PD counters, so the probe reports zero bytes."""
+SIZES = ["--equality-lens", "20,300", "--equality-tokens", "5", "--probe-len", "500", "--probe-repeats", "1",
+         "--decode-users", "2", "--decode-prompt-len", "30", "--decode-output-len", "10", "--prefills", "2",
+         "--prefill-len", "300", "--prefill-output-len", "3", "--prefill-start-s", "0.1", "--prefill-interval-s", "0.1",
+         "--metrics-settle-s", "0.2"]
+
+
+def run_script(tmp_path: Path, port: int, pd_ports: list[int]) -> subprocess.CompletedProcess:
+    """The whole script with ``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server``
+    (colocated) and the ``launch.prefill`` / ``launch.decode`` workers (which import it) become
+    stand-ins; the router is kvtier's own."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
     env.pop("KVTIER_METRICS_PORT", None)
-    out = tmp_path / "pd.json"
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(port),
+                           "--pd-ports", ",".join(map(str, pd_ports)), "--log-dir", str(tmp_path), "--model-dir",
+                           str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"), "--commit", "abc123"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
+def test_the_script_runs_both_configurations_with_standins_in_sglangs_place(tmp_path):
+    """The stand-ins have no PD counters, so the probe reports zero bytes."""
     ports = [free_port() for _ in range(6)]
-    sizes = ["--equality-lens", "20,300", "--equality-tokens", "5", "--probe-len", "500", "--probe-repeats", "1",
-             "--decode-users", "2", "--decode-prompt-len", "30", "--decode-output-len", "10", "--prefills", "2",
-             "--prefill-len", "300", "--prefill-output-len", "3", "--prefill-start-s", "0.1",
-             "--prefill-interval-s", "0.1", "--metrics-settle-s", "0.2"]
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *sizes, "--port", str(free_port()),
-                        "--pd-ports", ",".join(map(str, ports)), "--log-dir", str(tmp_path), "--model-dir",
-                        str(tmp_path / "model"), "--out", str(out), "--commit", "abc123"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    r = run_script(tmp_path, free_port(), ports)
     assert r.returncode == 0, r.stderr + r.stdout
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "pd.json").read_text())
     assert report["commit"] == "abc123" and "pd_serving.py" in report["command"] and report["date"]
     assert set(report["configs"]) == {"colocated", "pd"}
     assert report["greedy_equality"]["all_equal"] and len(report["greedy_equality"]["prompts"]) == 2
@@ -203,3 +209,15 @@ def test_the_script_runs_both_configurations_with_standins_in_sglangs_place(tmp_
     for port in ports[:3]:  # every worker and the router were stopped
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_failed_configuration_is_reported_and_the_other_still_measured(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_script(tmp_path, taken.getsockname()[1], [free_port() for _ in range(6)])
+    assert r.returncode != 0 and "colocated: port" in r.stderr, r.stderr + r.stdout
+    report = json.loads((tmp_path / "pd.json").read_text())
+    assert "already in use" in report["configs"]["colocated"]["error"]
+    assert report["configs"]["pd"]["mixed"]["prefill"]["requests"] == 2
+    assert "greedy_equality" not in report and report["transfer"]["gb_s"] == [0.0]

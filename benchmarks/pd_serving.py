@@ -89,7 +89,8 @@ def class_report(results: Sequence[StreamResult], window: Optional[tuple[float, 
     itl = [(r.sent_at + t, g) for r in results for t, g in itl_gaps(r.chunks)]
     out = {"requests": len(results), "output_tokens": sum(r.chunks[-1][1] for r in results),
            "ttft": summarize([r.ttft_s for r in results]),
-           "itl": summarize([g for _, g in itl]) if itl else None}
+           "itl": summarize([g for _, g in itl]) if itl else None,
+           "ttft_all_s": [round(r.ttft_s, 4) for r in results]}
     if window is not None:
         inside = [g for t, g in itl if window[0] <= t <= window[1]]
         out["itl_during_prefills"] = summarize(inside) if inside else None
@@ -296,7 +297,9 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
                     "--base-gpu-id", str(decode_gpu)], ports.decode, ports.decode_metrics),
         ("router", ["-m", "kvtier.launch.router", "--prefill", f"http://127.0.0.1:{ports.prefill}",
                     str(ports.bootstrap), "--decode", f"http://127.0.0.1:{ports.decode}", "--port",
-                    str(ports.router), "--policy", "round_robin"], ports.router, None),
+                    str(ports.router), "--policy", "round_robin",
+                    # SGLang's /health runs a generation: keep the router's checks out of the measurement.
+                    "--health-interval", "60"], ports.router, None),
     ]
     procs: list[tuple[str, subprocess.Popen, Path, int]] = []
     start = time.monotonic()

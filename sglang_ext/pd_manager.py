@@ -208,9 +208,10 @@ class KvtierKVManager(CommonKVManager):
         port = self.cfg.metrics_port + int(args.engine_rank)
         try:
             return pd_metrics_on(port)
-        except OSError as e:
-            raise ValueError(f"kvtier PD: cannot serve metrics on port {port} ({e}); give this server another "
-                             f"metrics_port (KVTIER_METRICS_PORT), e.g. when prefill and decode share a host") from e
+        except OSError as e:  # metrics are no reason to refuse serving (launch.cluster shares one config)
+            logger.warning("kvtier PD: no PD metrics: cannot serve them on port %d (%s); give this server another "
+                           "metrics_port (KVTIER_METRICS_PORT), e.g. where prefill and decode share a host", port, e)
+            return None
 
     def fail(self, room: int, why: str) -> None:
         """Fail ``room`` with ``why`` unless it already succeeded or failed (the first reason stays)."""

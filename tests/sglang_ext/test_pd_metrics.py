@@ -162,3 +162,32 @@ def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
     finally:
         for p in procs.values():
             p.kill()
+
+
+def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves():
+    """launch.cluster gives both workers one config: a decode on the prefill's metrics port must
+    not fail to start; it logs which setting to change and moves KV without counters."""
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+        base.update(pd_conn_test.ENV)
+        env = {**base, "KVTIER_METRICS_PORT": str(taken.getsockname()[1])}
+        procs = [Process(env), Process(env)]
+        try:
+            for p in procs:
+                assert p.reply() == {"ready": True}
+            bootstrap_port = free_port()
+            prefill = procs[0].rank("p", role="prefill", bootstrap_port=bootstrap_port, seed=1)
+            decode = procs[1].rank("d", role="decode", bootstrap_port=0, seed=2)
+            room = new_room(np.random.default_rng(8))
+            assert bootstrap(prefill, decode, f"127.0.0.1:{bootstrap_port}", room, [5, 6, 7], 0) == WAITING
+            assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+            prefill.call("init", room=room, prompt_len=12, aux_index=1, first_token=7)
+            prefill.call("send", room=room, pages=[9, 10, 11], last=True, tokens=12)
+            assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
+            assert decode.call("digests", pages=[5, 6, 7]) == prefill.call("digests", pages=[9, 10, 11])
+            assert decode.call("stats")["bytes"] == 3 * PAGE_BYTES
+        finally:
+            for p in procs:
+                p.kill()

@@ -16,9 +16,10 @@ This module and ``plugin.py`` are the only ones that import SGLang; everything s
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
-import time
+import weakref
 from array import array
 from concurrent.futures import Future, wait
 from typing import Optional, Sequence
@@ -109,7 +110,11 @@ class KVTierRadixCache(RadixCache):
         self._inflight_lock = threading.Lock()
         # Copies are published (spills committed, load pins released) as they finish, also while
         # no request comes: an idle server's last spills must still reach the tiers.
-        threading.Thread(target=self._reap_while_open, name="kvtier-reaper", daemon=True).start()
+        stop = threading.Event()
+        reaper = threading.Thread(target=_reap_until, args=(weakref.ref(self), stop), name="kvtier-reaper", daemon=True)
+        reaper.start()
+        # Stopped before the interpreter tears down: a daemon thread inside torch then aborts it.
+        atexit.register(_stop_thread, stop, reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
 
     # -- completions ---------------------------------------------------------------------------
@@ -122,14 +127,6 @@ class KVTierRadixCache(RadixCache):
     def _track(self, copy: Completion) -> None:
         with self._inflight_lock:
             self._inflight.append(copy)
-
-    def _reap_while_open(self) -> None:
-        if self.io.device.type == "cuda":
-            # CUDA calls from a new thread would otherwise start a context on GPU 0 as well.
-            torch.cuda.set_device(self.io.device)
-        while not self.store.closed:
-            time.sleep(REAP_INTERVAL_S)
-            self._reap()
 
     def flush(self) -> None:
         """Wait for every copy in flight (tests, shutdown)."""
@@ -288,6 +285,26 @@ class KVTierRadixCache(RadixCache):
         if rows is None:
             logger.debug("kvtier: no room for %d loaded tokens; recomputing them", n)
         return rows
+
+
+def _reap_until(cache_ref: "weakref.ref[KVTierRadixCache]", stop: threading.Event) -> None:
+    """The reaper thread: publishes finished copies until stopped or the cache or its store is gone."""
+    cache = cache_ref()
+    if cache is not None and cache.io.device.type == "cuda":
+        # CUDA calls from a new thread would otherwise start a context on GPU 0 as well.
+        torch.cuda.set_device(cache.io.device)
+    del cache
+    while not stop.wait(REAP_INTERVAL_S):
+        cache = cache_ref()
+        if cache is None or cache.store.closed:
+            return
+        cache._reap()
+        del cache
+
+
+def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(timeout=5)
 
 
 def build(ctx: TreeCacheBuildContext) -> KVTierRadixCache:

@@ -501,9 +501,13 @@ def main() -> None:
     configs = [c for c in args.configs.split(",") if c]
     if not set(configs) <= {"colocated", "pd"}:
         ap.error(f"--configs takes colocated and/or pd, got {args.configs!r}")
+    if args.link_gb_s <= 0:
+        ap.error(f"--link-gb-s must be the link's measured GB/s (> 0), got {args.link_gb_s:g}")
     try:
         ports = PDPorts(*(int(p) for p in args.pd_ports.split(",")))
-    except (TypeError, ValueError):
+    except ValueError:
+        ports = None
+    if ports is None or len(args.pd_ports.split(",")) != 6:
         ap.error(f"--pd-ports needs six ports separated by commas, got {args.pd_ports!r}")
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -525,10 +529,12 @@ def main() -> None:
                 wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
                 run = run_colocated if name == "colocated" else run_pd
                 report["configs"][name] = run(args, model_dir, server_args, plan, shape, ports, log_dir)
-            except (BenchError, SystemExit) as exc:  # sglang_server exits with its message
-                errors.append(f"{name}: {exc}")
-                report["configs"][name] = {"error": str(exc)}
-                print(f"[{name}] failed: {exc}", flush=True)
+            except (BenchError, SystemExit, OSError) as exc:  # sglang_server exits with its message
+                # sglang_server's clean-up of a server that died raises over its message: keep both.
+                why = str(exc) + (f" (after: {exc.__context__})" if exc.__context__ else "")
+                errors.append(f"{name}: {why}")
+                report["configs"][name] = {"error": why}
+                print(f"[{name}] failed: {why}", flush=True)
             summarize_report(report, args.link_gb_s)
             write_report(out, report)  # after each configuration: a later failure keeps the earlier one
     except BenchError as exc:

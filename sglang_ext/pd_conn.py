@@ -166,8 +166,17 @@ class KvtierKVReceiver(CommonKVReceiver):
         peers = [mgr.peer_id(stage) for stage in stages]
         mgr.rooms[self.bootstrap_room] = (set(peers), pages.astype(np.int64))
         for stage, peer in zip(stages, peers):
+            # A refusal that came back after init and before the room was recorded (_on_refused
+            # fails only recorded rooms).
+            why = mgr.refused_peers.get(peer)
+            if why is not None:
+                self._fail(why)
+                self._tell_prefill(stage.prefill_endpoint, why)
+                return
+        for stage, peer in zip(stages, peers):
             msg = {"room": self.bootstrap_room, "peer": peer, "ip": mgr.local_ip, "port": mgr.rank_port,
-                   "aux_index": int(aux_index), "prefix_len": int(decode_prefix_len or 0)}
+                   "aux_index": int(aux_index), "prefix_len": int(decode_prefix_len or 0),
+                   "required_dst": int(self.required_dst_info_num or 1)}
             try:
                 mgr._send_multipart_locked(stage.prefill_endpoint, control_message(META, msg, pages.tobytes()))
             except zmq.ZMQError as e:

@@ -8,8 +8,12 @@ two threads per side:
   ``PDLayout``, request metadata, refusals, slot acks, aborts) and a worker that moves each queued
   chunk: gather its pages into the staging buffer, write them into a free slot of the decode's
   stage (a credit), notify ``K``; on the last chunk write the metadata rows, notify ``D``, Success.
+  With a decode of a larger TP size, each of the ``required_dst`` decode ranks of a request gets
+  its own head slice (``_DecodePeer.src_heads``).
 - decode: a control thread (refusals and failures from the prefill) and a notification thread
-  that scatters each ``K`` slot into the request's pages, returns the slot, and marks ``D`` Success.
+  that scatters each ``K`` slot into the request's pages (into the heads the note names when the
+  prefill has a larger TP size), returns the slot, and marks Success once ``D`` came from every
+  prefill rank the request needs (SGLang's ``required_prefill_response_num``).
 
 Control messages are ZMQ multipart ``[tag, json, (pages)]`` on the peers' PULL sockets; the data
 notifications go over the transport, whose ordering puts them after the writes they describe.
@@ -40,6 +44,7 @@ from kvtier.sglang_ext.metrics import PDMetrics, pd_metrics_on
 from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
 from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import TransferError
+from kvtier.transfer.pd_heads import HeadSlice, head_range, head_slice
 from kvtier.transfer.pd_layout import PDLayout, SlotCredits, compare, slot_bytes_for, slot_chunks
 
 logger = logging.getLogger(__name__)
@@ -65,6 +70,12 @@ class _DecodePeer:
     slot_bytes: int
     pages_per_slot: int
     credits: SlotCredits
+    src_heads: Optional[tuple[int, int, int]] = None
+    """(start, stop, of) heads of this prefill rank's rows it gets; None: whole pages."""
+    dst_heads: Optional[tuple[int, int, int]] = None
+    """Where they go among its own heads; None: whole pages."""
+    page_bytes: int = 0
+    """Bytes of one packed page (of the slice) in its staging slots."""
 
 
 @dataclass
@@ -74,6 +85,8 @@ class _Destination:
     peer: str
     pages: np.ndarray
     aux_index: int
+    required: int = 1
+    """How many decode ranks (one per head slice) the request goes to."""
 
 
 @dataclass
@@ -171,6 +184,7 @@ class KvtierKVManager(CommonKVManager):
             role="prefill" if prefill else "decode", address=address,
             model=self.cfg.pd_model_id or _model_id(server_args),
             kv_dtype=str(args.kv_cache_dtype_str), page_size=int(args.page_size), tp_size=self.attn_tp_size,
+            tp_rank=int(args.engine_rank) % self.attn_tp_size, total_kv_heads=_total_kv_heads(args, self.attn_tp_size),
             pp_size=self.pp_size, cp_size=self.attn_cp_size, transport=self.transport_kind,
             kv_item_lens=tuple(int(x) for x in args.kv_item_lens),
             aux_item_lens=tuple(int(x) for x in args.aux_item_lens),
@@ -289,6 +303,9 @@ class KvtierKVManager(CommonKVManager):
         peer_id, remote = msg["peer"], PDLayout.from_dict(msg["layout"])
         endpoint = NetworkAddress(msg["ip"], int(msg["port"])).to_tcp()
         why = compare(self.layout, remote)
+        heads = None
+        if why is None and remote.tp_size != self.layout.tp_size:
+            heads, why = self._heads_for(remote)
         transport_peer = None
         if why is None:
             try:
@@ -308,13 +325,38 @@ class KvtierKVManager(CommonKVManager):
             old.transport_peer = transport_peer
             return
         slot_bytes = int(msg["slot_bytes"])
+        src_heads = dst_heads = None
+        if heads is not None:
+            src_heads = None if heads.src_full else (*heads.src, heads.src_heads)
+            dst_heads = None if heads.dst_full else (*heads.dst, heads.dst_heads)
+        page_bytes = self.packer.packed_bytes(src_heads)
         self.peers[peer_id] = _DecodePeer(
             remote.address, endpoint, transport_peer, msg["stage"], slot_bytes,
-            min(self.slot_bytes, slot_bytes) // self.page_bytes, SlotCredits(int(msg["slots"])),
+            min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
+            page_bytes,
         )
-        logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, stage %d x %.1f MiB",
-                    remote.address, remote.model, self.page_bytes, len(self.layout.kv_item_lens), self.transport_kind,
-                    msg["slots"], slot_bytes / (1 << 20))
+        logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, stage %d x %.1f MiB"
+                    "%s", remote.address, remote.model, page_bytes, len(self.layout.kv_item_lens), self.transport_kind,
+                    msg["slots"], slot_bytes / (1 << 20),
+                    "" if heads is None else f", KV heads {heads.heads} (decode TP rank {remote.tp_rank} of "
+                    f"{remote.tp_size}, this prefill rank {self.layout.tp_rank} of {self.layout.tp_size})")
+
+    def _heads_for(self, remote: PDLayout) -> tuple[Optional[HeadSlice], Optional[str]]:
+        """(the heads this prefill rank and decode rank ``remote`` of another TP size share, or why none)."""
+        me, total = self.layout, self.layout.total_kv_heads
+        if total is None or remote.tp_rank is None:
+            return None, (f"kvtier PD: decode {remote.address} has attention tp_size={remote.tp_size}, this prefill "
+                          f"has {me.tp_size}, and the KV head count or TP rank is unknown here; start both with the "
+                          f"same --tp")
+        try:
+            heads = head_slice(head_range(total, me.tp_size, me.tp_rank), head_range(total, remote.tp_size,
+                                                                                     remote.tp_rank))
+        except ValueError as e:
+            return None, f"kvtier PD: decode {remote.address} cannot take KV heads from this prefill rank: {e}"
+        if heads is None:
+            return None, (f"kvtier PD: decode {remote.address} (attention TP rank {remote.tp_rank} of "
+                          f"{remote.tp_size}) shares no KV head with this prefill rank ({me.tp_rank} of {me.tp_size})")
+        return heads, None
 
     def _on_metadata(self, frames: list[bytes]) -> None:
         msg = json.loads(frames[1])
@@ -328,9 +370,11 @@ class KvtierKVManager(CommonKVManager):
             self.send_control(endpoint, control_message(FAIL, {"room": room, "reason": why}))
             return
         pages = np.frombuffer(frames[2], dtype=np.int32).astype(np.int64)
-        self.transfer_infos[room] = _Destination(peer_id, pages, int(msg["aux_index"]))
-        self.req_to_decode_prefix_len[room] = int(msg["prefix_len"])
-        self.update_status(room, KVPoll.WaitingForInput)
+        dsts = self.transfer_infos.setdefault(room, {})
+        dsts[peer_id] = _Destination(peer_id, pages, int(msg["aux_index"]), int(msg.get("required_dst", 1)))
+        if len(dsts) >= dsts[peer_id].required:
+            self.req_to_decode_prefix_len[room] = int(msg["prefix_len"])
+            self.update_status(room, KVPoll.WaitingForInput)
 
     def _on_refuse(self, frames: list[bytes]) -> None:
         msg = json.loads(frames[1])
@@ -391,11 +435,11 @@ class KvtierKVManager(CommonKVManager):
             self._fail_early(room, f"kvtier PD: the decode server aborted request {room}")
 
     def tell_decode(self, room: int, why: str) -> None:
-        """Tell the decode rank of ``room``, if it is known, that the request failed and why."""
-        dst = self.transfer_infos.get(room)
-        peer = self.peers.get(dst.peer) if dst is not None else None
-        if peer is not None:
-            self.send_control(peer.endpoint, control_message(FAIL, {"room": room, "reason": why}))
+        """Tell the decode ranks of ``room`` that are known that the request failed and why."""
+        for dst in list(self.transfer_infos.get(room, {}).values()):
+            peer = self.peers.get(dst.peer)
+            if peer is not None:
+                self.send_control(peer.endpoint, control_message(FAIL, {"room": room, "reason": why}))
 
     def _fail_early(self, room: int, why: str) -> None:
         """Fail ``room`` now, or when its sender is created if the scheduler has not made it yet."""
@@ -428,25 +472,37 @@ class KvtierKVManager(CommonKVManager):
         room = chunk.room
         if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
             return
-        dst = self.transfer_infos[room]
-        peer = self.peers[dst.peer]
-        src = chunk.pages
-        dst_pages = dst.pages[chunk.index_slice]
-        src = src[: len(dst_pages)]
         start = time.perf_counter()
+        for dst in sorted(self.transfer_infos[room].values(), key=lambda d: d.peer):
+            if not self._send_to(chunk, dst):
+                return
+        if chunk.is_last:
+            self._last_chunk_sent(room)
+        seconds = time.perf_counter() - start
+        self.stats.add(seconds=seconds, requests=int(chunk.is_last))
+        self.room_seconds[room] = self.room_seconds.get(room, 0.0) + seconds
+        if chunk.is_last:
+            self.succeed(room)
+
+    def _send_to(self, chunk: Chunk, dst: _Destination) -> bool:
+        """Move ``chunk`` to one decode rank (its head slice); False if the request failed meanwhile."""
+        room = chunk.room
+        peer = self.peers[dst.peer]
+        dst_pages = dst.pages[chunk.index_slice]
+        src = chunk.pages[: len(dst_pages)]
         for first, n in slot_chunks(len(src), peer.pages_per_slot):
             if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
-                return
+                return False
             deadline = time.monotonic() + self.timeout_s
             slot = peer.credits.take(self.timeout_s)
             try:
                 self._slot_written(room, dst.peer, slot)
-                self.packer.gather(src[first : first + n], self.gather_buf, chunk.event)
-                nbytes = n * self.page_bytes
+                self.packer.gather(src[first : first + n], self.gather_buf, chunk.event, peer.src_heads)
+                nbytes = n * peer.page_bytes
                 op = (self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)
                 self.transport.write(peer.transport_peer, [op], timeout_s=max(deadline - time.monotonic(), 0.001))
                 note = {"room": room, "stage": peer.stage, "slot": slot, "start": chunk.index_slice.start + first,
-                        "n": n}
+                        "n": n, "heads": peer.dst_heads}
                 self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
             except BaseException:
                 self._slot_acked(dst.peer, slot)
@@ -458,14 +514,9 @@ class KvtierKVManager(CommonKVManager):
             ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
                    enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
             self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
-            done = b"D" + json.dumps({"room": room}).encode()
+            done = b"D" + json.dumps({"room": room, "stage": peer.stage}).encode()
             self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
-            self._last_chunk_sent(room)
-        seconds = time.perf_counter() - start
-        self.stats.add(seconds=seconds, requests=int(chunk.is_last))
-        self.room_seconds[room] = self.room_seconds.get(room, 0.0) + seconds
-        if chunk.is_last:
-            self.succeed(room)
+        return True
 
     # -- decode ---------------------------------------------------------------------------------------
 
@@ -547,7 +598,8 @@ class KvtierKVManager(CommonKVManager):
                 if kind == b"K":
                     self._on_kv(msg)
                 elif kind == b"D":
-                    if int(msg["room"]) in self.rooms:
+                    room = int(msg["room"])
+                    if room in self.rooms and self._all_prefill_ranks_done(room, msg["stage"]):
                         self.succeed(int(msg["room"]))
                         self.stats.add(requests=1)
                         with self._timing_lock:
@@ -558,6 +610,12 @@ class KvtierKVManager(CommonKVManager):
                     raise ValueError(f"unknown notification {note.message[:32]!r}")
             except Exception:
                 logger.exception("kvtier PD: dropped a notification from %s", note.sender)
+
+    def _all_prefill_ranks_done(self, room: int, stage: str) -> bool:
+        """Count ``stage``'s prefill rank as done with ``room``; whether every rank it needs is."""
+        done = self.prefill_response_tracker[room]
+        done.add(stage)
+        return len(done) >= self.required_prefill_response_num_table.get(room, 1)
 
     def _on_kv(self, msg: dict) -> None:
         room, stage = int(msg["room"]), self.stages[msg["stage"]]
@@ -571,12 +629,22 @@ class KvtierKVManager(CommonKVManager):
                 pages = entry[1][start : start + n]
                 if len(pages) != n:
                     raise TransferError(f"prefill sent pages {start}..{start + n} but the request has {len(entry[1])}")
-                self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages)
-                self.stats.add(nbytes=n * self.page_bytes, pages=n, seconds=time.perf_counter() - begin)
+                heads = tuple(msg["heads"]) if msg.get("heads") else None
+                self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages, heads)
+                self.stats.add(nbytes=n * self.packer.packed_bytes(heads), pages=n,
+                               seconds=time.perf_counter() - begin)
         except Exception as e:
             self.fail(room, f"kvtier PD: writing KV of request {room} into the decode pool failed: {e}")
         finally:
             self.send_control(stage.prefill_endpoint, control_message(ACK, {"peer": self.peer_id(stage), "slot": slot}))
+
+
+def _total_kv_heads(args: KVArgs, tp_size: int) -> Optional[int]:
+    """The model's KV heads: SGLang fills ``total_kv_head_num`` on a prefill, a decode may not know it."""
+    total = int(getattr(args, "total_kv_head_num", 0) or 0)
+    if total <= 0 and getattr(args, "kv_head_num", 0):
+        total = int(args.kv_head_num) * tp_size
+    return total or None
 
 
 def _model_id(server_args) -> str:

@@ -1,12 +1,13 @@
 """What a prefill and a decode server must agree on before KV moves between them, and the packing.
 
 ``PDLayout`` is the record both sides exchange when a decode rank registers with a prefill rank
-(protocol version, model, KV dtype, page size, parallel sizes, KV and metadata buffer geometry,
-transport); ``compare`` says, in one sentence naming the setting to change, why two records
-cannot exchange KV. The rest is the pure arithmetic of the packed data path: the pool rows of a
-list of pages, how a run of pages is cut into staging slots, how the pool's buffers are grouped
-for ``kvtier.kernels.kv_pages.gather_kv``, and the credits that bound how many slots are in
-flight. Nothing here imports SGLang.
+(protocol version, model, KV dtype, page size, parallel sizes, KV heads, KV and metadata buffer
+geometry, transport); ``compare`` says, in one sentence naming the setting to change, why two
+records cannot exchange KV. Attention TP sizes may differ when one divides the other and both
+divide the model's KV heads: each rank then holds a head slice (``kvtier.transfer.pd_heads``).
+The rest is the pure arithmetic of the packed data path: the pool rows of a list of pages, how a
+run of pages is cut into staging slots, how the pool's buffers are grouped for
+``kvtier.kernels.kv_pages.gather_kv``, and the credits that bound how many slots are in flight. Nothing here imports SGLang.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class PDLayout:
     kv_dtype: Optional[str] = None
     page_size: Optional[int] = None
     tp_size: Optional[int] = None
+    tp_rank: Optional[int] = None
+    """This rank's attention TP rank (which KV heads it holds); not compared."""
+    total_kv_heads: Optional[int] = None
+    """The model's KV heads over all TP ranks (a decode may not know it; the prefill does)."""
     pp_size: Optional[int] = None
     cp_size: Optional[int] = None
     transport: Optional[str] = None
@@ -64,7 +69,7 @@ _CHECKS: tuple[tuple[str, str, str], ...] = (
      "on both, or set the kvtier key pd_model_id to the same value on both"),
     ("kv_dtype", "kv_cache_dtype", "start both with the same --kv-cache-dtype"),
     ("page_size", "page_size", "start both with the same --page-size"),
-    ("tp_size", "attention tp_size", "start both with the same --tp (kvtier PD moves KV between equal TP layouts)"),
+    ("tp_size", "attention tp_size", ""),
     ("pp_size", "pp_size", "start both with the same --pp-size"),
     ("cp_size", "attention cp_size", "start both with the same context-parallel size"),
     ("transport", "transport", "set the kvtier key pd_transport to the same value on both"),
@@ -78,7 +83,14 @@ def compare(local: PDLayout, remote: PDLayout) -> Optional[str]:
     for name, label, fix in _CHECKS:
         a, b = getattr(local, name), getattr(remote, name)
         if a is not None and b is not None and a != b:
+            if name == "tp_size":
+                fix = _tp_problem(a, b, local.total_kv_heads or remote.total_kv_heads)
+                if fix is None:
+                    continue
             return f"kvtier PD: {them} has {label}={b}, {me} has {a}; {fix}"
+    a, b = local.total_kv_heads, remote.total_kv_heads
+    if a is not None and b is not None and a != b:
+        return (f"kvtier PD: {them} has {b} KV heads in all, {me} has {a}; serve the same model on both")
     a, b = local.kv_item_lens, remote.kv_item_lens
     if a is not None and b is not None:
         if len(a) != len(b):
@@ -86,7 +98,18 @@ def compare(local: PDLayout, remote: PDLayout) -> Optional[str]:
                 f"kvtier PD: {them} has {len(b)} KV buffers (layers x K,V, plus a draft model's), "
                 f"{me} has {len(a)}; serve the same model with the same speculative-decoding draft on both"
             )
-        if a != b:
+        ta, tb = local.tp_size, remote.tp_size
+        if ta is not None and tb is not None and ta != tb:
+            # Each rank holds 1/tp of the heads, so the bytes of all heads must agree.
+            i = next((i for i in range(len(a)) if a[i] * ta != b[i] * tb), None)
+            if i is not None:
+                return (
+                    f"kvtier PD: {them} has {b[i]} bytes per page in KV buffer {i} at attention "
+                    f"tp_size={tb}, {me} has {a[i]} at tp_size={ta} (all heads: {b[i] * tb} vs "
+                    f"{a[i] * ta} bytes; head count, head dim or dtype differ); serve the same model "
+                    f"with the same --kv-cache-dtype on both"
+                )
+        elif a != b:
             i = next(i for i in range(len(a)) if a[i] != b[i])
             return (
                 f"kvtier PD: {them} has {b[i]} bytes per page in KV buffer {i}, {me} has {a[i]} "
@@ -100,6 +123,18 @@ def compare(local: PDLayout, remote: PDLayout) -> Optional[str]:
             f"(hidden size, top-logprobs or sampling-mask settings differ); start both with the "
             f"same model, speculative decoding and SGLANG_DISAGGREGATION_* settings"
         )
+    return None
+
+
+def _tp_problem(tp_a: int, tp_b: int, total_kv_heads: Optional[int]) -> Optional[str]:
+    """How to fix TP sizes that kvtier PD cannot map onto each other, or None if it can."""
+    if max(tp_a, tp_b) % min(tp_a, tp_b):
+        return ("kvtier PD moves KV between attention TP sizes that divide one another; start both "
+                "with such --tp sizes (for example equal ones)")
+    if total_kv_heads is not None and (total_kv_heads % tp_a or total_kv_heads % tp_b):
+        return (f"the model's {total_kv_heads} KV heads do not split evenly over both (a KV head "
+                f"replicated on several ranks is not supported); start both with --tp sizes that divide "
+                f"{total_kv_heads}")
     return None
 
 

@@ -9,8 +9,9 @@ bootstrap server); several ranks with different layouts can live in one process 
 own sockets). Every other command names its rank (``inst``); see ``Instance.run``.
 
 SGLang's process-wide parallel state is not initialised outside a server, so the names that
-``CommonKVManager`` reads from it are set here to a single-rank layout (docs/pd-design.md,
-"CPU test plan").
+``CommonKVManager`` reads from it are set here (docs/pd-design.md, "CPU test plan"): a single
+rank, or attention TP rank ``tp_rank`` of ``tp_size`` while a rank is built (``heads`` is then the
+rank's share; prefill rank 0 runs the bootstrap server, the other ranks register with it).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import json
 import sys
 import time
 import types
+from typing import Optional
 
 import numpy as np
 import torch
 
 
-def single_rank_sglang() -> None:
+def single_rank_sglang(tp_size: int = 1, tp_rank: int = 0) -> None:
     import sglang.srt.disaggregation.common.conn as common
 
     common.get_parallel = lambda: types.SimpleNamespace(
-        attn_tp_size=1, attn_tp_rank=0, attn_cp_size=1, attn_cp_rank=0, dcp_rank=0, enable_dp_attention=False,
+        attn_tp_size=tp_size, attn_tp_rank=tp_rank, attn_cp_size=1, attn_cp_rank=0, dcp_rank=0, enable_dp_attention=False,
         dp_size=1, nnodes=1, load_balance_method="follow_bootstrap_room", enable_dsa_cache_layer_split=False)
     common.get_attention_dp_size = lambda: 1
     common.get_attention_dp_rank = lambda: 0
@@ -44,13 +46,15 @@ def fill_pool(pool, seed: int) -> None:
         raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen).to(raw.device))
 
 
-def page_digests(pool, pages: list[int]) -> list[str]:
+def page_digests(pool, pages: list[int], heads: Optional[list[int]] = None) -> list[str]:
+    """A hash per page of every K and V buffer's rows, or of their heads ``[start, stop)`` only."""
     ps = pool.page_size
+    start, stop = heads or (0, pool.head_num)
     out = []
     for p in pages:
         h = hashlib.sha256()
         for buf in pool.k_buffer + pool.v_buffer:
-            h.update(buf[p * ps : (p + 1) * ps].contiguous().view(torch.uint8).cpu().numpy().tobytes())
+            h.update(buf[p * ps : (p + 1) * ps, start:stop].contiguous().view(torch.uint8).cpu().numpy().tobytes())
         out.append(h.hexdigest())
     return out
 
@@ -67,6 +71,8 @@ class Instance:
 
         self.prefill = args["role"] == "prefill"
         self.port = args["bootstrap_port"]
+        tp_size, tp_rank = args.get("tp_size", 1), args.get("tp_rank", 0)
+        single_rank_sglang(tp_size, tp_rank)
         ps = self.page_size = args.get("page_size", 4)
         dtype = getattr(torch, args.get("dtype", "bfloat16"))
         self.pool = MHATokenToKVPool(args.get("pool_tokens", 256), ps, dtype, args.get("heads", 2),
@@ -77,18 +83,20 @@ class Instance:
             host="127.0.0.1", disaggregation_bootstrap_port=self.port, dist_init_addr=None, dcp_size=1,
             pp_size=1, device=args.get("device", "cpu"), model_path=args.get("model", "tiny-llama"), revision=None,
             quantization=None, load_format="dummy")
-        self.server = KvtierKVBootstrapServer("127.0.0.1", self.port) if self.prefill else None
+        leader = self.prefill and tp_rank == 0
+        self.server = KvtierKVBootstrapServer("127.0.0.1", self.port) if leader else None
         # KVArgs exactly as prefill.py / decode.py _init_kv_manager fill them for an MHA pool.
         kv_args = KVArgs()
-        kv_args.engine_rank = 0
+        kv_args.engine_rank = tp_rank
         kv_args.pp_rank = 0
         kv_args.system_dp_rank = 0
         kv_args.kv_cache_dtype_str = args.get("dtype", "bfloat16")
         kv_args.prefill_start_layer = self.pool.start_layer
         kv_args.kv_data_ptrs, kv_args.kv_data_lens, kv_args.kv_item_lens = self.pool.get_contiguous_buf_infos()
         kv_args.kv_layer_ids = []
-        kv_args.kv_head_num = self.pool.head_num
-        kv_args.total_kv_head_num = self.pool.head_num
+        if self.prefill:  # decode.py fills these only for mooncake's staging, after the manager exists
+            kv_args.kv_head_num = self.pool.head_num
+            kv_args.total_kv_head_num = self.pool.head_num * tp_size
         kv_args.page_size = ps
         kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = self.meta.get_buf_infos()
         kv_args.ib_device = None
@@ -155,7 +163,7 @@ class Instance:
             i = cmd["index"]
             return {"first_token": int(self.meta.output_ids[i][0]), "room": int(self.meta.bootstrap_room[i, 0])}
         if op == "digests":
-            return page_digests(self.pool, cmd["pages"])
+            return page_digests(self.pool, cmd["pages"], cmd.get("heads"))
         if op == "abort":
             self.ends[cmd["room"]].abort()
             return "ok"

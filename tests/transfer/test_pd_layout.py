@@ -24,6 +24,7 @@ from kvtier.transfer.pd_layout import (
 
 def layout(role: str = "decode", address: str = "127.0.0.1:5000", **changes) -> PDLayout:
     base = dict(model="llama@|q=|load=dummy", kv_dtype="bfloat16", page_size=16, tp_size=1, pp_size=1, cp_size=1,
+                total_kv_heads=8,
                 transport="zmq", kv_item_lens=(256,) * 4, aux_item_lens=(64, 64, 32))
     base.update(changes)
     return PDLayout(role=role, address=address, **base)
@@ -45,7 +46,11 @@ def test_equal_layouts_agree_and_survive_json():
                                         "start both with the same --kv-cache-dtype"),
         ({"model": "qwen@|q=|load=auto"}, "has model=qwen@|q=|load=auto, this decode has llama@|q=|load=dummy; "
                                           "serve the same model"),
-        ({"tp_size": 2}, "has attention tp_size=2, this decode has 1; start both with the same --tp"),
+        ({"tp_size": 2}, "has 256 bytes per page in KV buffer 0 at attention tp_size=2, this decode has 256 at "
+                         "tp_size=1 (all heads: 512 vs 256 bytes"),
+        ({"tp_size": 16, "kv_item_lens": (16,) * 4},
+         "has attention tp_size=16, this decode has 1; the model's 8 KV heads do not split evenly over both"),
+        ({"total_kv_heads": 4}, "has 4 KV heads in all, this decode has 8; serve the same model on both"),
         ({"pp_size": 2}, "has pp_size=2, this decode has 1; start both with the same --pp-size"),
         ({"transport": "cuda_ipc"}, "has transport=cuda_ipc, this decode has zmq; set the kvtier key pd_transport"),
         ({"kv_item_lens": (128,) * 4}, "has 128 bytes per page in KV buffer 0, this decode has 256 "
@@ -59,6 +64,28 @@ def test_each_mismatch_names_the_setting_to_change(changes, expected):
     why = compare(layout(), layout("prefill", "127.0.0.1:8998", **changes))
     assert why is not None and why.startswith("kvtier PD: prefill 127.0.0.1:8998 ")
     assert expected in why
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (4, 2), (2, 4), (8, 1)])
+def test_tp_sizes_that_split_the_heads_evenly_agree(prefill_tp, decode_tp):
+    """A rank's page holds 1/tp of the heads: 8 heads x 32 B at TP-1 is 256 B per page."""
+    prefill = layout("prefill", "127.0.0.1:8998", tp_size=prefill_tp, tp_rank=prefill_tp - 1, total_kv_heads=8,
+                     kv_item_lens=(256 // prefill_tp,) * 4)
+    decode = layout(tp_size=decode_tp, tp_rank=0, kv_item_lens=(256 // decode_tp,) * 4, total_kv_heads=None)
+    assert compare(decode, prefill) is None and compare(prefill, decode) is None
+    assert PDLayout.from_dict(prefill.to_dict()) == prefill
+
+
+def test_tp_sizes_that_do_not_map_are_refused_with_the_fix():
+    why = compare(layout(tp_size=2, kv_item_lens=(384,) * 4, total_kv_heads=6),
+                  layout("prefill", "127.0.0.1:8998", tp_size=3, kv_item_lens=(256,) * 4, total_kv_heads=6))
+    assert why == ("kvtier PD: prefill 127.0.0.1:8998 has attention tp_size=3, this decode has 2; kvtier PD moves KV "
+                   "between attention TP sizes that divide one another; start both with such --tp sizes (for "
+                   "example equal ones)")
+    why = compare(layout(tp_size=4, kv_item_lens=(128,) * 4, total_kv_heads=2),
+                  layout("prefill", "127.0.0.1:8998", tp_size=1, kv_item_lens=(512,) * 4, total_kv_heads=2))
+    assert "the model's 2 KV heads do not split evenly over both (a KV head replicated on several ranks is not " \
+           "supported); start both with --tp sizes that divide 2" in why
 
 
 def test_page_rows_expand_pages_in_order():

@@ -1,0 +1,171 @@
+"""kvtier PD between different attention TP sizes, each TP rank its own real process (CPU).
+
+A TP-2 prefill (two rank processes, each a real ``MHATokenToKVPool`` with half the KV heads, one
+bootstrap server) feeds a TP-1 decode (all heads): the decode pages must equal both prefill ranks'
+head slices side by side, bit for bit. The reverse: a TP-1 prefill feeds a TP-2 decode whose two
+ranks (two processes, each with its own destination pages) get their halves. SGLang's own rank
+mapping (``_resolve_rank_mapping``: ``target_tp_ranks``, ``required_dst_info_num``,
+``required_prefill_response_num``) decides who talks to whom; the tests play the schedulers' steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The process harness of test_pd_conn (pytest runs with --import-mode=importlib: no sys.path entry).
+_spec = importlib.util.spec_from_file_location("kvtier_test_pd_conn_for_tp",
+                                               Path(__file__).with_name("test_pd_conn.py"))
+_conn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conn)
+ADDR_HOST, ENV, SUCCESS, WAITING = _conn.ADDR_HOST, _conn.ENV, _conn.SUCCESS, _conn.WAITING
+Process, Rank, free_port, new_room = _conn.Process, _conn.Rank, _conn.free_port, _conn.new_room
+
+HEADS = 4  # the model's KV heads
+
+
+@pytest.fixture(scope="module")
+def procs():
+    """Three processes: ``a`` and ``b`` hold the two ranks of every TP-2 server, ``c`` the TP-1 ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(ENV)
+    procs = {name: Process(env) for name in ("a", "b", "c")}
+    try:
+        for p in procs.values():
+            assert p.reply() == {"ready": True}
+        yield procs
+    finally:
+        for p in procs.values():
+            p.kill()
+
+
+def layout(rng: np.random.Generator) -> dict:
+    return {"page_size": int(rng.choice([1, 4, 8])), "head_dim": int(rng.choice([8, 16])),
+            "layers": int(rng.integers(1, 4)), "dtype": str(rng.choice(["bfloat16", "float32"])),
+            "pool_tokens": 64 * 8}
+
+
+def move(prefills: list[Rank], decodes: list[Rank], addr: str, rng: np.random.Generator, ps: int,
+         pool_pages: int = 60) -> tuple[int, list[int], list[list[int]], int]:
+    """One request through both schedulers' steps on every rank, in two chunks; returns the room, the
+    prefill pages (the same on every prefill rank, as SGLang's TP ranks allocate alike), each decode
+    rank's destination pages and the decode prefix in pages."""
+    room, n_pages = new_room(rng), int(rng.integers(4, 10))
+    prompt_len = (n_pages - 1) * ps + int(rng.integers(1, ps + 1))
+    prefix = int(rng.integers(0, 2))
+    src = rng.choice(np.arange(1, pool_pages), n_pages, replace=False).tolist()
+    dsts = [rng.choice(np.arange(1, pool_pages), n_pages, replace=False).tolist() for _ in decodes]
+    for p in prefills:
+        p.call("sender", room=room)
+    for d, dst in zip(decodes, dsts):
+        assert d.call("receiver", room=room, addr=addr) == WAITING
+        d.call("send_metadata", room=room, pages=dst[prefix:], aux_index=5, prefix_len=prefix * ps)
+    for p in prefills:
+        assert p.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+        got = p.call("init", room=room, prompt_len=prompt_len, aux_index=3, first_token=23)
+        assert got == {"prefix_len": prefix * ps, "num_pages": n_pages - prefix}
+    cut = int(rng.integers(prefix, n_pages))
+    for p in prefills:
+        if src[prefix:cut]:
+            p.call("send", room=room, pages=src[prefix:cut], last=False, tokens=(cut - prefix) * ps)
+        p.call("send", room=room, pages=src[cut:], last=True, tokens=prompt_len - cut * ps)
+    for end in prefills + decodes:
+        assert end.call("wait", room=room, want=[SUCCESS], timeout_s=20)["status"] == SUCCESS
+    for d in decodes:
+        assert d.call("aux", index=5) == {"first_token": 23, "room": room}
+    return room, src, dsts, prefix
+
+
+def finish(room: int, ranks: list[Rank]) -> None:
+    for r in ranks:
+        r.call("clear", room=room)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_prefill_ranks_fill_their_halves_of_a_tp1_decode(procs, seed):
+    rng = np.random.default_rng(700 + seed)
+    lay, port = layout(rng), free_port()
+    prefills = [procs[name].rank(f"p2_{seed}_{r}", role="prefill", bootstrap_port=port, seed=seed * 10 + r,
+                                 tp_size=2, tp_rank=r, heads=HEADS // 2, **lay) for r, name in enumerate("ab")]
+    decode = procs["c"].rank(f"d1_{seed}", role="decode", bootstrap_port=0, seed=99, heads=HEADS, **lay)
+    addr = f"{ADDR_HOST}:{port}"
+    for _ in range(2):  # the second request reuses both registrations and staging areas
+        before = decode.call("digests", pages=list(range(60)))
+        room, src, (dst,), prefix = move(prefills, [decode], addr, rng, lay["page_size"])
+        moved = dst[prefix:]
+        for r, p in enumerate(prefills):
+            half = [r * HEADS // 2, (r + 1) * HEADS // 2]
+            assert decode.call("digests", pages=moved, heads=half) == p.call("digests", pages=src[prefix:])
+        after = decode.call("digests", pages=list(range(60)))
+        assert all(after[i] == before[i] for i in range(60) if i not in moved)
+        sent = sum(p.call("stats")["bytes"] for p in prefills)
+        assert sent == decode.call("stats")["bytes"]
+        finish(room, prefills + [decode])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_tp1_prefill_splits_heads_over_two_decode_ranks(procs, seed):
+    rng = np.random.default_rng(800 + seed)
+    lay, port = layout(rng), free_port()
+    prefill = procs["c"].rank(f"p1_{seed}", role="prefill", bootstrap_port=port, seed=seed + 40, heads=HEADS, **lay)
+    decodes = [procs[name].rank(f"d2_{seed}_{r}", role="decode", bootstrap_port=0, seed=90 + r, tp_size=2, tp_rank=r,
+                                heads=HEADS // 2, **lay) for r, name in enumerate("ab")]
+    addr = f"{ADDR_HOST}:{port}"
+    for _ in range(2):
+        befores = [d.call("digests", pages=list(range(60))) for d in decodes]
+        room, src, dsts, prefix = move([prefill], decodes, addr, rng, lay["page_size"])
+        for r, (d, dst, before) in enumerate(zip(decodes, dsts, befores)):
+            half = [r * HEADS // 2, (r + 1) * HEADS // 2]
+            assert d.call("digests", pages=dst[prefix:]) == prefill.call("digests", pages=src[prefix:], heads=half)
+            after = d.call("digests", pages=list(range(60)))
+            assert all(after[i] == before[i] for i in range(60) if i not in dst[prefix:])
+        finish(room, [prefill] + decodes)
+
+
+def test_the_decode_succeeds_only_once_every_prefill_rank_delivered(procs):
+    """SGLang's required_prefill_response_num: one prefill rank's slices and metadata are not the request."""
+    rng = np.random.default_rng(901)
+    lay, port = layout(rng), free_port()
+    ps = lay["page_size"]
+    prefills = [procs[name].rank(f"p2_wait_{r}", role="prefill", bootstrap_port=port, seed=r, tp_size=2, tp_rank=r,
+                                 heads=HEADS // 2, **lay) for r, name in enumerate("ab")]
+    decode = procs["c"].rank("d1_wait", role="decode", bootstrap_port=0, seed=9, heads=HEADS, **lay)
+    room = new_room(rng)
+    for p in prefills:
+        p.call("sender", room=room)
+    assert decode.call("receiver", room=room, addr=f"{ADDR_HOST}:{port}") == WAITING
+    decode.call("send_metadata", room=room, pages=[7, 8], aux_index=5, prefix_len=0)
+    for p in prefills:
+        assert p.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+        p.call("init", room=room, prompt_len=2 * ps, aux_index=3, first_token=4)
+    prefills[0].call("send", room=room, pages=[20, 21], last=True, tokens=2 * ps)
+    assert prefills[0].call("wait", room=room, want=[SUCCESS], timeout_s=10)["status"] == SUCCESS
+    assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=1.5)["status"] == WAITING
+    prefills[1].call("send", room=room, pages=[20, 21], last=True, tokens=2 * ps)
+    assert decode.call("wait", room=room, want=[SUCCESS], timeout_s=10)["status"] == SUCCESS
+    for r, p in enumerate(prefills):
+        half = [r * HEADS // 2, (r + 1) * HEADS // 2]
+        assert decode.call("digests", pages=[7, 8], heads=half) == p.call("digests", pages=[20, 21])
+    finish(room, prefills + [decode])
+
+
+def test_tp_sizes_that_do_not_split_the_heads_fail_with_the_fix(procs):
+    """A TP-3 prefill and a TP-2 decode: neither size divides the other, so no rank mapping exists;
+    the request fails on both sides with the message naming --tp, within seconds."""
+    port = free_port()
+    prefills = [procs[name].rank(f"p3_{r}", role="prefill", bootstrap_port=port, seed=r, tp_size=3, tp_rank=r, heads=1)
+                for r, name in zip(range(3), "abc")]
+    decode = procs["a"].rank("d2_bad", role="decode", bootstrap_port=0, seed=5, tp_size=2, tp_rank=0, heads=1)
+    room = new_room(np.random.default_rng(5))
+    addr = f"{ADDR_HOST}:{port}"
+    prefills[0].call("sender", room=room)
+    decode.call("receiver", room=room, addr=addr)
+    d = decode.call("wait", room=room, want=[], timeout_s=10)
+    assert d["status"] == 0 and "has attention tp_size=3, this decode has 2; kvtier PD moves KV between attention " \
+                                "TP sizes that divide one another" in d["error"], d
+    p = prefills[0].call("wait", room=room, want=[], timeout_s=10)
+    assert p["status"] == 0 and "has attention tp_size=2, this prefill has 3" in p["error"], p

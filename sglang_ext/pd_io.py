@@ -143,7 +143,8 @@ class Packer:
                 nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
                 packed = src[base : base + n * nbytes].view(n, nbytes)
                 for b in plan:
-                    part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width)
+                    # Host staging (zmq) holds the slice for a GPU pool: index_copy_ needs one device.
+                    part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width).to(self.device)
                     self.views[b.buffer][:, b.column : b.column + b.width].index_copy_(0, rows, part)
         self._sync()
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from kvtier.sglang_ext.pd_io import cuda_ipc_available
 
 # The process harness of test_pd_conn (pytest runs with --import-mode=importlib: no sys.path entry).
 _spec = importlib.util.spec_from_file_location("kvtier_test_pd_conn_for_tp",
@@ -126,6 +129,32 @@ def test_a_tp1_prefill_splits_heads_over_two_decode_ranks(procs, seed):
         finish(room, [prefill] + decodes)
 
 
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(4, 2), (2, 4)])
+def test_every_decode_rank_gets_its_heads_from_every_prefill_rank_holding_them(procs, prefill_tp, decode_tp):
+    """Larger groups, ranks spread over the processes (several ranks of one server share one):
+    4 -> 2 (each decode rank assembles two prefill ranks' heads) and 2 -> 4 (each prefill rank
+    splits its heads over two decode ranks)."""
+    rng = np.random.default_rng(950 + prefill_tp)
+    lay, port = layout(rng), free_port()
+    names = "abc"
+    prefills = [procs[names[r % 3]].rank(f"p{prefill_tp}x{decode_tp}_{r}", role="prefill", bootstrap_port=port, seed=r,
+                                         tp_size=prefill_tp, tp_rank=r, heads=HEADS // prefill_tp, **lay)
+                for r in range(prefill_tp)]
+    decodes = [procs[names[(r + 1) % 3]].rank(f"d{prefill_tp}x{decode_tp}_{r}", role="decode", bootstrap_port=0,
+                                              seed=50 + r, tp_size=decode_tp, tp_rank=r, heads=HEADS // decode_tp,
+                                              **lay) for r in range(decode_tp)]
+    room, src, dsts, prefix = move(prefills, decodes, f"{ADDR_HOST}:{port}", rng, lay["page_size"])
+    for d, (dec, dst) in enumerate(zip(decodes, dsts)):
+        d0, d1 = d * HEADS // decode_tp, (d + 1) * HEADS // decode_tp
+        for p, pre in enumerate(prefills):
+            p0, p1 = p * HEADS // prefill_tp, (p + 1) * HEADS // prefill_tp
+            lo, hi = max(d0, p0), min(d1, p1)
+            if lo < hi:
+                assert (dec.call("digests", pages=dst[prefix:], heads=[lo - d0, hi - d0])
+                        == pre.call("digests", pages=src[prefix:], heads=[lo - p0, hi - p0])), (d, p)
+    finish(room, prefills + decodes)
+
+
 def test_the_decode_succeeds_only_once_every_prefill_rank_delivered(procs):
     """SGLang's required_prefill_response_num: one prefill rank's slices and metadata are not the request."""
     rng = np.random.default_rng(901)
@@ -169,3 +198,44 @@ def test_tp_sizes_that_do_not_split_the_heads_fail_with_the_fix(procs):
                                 "TP sizes that divide one another" in d["error"], d
     p = prefills[0].call("wait", room=room, want=[], timeout_s=10)
     assert p["status"] == 0 and "has attention tp_size=2, this prefill has 3" in p["error"], p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("transport", ["zmq", "cuda_ipc"])
+def test_tp2_and_tp1_between_cuda_pools(transport):
+    """The GPU path: head slices gathered and scattered on CUDA pools (torch column copies) and
+    whole pages by the Triton kernels; staging in pinned host memory (zmq) or on the GPU (cuda_ipc)."""
+    if transport == "cuda_ipc" and not cuda_ipc_available():
+        pytest.skip("kvtier.transfer.cuda_ipc is not available")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(ENV, KVTIER_PD_TRANSPORT=transport)
+    ps = {name: Process(env) for name in ("a", "b", "c")}
+    try:
+        for p in ps.values():
+            assert p.reply() == {"ready": True}
+        rng = np.random.default_rng(1000)
+        lay = dict(layout(rng), device="cuda")
+        for prefill_tp, decode_tp in ((2, 1), (1, 2)):
+            port = free_port()
+            prefills = [ps["ab"[r] if prefill_tp == 2 else "c"].rank(
+                f"p{prefill_tp}_{r}", role="prefill", bootstrap_port=port, seed=r, tp_size=prefill_tp, tp_rank=r,
+                heads=HEADS // prefill_tp, **lay) for r in range(prefill_tp)]
+            decodes = [ps["ab"[r] if decode_tp == 2 else "c"].rank(
+                f"d{decode_tp}_{r}", role="decode", bootstrap_port=0, seed=60 + r, tp_size=decode_tp, tp_rank=r,
+                heads=HEADS // decode_tp, **lay) for r in range(decode_tp)]
+            room, src, dsts, prefix = move(prefills, decodes, f"{ADDR_HOST}:{port}", rng, lay["page_size"])
+            for d, (dec, dst) in enumerate(zip(decodes, dsts)):
+                for p, pre in enumerate(prefills):
+                    if decode_tp == 1:
+                        half = [p * HEADS // 2, (p + 1) * HEADS // 2]
+                        assert dec.call("digests", pages=dst[prefix:], heads=half) == pre.call("digests",
+                                                                                               pages=src[prefix:])
+                    else:
+                        half = [d * HEADS // 2, (d + 1) * HEADS // 2]
+                        assert dec.call("digests", pages=dst[prefix:]) == pre.call("digests", pages=src[prefix:],
+                                                                                   heads=half)
+            assert prefills[0].call("stats")["transport"] == transport
+            finish(room, prefills + decodes)
+    finally:
+        for p in ps.values():
+            p.kill()

@@ -97,27 +97,32 @@ def test_slices_refuse_bad_geometry():
         slice_item_lens((256, 256), 3, 0, 1)
 
 
-def mha_pool(heads: int, head_dim: int, layers: int, dtype: torch.dtype, page_size: int, seed: int):
+def mha_pool(heads: int, head_dim: int, layers: int, dtype: torch.dtype, page_size: int, seed: int, device: str):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    pool = MHATokenToKVPool(64 * page_size, page_size, dtype, heads, head_dim, layers, "cpu", False)
+    pool = MHATokenToKVPool(64 * page_size, page_size, dtype, heads, head_dim, layers, device, False)
     gen = torch.Generator().manual_seed(seed)
     for buf in pool.k_buffer + pool.v_buffer:
         raw = buf.view(torch.uint8)
-        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen).to(device))
     return pool
 
 
-def packer(pool):
+def packer(pool, device: str):
     from kvtier.sglang_ext.pd_io import Packer
 
     ptrs, lens, items = pool.get_contiguous_buf_infos()
-    return Packer(ptrs, lens, items, pool.page_size, torch.device("cpu"))
+    return Packer(ptrs, lens, items, pool.page_size, torch.device(device))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("src_tp, dst_tp", [(2, 1), (1, 2), (4, 2), (2, 4)])
-def test_packer_moves_head_slices_between_pools_of_different_tp(seed, src_tp, dst_tp):
+def test_packer_moves_head_slices_between_pools_of_different_tp(seed, src_tp, dst_tp, device):
     """Every sender rank's slice, gathered on its pool and scattered into the receiver's pages,
     rebuilds the receiver's heads from the model-wide tensors, bit for bit; other pages stay."""
     rng = np.random.default_rng(seed * 10 + src_tp * 3 + dst_tp)
@@ -125,32 +130,33 @@ def test_packer_moves_head_slices_between_pools_of_different_tp(seed, src_tp, ds
     page_size, head_dim = int(rng.choice([1, 4, 8])), int(rng.choice([8, 16]))
     layers, dtype = int(rng.integers(1, 4)), DTYPES[int(rng.integers(3))]
     n_pages = int(rng.integers(1, 9))
-    src_pools = [mha_pool(total // src_tp, head_dim, layers, dtype, page_size, seed * 100 + r) for r in range(src_tp)]
+    src_pools = [mha_pool(total // src_tp, head_dim, layers, dtype, page_size, seed * 100 + r, device)
+                 for r in range(src_tp)]
     src_pages = rng.choice(np.arange(1, 64), n_pages, replace=False)
     dst_pages = rng.choice(np.arange(1, 64), n_pages, replace=False)
     # The model-wide KV of the moved pages: every sender rank's heads side by side.
-    model = [torch.cat([(p.k_buffer + p.v_buffer)[i] for p in src_pools], dim=1) for i in range(2 * layers)]
+    model = [torch.cat([(p.k_buffer + p.v_buffer)[i].cpu() for p in src_pools], dim=1) for i in range(2 * layers)]
     src_rows = torch.from_numpy(page_rows(src_pages, page_size))
     for d in range(dst_tp):
-        dst_pool = mha_pool(total // dst_tp, head_dim, layers, dtype, page_size, seed * 100 + 50 + d)
-        before = [b.clone() for b in dst_pool.k_buffer + dst_pool.v_buffer]
-        dst_packer, dst = packer(dst_pool), head_range(total, dst_tp, d)
+        dst_pool = mha_pool(total // dst_tp, head_dim, layers, dtype, page_size, seed * 100 + 50 + d, device)
+        before = [b.cpu() for b in dst_pool.k_buffer + dst_pool.v_buffer]
+        dst_packer, dst = packer(dst_pool, device), head_range(total, dst_tp, d)
         for s, pool in enumerate(src_pools):
             sl = head_slice(head_range(total, src_tp, s), dst)
             if sl is None:
                 continue
             src_heads = None if sl.src_full else (*sl.src, sl.src_heads)
             dst_heads = None if sl.dst_full else (*sl.dst, sl.dst_heads)
-            src_packer = packer(pool)
+            src_packer = packer(pool, device)
             nbytes = src_packer.packed_bytes(src_heads)
             assert nbytes == dst_packer.packed_bytes(dst_heads)
-            stage = torch.zeros(8 + n_pages * nbytes, dtype=torch.uint8)
+            stage = torch.zeros(8 + n_pages * nbytes, dtype=torch.uint8, device=device)
             src_packer.gather(src_pages, stage[8:], heads=src_heads)
             dst_packer.scatter(stage, 8, dst_pages, heads=dst_heads)
         dst_rows = torch.from_numpy(page_rows(dst_pages, page_size))
         moved = set(dst_rows.tolist())
         others = [r for r in range(before[0].shape[0]) if r not in moved]
-        for i, buf in enumerate(dst_pool.k_buffer + dst_pool.v_buffer):
+        for i, buf in enumerate(b.cpu() for b in dst_pool.k_buffer + dst_pool.v_buffer):
             want = model[i][src_rows][:, dst[0] : dst[1]]
             assert torch.equal(buf[dst_rows].view(torch.uint8), want.view(torch.uint8)), i
             assert torch.equal(buf[others].view(torch.uint8), before[i][others].view(torch.uint8)), i

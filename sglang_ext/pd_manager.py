@@ -473,10 +473,14 @@ class KvtierKVManager(CommonKVManager):
         if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
             return
         start = time.perf_counter()
-        for dst in sorted(self.transfer_infos[room].values(), key=lambda d: d.peer):
+        dsts = sorted(self.transfer_infos[room].values(), key=lambda d: d.peer)
+        for dst in dsts:
             if not self._send_to(chunk, dst):
                 return
         if chunk.is_last:
+            # D only once every decode rank has its pages: none reports Success while another fails.
+            for dst in dsts:
+                self._send_done(chunk, dst)
             self._last_chunk_sent(room)
         seconds = time.perf_counter() - start
         self.stats.add(seconds=seconds, requests=int(chunk.is_last))
@@ -509,14 +513,17 @@ class KvtierKVManager(CommonKVManager):
                 peer.credits.give(slot)
                 raise
             self.stats.add(nbytes=nbytes, pages=n)
-        if chunk.is_last:
-            ai, di = chunk.aux_index, dst.aux_index
-            ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
-                   enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
-            self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
-            done = b"D" + json.dumps({"room": room, "stage": peer.stage}).encode()
-            self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
         return True
+
+    def _send_done(self, chunk: Chunk, dst: _Destination) -> None:
+        """Write the metadata rows of the request's last chunk to one decode rank and notify ``D``."""
+        peer = self.peers[dst.peer]
+        ai, di = chunk.aux_index, dst.aux_index
+        ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
+               enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
+        self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
+        done = b"D" + json.dumps({"room": chunk.room, "stage": peer.stage}).encode()
+        self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
 
     # -- decode ---------------------------------------------------------------------------------------
 

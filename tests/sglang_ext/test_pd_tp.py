@@ -182,6 +182,37 @@ def test_the_decode_succeeds_only_once_every_prefill_rank_delivered(procs):
     finish(room, prefills + [decode])
 
 
+def test_a_killed_decode_rank_fails_the_prefill_and_the_other_decode_rank(procs):
+    """1 -> 2 with decode rank 1 killed before the pages move: the prefill fails within
+    KVTIER_PD_TIMEOUT_S (5 s) and tells decode rank 0, which never reports Success for its half."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(ENV)
+    doomed = Process(env)
+    try:
+        assert doomed.reply() == {"ready": True}
+        rng = np.random.default_rng(990)
+        lay, port = layout(rng), free_port()
+        ps = lay["page_size"]
+        prefill = procs["c"].rank("p1_doom", role="prefill", bootstrap_port=port, seed=3, heads=HEADS, **lay)
+        decodes = [where.rank(f"d2_doom_{r}", role="decode", bootstrap_port=0, seed=r, tp_size=2, tp_rank=r,
+                              heads=HEADS // 2, **lay) for r, where in enumerate((procs["a"], doomed))]
+        room = new_room(rng)
+        prefill.call("sender", room=room)
+        for d in decodes:
+            assert d.call("receiver", room=room, addr=f"{ADDR_HOST}:{port}") == WAITING
+            d.call("send_metadata", room=room, pages=[4, 5, 6], aux_index=5, prefix_len=0)
+        assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+        prefill.call("init", room=room, prompt_len=3 * ps, aux_index=3, first_token=4)
+        doomed.kill()
+        prefill.call("send", room=room, pages=[10, 11, 12], last=True, tokens=3 * ps)
+        p = prefill.call("wait", room=room, want=[], timeout_s=20)
+        assert p["status"] == 0 and p["seconds"] < 12 and f"sending KV of request {room} failed" in p["error"], p
+        d = decodes[0].call("wait", room=room, want=[], timeout_s=20)
+        assert d["status"] == 0 and f"sending KV of request {room} failed" in d["error"], d
+    finally:
+        doomed.kill()
+
+
 def test_tp_sizes_that_do_not_split_the_heads_fail_with_the_fix(procs):
     """A TP-3 prefill and a TP-2 decode: neither size divides the other, so no rank mapping exists;
     the request fails on both sides with the message naming --tp, within seconds."""

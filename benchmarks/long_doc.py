@@ -279,21 +279,29 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
         with sglang_server(model_dir, opts.port, args, dict(setup.env), log, other_ports=other_ports) as startup:
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
-            rng = np.random.default_rng(12345)
-            warmup = [rng.integers(1000, 2000, size=1000).tolist() for _ in range(opts.concurrency)]
-            asyncio.run(run_pass(url, warmup, opts.concurrency, 8, opts.request_timeout_s))
-            for pass_name, prompts in passes:
-                before = scrape_metrics(metrics_url) if setup.is_kvtier else None
-                results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
-                                                     opts.request_timeout_s, _progress(name, pass_name)))
-                report = pass_report(results, wall)
-                report["kvtier"] = kvtier_summary(counter_delta(before, scrape_metrics(metrics_url))) if before is not None else "n/a"
-                result["passes"][pass_name] = report
-                print(f"[{name}] {pass_name}: {describe_pass(report)}", flush=True)
+            result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts)
     finally:
         if setup.disk_dir:
             shutil.rmtree(setup.disk_dir, ignore_errors=True)
     return result
+
+
+def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequence[Pass], opts: RunOptions) -> dict:
+    """Warm the server at ``url`` up off the record, then run every pass; kvtier's counters come from
+    ``metrics_url`` when given. Returns the report of each pass by name."""
+    rng = np.random.default_rng(12345)
+    warmup = [rng.integers(1000, 2000, size=1000).tolist() for _ in range(opts.concurrency)]
+    asyncio.run(run_pass(url, warmup, opts.concurrency, 8, opts.request_timeout_s))
+    reports = {}
+    for pass_name, prompts in passes:
+        before = scrape_metrics(metrics_url) if metrics_url else None
+        results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
+                                             opts.request_timeout_s, _progress(name, pass_name)))
+        report = pass_report(results, wall)
+        report["kvtier"] = kvtier_summary(counter_delta(before, scrape_metrics(metrics_url))) if before is not None else "n/a"
+        reports[pass_name] = report
+        print(f"[{name}] {pass_name}: {describe_pass(report)}", flush=True)
+    return reports
 
 
 def describe_pass(p: Mapping) -> str:

@@ -9,12 +9,17 @@ a cold pass and then a warm pass over the same documents in another order. Radix
 recompute what it evicted; kvtier loads it back from its CPU tier. Prints progress, then TTFT and
 latency per pass with kvtier's speed-up. The workload, client and server handling are
 ``benchmarks/long_doc.py``'s; every knob of it applies here.
+
+``--pd`` also runs the workload through a PD cluster on two GPUs (``launch.prefill`` with kvtier's
+CPU tier on the first, ``launch.decode`` on the second, kvtier's router in front; the cluster of
+``benchmarks/pd_serving.py``) and prints its row against radix-only.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -26,17 +31,20 @@ from long_doc import (  # noqa: E402
     describe_workload,
     load_model,
     measure_config,
+    measure_passes,
     options,
     setups_from,
 )
+from pd_serving import PDPorts, pd_cluster  # noqa: E402
 
 CONFIGS = ("radix", "kvtier_cpu")
 
 
-def table(results: dict[str, dict]) -> str:
-    """TTFT and latency means per pass, radix-only against kvtier, with kvtier's speed-up."""
-    radix, kv = results["radix"]["passes"], results["kvtier_cpu"]["passes"]
-    rows = ["pass  | TTFT radix | TTFT kvtier | speed-up | latency radix | latency kvtier | speed-up | kvtier prompt tokens from GPU / CPU tier",
+def table(results: dict[str, dict], other: str = "kvtier_cpu") -> str:
+    """TTFT and latency means per pass, radix-only against ``other``, with ``other``'s speed-up."""
+    radix, kv = results["radix"]["passes"], results[other]["passes"]
+    rows = [f"radix-only against {other}:",
+            "pass  | TTFT radix | TTFT kvtier | speed-up | latency radix | latency kvtier | speed-up | kvtier prompt tokens from GPU / CPU tier",
             "------|------------|-------------|----------|---------------|----------------|----------|------------------------------------------"]
     for name in radix:
         r, k = radix[name], kv[name]
@@ -52,6 +60,8 @@ def main() -> None:
     add_arguments(ap)
     ap.set_defaults(docs=12, doc_len=8000, pool_tokens=40_000, host_gb=16)
     ap.add_argument("--out", help="also merge both results into this JSON file (plot it with benchmarks/plot_results.py)")
+    ap.add_argument("--pd", action="store_true", help="also run the workload through a PD cluster on two GPUs")
+    ap.add_argument("--pd-gpus", default="0,1", help="--pd: the prefill's and the decode's GPU (default 0,1)")
     args = ap.parse_args()
     try:
         model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
@@ -66,10 +76,37 @@ def main() -> None:
             if args.out:
                 merge_result(args.out, "long_doc", describe_workload("rag", args, source, passes), name,
                              {**results[name], **facts, "model": model_shape(config, source)})
+        if args.pd:
+            facts = run_facts()
+            results["kvtier_pd"] = measure_pd(args, passes, model_dir, load_args)
+            if args.out:
+                merge_result(args.out, "long_doc", describe_workload("rag", args, source, passes), "kvtier_pd",
+                             {**results["kvtier_pd"], **facts, "model": model_shape(config, source)})
     except BenchError as exc:
         sys.exit(f"demo: {exc}")
     print()
     print(table(results))
+    if args.pd:
+        print()
+        print(table(results, "kvtier_pd"))
+
+
+def measure_pd(args: argparse.Namespace, passes, model_dir: str, load_args: list[str]) -> dict:
+    """The workload through prefill (kvtier's CPU tier) + decode + router, on two GPUs."""
+    prefill_gpu, decode_gpu = (int(g) for g in args.pd_gpus.split(","))
+    ports = PDPorts(prefill_metrics=args.metrics_port, decode_metrics=args.metrics_port + 1)
+    server_args = [*load_args, "--max-total-tokens", str(args.pool_tokens)]
+    env = {"KVTIER_CPU_SIZE_GB": str(args.host_gb)}
+    opts = replace(options(args), metrics_port=ports.prefill_metrics)
+    with pd_cluster(model_dir, server_args, env, ports, prefill_gpu, decode_gpu, Path(opts.log_dir),
+                    timeout_s=900) as startup:
+        print(f"[kvtier_pd] cluster ready after {startup:.0f} s (prefill on GPU {prefill_gpu} with kvtier's "
+              f"CPU tier, decode on GPU {decode_gpu}, router on port {ports.router})", flush=True)
+        reports = measure_passes("kvtier_pd", f"http://127.0.0.1:{ports.router}/generate",
+                                 f"http://127.0.0.1:{ports.prefill_metrics}/metrics", passes, opts)
+    return {"description": "PD: launch.prefill (kvtier CPU tier) + launch.decode + launch.router",
+            "pool_tokens": args.pool_tokens, "server_args": server_args, "env": env, "startup_s": round(startup, 1),
+            "passes": reports}
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ def test_demo_prints_the_speedup_table(tmp_path):
     assert any(line.startswith("[kvtier_cpu] warm: 5/5 requests") for line in lines)
     rows = [line for line in lines if line.startswith(("cold ", "warm "))]
     assert len(rows) == 2 and all(line.count("x |") == 2 for line in rows)
+
+
+def test_demo_with_pd_runs_the_workload_through_prefill_decode_and_the_router(tmp_path):
+    """``--pd``: launch.prefill / launch.decode (stand-ins in SGLang's place) behind kvtier's real router."""
+    r = run(REPO / "examples" / "demo.py", "--pd", "--out", str(tmp_path / "demo.json"), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("[kvtier_pd] cluster ready") for line in lines)
+    assert any(line.startswith("[kvtier_pd] warm: 5/5 requests") for line in lines)
+    assert "radix-only against kvtier_pd:" in lines
+    rows = [line for line in lines if line.startswith(("cold ", "warm "))]
+    assert len(rows) == 4 and all(line.count("x |") == 2 for line in rows)
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert set(report["configs"]) == {"radix", "kvtier_cpu", "kvtier_pd"}
+    assert report["configs"]["kvtier_pd"]["passes"]["warm"]["requests"] == 5
+    assert (tmp_path / "pd-router.log").exists()

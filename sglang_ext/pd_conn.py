@@ -12,6 +12,9 @@ timeouts and heartbeats; kvtier adds the data path over its own transport (docs/
   free slot at the decode (a credit), and notifies ``K``; the decode scatters the slot into its
   pages and returns the credit. The last chunk writes the metadata rows and notifies ``D``, after
   which both sides report Success. Failures travel as ``KVTIER_FAIL`` / ``KVTIER_REFUSED``.
+- Between different attention TP sizes SGLang's rank mapping gives a decode rank several prefill
+  ranks (a stage each, each sending its head slice; Success once all sent ``D``) or a prefill rank
+  several decode ranks (each asks for its own heads; the metadata carries ``required_dst``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,13 @@ import torch
 from kvtier.sglang_ext.pd_io import cuda_ipc_available
 
 PEER = Path(__file__).with_name("pd_peer.py")
+
+
+def peer_env() -> dict[str, str]:
+    """A peer process's environment: none of our KVTIER_* settings, and no TRITON_INTERPRET (the kernel
+    tests set it for the session): Triton's interpreter is not thread-safe and a PD process gathers and
+    scatters from several threads, so peers use the kernels' torch reference."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_") and k != "TRITON_INTERPRET"}
 FAILED, WAITING, SUCCESS = 0, 2, 4
 ADDR_HOST = "127.0.0.1"
 
@@ -87,7 +94,7 @@ ENV = {
 def cluster():
     """Processes started together (SGLang's imports take seconds each): a prefill, a prefill and
     a decode that tests kill, and one process holding every other decode rank the tests create."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env = peer_env()
     env.update(ENV)
     procs = {name: Process(env) for name in ("prefill", "doomed", "decode", "doomed_decode")}
     try:
@@ -321,7 +328,7 @@ def test_full_lifecycle_between_cuda_pools(transport):
     (zmq) or on the GPU (cuda_ipc, written device to device)."""
     if transport == "cuda_ipc" and not cuda_ipc_available():
         pytest.skip("kvtier.transfer.cuda_ipc is not available")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env = peer_env()
     env.update(ENV, KVTIER_PD_TRANSPORT=transport)
     procs = [Process(env), Process(env)]
     try:

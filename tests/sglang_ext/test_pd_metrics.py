@@ -25,7 +25,7 @@ _spec = importlib.util.spec_from_file_location("kvtier_test_pd_conn_for_metrics"
                                                Path(__file__).with_name("test_pd_conn.py"))
 pd_conn_test = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pd_conn_test)
-Process, bootstrap, new_room = pd_conn_test.Process, pd_conn_test.bootstrap, pd_conn_test.new_room
+Process, bootstrap, new_room, peer_env = pd_conn_test.Process, pd_conn_test.bootstrap, pd_conn_test.new_room, pd_conn_test.peer_env
 WAITING, SUCCESS, FAILED = pd_conn_test.WAITING, pd_conn_test.SUCCESS, pd_conn_test.FAILED
 
 PAGE_BYTES = 512  # pd_peer's default pool: 4 tokens x 2 layers x K,V x 2 heads x 8 dims x bf16
@@ -106,7 +106,7 @@ def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
 
 def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
     ports = {"prefill": free_port(), "decode": free_port()}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    base = peer_env()
     base.update(pd_conn_test.ENV)
     procs = {role: Process({**base, "KVTIER_METRICS_PORT": str(port)}) for role, port in ports.items()}
     try:
@@ -170,7 +170,7 @@ def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves():
     with socket.socket() as taken:
         taken.bind(("", 0))
         taken.listen()
-        base = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+        base = peer_env()
         base.update(pd_conn_test.ENV)
         env = {**base, "KVTIER_METRICS_PORT": str(taken.getsockname()[1])}
         procs = [Process(env), Process(env)]

@@ -26,7 +26,7 @@ _spec = importlib.util.spec_from_file_location("kvtier_test_pd_conn_for_tp",
 _conn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_conn)
 ADDR_HOST, ENV, SUCCESS, WAITING = _conn.ADDR_HOST, _conn.ENV, _conn.SUCCESS, _conn.WAITING
-Process, Rank, free_port, new_room = _conn.Process, _conn.Rank, _conn.free_port, _conn.new_room
+Process, Rank, free_port, new_room, peer_env = _conn.Process, _conn.Rank, _conn.free_port, _conn.new_room, _conn.peer_env
 
 HEADS = 4  # the model's KV heads
 
@@ -34,7 +34,7 @@ HEADS = 4  # the model's KV heads
 @pytest.fixture(scope="module")
 def procs():
     """Three processes: ``a`` and ``b`` hold the two ranks of every TP-2 server, ``c`` the TP-1 ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env = peer_env()
     env.update(ENV)
     procs = {name: Process(env) for name in ("a", "b", "c")}
     try:
@@ -185,7 +185,7 @@ def test_the_decode_succeeds_only_once_every_prefill_rank_delivered(procs):
 def test_a_killed_decode_rank_fails_the_prefill_and_the_other_decode_rank(procs):
     """1 -> 2 with decode rank 1 killed before the pages move: the prefill fails within
     KVTIER_PD_TIMEOUT_S (5 s) and tells decode rank 0, which never reports Success for its half."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env = peer_env()
     env.update(ENV)
     doomed = Process(env)
     try:
@@ -238,7 +238,7 @@ def test_tp2_and_tp1_between_cuda_pools(transport):
     whole pages by the Triton kernels; staging in pinned host memory (zmq) or on the GPU (cuda_ipc)."""
     if transport == "cuda_ipc" and not cuda_ipc_available():
         pytest.skip("kvtier.transfer.cuda_ipc is not available")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env = peer_env()
     env.update(ENV, KVTIER_PD_TRANSPORT=transport)
     ps = {name: Process(env) for name in ("a", "b", "c")}
     try:

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 import numpy as np
@@ -127,14 +127,12 @@ class RequestResult:
     cached_storage: int
 
 
-async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
-                          timeout_s: float) -> RequestResult:
-    """POST one streaming ``/generate`` and time it: TTFT at the first ``data:`` chunk, latency at ``[DONE]``."""
+async def sse_events(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
+                     timeout_s: float) -> AsyncIterator[dict]:
+    """POST one streaming greedy ``/generate`` (``ignore_eos``) and yield each ``data:`` event until ``[DONE]``;
+    an HTTP error, a streamed error, a timeout or a broken connection raise ``BenchError``."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
-    start = time.perf_counter()
-    ttft = None
-    last: dict | None = None
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)) as resp:
             if resp.status != 200:
@@ -144,16 +142,26 @@ async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[in
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    break
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                last = json.loads(data)
-                if "error" in last:
-                    raise BenchError(f"{url} streamed an error: {last['error']}")
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise BenchError(f"{url} streamed an error: {event['error']}")
+                yield event
     except asyncio.TimeoutError as exc:
         raise BenchError(f"{url} did not finish a request within {timeout_s:g} s (raise --request-timeout?)") from exc
     except aiohttp.ClientError as exc:
         raise BenchError(f"request to {url} failed: {exc}") from exc
+
+
+async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
+                          timeout_s: float) -> RequestResult:
+    """One streaming ``/generate``, timed: TTFT at the first ``data:`` event, latency at ``[DONE]``."""
+    start = time.perf_counter()
+    ttft = None
+    last: dict | None = None
+    async for last in sse_events(session, url, ids, output_len, timeout_s):
+        if ttft is None:
+            ttft = time.perf_counter() - start
     latency = time.perf_counter() - start
     if last is None or ttft is None:
         raise BenchError(f"{url} closed the stream without any output")

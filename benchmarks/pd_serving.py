@@ -40,7 +40,7 @@ import aiohttp
 import numpy as np
 
 from bench_common import BenchError, counter_delta, model_shape, run_facts, scrape_metrics, summarize
-from long_doc import load_model, token_range
+from long_doc import load_model, sse_events, token_range
 from sglang_server import BASE_ARGS, port_in_use, sglang_server
 
 DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
@@ -141,32 +141,14 @@ def transfer_report(before: Mapping[str, float], after: Mapping[str, float], rol
 
 async def stream(session: aiohttp.ClientSession, url: str, ids: list[int], max_new_tokens: int,
                  timeout_s: float) -> StreamResult:
-    """POST one streaming greedy ``/generate`` (``ignore_eos``) and time every chunk."""
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
+    """One streaming greedy ``/generate`` (``ignore_eos``), every chunk timed."""
     result = StreamResult(sent_at=time.perf_counter())
-    try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)) as resp:
-            if resp.status != 200:
-                raise BenchError(f"{url} answered HTTP {resp.status}: {(await resp.text())[:300]}")
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise BenchError(f"{url} streamed an error: {event['error']}")
-                ids_now = event.get("output_ids", [])
-                n = int(event.get("meta_info", {}).get("completion_tokens", len(result.output_ids) + len(ids_now)))
-                # SGLang streams cumulative output_ids unless --incremental-streaming-output.
-                result.output_ids = list(ids_now) if len(ids_now) == n else result.output_ids + list(ids_now)
-                result.chunks.append((time.perf_counter() - result.sent_at, n))
-    except asyncio.TimeoutError as exc:
-        raise BenchError(f"{url} did not finish a request within {timeout_s:g} s (raise --request-timeout?)") from exc
-    except aiohttp.ClientError as exc:
-        raise BenchError(f"request to {url} failed: {exc}") from exc
+    async for event in sse_events(session, url, ids, max_new_tokens, timeout_s):
+        ids_now = event.get("output_ids", [])
+        n = int(event.get("meta_info", {}).get("completion_tokens", len(result.output_ids) + len(ids_now)))
+        # SGLang streams cumulative output_ids unless --incremental-streaming-output.
+        result.output_ids = list(ids_now) if len(ids_now) == n else result.output_ids + list(ids_now)
+        result.chunks.append((time.perf_counter() - result.sent_at, n))
     if not result.chunks or result.chunks[-1][1] == 0:
         raise BenchError(f"{url} closed the stream without any output token")
     return result

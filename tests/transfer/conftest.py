@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,21 +20,19 @@ from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import Transport
 
 PEER_SCRIPT = Path(__file__).with_name("peer.py")
+IPC_PEER_SCRIPT = Path(__file__).with_name("ipc_peer.py")
 _spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", PEER_SCRIPT)
 peer_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(peer_module)
 
 
 class PeerProcess:
-    """``peer.py`` in a child process; ``call`` sends one command and returns its reply."""
+    """A test peer script in a child process, driven by JSON lines: its first line is its transport's
+    descriptor; ``call`` sends one command and returns its reply."""
 
-    def __init__(self, regions: dict[str, int], backend: str = "zmq"):
+    def __init__(self, script: Path, arg: Any):
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(PEER_SCRIPT),
-                json.dumps({"regions": regions, "backend": backend}),
-            ],
+            [sys.executable, str(script), json.dumps(arg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -64,12 +63,12 @@ class PeerProcess:
         self.proc.wait()
 
 
-@pytest.fixture
-def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
+@contextmanager
+def _spawner(start: Callable[..., PeerProcess]) -> Iterator[Callable[..., PeerProcess]]:
     started: list[PeerProcess] = []
 
-    def spawn(regions: dict[str, int], backend: str = "zmq") -> PeerProcess:
-        started.append(PeerProcess(regions, backend))
+    def spawn(*args: Any) -> PeerProcess:
+        started.append(start(*args))
         return started[-1]
 
     yield spawn
@@ -77,6 +76,20 @@ def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
         p.kill()
         p.proc.stdin.close()
         p.proc.stdout.close()
+
+
+@pytest.fixture
+def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
+    """``spawn_peer(regions, backend="zmq")``: ``peer.py`` with host regions of those sizes."""
+    with _spawner(lambda regions, backend="zmq": PeerProcess(PEER_SCRIPT, {"regions": regions, "backend": backend})) as spawn:
+        yield spawn
+
+
+@pytest.fixture
+def spawn_ipc() -> Iterator[Callable[..., PeerProcess]]:
+    """``spawn_ipc({name: (bytes, device)})``: ``ipc_peer.py`` with a CudaIpcTransport over those regions."""
+    with _spawner(lambda regions: PeerProcess(IPC_PEER_SCRIPT, regions)) as spawn:
+        yield spawn
 
 
 @pytest.fixture

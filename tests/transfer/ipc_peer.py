@@ -1,6 +1,6 @@
 """A ``CudaIpcTransport`` endpoint in its own process, driven by JSON lines on stdin.
 
-Started by ``test_cuda_ipc.IpcPeer``: ``python ipc_peer.py '{"kv": [4096, "cuda:0"]}'`` registers
+Started by the ``spawn_ipc`` fixture (conftest.py): ``python ipc_peer.py '{"kv": [4096, "cuda:0"]}'`` registers
 one region per entry (size in bytes, device), prints its descriptor, then runs one command per
 line (the ``op`` branches of ``main``), printing one JSON reply each.
 """

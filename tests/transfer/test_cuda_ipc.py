@@ -9,12 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -25,59 +20,11 @@ from kvtier.transfer.base import PeerTimeout, RemoteError, TransferError
 from kvtier.transfer.cuda_ipc import CudaIpcTransport, host_identity
 from kvtier.transfer.zmq_transport import ZmqTransport
 
-IPC_PEER = Path(__file__).with_name("ipc_peer.py")
 CUDA = torch.cuda.is_available()
 GPUS = torch.cuda.device_count() if CUDA else 0
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 MiB = 1 << 20
 SIZES = [1, 3, 4096, 65537, MiB + 17, 16 * MiB, 256 * MiB]
-
-
-class IpcPeer:
-    """``ipc_peer.py`` in a child process; ``call`` sends one command and returns its reply."""
-
-    def __init__(self, regions: dict[str, tuple[int, str]]):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(IPC_PEER), json.dumps(regions)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.descriptor: dict[str, Any] = self.reply()
-
-    def reply(self) -> Any:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"ipc peer exited with {self.proc.wait()}; its stderr is above")
-        return json.loads(line)
-
-    def send(self, **cmd: Any) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def call(self, **cmd: Any) -> Any:
-        self.send(**cmd)
-        return self.reply()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def spawn_ipc() -> Iterator[Callable[..., IpcPeer]]:
-    started: list[IpcPeer] = []
-
-    def spawn(regions: dict[str, tuple[int, str]]) -> IpcPeer:
-        started.append(IpcPeer(regions))
-        return started[-1]
-
-    yield spawn
-    for p in started:
-        p.kill()
-        p.proc.stdin.close()
-        p.proc.stdout.close()
 
 
 def fake_cuda_region(descriptor: dict, name: str = "gpu", **host: str) -> dict:

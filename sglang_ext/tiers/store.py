@@ -72,9 +72,9 @@ class TierStore:
             )
         elif cfg.remote_url:
             # Imported here: the redis client is needed only by servers configured with Redis.
-            from kvtier.sglang_ext.tiers.remote import RedisTier
+            from kvtier.sglang_ext.tiers import remote
 
-            self.remote = RedisTier(
+            self.remote = remote.RedisTier(
                 cfg.remote_url,
                 namespace.digest().hex()[:24],
                 chunk_bytes,

@@ -9,7 +9,6 @@ their own, a port taken by someone else). The counters are checked between two r
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 import time
 import urllib.request

@@ -11,7 +11,6 @@ mapping (``_resolve_rank_mapping``: ``target_tp_ranks``, ``required_dst_info_num
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np

@@ -20,7 +20,6 @@ from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import Transport
 
 PEER_SCRIPT = Path(__file__).with_name("peer.py")
-IPC_PEER_SCRIPT = Path(__file__).with_name("ipc_peer.py")
 _spec = importlib.util.spec_from_file_location("kvtier_transfer_test_peer", PEER_SCRIPT)
 peer_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(peer_module)
@@ -87,8 +86,8 @@ def spawn_peer() -> Iterator[Callable[..., PeerProcess]]:
 
 @pytest.fixture
 def spawn_ipc() -> Iterator[Callable[..., PeerProcess]]:
-    """``spawn_ipc({name: (bytes, device)})``: ``ipc_peer.py`` with a CudaIpcTransport over those regions."""
-    with _spawner(lambda regions: PeerProcess(IPC_PEER_SCRIPT, regions)) as spawn:
+    """``spawn_ipc({name: (bytes, device)})``: ``peer.py`` with a CudaIpcTransport over those regions."""
+    with _spawner(lambda regions: PeerProcess(PEER_SCRIPT, {"regions": regions, "backend": "cuda_ipc"})) as spawn:
         yield spawn
 
 

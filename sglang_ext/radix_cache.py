@@ -111,10 +111,11 @@ class KVTierRadixCache(RadixCache):
         # Copies are published (spills committed, load pins released) as they finish, also while
         # no request comes: an idle server's last spills must still reach the tiers.
         stop = threading.Event()
-        reaper = threading.Thread(target=_reap_until, args=(weakref.ref(self), stop), name="kvtier-reaper", daemon=True)
-        reaper.start()
+        self._reaper = threading.Thread(target=_reap_until, args=(weakref.ref(self), stop), name="kvtier-reaper",
+                                        daemon=True)
+        self._reaper.start()
         # Stopped before the interpreter tears down: a daemon thread inside torch then aborts it.
-        atexit.register(_stop_thread, stop, reaper)
+        atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
 
     # -- completions ---------------------------------------------------------------------------

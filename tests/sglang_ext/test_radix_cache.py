@@ -311,3 +311,32 @@ def test_a_decode_server_without_radix_cache_is_told_what_to_add(make_build_cont
     ctx = dataclasses.replace(make_build_context(page_size=16, disaggregation_mode="decode"), disable_radix_cache=True)
     with pytest.raises(ValueError, match="--disaggregation-decode-enable-radix-cache"):
         build(ctx)
+
+
+def test_finished_copies_are_published_without_another_call_into_the_cache(make_cache):
+    """An idle server: nothing calls the cache after the last spill, yet its commit must happen.
+
+    On CPU copies finish at once, so the copy here is one whose completion flag the test sets
+    (standing in for the CUDA event the reaper polls); the reaper thread is the thing under test."""
+    import threading
+    import time
+
+    from kvtier.sglang_ext.pool_io import Completion
+
+    class Flag:
+        def __init__(self) -> None:
+            self.done = False
+
+        def query(self) -> bool:
+            return self.done
+
+    cache = make_cache(16)
+    flag, published = Flag(), threading.Event()
+    cache._track(Completion(flag, published.set))
+    time.sleep(0.2)
+    assert not published.is_set()  # still copying
+    flag.done = True
+    assert published.wait(2.0)  # no call into the cache in between
+    cache.store.close()  # and the reaper ends with the store
+    cache._reaper.join(timeout=2.0)
+    assert not cache._reaper.is_alive()

@@ -505,12 +505,13 @@ def main() -> None:
                                      "probe_repeats": args.probe_repeats, "mixed": asdict(plan.load)}}
         out = Path(args.out)
         errors = []
-        report["configs"] = {}
+        report["configs"] = earlier_configs(out, report, configs)
         for name in configs:
             try:
                 wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
                 run = run_colocated if name == "colocated" else run_pd
-                report["configs"][name] = run(args, model_dir, server_args, plan, shape, ports, log_dir)
+                report["configs"][name] = {**run(args, model_dir, server_args, plan, shape, ports, log_dir),
+                                           "measured": {k: report[k] for k in ("commit", "date", "command")}}
             except (BenchError, SystemExit, OSError) as exc:  # sglang_server exits with its message
                 # sglang_server's clean-up of a server that died raises over its message: keep both.
                 why = str(exc) + (f" (after: {exc.__context__})" if exc.__context__ else "")
@@ -574,6 +575,25 @@ def summarize_report(report: dict, link_gb_s: float) -> None:
                               "link_gb_s": link_gb_s, "best_link_fraction": round(max(gb) / link_gb_s, 3),
                               "target_fraction": 0.8}
         print(f"PD transfer: {report['transfer']}", flush=True)
+
+
+def earlier_configs(out: Path, report: Mapping, running: Sequence[str]) -> dict:
+    """The configurations of an earlier invocation in ``out`` that this one does not rerun, when it measured
+    the same workload with the same server arguments and model: so the two configurations can run in two
+    device calls and still be compared. Anything else in ``out`` is replaced."""
+    if not out.exists():
+        return {}
+    try:
+        earlier = json.loads(out.read_text())
+    except ValueError:
+        return {}
+    if any(earlier.get(k) != report[k] for k in ("benchmark", "workload", "server_args", "model")):
+        print(f"{out} holds another workload or server arguments: replacing it", flush=True)
+        return {}
+    kept = {name: r for name, r in earlier.get("configs", {}).items() if name not in running and "error" not in r}
+    for name, r in kept.items():
+        r.setdefault("measured", {k: earlier.get(k) for k in ("commit", "date", "command")})
+    return kept
 
 
 def write_report(out: Path, report: Mapping) -> None:

@@ -221,3 +221,24 @@ def test_a_failed_configuration_is_reported_and_the_other_still_measured(tmp_pat
     assert "already in use" in report["configs"]["colocated"]["error"]
     assert report["configs"]["pd"]["mixed"]["prefill"]["requests"] == 2
     assert "greedy_equality" not in report and report["transfer"]["gb_s"] == [0.0]
+
+
+def test_two_invocations_of_one_configuration_each_merge_into_one_comparison(tmp_path):
+    """The device runs the two configurations in two calls: the second keeps the first's result."""
+    def one(config: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+        env.pop("KVTIER_METRICS_PORT", None)
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--configs", config,
+                               "--port", str(free_port()), "--pd-ports", ",".join(str(free_port()) for _ in range(6)),
+                               "--log-dir", str(tmp_path), "--model-dir", str(tmp_path / "model"),
+                               "--out", str(tmp_path / "pd.json"), "--commit", config],
+                              capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+    for config in ("pd", "colocated"):
+        r = one(config)
+        assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads((tmp_path / "pd.json").read_text())
+    assert set(report["configs"]) == {"colocated", "pd"}
+    assert report["configs"]["pd"]["measured"]["commit"] == "pd"
+    assert report["configs"]["colocated"]["measured"]["commit"] == "colocated"
+    assert report["greedy_equality"]["all_equal"] and "ratios_colocated_over_pd" in report

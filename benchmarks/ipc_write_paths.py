@@ -2,8 +2,8 @@
 
 ``transfer_gpu.py`` measured CudaIpcTransport across two NVLink GPUs at 35 GB/s for a write
 (process A's GPU 0 into process B's GPU 1) but 256 GB/s for a read (B's GPU 1 into A's GPU 0),
-against 392 GB/s for a plain peer copy in one process. This probe moves the same 1.31 GB
-(10,000 tokens of Llama-3-8B KV, 64 buffers of 20.48 MB) from A's GPU 0 into a buffer that B
+against 392 GB/s for a plain peer copy in one process. This probe moves 655 MB (64 pieces of
+10.24 MB, the shape of the transport's batches) from A's GPU 0 into a buffer that B
 allocated on GPU 1 and shared through torch's CUDA IPC, every way we could issue it:
 
 - ``torch_copy``: ``dst.copy_(src)``, what the transport does (torch runs it on the source
@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.multiprocessing as mp
 
-BUFFERS, BUFFER_BYTES = 64, 32 * 2 * 8 * 128 * 10_000 // 64  # 64 x 20.48 MB = one 10K-token KV
+BUFFERS, BUFFER_BYTES = 64, 10_240_000
 TOTAL = BUFFERS * BUFFER_BYTES
 
 

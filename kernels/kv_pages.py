@@ -3,7 +3,9 @@
 ``gather_kv`` copies the pool rows of a batch of chunks into a host slab and ``scatter_kv`` copies
 them back, each in a single Triton launch covering every layer, K and V, and every chunk (the
 GPU reads and writes the pinned host memory directly, no staging copy); ``*_reference`` are the
-same operations in plain torch.
+same operations in plain torch. ``copy_kv_rows`` copies rows from one pool straight into another
+pool's rows (every layer, K and V, one launch); on CUDA the destination may be another GPU's memory
+mapped into this process (CUDA IPC), which the kernel reaches with peer stores.
 
 Chunk layout (a contract other code relies on): a chunk holds ``T`` tokens (``chunk_tokens``) of
 all ``L`` layers, K then V, contiguous, in the pool's store dtype::
@@ -27,6 +29,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
     "chunk_nbytes",
+    "copy_kv_rows",
+    "copy_kv_rows_reference",
     "gather_kv",
     "gather_kv_reference",
     "scatter_kv",
@@ -95,6 +99,35 @@ def _kv_copy_kernel(
     v_pool = tl.load(layer_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
     v_host = host_chunk + v_region_words
     _copy_rows(v_pool, slot, v_host + row * V_WORDS, t_mask, V_WORDS, BLOCK_VW, GATHER)
+
+
+@triton.jit
+def _row_copy_kernel(
+    src_ptrs,  # int64 [2L]: data_ptr() of the source's K layer 0, V layer 0, K layer 1, ...
+    dst_ptrs,  # int64 [2L]: the same for the destination pool
+    src_rows,  # int64 [n_rows]
+    dst_rows,  # int64 [n_rows]
+    n_rows,
+    K_WORDS: tl.constexpr,
+    V_WORDS: tl.constexpr,
+    WORD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    BLOCK_VW: tl.constexpr,
+):
+    # Grid: (row tiles, layers); each program moves K and V of its rows of one layer.
+    layer = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < n_rows
+    src = tl.load(src_rows + t, mask=t_mask, other=0)
+    dst = tl.load(dst_rows + t, mask=t_mask, other=0)
+    # A gather into "host rows" that are the destination pool's rows: the same inner loop.
+    k_src = tl.load(src_ptrs + 2 * layer).to(tl.pointer_type(WORD))
+    k_dst = tl.load(dst_ptrs + 2 * layer).to(tl.pointer_type(WORD))
+    _copy_rows(k_src, src, k_dst + dst * K_WORDS, t_mask, K_WORDS, BLOCK_KW, True)
+    v_src = tl.load(src_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
+    v_dst = tl.load(dst_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
+    _copy_rows(v_src, src, v_dst + dst * V_WORDS, t_mask, V_WORDS, BLOCK_VW, True)
 
 
 def uses_triton(device: torch.device) -> bool:
@@ -335,3 +368,127 @@ def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: to
                   gather=False)
     if plan.offsets:
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    num_layers: int
+    k_row_bytes: int
+    v_row_bytes: int
+    n_rows: int
+    word_bytes: int
+
+
+def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> None:
+    for i, buf in enumerate(bufs):
+        if buf.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {buf.device}, but the first buffer of its pool is on "
+                             f"{first.device}; all layers of a pool must be on one device")
+        if buf.dim() < 2 or buf.shape[0] != first.shape[0] or not buf.is_contiguous():
+            raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer of a pool needs "
+                             f"contiguous [rows, ...] buffers with the same rows ({first.shape[0]})")
+
+
+def _row_bytes(buf: torch.Tensor) -> int:
+    return buf[0].numel() * buf.element_size()
+
+
+def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
+                dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> _RowPlan:
+    counts = {len(src_k), len(src_v), len(dst_k), len(dst_v)}
+    if len(counts) != 1 or not src_k:
+        raise ValueError(f"need as many K as V layer buffers in both pools, at least one; got "
+                         f"{len(src_k)} K and {len(src_v)} V in the source, {len(dst_k)} K and "
+                         f"{len(dst_v)} V in the destination")
+    for name, bufs in (("src_k", src_k), ("src_v", src_v)):
+        _check_layers(name, bufs, src_k[0])
+    for name, bufs in (("dst_k", dst_k), ("dst_v", dst_v)):
+        _check_layers(name, bufs, dst_k[0])
+    k_row_bytes, v_row_bytes = _row_bytes(src_k[0]), _row_bytes(src_v[0])
+    for name, bufs, want in (("src_k", src_k, k_row_bytes), ("src_v", src_v, v_row_bytes),
+                             ("dst_k", dst_k, k_row_bytes), ("dst_v", dst_v, v_row_bytes)):
+        for i, buf in enumerate(bufs):
+            if _row_bytes(buf) != want:
+                raise ValueError(f"{name}[{i}] has rows of {_row_bytes(buf)} bytes, src_{name[-1]}[0] of "
+                                 f"{want}; both pools need the same K and V row sizes (heads, dim, dtype)")
+    for name, rows, pool in (("src_rows", src_rows, src_k[0]), ("dst_rows", dst_rows, dst_k[0])):
+        if rows.dtype != torch.int64 or rows.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got {rows.dtype} with shape "
+                             f"{tuple(rows.shape)}")
+        if rows.device.type != "cpu" and rows.device != src_k[0].device:
+            raise ValueError(f"{name} are on {rows.device}; keep them on the CPU or on the source "
+                             f"pool's device {src_k[0].device}")
+        # Rows already on a GPU are trusted: checking them would stall the stream on a sync.
+        if rows.device.type == "cpu" and rows.numel():
+            low, high = int(rows.min()), int(rows.max())
+            if low < 0 or high >= pool.shape[0]:
+                raise ValueError(f"{name} must lie in [0, {pool.shape[0]}), got [{low}, {high}]")
+    if src_rows.numel() != dst_rows.numel():
+        raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}; give "
+                         f"one destination row per source row")
+    alignment = math.gcd(k_row_bytes, v_row_bytes,
+                         *(b.data_ptr() for b in (*src_k, *src_v, *dst_k, *dst_v)))
+    word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
+    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), word_bytes)
+
+
+def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
+                     dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    src_rows = src_rows.to(src_k[0].device)
+    dst_rows = dst_rows.to(dst_k[0].device)
+    for src, dst in zip((*src_k, *src_v), (*dst_k, *dst_v)):
+        rows = _byte_rows(src).index_select(0, src_rows).to(dst.device)
+        _byte_rows(dst).index_copy_(0, dst_rows, rows)
+
+
+def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
+                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    """Copy rows ``src_rows`` of one pool into rows ``dst_rows`` of another, every layer, K and V,
+    in one kernel launch on the source pool's device.
+
+    Args:
+        src_k, src_v: the source pool's per-layer ``[rows, ...]`` buffers (any dtype, viewed as
+            bytes); all on one device.
+        dst_k, dst_v: the destination pool's, as many, with the same K and V row sizes in bytes.
+            On CUDA they may live on another GPU (memory of another process mapped by CUDA IPC
+            included) that the source GPU has peer access to; the kernel stores there directly.
+        src_rows, dst_rows: int64 ``[n]``, row ``src_rows[i]`` goes to ``dst_rows[i]`` (page_size
+            > 1: the rows of the pages, ``pd_layout.page_rows``); on the CPU, where they are
+            range-checked, or on the source pool's device. Destination rows should not repeat.
+
+    Runs on the current stream of the source pool's device: synchronize before the destination's
+    owner reads the rows.
+    """
+    plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
+    if not plan.n_rows:
+        return
+    device = src_k[0].device
+    if not uses_triton(device):
+        _copy_rows_torch(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
+        return
+    if dst_k[0].device.type != device.type:
+        raise ValueError(f"the destination pool is on {dst_k[0].device}, the source on {device}; "
+                         f"the kernel copies between pools of one kind of device")
+    src_table = _layer_ptr_table(tuple(b.data_ptr() for kv in zip(src_k, src_v) for b in kv), device)
+    dst_table = _layer_ptr_table(tuple(b.data_ptr() for kv in zip(dst_k, dst_v) for b in kv), device)
+    src_rows = src_rows.to(device, non_blocking=True)
+    dst_rows = dst_rows.to(device, non_blocking=True)
+    k_words = plan.k_row_bytes // plan.word_bytes
+    v_words = plan.v_row_bytes // plan.word_bytes
+    block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
+    block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
+    block_t = _TILE_WORDS // max(block_kw, block_vw)  # fixed, so a new row count compiles nothing
+    grid = (triton.cdiv(plan.n_rows, block_t), plan.num_layers)
+    _row_copy_kernel[grid](
+        src_table, dst_table, src_rows, dst_rows, plan.n_rows,
+        K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[plan.word_bytes],
+        BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
+    )
+
+
+def copy_kv_rows_reference(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
+                           dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    """:func:`copy_kv_rows` in plain torch (``index_select`` / ``index_copy_``), on any devices."""
+    plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
+    if plan.n_rows:
+        _copy_rows_torch(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)

@@ -372,3 +372,54 @@ def test_close_releases_every_mapping_and_the_exporter_gets_its_memory_back(spaw
     assert mem["now"] == mem["baseline"], mem
     assert torch.cuda.mem_get_info(0)[0] - free_mapped >= nbytes - 16 * MiB
     assert child.call(op="close") == "closed"
+
+
+def test_peer_regions_are_only_a_peers_cuda_regions():
+    with CudaIpcTransport() as sender, CudaIpcTransport() as receiver:
+        receiver.register("kv", torch.zeros(4096, dtype=torch.uint8))
+        peer = sender.connect(receiver.descriptor())
+        assert sender.peer_regions(peer, []) == []
+        with pytest.raises(TransferError, match=r"has no CUDA regions \['kv'\].*register them on a GPU"):
+            sender.peer_regions(peer, ["kv"])
+        with pytest.raises(TransferError, match="not connected to 'nobody'"):
+            sender.peer_regions("nobody", [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("pool_device", ["cuda:0", "cuda:1"])
+def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, digest, pool_device):
+    # PD's direct path: pool rows on cuda:0 stored by one kernel into a pool that another process
+    # allocated (on cuda:1 over NVLink), mapped here by CUDA IPC.
+    from kvtier.kernels.kv_pages import copy_kv_rows
+    from kvtier.transfer.cuda_ipc import enable_peer_access
+
+    if int(pool_device[-1]) >= GPUS:
+        pytest.skip(f"needs {pool_device}; {GPUS} GPU(s) visible")
+    layers, rows, row_bytes, n = 4, 5000, 2048, 3000
+    names = [f"kv{i}" for i in range(2 * layers)]
+    child = spawn_ipc({name: (rows * row_bytes, pool_device) for name in names})
+    gen = torch.Generator().manual_seed(11)
+    src = [torch.randint(0, 256, (rows, row_bytes), dtype=torch.uint8, generator=gen).to("cuda:0") for _ in names]
+    src_rows = torch.randperm(rows, generator=gen)[:n]
+    dst_rows = torch.randperm(rows, generator=gen)[:n]
+    with CudaIpcTransport() as me:
+        peer = me.connect(child.descriptor)
+        enable_peer_access(0, int(pool_device[-1]))
+        dst = [t.view(rows, row_bytes) for t in me.peer_regions(peer, names)]
+        assert {t.device for t in dst} == {torch.device(pool_device)}
+        with torch.cuda.device(0):
+            copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows)
+        torch.cuda.synchronize(0)
+        expected = {}
+        for name, s in zip(names, src):
+            e = torch.zeros(rows, row_bytes, dtype=torch.uint8)
+            e[dst_rows] = s.cpu()[src_rows]
+            expected[name] = digest(e)
+        assert child.call(op="digests") == expected
+
+        assert child.call(op="deregister", name="kv3") == "ok"
+        with pytest.raises(RemoteError, match="region 'kv3' was deregistered"):
+            me.peer_regions(peer, names)
+        child.kill()
+        with pytest.raises(PeerTimeout, match="may have died"):
+            me.peer_regions(peer, names[:1])

@@ -7,6 +7,9 @@ timeouts and heartbeats; kvtier adds the data path over its own transport (docs/
   ``pd_stage_slots`` slots, registers it and its metadata rows with its transport, and sends its
   ``PDLayout`` and transport descriptor to the prefill rank's ZMQ socket. The prefill compares the
   layouts; on a mismatch every request between the two fails with a message naming the setting.
+- With cuda_ipc the decode also registers its KV buffers themselves and offers them in that
+  message (``direct``); a prefill rank of the same TP layout whose GPU can reach them stores each
+  chunk's pages straight into the decode's pages (the direct path) instead of using the stage.
 - Per request the decode sends its destination pages (those after its prefix) and metadata row.
 - The prefill's worker thread gathers each chunk's pages into a staging buffer, writes them into a
   free slot at the decode (a credit), and notifies ``K``; the decode scatters the slot into its
@@ -148,7 +151,7 @@ class KvtierKVReceiver(CommonKVReceiver):
             msg = {"peer": mgr.peer_id(stage), "ip": mgr.local_ip, "port": mgr.rank_port,
                    "layout": mgr.layout.to_dict(),
                    "descriptor": mgr.transport.descriptor(), "stage": stage.name, "slots": mgr.cfg.pd_stage_slots,
-                   "slot_bytes": stage.slot_bytes}
+                   "slot_bytes": stage.slot_bytes, "direct": mgr.direct_offer}
             try:
                 mgr._send_multipart_locked(stage.prefill_endpoint, control_message(REG, msg))
             except zmq.ZMQError as e:

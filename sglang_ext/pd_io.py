@@ -6,7 +6,9 @@ moves the pages of a request, every layer, K and V, between the pool and a conti
 buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in page order: page
 ``i`` of a batch sits at ``i * page_bytes``; between servers of different TP sizes it moves a
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
-those heads), column by column with torch copies. ``transport_kind`` resolves ``pd_transport`` for the
+those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
+a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
+IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. ``transport_kind`` resolves ``pd_transport`` for the
 pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
 allocates staging where that transport can reach it: on the pool's GPU for a device-capable
 transport, else in pinned host memory.
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+from kvtier.kernels.kv_pages import copy_kv_rows, gather_kv, scatter_kv
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
 from kvtier.transfer.pd_heads import slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows
@@ -96,8 +98,9 @@ class Packer:
             row = item // page_size
             views.append(wrap_memory(ptr, nbytes - nbytes % row, device).view(-1, row))
         self.groups = []
+        self.index_groups = kv_groups(list(item_lens))
         offset = 0
-        for ks, vs in kv_groups(list(item_lens)):
+        for ks, vs in self.index_groups:
             self.groups.append(([views[i] for i in ks], [views[i] for i in vs], offset))
             offset += sum(item_lens[i] for i in ks + vs)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -146,6 +149,29 @@ class Packer:
                     # Host staging (zmq) holds the slice for a GPU pool: index_copy_ needs one device.
                     part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width).to(self.device)
                     self.views[b.buffer][:, b.column : b.column + b.width].index_copy_(0, rows, part)
+        self._sync()
+
+    def row_views(self, regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Another pool of this layout, given as one flat uint8 region per KV buffer (as wrapped or
+        registered), viewed as ``[rows, row bytes]`` like this pool's own buffers."""
+        if len(regions) != len(self.views):
+            raise ValueError(f"the destination pool has {len(regions)} KV buffers, this one {len(self.views)}")
+        return [r.view(-1, v.shape[1]) for r, v in zip(regions, self.views)]
+
+    def copy_rows(self, pages: np.ndarray, dst: Sequence[torch.Tensor], dst_pages: np.ndarray,
+                  wait: Optional[object] = None) -> None:
+        """Copy ``pages`` of this pool into ``dst_pages`` of the pool ``dst`` (``row_views``; on a
+        CUDA pool they may be another GPU's buffers mapped into this process), every buffer, one
+        launch per buffer group on this pool's GPU; returns when the bytes are there. ``wait`` as
+        in ``gather``."""
+        if len(pages) != len(dst_pages):
+            raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
+        src_rows = torch.from_numpy(page_rows(pages, self.page_size))
+        dst_rows = torch.from_numpy(page_rows(dst_pages, self.page_size))
+        with self._on_stream(wait):
+            for ks, vs in self.index_groups:
+                copy_kv_rows([self.views[i] for i in ks], [self.views[i] for i in vs], [dst[i] for i in ks],
+                             [dst[i] for i in vs], src_rows, dst_rows)
         self._sync()
 
     def _on_stream(self, wait: Optional[object]):

@@ -8,12 +8,17 @@ two threads per side:
   ``PDLayout``, request metadata, refusals, slot acks, aborts) and a worker that moves each queued
   chunk: gather its pages into the staging buffer, write them into a free slot of the decode's
   stage (a credit), notify ``K``; on the last chunk write the metadata rows, notify ``D``, Success.
+  On the direct path (cuda_ipc, same TP layout, the decode's KV buffers registered with its
+  transport and reachable from this GPU; ``pd_layout.data_path`` decides at registration) the
+  worker instead stores the chunk's pages into the decode's pages with one kernel launch through
+  the mapped buffers, waits for it, and notifies ``K``: no staging, no credits, no acks.
   With a decode of a larger TP size, each of the ``required_dst`` decode ranks of a request gets
   its own head slice (``_DecodePeer.src_heads``).
 - decode: a control thread (refusals and failures from the prefill) and a notification thread
   that scatters each ``K`` slot into the request's pages (into the heads the note names when the
-  prefill has a larger TP size), returns the slot, and marks Success once ``D`` came from every
-  prefill rank the request needs (SGLang's ``required_prefill_response_num``).
+  prefill has a larger TP size), returns the slot (a direct ``K`` only counts the bytes already
+  in its pages), and marks Success once ``D`` came from every prefill rank the request needs
+  (SGLang's ``required_prefill_response_num``).
 
 Control messages are ZMQ multipart ``[tag, json, (pages)]`` on the peers' PULL sockets; the data
 notifications go over the transport, whose ordering puts them after the writes they describe.
@@ -22,10 +27,12 @@ notifications go over the transport, whose ordering puts them after the writes t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,6 +40,7 @@ import numpy as np
 import requests
 import torch
 import zmq
+from prometheus_client import CollectorRegistry, Counter
 from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
 from sglang.srt.disaggregation.common.conn import CommonKVManager, PrefillServerInfo
 from sglang.srt.disaggregation.common.utils import FastQueue
@@ -45,7 +53,17 @@ from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap
 from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import TransferError
 from kvtier.transfer.pd_heads import HeadSlice, head_range, head_slice
-from kvtier.transfer.pd_layout import PDLayout, SlotCredits, compare, slot_bytes_for, slot_chunks
+from kvtier.transfer.pd_layout import (
+    DIRECT,
+    STAGED,
+    PDLayout,
+    SlotCredits,
+    compare,
+    data_path,
+    pool_regions,
+    slot_bytes_for,
+    slot_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +94,9 @@ class _DecodePeer:
     """Where they go among its own heads; None: whole pages."""
     page_bytes: int = 0
     """Bytes of one packed page (of the slice) in its staging slots."""
+    path: str = STAGED
+    direct: Optional[list[str]] = None
+    """On the direct path: the decode's KV buffers, as its transport regions."""
 
 
 @dataclass
@@ -112,6 +133,30 @@ class Stage:
     prefill_endpoint: str
 
 
+class _PathMetrics:
+    """The counters by data path, beside ``PDMetrics`` in its registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.peers = Counter("kvtier_pd_peers", "Decode ranks registered with a prefill rank, by data path (direct: "
+                             "stored into the decode's pool over CUDA IPC; staged: through staging slots)",
+                             ["role", "path"], registry=registry)
+        self.bytes = Counter("kvtier_pd_path_bytes", "KV bytes moved, by data path (kvtier_pd_bytes_total is their "
+                             "sum)", ["role", "path"], registry=registry)
+
+
+_path_metrics_lock = threading.Lock()
+_path_metrics: "weakref.WeakKeyDictionary[CollectorRegistry, _PathMetrics]" = weakref.WeakKeyDictionary()
+
+
+def path_metrics(metrics: PDMetrics) -> _PathMetrics:
+    """The counters by path in ``metrics``' registry (one set per registry, shared by its managers)."""
+    with _path_metrics_lock:
+        found = _path_metrics.get(metrics.registry)
+        if found is None:
+            found = _path_metrics[metrics.registry] = _PathMetrics(metrics.registry)
+        return found
+
+
 @dataclass
 class PDStats:
     """Totals of this rank's KV movement (both directions count on the side that does the copy),
@@ -123,17 +168,35 @@ class PDStats:
     requests: int = 0
     failures: int = 0
     role: str = ""
+    path_bytes: dict[str, int] = field(default_factory=dict)
+    """Of ``bytes``, by data path (direct, staged)."""
+    peers: dict[str, int] = field(default_factory=dict)
+    """Decode ranks registered, by data path (prefill)."""
     metrics: Optional[PDMetrics] = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0) -> None:
+    def __post_init__(self) -> None:
+        self.paths = path_metrics(self.metrics) if self.metrics is not None else None
+
+    def add_peer(self, path: str) -> None:
+        with self.lock:
+            self.peers[path] = self.peers.get(path, 0) + 1
+        if self.paths is not None:
+            self.paths.peers.labels(self.role, path).inc()
+
+    def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0,
+            path: str = "") -> None:
         with self.lock:
             self.bytes += nbytes
             self.pages += pages
             self.seconds += seconds
             self.requests += requests
             self.failures += failures
+            if path and nbytes:
+                self.path_bytes[path] = self.path_bytes.get(path, 0) + nbytes
         m, role = self.metrics, self.role
+        if self.paths is not None and path and nbytes:
+            self.paths.bytes.labels(role, path).inc(nbytes)
         if m is not None:
             for counter, value in ((m.bytes, nbytes), (m.pages, pages), (m.busy, seconds)):
                 if value:
@@ -208,6 +271,7 @@ class KvtierKVManager(CommonKVManager):
             self.refused_addrs: dict[str, str] = {}
             self.refused_endpoints: dict[tuple[str, int], str] = {}
             self.refused_peers: dict[str, str] = {}
+            self.direct_offer = self._offer_pool()
             self._threads.append(threading.Thread(target=self._serve_notifications, name="kvtier-pd-recv", daemon=True))
             self._start_heartbeat_checker_thread()
         for t in self._threads:
@@ -320,9 +384,20 @@ class KvtierKVManager(CommonKVManager):
             self.send_control(endpoint, control_message(REFUSED, refusal))
             return
         self.refused.pop(peer_id, None)
+        path, reason = data_path(self.transport_kind, msg.get("direct"), len(self.packer.views), heads is not None)
+        direct = None
+        if path == DIRECT:
+            try:
+                direct = self._map_pool(transport_peer, msg["direct"]["regions"])
+            except (TransferError, ValueError, RuntimeError) as e:
+                path, reason = STAGED, f"this prefill cannot store into the decode's pool: {e}"
         old = self.peers.get(peer_id)
         if old is not None and old.slot_bytes == msg["slot_bytes"] and old.credits.n_slots == msg["slots"]:
             old.transport_peer = transport_peer
+            if old.path != path:
+                logger.info("kvtier PD: decode %s now uses the %s path (%s)", remote.address, path, reason)
+                self.stats.add_peer(path)
+            old.path, old.direct = path, direct
             return
         slot_bytes = int(msg["slot_bytes"])
         src_heads = dst_heads = None
@@ -333,13 +408,25 @@ class KvtierKVManager(CommonKVManager):
         self.peers[peer_id] = _DecodePeer(
             remote.address, endpoint, transport_peer, msg["stage"], slot_bytes,
             min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
-            page_bytes,
+            page_bytes, path, direct,
         )
-        logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, stage %d x %.1f MiB"
-                    "%s", remote.address, remote.model, page_bytes, len(self.layout.kv_item_lens), self.transport_kind,
-                    msg["slots"], slot_bytes / (1 << 20),
+        self.stats.add_peer(path)
+        logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, %s path (%s), "
+                    "stage %d x %.1f MiB%s", remote.address, remote.model, page_bytes, len(self.layout.kv_item_lens),
+                    self.transport_kind, path, reason, msg["slots"], slot_bytes / (1 << 20),
                     "" if heads is None else f", KV heads {heads.heads} (decode TP rank {remote.tp_rank} of "
                     f"{remote.tp_size}, this prefill rank {self.layout.tp_rank} of {self.layout.tp_size})")
+
+    def _map_pool(self, transport_peer: str, names: list[str]) -> list[str]:
+        """Checks that this prefill's GPU can store into the decode's KV buffers ``names`` (mapped at
+        ``connect``), enabling peer access to their GPU; returns the names."""
+        from kvtier.transfer.cuda_ipc import enable_peer_access
+
+        regions = self.transport.peer_regions(transport_peer, names)
+        self.packer.row_views(regions)
+        for device in sorted({t.device.index for t in regions}):
+            enable_peer_access(self.device.index, device)
+        return names
 
     def _heads_for(self, remote: PDLayout) -> tuple[Optional[HeadSlice], Optional[str]]:
         """(the heads this prefill rank and decode rank ``remote`` of another TP size share, or why none)."""
@@ -391,17 +478,21 @@ class KvtierKVManager(CommonKVManager):
             self._slot_acked(msg["peer"], int(msg["slot"]))
             peer.credits.give(int(msg["slot"]))
 
+    def _started(self, room: int) -> _Timing:
+        """``room``'s timing, started now if it is its first write; call with ``_timing_lock`` held."""
+        t = self.timings.get(room)
+        if t is None:
+            now = time.perf_counter()
+            # Entries whose acknowledgements never came (a decode gone after the last write).
+            for old in [r for r, x in self.timings.items() if x.sent_at is not None and
+                        now - x.sent_at > self.timeout_s]:
+                del self.timings[old]
+            t = self.timings[room] = _Timing(now)
+        return t
+
     def _slot_written(self, room: int, peer_id: str, slot: int) -> None:
-        now = time.perf_counter()
         with self._timing_lock:
-            t = self.timings.get(room)
-            if t is None:
-                # Entries whose acknowledgements never came (a decode gone after the last write).
-                for old in [r for r, x in self.timings.items() if x.sent_at is not None and
-                            now - x.sent_at > self.timeout_s]:
-                    del self.timings[old]
-                t = self.timings[room] = _Timing(now)
-            t.in_flight += 1
+            self._started(room).in_flight += 1
             self.slot_rooms[(peer_id, slot)] = room
 
     def _slot_acked(self, peer_id: str, slot: int) -> None:
@@ -494,6 +585,8 @@ class KvtierKVManager(CommonKVManager):
         peer = self.peers[dst.peer]
         dst_pages = dst.pages[chunk.index_slice]
         src = chunk.pages[: len(dst_pages)]
+        if peer.direct is not None:
+            return self._send_direct(chunk, peer, src, dst_pages)
         for first, n in slot_chunks(len(src), peer.pages_per_slot):
             if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
                 return False
@@ -512,7 +605,26 @@ class KvtierKVManager(CommonKVManager):
                 self._slot_acked(dst.peer, slot)
                 peer.credits.give(slot)
                 raise
-            self.stats.add(nbytes=nbytes, pages=n)
+            self.stats.add(nbytes=nbytes, pages=n, path=STAGED)
+        return True
+
+    def _send_direct(self, chunk: Chunk, peer: _DecodePeer, src: np.ndarray, dst_pages: np.ndarray) -> bool:
+        """Store ``src`` into the decode's ``dst_pages`` through its mapped pool, then notify ``K``."""
+        room, n = chunk.room, len(src)
+        if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
+            return False
+        if n == 0:
+            return True
+        with self._timing_lock:
+            self._started(room)
+        # Refuses a dead decode or a deregistered pool before the launch; the mapping keeps the
+        # memory alive until we drop it, so a decode that dies during the copy cannot fault it.
+        dst = self.packer.row_views(self.transport.peer_regions(peer.transport_peer, peer.direct))
+        self.packer.copy_rows(src, dst, dst_pages, chunk.event)
+        note = {"room": room, "stage": peer.stage, "slot": None, "start": chunk.index_slice.start, "n": n,
+                "heads": None, "direct": True}
+        self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
+        self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT)
         return True
 
     def _send_done(self, chunk: Chunk, dst: _Destination) -> None:
@@ -576,6 +688,24 @@ class KvtierKVManager(CommonKVManager):
                             tensor.device, self.transport_kind, self.layout)
         return stage
 
+    def _offer_pool(self) -> Optional[dict]:
+        """Registers this decode's KV buffers with its transport for the direct path; returns the
+        ``direct`` field of its registrations (None where the transport cannot map GPU memory)."""
+        if not (self.on_device and self.transport_kind == "cuda_ipc"):
+            return None
+        names = pool_regions(len(self.packer.views))
+        try:
+            for name, view in zip(names, self.packer.views):
+                self.transport.register(name, view.view(-1))
+        except TransferError as e:
+            for name in names:
+                with contextlib.suppress(TransferError):
+                    self.transport.deregister(name)
+            logger.warning("kvtier PD: this decode's KV pool cannot be exported for direct writes (%s); prefill "
+                           "ranks will send through staging", e)
+            return {"error": str(e)}
+        return {"regions": names}
+
     def peer_id(self, stage: Stage) -> str:
         return f"{self.local_ip}:{self.rank_port}>{stage.name}"
 
@@ -626,7 +756,8 @@ class KvtierKVManager(CommonKVManager):
 
     def _on_kv(self, msg: dict) -> None:
         room, stage = int(msg["room"]), self.stages[msg["stage"]]
-        slot, start, n = int(msg["slot"]), int(msg["start"]), int(msg["n"])
+        start, n, direct = int(msg["start"]), int(msg["n"]), bool(msg.get("direct"))
+        slot = None if direct else int(msg["slot"])
         try:
             entry = self.rooms.get(room)
             if entry is not None and self.request_status.get(room) not in (None, KVPoll.Failed):
@@ -637,13 +768,16 @@ class KvtierKVManager(CommonKVManager):
                 if len(pages) != n:
                     raise TransferError(f"prefill sent pages {start}..{start + n} but the request has {len(entry[1])}")
                 heads = tuple(msg["heads"]) if msg.get("heads") else None
-                self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages, heads)
+                if not direct:  # a direct K follows a copy into these pages that has completed
+                    self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages, heads)
                 self.stats.add(nbytes=n * self.packer.packed_bytes(heads), pages=n,
-                               seconds=time.perf_counter() - begin)
+                               seconds=time.perf_counter() - begin, path=DIRECT if direct else STAGED)
         except Exception as e:
             self.fail(room, f"kvtier PD: writing KV of request {room} into the decode pool failed: {e}")
         finally:
-            self.send_control(stage.prefill_endpoint, control_message(ACK, {"peer": self.peer_id(stage), "slot": slot}))
+            if not direct:
+                self.send_control(stage.prefill_endpoint,
+                                  control_message(ACK, {"peer": self.peer_id(stage), "slot": slot}))
 
 
 def _total_kv_heads(args: KVArgs, tp_size: int) -> Optional[int]:

@@ -5,9 +5,12 @@
 geometry, transport); ``compare`` says, in one sentence naming the setting to change, why two
 records cannot exchange KV. Attention TP sizes may differ when one divides the other and both
 divide the model's KV heads: each rank then holds a head slice (``kvtier.transfer.pd_heads``).
-The rest is the pure arithmetic of the packed data path: the pool rows of a list of pages, how a
-run of pages is cut into staging slots, how the pool's buffers are grouped for
-``kvtier.kernels.kv_pages.gather_kv``, and the credits that bound how many slots are in flight. Nothing here imports SGLang.
+``data_path`` decides, per prefill/decode rank pair, between the direct path (the prefill's kernel
+stores pages straight into the decode's pool, mapped by CUDA IPC) and the staged one. The rest is
+the pure arithmetic of the staged data path: the pool rows of a list of pages, how a run of pages
+is cut into staging slots, how the pool's buffers are grouped for
+``kvtier.kernels.kv_pages.gather_kv``, and the credits that bound how many slots are in flight.
+Nothing here imports SGLang.
 """
 
 from __future__ import annotations
@@ -136,6 +139,39 @@ def _tp_problem(tp_a: int, tp_b: int, total_kv_heads: Optional[int]) -> Optional
                 f"replicated on several ranks is not supported); start both with --tp sizes that divide "
                 f"{total_kv_heads}")
     return None
+
+
+DIRECT, STAGED = "direct", "staged"
+
+
+def pool_regions(n_buffers: int) -> list[str]:
+    """The transport region names under which a decode registers its KV buffers for the direct path."""
+    return [f"kv{i}" for i in range(n_buffers)]
+
+
+def data_path(transport: Optional[str], offer: Optional[dict[str, Any]], n_buffers: int,
+              head_slice: bool) -> tuple[str, str]:
+    """(``DIRECT`` or ``STAGED``, why) for a prefill rank sending to a decode rank.
+
+    ``offer`` is the ``direct`` field of the decode's registration: ``{"regions": [names]}`` when it
+    registered its KV buffers with its transport, ``{"error": why}`` when it could not, None when it
+    does not offer them (an older kvtier, or a transport that cannot map memory). ``head_slice``:
+    the ranks have different TP sizes, so a head slice moves. The direct path needs cuda_ipc, whole
+    pages, and every KV buffer offered; whether the GPUs reach each other is the caller's check.
+    """
+    if transport != "cuda_ipc":
+        return STAGED, f"transport {transport} cannot map the decode's pool"
+    if head_slice:
+        return STAGED, "the TP sizes differ, so a head slice moves through staging"
+    if not offer:
+        return STAGED, "the decode did not offer its KV pool"
+    if offer.get("error"):
+        return STAGED, f"the decode could not export its KV pool: {offer['error']}"
+    regions = offer.get("regions")
+    if list(regions or ()) != pool_regions(n_buffers):
+        return STAGED, (f"the decode offered regions {regions}, not its {n_buffers} KV buffers "
+                        f"{pool_regions(n_buffers)[:2]}...")
+    return DIRECT, "pages go straight into the decode's pool over CUDA IPC"
 
 
 def page_rows(pages: np.ndarray, page_size: int) -> np.ndarray:

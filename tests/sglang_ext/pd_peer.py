@@ -100,7 +100,7 @@ class Instance:
         kv_args.page_size = ps
         kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = self.meta.get_buf_infos()
         kv_args.ib_device = None
-        kv_args.gpu_id = 0
+        kv_args.gpu_id = torch.device(args.get("device", "cpu")).index or 0
         setup_state_kv_args(kv_args, self.pool, None, self.pool.layer_num)
         mode = DisaggregationMode.PREFILL if self.prefill else DisaggregationMode.DECODE
         self.mgr = KvtierKVManager(kv_args, mode, server_args, False)
@@ -173,7 +173,8 @@ class Instance:
         if op == "stats":
             s = mgr.stats
             return {"bytes": s.bytes, "pages": s.pages, "seconds": s.seconds, "requests": s.requests,
-                    "failures": s.failures, "transport": mgr.transport_kind, "slot_bytes": mgr.slot_bytes}
+                    "failures": s.failures, "transport": mgr.transport_kind, "slot_bytes": mgr.slot_bytes, "path_bytes": dict(s.path_bytes),
+                    "peers": dict(s.peers), "direct_offer": getattr(mgr, "direct_offer", None)}
         if op == "close":
             mgr.close()
             if self.server is not None:

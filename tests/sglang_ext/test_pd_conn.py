@@ -185,7 +185,12 @@ def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster
     decode = decode_rank(cluster, "d")
     for seed in range(3):  # later requests reuse the registration and the staging slots
         check_lifecycle(prefill, decode, addr, seed)
-    assert prefill.call("stats")["transport"] == "zmq"
+    stats = prefill.call("stats")
+    assert stats["transport"] == "zmq"
+    # zmq cannot map the decode's pool: the decode offers none, and the prefill stages every byte
+    assert decode.call("stats")["direct_offer"] is None
+    assert stats["peers"].get("direct") is None and stats["peers"]["staged"] >= 1
+    assert stats["path_bytes"] == {"staged": stats["bytes"]}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -338,7 +343,48 @@ def test_full_lifecycle_between_cuda_pools(transport):
         decode = procs[1].rank("d", role="decode", bootstrap_port=0, seed=2, device="cuda")
         for seed in range(3):
             check_lifecycle(prefill, decode, f"{ADDR_HOST}:{port}", seed)
-        assert prefill.call("stats")["transport"] == transport
+        stats = prefill.call("stats")
+        assert stats["transport"] == transport
+        # cuda_ipc, same TP layout: the prefill's kernel stores into the decode's pool (same GPU here)
+        path = "direct" if transport == "cuda_ipc" else "staged"
+        assert stats["peers"] == {path: 1} and stats["path_bytes"] == {path: stats["bytes"]}
+        assert decode.call("stats")["path_bytes"] == {path: stats["bytes"]}
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_direct_path_across_two_gpus_and_a_decode_killed_on_it():
+    """Prefill pool on GPU 0, decode pool on GPU 1 (NVLink or PCIe peer-to-peer): each chunk is one
+    kernel on GPU 0 storing into the decode's pages; a killed decode fails the next request at once."""
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("GPU 0 cannot access GPU 1")
+    env = peer_env()
+    env.update(ENV, KVTIER_PD_TRANSPORT="cuda_ipc")
+    procs = [Process(env), Process(env)]
+    try:
+        for p in procs:
+            assert p.reply() == {"ready": True}
+        port = free_port()
+        addr = f"{ADDR_HOST}:{port}"
+        prefill = procs[0].rank("p", role="prefill", bootstrap_port=port, seed=1, device="cuda:0")
+        decode = procs[1].rank("d", role="decode", bootstrap_port=0, seed=2, device="cuda:1")
+        assert decode.call("stats")["direct_offer"] == {"regions": [f"kv{i}" for i in range(4)]}
+        for seed in range(3):
+            check_lifecycle(prefill, decode, addr, seed)
+        stats = prefill.call("stats")
+        assert stats["peers"] == {"direct": 1} and stats["path_bytes"] == {"direct": stats["bytes"]}
+
+        room = new_room(np.random.default_rng(21))
+        assert bootstrap(prefill, decode, addr, room, list(range(10, 18)), prefix_len=0) == WAITING
+        assert prefill.call("wait", room=room, want=[WAITING], timeout_s=10)["status"] == WAITING
+        prefill.call("init", room=room, prompt_len=32, aux_index=6, first_token=5)
+        procs[1].kill()
+        prefill.call("send", room=room, pages=list(range(40, 48)), last=True, tokens=32)
+        p = prefill.call("wait", room=room, want=[], timeout_s=20)
+        assert p["status"] == FAILED and p["seconds"] < 3, p  # the state-file lock is gone: no deadline wait
+        assert "may have died" in p["error"], p["error"]
     finally:
         for p in procs:
             p.kill()

@@ -72,3 +72,41 @@ def test_transport_choice():
     assert transport_kind(load_config(env={}, pd_transport="zmq"), cpu) == "zmq"
     with pytest.raises(ConfigError, match="pd_transport='cuda_ipc' needs a CUDA KV pool.*use pd_transport: zmq"):
         transport_kind(load_config(env={}, pd_transport="cuda_ipc"), cpu)
+
+
+def packer_over(pools) -> Packer:
+    """One Packer over several pools' buffers, in order (a model and its draft model's)."""
+    infos = [p.get_contiguous_buf_infos() for p in pools]
+    ptrs, lens, items = (sum((list(i[k]) for i in infos), []) for k in range(3))
+    return Packer(ptrs, lens, items, pools[0].page_size, torch.device(pools[0].device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [1, 8])
+def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_size):
+    # The direct path: the destination pool arrives as one flat byte region per KV buffer (wrapped
+    # from its pointers here, mapped by CUDA IPC in PD); a draft model's buffers form a second group.
+    src = [pool(device, 1, page_size), pool(device, 4, page_size, heads=1, layers=1)]
+    dst = [pool(device, 2, page_size), pool(device, 5, page_size, heads=1, layers=1)]
+    sp = packer_over(src)
+    assert len(sp.index_groups) == 2
+    regions = []
+    for p in dst:
+        ptrs, lens, _ = p.get_contiguous_buf_infos()
+        regions += [wrap_memory(ptr, n, torch.device(device)) for ptr, n in zip(ptrs, lens)]
+    src_bufs = [b for p in src for b in p.k_buffer + p.v_buffer]
+    dst_bufs = [b for p in dst for b in p.k_buffer + p.v_buffer]
+    before = [b.view(torch.uint8).clone() for b in dst_bufs]
+    rng = np.random.default_rng(page_size)
+    src_pages = rng.choice(np.arange(1, 128 // page_size), 9, replace=False)
+    dst_pages = rng.choice(np.arange(1, 128 // page_size), 9, replace=False)
+    sp.copy_rows(src_pages, sp.row_views(regions), dst_pages)
+    rows = lambda pages: torch.from_numpy((pages[:, None] * page_size + np.arange(page_size)).reshape(-1))  # noqa: E731
+    for s, d, old in zip(src_bufs, dst_bufs, before):
+        want = old.clone()
+        want[rows(dst_pages).to(device)] = s.view(torch.uint8)[rows(src_pages).to(device)]
+        assert torch.equal(d.view(torch.uint8), want)  # the pages, bit for bit, and nothing else
+    with pytest.raises(ValueError, match="the destination pool has 3 KV buffers, this one 8"):
+        sp.row_views(regions[:3])
+    with pytest.raises(ValueError, match="2 source pages for 1 destination pages"):
+        sp.copy_rows(src_pages[:2], sp.row_views(regions), dst_pages[:1])

@@ -146,6 +146,10 @@ def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
             page = scrape(port)
             assert page[f"kvtier_pd_bytes_total{{role={role}}}"] == stats[role]["bytes"] == (8 + 3 + 8) * PAGE_BYTES
             assert page[f"kvtier_pd_pages_total{{role={role}}}"] == stats[role]["pages"]
+            # zmq has no direct path: every byte went through staging, and the prefill says so per peer
+            assert page[f"kvtier_pd_path_bytes_total{{path=staged,role={role}}}"] == stats[role]["bytes"]
+            assert f"kvtier_pd_path_bytes_total{{path=direct,role={role}}}" not in page
+        assert scrape(ports["prefill"])["kvtier_pd_peers_total{path=staged,role=prefill}"] == 1
 
         # A decode rank of another page size, in the same process: it shares that process's counters.
         before = {role: scrape(port) for role, port in ports.items()}

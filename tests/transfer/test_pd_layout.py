@@ -165,3 +165,23 @@ def test_credits_bound_slots_in_flight_and_come_back():
     credits.give(b)
     with pytest.raises(TransferError, match="was not taken"):
         credits.give(b)
+
+
+def test_data_path_is_direct_only_for_cuda_ipc_whole_pages_and_an_offered_pool():
+    from kvtier.transfer.pd_layout import DIRECT, STAGED, data_path, pool_regions
+
+    offer = {"regions": pool_regions(4)}
+    assert pool_regions(3) == ["kv0", "kv1", "kv2"]
+    assert data_path("cuda_ipc", offer, 4, head_slice=False) == (DIRECT, "pages go straight into the decode's pool "
+                                                                         "over CUDA IPC")
+    cases = [
+        (("zmq", offer, 4, False), "transport zmq cannot map the decode's pool"),
+        (("cuda_ipc", offer, 4, True), "the TP sizes differ, so a head slice moves through staging"),
+        (("cuda_ipc", None, 4, False), "the decode did not offer its KV pool"),
+        (("cuda_ipc", {"error": "cannot export region 'kv0'"}, 4, False),
+         "the decode could not export its KV pool: cannot export region 'kv0'"),
+        (("cuda_ipc", {"regions": pool_regions(2)}, 4, False), "offered regions ['kv0', 'kv1'], not its 4 KV buffers"),
+    ]
+    for args, why in cases:
+        path, reason = data_path(*args)
+        assert path == STAGED and why in reason, (args, reason)

@@ -155,9 +155,9 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
         src = [torch.randint(0, 256, (tokens, row), dtype=torch.uint8, device="cuda:0") for _ in names]
         gen = torch.Generator().manual_seed(0)
         src_rows, dst_rows = torch.randperm(tokens, generator=gen), torch.randperm(tokens, generator=gen)
+        enable_peer_access(0, 1)  # before mapping, as PD's prefill does
         with make_transport("cuda_ipc") as transport:
             peer = transport.connect(descriptor)
-            enable_peer_access(0, 1)
 
             def run() -> None:
                 dst = [t.view(tokens, row) for t in transport.peer_regions(peer, names)]

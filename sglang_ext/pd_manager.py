@@ -371,6 +371,12 @@ class KvtierKVManager(CommonKVManager):
         if why is None and remote.tp_size != self.layout.tp_size:
             heads, why = self._heads_for(remote)
         transport_peer = None
+        path, reason = data_path(self.transport_kind, msg.get("direct"), len(self.packer.views), heads is not None)
+        if why is None and path == DIRECT:
+            try:
+                self._reach_pool(msg["descriptor"], msg["direct"]["regions"])
+            except TransferError as e:
+                path, reason = STAGED, f"this prefill cannot store into the decode's pool: {e}"
         if why is None:
             try:
                 transport_peer = self.transport.connect(msg["descriptor"])
@@ -384,13 +390,13 @@ class KvtierKVManager(CommonKVManager):
             self.send_control(endpoint, control_message(REFUSED, refusal))
             return
         self.refused.pop(peer_id, None)
-        path, reason = data_path(self.transport_kind, msg.get("direct"), len(self.packer.views), heads is not None)
         direct = None
         if path == DIRECT:
             try:
-                direct = self._map_pool(transport_peer, msg["direct"]["regions"])
+                direct = msg["direct"]["regions"]
+                self.packer.row_views(self.transport.peer_regions(transport_peer, direct))
             except (TransferError, ValueError, RuntimeError) as e:
-                path, reason = STAGED, f"this prefill cannot store into the decode's pool: {e}"
+                path, reason, direct = STAGED, f"this prefill cannot store into the decode's pool: {e}", None
         old = self.peers.get(peer_id)
         if old is not None and old.slot_bytes == msg["slot_bytes"] and old.credits.n_slots == msg["slots"]:
             old.transport_peer = transport_peer
@@ -417,16 +423,13 @@ class KvtierKVManager(CommonKVManager):
                     "" if heads is None else f", KV heads {heads.heads} (decode TP rank {remote.tp_rank} of "
                     f"{remote.tp_size}, this prefill rank {self.layout.tp_rank} of {self.layout.tp_size})")
 
-    def _map_pool(self, transport_peer: str, names: list[str]) -> list[str]:
-        """Checks that this prefill's GPU can store into the decode's KV buffers ``names`` (mapped at
-        ``connect``), enabling peer access to their GPU; returns the names."""
-        from kvtier.transfer.cuda_ipc import enable_peer_access
+    def _reach_pool(self, descriptor: dict, names: list[str]) -> None:
+        """Lets kernels on this prefill's GPU store into the GPUs holding the decode's KV buffers
+        ``names``: peer access, enabled before ``connect`` maps them."""
+        from kvtier.transfer.cuda_ipc import descriptor_devices, enable_peer_access
 
-        regions = self.transport.peer_regions(transport_peer, names)
-        self.packer.row_views(regions)
-        for device in sorted({t.device.index for t in regions}):
+        for device in descriptor_devices(descriptor, names):
             enable_peer_access(self.device.index, device)
-        return names
 
     def _heads_for(self, remote: PDLayout) -> tuple[Optional[HeadSlice], Optional[str]]:
         """(the heads this prefill rank and decode rank ``remote`` of another TP size share, or why none)."""

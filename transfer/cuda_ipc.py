@@ -123,6 +123,25 @@ def enable_peer_access(device: int, peer: int) -> None:
         raise TransferError(f"cannot enable peer access from GPU {device} to GPU {peer}: {_cuda_error(lib, err)}")
 
 
+def descriptor_devices(descriptor: Descriptor, names: Sequence[str]) -> list[int]:
+    """This process's indices of the GPUs that hold the CUDA regions ``names`` of a peer's
+    descriptor (to enable peer access to them before mapping them at ``connect``)."""
+    cuda = descriptor.get("cuda_regions") or {}
+    missing = [name for name in names if name not in cuda]
+    if missing:
+        raise TransferError(f"{descriptor.get('address')} has no CUDA regions {missing}; the peer must register "
+                            "them on a GPU before publishing its descriptor")
+    uuids = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
+    devices = set()
+    for name in names:
+        uuid_ = cuda[name]["storage"]["device_uuid"]
+        if uuid_ not in uuids:
+            raise TransferError(f"region {name!r} of {descriptor.get('address')} lives on GPU {uuid_}, which this "
+                                "process cannot see; make it visible here (CUDA_VISIBLE_DEVICES)")
+        devices.add(uuids[uuid_])
+    return sorted(devices)
+
+
 def _gpu_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 

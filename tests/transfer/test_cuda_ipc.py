@@ -391,7 +391,7 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
     # PD's direct path: pool rows on cuda:0 stored by one kernel into a pool that another process
     # allocated (on cuda:1 over NVLink), mapped here by CUDA IPC.
     from kvtier.kernels.kv_pages import copy_kv_rows
-    from kvtier.transfer.cuda_ipc import enable_peer_access
+    from kvtier.transfer.cuda_ipc import descriptor_devices, enable_peer_access
 
     if int(pool_device[-1]) >= GPUS:
         pytest.skip(f"needs {pool_device}; {GPUS} GPU(s) visible")
@@ -403,8 +403,9 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
     src_rows = torch.randperm(rows, generator=gen)[:n]
     dst_rows = torch.randperm(rows, generator=gen)[:n]
     with CudaIpcTransport() as me:
+        assert descriptor_devices(child.descriptor, names) == [int(pool_device[-1])]
+        enable_peer_access(0, int(pool_device[-1]))  # before mapping, as PD's prefill does
         peer = me.connect(child.descriptor)
-        enable_peer_access(0, int(pool_device[-1]))
         dst = [t.view(rows, row_bytes) for t in me.peer_regions(peer, names)]
         assert {t.device for t in dst} == {torch.device(pool_device)}
         with torch.cuda.device(0):
@@ -423,3 +424,15 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
         child.kill()
         with pytest.raises(PeerTimeout, match="may have died"):
             me.peer_regions(peer, names[:1])
+
+
+def test_descriptor_devices_name_what_is_missing_or_invisible():
+    from kvtier.transfer.cuda_ipc import descriptor_devices
+
+    with CudaIpcTransport() as receiver:
+        forged = fake_cuda_region(receiver.descriptor(), "kv0")  # on a GPU whose UUID no GPU here has
+        with pytest.raises(TransferError, match=r"has no CUDA regions \['kv1'\]"):
+            descriptor_devices(forged, ["kv0", "kv1"])
+        with pytest.raises(TransferError, match="region 'kv0' .* lives on GPU x, which this process cannot see"):
+            descriptor_devices(forged, ["kv0"])
+        assert descriptor_devices(forged, []) == []

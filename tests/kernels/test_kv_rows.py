@@ -137,7 +137,7 @@ def _bad(case: str):
     if case == "layers":
         dv = dv[:-1]
     elif case == "row-bytes":
-        dk[1] = torch.zeros(dk[1].shape[0], 3, dtype=torch.uint8)
+        dk[1] = torch.zeros(dk[1].shape[0], 3, dtype=torch.uint8, device=dk[1].device)
     elif case == "rows-dtype":
         src_rows = src_rows.to(torch.int32)
     elif case == "src-range":

@@ -372,6 +372,8 @@ class KvtierKVManager(CommonKVManager):
             heads, why = self._heads_for(remote)
         transport_peer = None
         path, reason = data_path(self.transport_kind, msg.get("direct"), len(self.packer.views), heads is not None)
+        if path == DIRECT and not self.cfg.pd_direct:
+            path, reason = STAGED, "pd_direct is off in this prefill's config"
         if why is None and path == DIRECT:
             try:
                 self._reach_pool(msg["descriptor"], msg["direct"]["regions"])

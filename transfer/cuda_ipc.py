@@ -306,6 +306,7 @@ class CudaIpcTransport(Transport):
         self._state: Optional[_StateFile] = None
         self._peers: dict[str, _Peer] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._peer_pairs: set[tuple[int, int]] = set()
         self._uuids: Optional[dict[str, int]] = None
         self._closed = False
         _LOCAL[self._instance] = self
@@ -635,6 +636,7 @@ class CudaIpcTransport(Transport):
             lib = _cudart()
             for dst, src in cross:
                 device = dst.device.index
+                self._peer_access(device, src.device.index)
                 with torch.cuda.device(device):
                     err = lib.cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel(), _MEMCPY_DEVICE_TO_DEVICE,
                                               streams[device].cuda_stream)
@@ -645,6 +647,14 @@ class CudaIpcTransport(Transport):
                                         f"failed: {_cuda_error(lib, err)}")
         for stream in streams.values():
             stream.synchronize()
+
+    def _peer_access(self, device: int, peer: int) -> None:
+        # Without peer access the driver stages a device-to-device copy through host memory:
+        # 36 GB/s instead of 316 on two NVLink H200s.
+        if (device, peer) not in self._peer_pairs:
+            with contextlib.suppress(TransferError):  # GPUs without peer-to-peer: the driver's staged copy
+                enable_peer_access(device, peer)
+            self._peer_pairs.add((device, peer))
 
     def peer_regions(self, peer: str, names: Sequence[str]) -> list[torch.Tensor]:
         """The peer's CUDA regions ``names`` as tensors of this process (mapped by CUDA IPC), for a

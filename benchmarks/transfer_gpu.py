@@ -157,7 +157,7 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
         src_rows, dst_rows = torch.randperm(tokens, generator=gen), torch.randperm(tokens, generator=gen)
         enable_peer_access(0, 1)  # before mapping, as PD's prefill does
         with make_transport("cuda_ipc") as transport:
-            peer = transport.connect(descriptor)
+            peer = transport.connect(descriptor, map_device=0)  # opened where the kernel runs, as PD's prefill does
 
             def run() -> None:
                 dst = [t.view(tokens, row) for t in transport.peer_regions(peer, names)]

@@ -65,9 +65,10 @@ class KVTierConfig:
     pd_transport: str = "auto"
     """PD KV transport: zmq (host memory, any hosts), cuda_ipc (GPU to GPU, one host), or auto
     (cuda_ipc for a CUDA pool when kvtier.transfer.cuda_ipc is available, else zmq)."""
-    pd_direct: bool = True
+    pd_direct: bool = False
     """With cuda_ipc and the same TP size on both sides, the prefill stores pages straight into the
-    decode's pool (one kernel, peer stores) instead of staging them; false always stages."""
+    decode's pool (one kernel, peer stores) instead of staging them. Off until the PD run on two GPUs
+    passes: the kernel's peer stores were measured alone (321 GB/s on 2x H200), not yet in PD."""
     pd_stage_slots: int = 4
     """Staging slots a decode rank keeps per prefill rank: KV writes in flight to it."""
     pd_stage_slot_mb: float = 32.0

@@ -381,7 +381,10 @@ class KvtierKVManager(CommonKVManager):
                 path, reason = STAGED, f"this prefill cannot store into the decode's pool: {e}"
         if why is None:
             try:
-                transport_peer = self.transport.connect(msg["descriptor"])
+                if path == DIRECT:  # mapped on this GPU: the copy kernel runs here
+                    transport_peer = self.transport.connect(msg["descriptor"], map_device=self.device.index)
+                else:
+                    transport_peer = self.transport.connect(msg["descriptor"])
             except TransferError as e:
                 why = (f"kvtier PD: cannot reach decode {remote.address} over {self.transport_kind} ({e}); "
                        f"cuda_ipc works within one host only, set pd_transport: zmq for servers on different hosts")

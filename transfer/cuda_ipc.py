@@ -417,7 +417,13 @@ class CudaIpcTransport(Transport):
 
     # -- sender side ---------------------------------------------------------------------------
 
-    def connect(self, descriptor: Descriptor) -> str:
+    def connect(self, descriptor: Descriptor, map_device: Optional[int] = None) -> str:
+        """Connect to a peer (see ``Transport.connect``). ``map_device``: open the peer's CUDA
+        regions in the context of this process's GPU ``map_device``, with peer access from it to
+        theirs, so that kernels on that GPU can load and store them (the way NCCL maps its peers'
+        buffers); their tensors then report ``map_device``. By default each region is opened on its
+        own GPU, which serves copies: a kernel on another GPU storing into such a mapping hits an
+        illegal address (2x H200, benchmarks/results/ab/ipc_kernel_owner.json)."""
         backend = descriptor.get("backend")
         if backend not in ("cuda_ipc", "zmq"):
             raise TransferError(
@@ -440,7 +446,7 @@ class CudaIpcTransport(Transport):
         peer = _Peer(address, sizes)
         try:
             if cuda:
-                self._map_all(peer, descriptor, cuda, old)
+                self._map_all(peer, descriptor, cuda, old, map_device)
         except BaseException:
             peer.release()
             raise
@@ -452,7 +458,8 @@ class CudaIpcTransport(Transport):
             self._peers[address] = peer
         return address
 
-    def _map_all(self, peer: _Peer, descriptor: Descriptor, cuda: dict, old: Optional[_Peer]) -> None:
+    def _map_all(self, peer: _Peer, descriptor: Descriptor, cuda: dict, old: Optional[_Peer],
+                 map_device: Optional[int]) -> None:
         exporter = _LOCAL.get(descriptor.get("instance", ""))
         if exporter is None and not torch.cuda.is_available():
             raise TransferError(
@@ -468,7 +475,7 @@ class CudaIpcTransport(Transport):
         storages: dict[tuple, torch.UntypedStorage] = {}
         for name, c in cuda.items():
             info = c["storage"]
-            key = (info["handle"], info["offset"], c["gen"])
+            key = (info["handle"], info["offset"], c["gen"], map_device)
             previous = old.mapped.get(name) if old is not None else None
             if previous is not None and previous.key == key:
                 peer.mapped[name] = previous
@@ -482,14 +489,14 @@ class CudaIpcTransport(Transport):
             else:
                 storage = storages.get(key[:2])
                 if storage is None:
-                    storage = storages[key[:2]] = self._map(peer.address, name, info)
+                    storage = storages[key[:2]] = self._map(peer.address, name, info, map_device)
                 if c["offset"] + c["size"] > storage.nbytes():
                     raise TransferError(f"region {name!r} of {peer.address} lies outside its shared storage")
                 tensor = torch.empty(0, dtype=torch.uint8, device=storage.device)
                 tensor.set_(storage, c["offset"], (c["size"],), (1,))
             peer.mapped[name] = _Mapped(tensor, c["slot"], c["gen"], key)
 
-    def _map(self, address: str, name: str, info: dict) -> torch.UntypedStorage:
+    def _map(self, address: str, name: str, info: dict, map_device: Optional[int]) -> torch.UntypedStorage:
         if self._uuids is None:
             torch.cuda.init()
             self._uuids = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
@@ -499,6 +506,9 @@ class CudaIpcTransport(Transport):
                 f"region {name!r} of {address} lives on GPU {info['device_uuid']}, which this "
                 "process cannot see; make it visible here (CUDA_VISIBLE_DEVICES)"
             )
+        if map_device is not None and map_device != device:
+            enable_peer_access(map_device, device)
+            device = map_device
         try:
             return torch.UntypedStorage._new_shared_cuda(
                 device, base64.b64decode(info["handle"]), info["size"], info["offset"],

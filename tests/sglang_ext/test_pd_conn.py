@@ -333,7 +333,7 @@ def test_full_lifecycle_between_cuda_pools(transport):
     if transport == "cuda_ipc" and not cuda_ipc_available():
         pytest.skip("kvtier.transfer.cuda_ipc is not available")
     env = peer_env()
-    env.update(ENV, KVTIER_PD_TRANSPORT=transport)
+    env.update(ENV, KVTIER_PD_TRANSPORT=transport, KVTIER_PD_DIRECT="true")
     procs = [Process(env), Process(env)]
     try:
         for p in procs:
@@ -361,7 +361,7 @@ def test_direct_path_across_two_gpus_and_a_decode_killed_on_it():
     if not torch.cuda.can_device_access_peer(0, 1):
         pytest.skip("GPU 0 cannot access GPU 1")
     env = peer_env()
-    env.update(ENV, KVTIER_PD_TRANSPORT="cuda_ipc")
+    env.update(ENV, KVTIER_PD_TRANSPORT="cuda_ipc", KVTIER_PD_DIRECT="true")
     procs = [Process(env), Process(env)]
     try:
         for p in procs:

@@ -405,9 +405,9 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
     with CudaIpcTransport() as me:
         assert descriptor_devices(child.descriptor, names) == [int(pool_device[-1])]
         enable_peer_access(0, int(pool_device[-1]))  # before mapping, as PD's prefill does
-        peer = me.connect(child.descriptor)
+        peer = me.connect(child.descriptor, map_device=0)  # opened where the kernel runs, as PD's prefill does
         dst = [t.view(rows, row_bytes) for t in me.peer_regions(peer, names)]
-        assert {t.device for t in dst} == {torch.device(pool_device)}
+        assert {t.device for t in dst} == {torch.device("cuda:0")}
         with torch.cuda.device(0):
             copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows)
         torch.cuda.synchronize(0)

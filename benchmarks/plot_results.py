@@ -137,7 +137,7 @@ def markdown(report: dict) -> str:
         for p, run in cfg["passes"].items():
             t, lat, h = run["ttft"], run["latency"], run["hit_rate"]
             kv = run["kvtier"]
-            chunks = ", ".join(f"{tier} {n}" for tier, n in kv["hits"].items()) + f", miss {kv['misses']}" \
+            chunks = ", ".join([*(f"{tier} {n}" for tier, n in kv["hits"].items() if n), f"miss {kv['misses']}"]) \
                 if isinstance(kv, dict) else "n/a"
             r = cfg.get("vs_radix", {}).get(p, {})
             lines.append(

@@ -4,7 +4,10 @@ Both servers run SGLang 0.5.17 with ``--enable-deterministic-inference`` (triton
 small Llama whose weights are random but not flat (transformers' default init, saved once). The
 reference server has a pool large enough that the second pass is a GPU radix hit; the kvtier
 server's pool is too small, so its second pass loads every prompt's prefix back from the CPU tier
-(checked in its metrics). Passes when every token and every logprob is identical.
+(checked in its metrics). Passes when every token and every logprob is identical. Variants:
+``write_back`` and ``write_through`` (an 8 GB CPU tier) and ``disk``: a 0.1 GB CPU tier (one
+prompt's KV) over a disk tier, with ``lower_tier_wait_s`` so the second pass waits for its chunks
+to come back from disk instead of recomputing them (checked: disk hits > 0).
 
     python benchmarks/greedy_equality.py --out benchmarks/results/greedy_equality.json
 """
@@ -16,6 +19,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +41,15 @@ def make_model(path: Path) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).to(torch.bfloat16)
     model.save_pretrained(path)
+
+
+_METRICS = {"KVTIER_METRICS_PORT": "9400"}
+VARIANTS = {
+    "write_back": {"KVTIER_CPU_SIZE_GB": "8", "KVTIER_WRITE_POLICY": "write_back", **_METRICS},
+    "write_through": {"KVTIER_CPU_SIZE_GB": "8", "KVTIER_WRITE_POLICY": "write_through", **_METRICS},
+    "disk": {"KVTIER_CPU_SIZE_GB": "0.1", "KVTIER_DISK_SIZE_GB": "2", "KVTIER_WRITE_POLICY": "write_back",
+             "KVTIER_LOWER_TIER_WAIT_S": "30", **_METRICS},
+}
 
 
 def greedy(port: int, ids: list[int], n: int) -> dict:
@@ -64,7 +77,12 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/small-llama-random"))
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--out", default="benchmarks/results/greedy_equality.json")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which kvtier servers, of {','.join(VARIANTS)}")
+    ap.add_argument("--disk-root", type=Path, default=Path("/tmp/kvtier-greedy-disk"), help="disk variant's tier")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants takes some of {','.join(VARIANTS)}, got {args.variants!r}")
     make_model(args.model_dir)
     rnd = random.Random(1)
     prompts = [[rnd.randrange(100, 31000) for _ in range(args.prompt_len)] for _ in range(args.prompts)]
@@ -73,20 +91,26 @@ def main() -> None:
     with serve("reference", args, 200_000, [], {}):
         expected = two_passes(args.port, prompts, args.new_tokens)
     results = {}
-    for policy in ("write_back", "write_through"):
-        env = {"KVTIER_CPU_SIZE_GB": "8", "KVTIER_WRITE_POLICY": policy, "KVTIER_METRICS_PORT": "9400"}
-        with serve(f"kvtier-{policy}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
+    for variant in variants:
+        env, tier = dict(VARIANTS[variant]), "disk" if variant == "disk" else "cpu"
+        if variant == "disk":
+            shutil.rmtree(args.disk_root, ignore_errors=True)
+            env["KVTIER_DISK_PATH"] = str(args.disk_root)
+        with serve(f"kvtier-{variant}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
             got = two_passes(args.port, prompts, args.new_tokens)
             metrics = urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=5).read().decode()
-            cpu_hits = next(float(l.split()[1]) for l in metrics.splitlines() if l.startswith('kvtier_hits_total{tier="cpu"}'))
+            hits = {t: sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith(f'kvtier_hits_total{{tier="{t}"}}'))
+                    for t in ("cpu", "disk")}
         same = [g == e for g, e in zip(got, expected)]
-        results[policy] = {
+        results[variant] = {
             "identical_prompts": sum(same),
             "prompts": len(prompts),
-            "cpu_tier_chunk_hits": cpu_hits,
+            "chunk_hits": hits,
+            "checked_tier": tier,
+            "kvtier_env": env,
             "first_difference": next(({"prompt": i, "expected": e, "got": g} for i, (g, e) in enumerate(zip(got, expected)) if g != e), None),
         }
-        print(policy, json.dumps(results[policy])[:400], flush=True)
+        print(variant, json.dumps(results[variant])[:400], flush=True)
     report = {
         "benchmark": "greedy_equality",
         "model": SMALL_LLAMA,
@@ -94,9 +118,11 @@ def main() -> None:
         "reference": "radix-only, 200,000-token pool (second pass = GPU hit)",
         "kvtier_pool_tokens": small_pool,
         "results": results,
-        "passed": all(r["identical_prompts"] == r["prompts"] and r["cpu_tier_chunk_hits"] > 0 for r in results.values()),
+        "passed": all(r["identical_prompts"] == r["prompts"] and r["chunk_hits"][r["checked_tier"]] > 0
+                      for r in results.values()),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/greedy_equality.py --prompts {args.prompts} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens}",
+        "command": (f"python benchmarks/greedy_equality.py --prompts {args.prompts} --prompt-len {args.prompt_len} "
+                    f"--new-tokens {args.new_tokens} --variants {','.join(variants)}"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

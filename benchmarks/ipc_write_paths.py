@@ -22,7 +22,6 @@ Each as 64 copies and as one copy of the whole buffer; median of ``--repeats`` a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import shlex
@@ -35,6 +34,8 @@ from typing import Callable
 import torch
 import torch.multiprocessing as mp
 
+from kvtier.transfer.cuda_ipc import cuda_runtime
+
 BUFFERS, BUFFER_BYTES = 64, 10_240_000
 TOTAL = BUFFERS * BUFFER_BYTES
 
@@ -44,17 +45,6 @@ def owner(queue: mp.Queue, done: mp.Event) -> None:
     buf = torch.zeros(TOTAL, dtype=torch.uint8, device="cuda:1")
     queue.put(buf)
     done.wait()
-
-
-def cudart() -> ctypes.CDLL:
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        return lib
-    raise SystemExit("no libcudart found")
 
 
 def timed(fn: Callable[[], None], sync: Callable[[], None], warmup: int, repeats: int) -> list[float]:
@@ -90,7 +80,7 @@ def main() -> None:
         own1 = torch.empty(TOTAL, dtype=torch.uint8, device="cuda:1")
         back0 = torch.empty(TOTAL, dtype=torch.uint8, device="cuda:0")
         s0, s1 = torch.cuda.Stream(device=0), torch.cuda.Stream(device=1)
-        lib = cudart()
+        lib = cuda_runtime()
 
         def sync() -> None:
             torch.cuda.synchronize(0)

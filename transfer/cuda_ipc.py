@@ -85,7 +85,7 @@ def _flat(tensor: torch.Tensor, what: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _cudart() -> ctypes.CDLL:
+def cuda_runtime() -> ctypes.CDLL:
     """The CUDA runtime that torch has loaded (found again by its soname)."""
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
         try:
@@ -114,7 +114,7 @@ def enable_peer_access(device: int, peer: int) -> None:
     if not torch.cuda.can_device_access_peer(device, peer):
         raise TransferError(f"GPU {device} cannot access GPU {peer} directly (no NVLink or PCIe peer-to-peer "
                             "between them)")
-    lib = _cudart()
+    lib = cuda_runtime()
     with torch.cuda.device(device):
         err = lib.cudaDeviceEnablePeerAccess(peer, 0)
     if err == _PEER_ACCESS_ALREADY_ENABLED:
@@ -643,7 +643,7 @@ class CudaIpcTransport(Transport):
             for dst, src in local:
                 dst.copy_(src, non_blocking=True)
         if cross:
-            lib = _cudart()
+            lib = cuda_runtime()
             for dst, src in cross:
                 device = dst.device.index
                 self._peer_access(device, src.device.index)

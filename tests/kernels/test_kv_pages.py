@@ -4,7 +4,8 @@ Triton's interpreter, see conftest.py)."""
 
 from __future__ import annotations
 
-import zlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,35 +21,15 @@ from kvtier.kernels.kv_pages import (
     uses_triton,
 )
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_spec = importlib.util.spec_from_file_location("kvtier_kernel_test_pools", Path(__file__).with_name("pools.py"))
+_pools = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pools)
+DEVICE, LAYERS, DTYPES = _pools.DEVICE, _pools.LAYERS, _pools.DTYPES
+seeded, make_pool, layer_bytes = _pools.seeded, _pools.make_pool, _pools.layer_bytes
+
+
 ALIGN = 4096
-LAYERS = 3
 N_CHUNKS = 4
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
-
-
-def seeded(*params) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
-
-
-def make_pool(dtype: torch.dtype, page_size: int, pages: int, gen: torch.Generator | None = None,
-              head_num: int = 2, head_dim: int = 16,
-              v_head_dim: int | None = None) -> MHATokenToKVPool:
-    """A pool of ``pages`` usable pages, filled with random bytes (zeros without ``gen``)."""
-    pool = MHATokenToKVPool(size=pages * page_size, page_size=page_size, dtype=dtype,
-                            head_num=head_num, head_dim=head_dim, layer_num=LAYERS,
-                            device=str(DEVICE), enable_memory_saver=False, v_head_dim=v_head_dim)
-    for buf in layer_bytes(pool):
-        if gen is None:
-            buf.zero_()
-        else:
-            buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=gen))
-    return pool
-
-
-def layer_bytes(pool: MHATokenToKVPool) -> list[torch.Tensor]:
-    """Every K then V layer buffer, viewed as bytes (comparisons stay bit-exact, NaNs included)."""
-    return [buf.view(torch.uint8) for buf in pool.k_buffer + pool.v_buffer]
 
 
 def random_slots(pool: MHATokenToKVPool, n_tokens: int, gen: torch.Generator) -> torch.Tensor:

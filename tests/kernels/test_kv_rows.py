@@ -5,7 +5,8 @@ other row of the destination changes."""
 
 from __future__ import annotations
 
-import zlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,32 +17,11 @@ from kvtier.kernels import kv_pages
 from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_rows_reference, uses_triton
 from kvtier.transfer.pd_layout import page_rows
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-LAYERS = 3
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
-
-
-def seeded(*params) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
-
-
-def make_pool(dtype: torch.dtype, page_size: int, pages: int, gen: torch.Generator | None,
-              head_num: int = 2, head_dim: int = 16, v_head_dim: int | None = None,
-              device: torch.device = DEVICE) -> MHATokenToKVPool:
-    """A pool of ``pages`` usable pages, random bytes with ``gen``, else zeros."""
-    pool = MHATokenToKVPool(size=pages * page_size, page_size=page_size, dtype=dtype, head_num=head_num,
-                            head_dim=head_dim, layer_num=LAYERS, device=str(device), enable_memory_saver=False,
-                            v_head_dim=v_head_dim)
-    for buf in layer_bytes(pool):
-        if gen is None:
-            buf.zero_()
-        else:
-            buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=gen))
-    return pool
-
-
-def layer_bytes(pool: MHATokenToKVPool) -> list[torch.Tensor]:
-    return [buf.view(torch.uint8) for buf in pool.k_buffer + pool.v_buffer]
+_spec = importlib.util.spec_from_file_location("kvtier_kernel_test_pools", Path(__file__).with_name("pools.py"))
+_pools = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pools)
+DEVICE, LAYERS, DTYPES = _pools.DEVICE, _pools.LAYERS, _pools.DTYPES
+seeded, make_pool, layer_bytes = _pools.seeded, _pools.make_pool, _pools.layer_bytes
 
 
 def random_pages(pool: MHATokenToKVPool, n: int, gen: torch.Generator) -> np.ndarray:

@@ -5,6 +5,9 @@
   no registry for these, so the name is added to the CLI choices and to the ``TransferBackend``
   enum, and ``get_kv_class`` is wrapped (an AROUND hook) to return kvtier's classes for it.
 
+A BEFORE hook on the scheduler's ``_add_request_to_queue`` lets the kvtier radix cache start
+fetching a queued request's disk or remote chunks right away, not when the request is scheduled.
+
 SGLang calls ``register`` in its main process and again in every scheduler process it spawns.
 """
 
@@ -18,12 +21,34 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "kvtier"
 _pd_registered = False
+_queue_hook_registered = False
+QUEUE_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
 
 
 def _build(ctx):  # imported lazily: torch-heavy modules stay out of processes that never build one
     from kvtier.sglang_ext.radix_cache import build
 
     return build(ctx)
+
+
+def _prefetch_on_arrival(scheduler, req, *args, **kwargs) -> None:
+    prefetch = getattr(getattr(scheduler, "tree_cache", None), "prefetch_on_arrival", None)
+    if prefetch is None:  # another cache, or a PD decode without one
+        return
+    try:
+        prefetch(req)
+    except Exception:  # a prefetch is an optimization: the request must still be queued
+        logger.exception("kvtier: prefetching request %s on arrival failed", getattr(req, "rid", "?"))
+
+
+def _register_queue_hook() -> None:
+    global _queue_hook_registered
+    if _queue_hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(QUEUE_HOOK_TARGET, _prefetch_on_arrival, HookType.BEFORE)
+    _queue_hook_registered = True
 
 
 def _get_kv_class(original, transfer_backend, class_type):
@@ -75,6 +100,7 @@ def _register_pd() -> None:
 def register() -> None:
     if get_radix_cache_factory(BACKEND) is None:
         register_radix_cache_backend(BACKEND, _build)
+    _register_queue_hook()
     try:
         _register_pd()
     except Exception:

@@ -6,7 +6,9 @@
   copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
-  ``lower_tier_wait_s``); the scheduler then calls
+  ``lower_tier_wait_s``). SGLang matches a prefix only when it schedules a request, so the plugin
+  also starts that prefetch when the request is queued (``prefetch_on_arrival``): the fetch then
+  overlaps the request's wait in the queue. The scheduler then calls
   ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
   tree, returning the new rows as SGLang's HiCache does.
 
@@ -222,6 +224,16 @@ class KVTierRadixCache(RadixCache):
         if host_hit <= 0:
             return result
         return result._replace(host_hit_length=host_hit)
+
+    def prefetch_on_arrival(self, req) -> None:
+        """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
+        (called by the plugin's hook on the scheduler's ``_add_request_to_queue``)."""
+        if self.disable or not self._report_host_hits or (self.store.disk is None and self.store.remote is None):
+            return
+        with self.store.metrics.timed("hook", "arrival"):
+            key = RadixKey(array("q", req.origin_input_ids), req.extra_key).page_aligned(self.page_size)
+            keys = self.namespace.chunk_keys(key.raw_token_ids(), key.extra_key)
+            self._prefetch(keys[self._cpu_hits(keys):])
 
     def _cpu_hits(self, keys: list[ChunkKey]) -> int:
         in_cpu = self.store.cpu.contains(keys)

@@ -155,20 +155,26 @@ def test_no_room_to_load_releases_everything(make_cache):
     assert len(loaded) == 4 * CHUNK_TOKENS
 
 
+def _disk_only_docs(cache) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Three two-chunk documents through a CPU tier of four chunks: the first ends on disk only."""
+    docs = [list(range(n * 1000, n * 1000 + 2 * CHUNK_TOKENS)) for n in range(1, 4)]
+    expected = []
+    for doc in docs:
+        expected.append(kv_rows(cache, insert(cache, doc)))
+        evict_all(cache)
+        cache.store.disk.flush(timeout_s=10)  # let the early demotions land, as time would
+    keys = cache.namespace.chunk_keys(docs[0])
+    assert cache.store.cpu.contains(keys) == [False, False] and cache.store.disk.contains(keys) == [True, True]
+    return docs, expected
+
+
 def test_disk_resident_chunks_are_prefetched_then_hit(make_cache):
     import time
 
     chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS  # layers x heads x (K,V) x dim x bf16 x tokens
     cache = make_cache(16, cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01)
-    docs = [list(range(n * 1000, n * 1000 + 2 * CHUNK_TOKENS)) for n in range(1, 4)]
-    expected = []
-    for doc in docs:  # three documents of two chunks pass through a CPU tier of four
-        expected.append(kv_rows(cache, insert(cache, doc)))
-        evict_all(cache)
-        cache.store.disk.flush(timeout_s=10)  # let the early demotions land, as time would
+    docs, expected = _disk_only_docs(cache)
     keys = cache.namespace.chunk_keys(docs[0])
-    assert cache.store.cpu.contains(keys) == [False, False]
-    assert cache.store.disk.contains(keys) == [True, True]
 
     req = make_req(docs[0] + [1])
     req.init_next_round_input(cache)
@@ -187,14 +193,7 @@ def test_with_a_wait_a_disk_only_prefix_is_a_hit_at_once(make_cache):
     chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
     cache = make_cache(16, cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01,
                        lower_tier_wait_s=10.0)
-    docs = [list(range(n * 1000, n * 1000 + 2 * CHUNK_TOKENS)) for n in range(1, 4)]
-    expected = []
-    for doc in docs:
-        expected.append(kv_rows(cache, insert(cache, doc)))
-        evict_all(cache)
-        cache.store.disk.flush(timeout_s=10)
-    keys = cache.namespace.chunk_keys(docs[0])
-    assert cache.store.cpu.contains(keys) == [False, False]
+    docs, expected = _disk_only_docs(cache)
     _, host_hit, loaded, _ = match_and_load(cache, make_req(docs[0] + [1]))
     assert host_hit == 2 * CHUNK_TOKENS
     assert same_kv(kv_rows(cache, loaded), expected[0])
@@ -340,3 +339,53 @@ def test_finished_copies_are_published_without_another_call_into_the_cache(make_
     cache.store.close()  # and the reaper ends with the store
     cache._reaper.join(timeout=2.0)
     assert not cache._reaper.is_alive()
+
+
+def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_cache):
+    """The real scheduler method, hooked by the plugin: queuing a request starts its disk fetch, so
+    the prefix match at scheduling time is a CPU-tier hit without any wait."""
+    import time
+
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvtier.sglang_ext import plugin
+
+    chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
+    cache = make_cache(16, cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01)
+    docs, expected = _disk_only_docs(cache)
+    plugin.register()
+    HookRegistry.apply_hooks()
+    # The attributes _add_request_to_queue reads on a scheduler without PD, priorities or HiCache.
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.__dict__.update(tree_cache=cache, disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[],
+                              enable_priority_scheduling=False, abort_on_priority_when_disabled=False,
+                              max_queued_requests=None, enable_hicache_storage=False)
+    req = make_req(docs[0] + [1])
+    scheduler._add_request_to_queue(req)
+    assert scheduler.waiting_queue == [req]
+    deadline = time.monotonic() + 10
+    while cache._prefetching and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.store.cpu.contains(cache.namespace.chunk_keys(docs[0])) == [True, True]
+    _, host_hit, loaded, _ = match_and_load(cache, req)
+    assert host_hit == 2 * CHUNK_TOKENS and same_kv(kv_rows(cache, loaded), expected[0])
+
+    cold = make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS)) + [1], "cold")
+    scheduler._add_request_to_queue(cold)  # in no tier: no background work
+    assert scheduler.waiting_queue == [req, cold] and not cache._prefetching
+
+
+def test_a_failing_arrival_prefetch_still_queues_the_request(make_cache, caplog):
+    from kvtier.sglang_ext import plugin
+
+    class Broken:
+        def prefetch_on_arrival(self, req):
+            raise OSError("disk gone")
+
+    class Scheduler:
+        tree_cache = Broken()
+
+    plugin._prefetch_on_arrival(Scheduler(), make_req([1, 2, 3], "r9"))
+    assert "prefetching request r9 on arrival failed" in caplog.text

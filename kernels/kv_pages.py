@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -68,6 +69,8 @@ def _kv_copy_kernel(
     host,  # uint8 slab holding the chunks
     host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
     v_region_words,  # L * CHUNK_TOKENS * K_WORDS: where a chunk's V part starts
+    n_tiles,  # token tiles of all chunks
+    n_items,  # n_tiles * L
     CHUNK_TOKENS: tl.constexpr,
     K_WORDS: tl.constexpr,
     V_WORDS: tl.constexpr,
@@ -78,27 +81,31 @@ def _kv_copy_kernel(
     BLOCK_VW: tl.constexpr,
     GATHER: tl.constexpr,
 ):
-    # Grid: (token tiles of all chunks, layers); each program moves K and V of its tile.
+    # Items are (layer, token tile) pairs, layer-major, so layers land roughly in order; each
+    # moves K and V of its tile. Every program takes every num_programs-th item: with one
+    # program per item that is one each, with fewer (``max_programs``) the copy occupies only
+    # that many SMs and leaves the rest to a forward pass running beside it.
     tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
-    tile = tl.program_id(0)
-    layer = tl.program_id(1).to(tl.int64)
-    chunk = (tile // tiles_per_chunk).to(tl.int64)
-    t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < CHUNK_TOKENS
-    slot = tl.load(slots + chunk * CHUNK_TOKENS + t, mask=t_mask, other=-1)
-    t_mask = slot >= 0  # -1 marks a token to skip (and the tile's tail past the chunk)
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        layer = (item // n_tiles).to(tl.int64)
+        tile = item % n_tiles
+        chunk = (tile // tiles_per_chunk).to(tl.int64)
+        t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t < CHUNK_TOKENS
+        slot = tl.load(slots + chunk * CHUNK_TOKENS + t, mask=t_mask, other=-1)
+        t_mask = slot >= 0  # -1 marks a token to skip (and the tile's tail past the chunk)
 
-    host_chunk = host.to(tl.pointer_type(WORD)) + tl.load(host_offsets + chunk) // WORD_BYTES
-    row = layer * CHUNK_TOKENS + t
-    # The layers are separate allocations, so their addresses come in as integers and become
-    # typed pointers here (as LMCache's multi_layer_kv_transfer does in CUDA); one launch then
-    # reaches all of them. Triton's interpreter treats pointers as host addresses too, so the
-    # same kernel runs there on CPU tensors.
-    k_pool = tl.load(layer_ptrs + 2 * layer).to(tl.pointer_type(WORD))
-    _copy_rows(k_pool, slot, host_chunk + row * K_WORDS, t_mask, K_WORDS, BLOCK_KW, GATHER)
-    v_pool = tl.load(layer_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
-    v_host = host_chunk + v_region_words
-    _copy_rows(v_pool, slot, v_host + row * V_WORDS, t_mask, V_WORDS, BLOCK_VW, GATHER)
+        host_chunk = host.to(tl.pointer_type(WORD)) + tl.load(host_offsets + chunk) // WORD_BYTES
+        row = layer * CHUNK_TOKENS + t
+        # The layers are separate allocations, so their addresses come in as integers and become
+        # typed pointers here (as LMCache's multi_layer_kv_transfer does in CUDA); one launch then
+        # reaches all of them. Triton's interpreter treats pointers as host addresses too, so the
+        # same kernel runs there on CPU tensors.
+        k_pool = tl.load(layer_ptrs + 2 * layer).to(tl.pointer_type(WORD))
+        _copy_rows(k_pool, slot, host_chunk + row * K_WORDS, t_mask, K_WORDS, BLOCK_KW, GATHER)
+        v_pool = tl.load(layer_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
+        v_host = host_chunk + v_region_words
+        _copy_rows(v_pool, slot, v_host + row * V_WORDS, t_mask, V_WORDS, BLOCK_VW, GATHER)
 
 
 @triton.jit
@@ -237,7 +244,7 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
             slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
-            gather: bool) -> None:
+            gather: bool, max_programs: Optional[int]) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
@@ -256,15 +263,23 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
     block_t = min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw))
-    grid = (len(plan.offsets) * triton.cdiv(chunk_tokens, block_t), plan.num_layers)
+    n_tiles = len(plan.offsets) * triton.cdiv(chunk_tokens, block_t)
+    n_items = n_tiles * plan.num_layers
+    grid = (min(n_items, max_programs or n_items),)
     # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
     # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
     _kv_copy_kernel[grid](
-        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words,
+        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tiles, n_items,
         CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
         WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
     )
+
+
+def _check_programs(max_programs: Optional[int]) -> Optional[int]:
+    if max_programs is not None and (not isinstance(max_programs, int) or max_programs < 1):
+        raise ValueError(f"max_programs must be None or an int >= 1, got {max_programs!r}")
+    return max_programs
 
 
 def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
@@ -304,7 +319,8 @@ def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
 
 
 def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
-              dst: torch.Tensor, dst_offsets: torch.Tensor, chunk_tokens: int) -> None:
+              dst: torch.Tensor, dst_offsets: torch.Tensor, chunk_tokens: int,
+              max_programs: Optional[int] = None) -> None:
     """Copy the KV of ``n_chunks`` chunks from the pool into ``dst``, in one kernel launch.
 
     Args:
@@ -317,6 +333,9 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
         dst_offsets: int64 ``[n_chunks]`` byte offset in ``dst`` where each chunk starts; read
             on the host for validation, so keep it on the CPU.
         chunk_tokens: tokens per chunk (``T``).
+        max_programs: run the kernel as at most this many programs (thread blocks), each looping
+            over its share, so that the copy occupies at most that many SMs; None: one program
+            per 32 KiB tile, as many as the GPU takes.
 
     Runs on the current stream for CUDA pools: synchronize before reading ``dst`` on the host.
     """
@@ -325,14 +344,15 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True)
+        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
+                max_programs=_check_programs(max_programs))
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
 
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-               chunk_tokens: int) -> None:
+               chunk_tokens: int, max_programs: Optional[int] = None) -> None:
     """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
@@ -345,7 +365,8 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False)
+        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
+                max_programs=_check_programs(max_programs))
     else:
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
 

@@ -62,8 +62,10 @@ class PoolIO:
         chunk_tokens: int,
         slab: torch.Tensor,
         observe: Optional[Callable[[str, float], None]] = None,
+        max_programs: Optional[int] = None,
     ):
         self.observe = observe
+        self.max_programs = max_programs
         self.k_buffers = k_buffers
         self.v_buffers = v_buffers
         self.chunk_tokens = chunk_tokens
@@ -137,7 +139,8 @@ class PoolIO:
         slots = slots.to(self.device, non_blocking=True)
         return self._run(
             "spill",
-            lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens),
+            lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens,
+                              max_programs=self.max_programs),
             on_done,
             guard,
             slots,
@@ -149,7 +152,8 @@ class PoolIO:
         slots = slots.to(self.device, non_blocking=True)
         return self._run(
             "load",
-            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens),
+            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
+                               max_programs=self.max_programs),
             on_done,
             True,
             slots,

@@ -102,6 +102,7 @@ class KVTierRadixCache(RadixCache):
             cfg.chunk_tokens,
             self.store.cpu.slab.tensor,
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
+            max_programs=cfg.copy_max_programs or None,
         )
         self.io.warm_up()
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None

@@ -150,6 +150,39 @@ def test_round_trip_into_other_slots(dtype, page_size):
         assert torch.equal(dst, ref)
 
 
+@pytest.mark.parametrize("max_programs", [1, 3, 7, 10_000])
+def test_fewer_programs_than_tiles_move_the_same_bytes(max_programs):
+    """``max_programs`` caps the grid (each program loops over its share of the layer x tile items):
+    gather and scatter still equal the reference, with counts that do not divide the items."""
+    chunk_tokens, page_size = 24, 1
+    gen = seeded("max_programs", max_programs)
+    pages = 2 * N_CHUNKS * chunk_tokens
+    src_pool = make_pool(torch.bfloat16, page_size, pages, gen, head_dim=40)
+    dst_pool = make_pool(torch.bfloat16, page_size, pages, head_dim=40)
+    src_slots = random_slots(src_pool, N_CHUNKS * chunk_tokens, gen)
+    dst_slots = random_slots(dst_pool, N_CHUNKS * chunk_tokens, gen)
+    offsets, slab_bytes = random_offsets(chunk_nbytes(src_pool.k_buffer, src_pool.v_buffer, chunk_tokens),
+                                         N_CHUNKS, gen)
+    got, want = host_slab(slab_bytes), host_slab(slab_bytes)
+    gather_kv(src_pool.k_buffer, src_pool.v_buffer, src_slots, got, offsets, chunk_tokens, max_programs=max_programs)
+    gather_kv_reference(src_pool.k_buffer, src_pool.v_buffer, src_slots, want, offsets, chunk_tokens)
+    sync()
+    assert torch.equal(got, want)
+    scatter_kv(got, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens, max_programs=max_programs)
+    sync()
+    for src, dst in zip(layer_bytes(src_pool), layer_bytes(dst_pool)):
+        assert torch.equal(dst[dst_slots], src[src_slots])
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_max_programs_must_be_a_positive_int(small_pool, bad):
+    slots = torch.arange(16, dtype=torch.int64) + 16
+    slab = host_slab(chunk_nbytes(small_pool.k_buffer, small_pool.v_buffer, 16))
+    with pytest.raises(ValueError, match="max_programs must be None or an int >= 1"):
+        gather_kv(small_pool.k_buffer, small_pool.v_buffer, slots, slab, torch.zeros(1, dtype=torch.int64), 16,
+                  max_programs=bad)
+
+
 @pytest.mark.parametrize(
     "dtype,head_dim,shift",
     [

@@ -70,7 +70,8 @@ def _kv_copy_kernel(
     host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
     v_region_words,  # L * CHUNK_TOKENS * K_WORDS: where a chunk's V part starts
     n_tiles,  # token tiles of all chunks
-    n_items,  # n_tiles * L
+    n_items,  # n_tiles * the launch's layers
+    first_layer,  # the launch's first layer (a load may be issued as ranges of layers)
     CHUNK_TOKENS: tl.constexpr,
     K_WORDS: tl.constexpr,
     V_WORDS: tl.constexpr,
@@ -87,7 +88,7 @@ def _kv_copy_kernel(
     # that many SMs and leaves the rest to a forward pass running beside it.
     tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        layer = (item // n_tiles).to(tl.int64)
+        layer = (item // n_tiles).to(tl.int64) + first_layer
         tile = item % n_tiles
         chunk = (tile // tiles_per_chunk).to(tl.int64)
         t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -244,7 +245,7 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
             slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
-            gather: bool, max_programs: Optional[int]) -> None:
+            gather: bool, max_programs: Optional[int], layers: range) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
@@ -264,12 +265,12 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
     block_t = min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw))
     n_tiles = len(plan.offsets) * triton.cdiv(chunk_tokens, block_t)
-    n_items = n_tiles * plan.num_layers
+    n_items = n_tiles * len(layers)
     grid = (min(n_items, max_programs or n_items),)
     # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
     # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
     _kv_copy_kernel[grid](
-        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tiles, n_items,
+        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tiles, n_items, layers.start,
         CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
         WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
@@ -303,7 +304,7 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
 
 def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                   chunk_tokens: int) -> None:
+                   chunk_tokens: int, layers: range) -> None:
     device = k_buffers[0].device
     n_chunks = len(plan.offsets)
     slots = slots.to(device)
@@ -313,9 +314,9 @@ def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
     for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
                                     (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
         per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
-        for layer, buf in enumerate(bufs):
+        for layer in layers:
             rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
-            _byte_rows(buf).index_copy_(0, slots[keep], rows[keep])
+            _byte_rows(bufs[layer]).index_copy_(0, slots[keep], rows[keep])
 
 
 def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
@@ -345,30 +346,42 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
         return
     if uses_triton(k_buffers[0].device):
         _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
-                max_programs=_check_programs(max_programs))
+                max_programs=_check_programs(max_programs), layers=range(plan.num_layers))
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
 
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-               chunk_tokens: int, max_programs: Optional[int] = None) -> None:
+               chunk_tokens: int, max_programs: Optional[int] = None,
+               layers: Optional[range] = None) -> None:
     """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
     the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the
     start of a chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
+    ``layers`` (default: all) limits the copy to a range of the pool's layers, so a load can be
+    issued in groups of layers that the forward pass waits for one by one.
     Runs on the current stream for CUDA pools: leave ``src`` untouched until it has finished.
     """
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
-    if not plan.offsets:
+    layers = _layer_range(layers, plan.num_layers)
+    if not plan.offsets or not layers:
         return
     if uses_triton(k_buffers[0].device):
         _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
-                max_programs=_check_programs(max_programs))
+                max_programs=_check_programs(max_programs), layers=layers)
     else:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, layers)
+
+
+def _layer_range(layers: Optional[range], num_layers: int) -> range:
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 or layers.stop > num_layers:
+        raise ValueError(f"layers must be a contiguous range within range({num_layers}), got {layers!r}")
+    return layers
 
 
 def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
@@ -383,12 +396,13 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
 
 def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                          k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                         chunk_tokens: int) -> None:
+                         chunk_tokens: int, layers: Optional[range] = None) -> None:
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     if plan.offsets:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens)
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens,
+                       _layer_range(layers, plan.num_layers))
 
 
 @dataclass(frozen=True)

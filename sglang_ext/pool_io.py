@@ -6,9 +6,12 @@ stream waits on) waits on the copy's event, so no CPU thread blocks and no row i
 before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
 forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
 freed. A copy to the device (load-back) is guarded too, so the forward pass reads the rows after
-they arrived. (A layer-by-layer load, one launch per layer and a per-layer wait in the pool's
-``layer_transfer_counter`` as HiCache does, measured slower on the H100: 74 vs 66 ms warm TTFT on
-one machine; ``benchmarks/results/ab/``.) On a CPU pool (tests) copies are synchronous.
+they arrived; or, with ``load_layer_groups`` > 1, it is issued as that many launches over groups of
+layers, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer (its
+``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's group
+only, so attention of the first layers overlaps the copy of the rest. (Measured slower on the H100
+with kernels on every SM, 66-77 ms vs 60; ``benchmarks/results/ab/load_layer_groups.json``; kept
+to be measured with ``max_programs``.) On a CPU pool (tests) copies are synchronous.
 """
 
 from __future__ import annotations
@@ -20,6 +23,39 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+
+
+class LayerGate:
+    """The events of the latest load's layer groups; ``wait_until(layer)`` makes the stream about to
+    read ``layer`` wait for its group.
+
+    Loads run in order on one stream, so the latest load's event for a layer also covers every
+    earlier load of that layer.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self._events: list[Optional[torch.cuda.Event]] = [None] * num_layers
+
+    def record(self, layers: range, event: torch.cuda.Event) -> None:
+        for layer in layers:
+            self._events[layer] = event
+
+    def forget(self, events: Sequence[torch.cuda.Event]) -> None:
+        """Stop waiting for ``events`` (their load finished) unless a later load replaced them."""
+        done = {id(e) for e in events}
+        self._events = [None if e is not None and id(e) in done else e for e in self._events]
+
+    def wait_until(self, layer: int) -> None:
+        event = self._events[layer]
+        if event is not None and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream().wait_event(event)
+
+
+def layer_groups(num_layers: int, groups: int) -> list[range]:
+    """``num_layers`` split into at most ``groups`` contiguous ranges of near-equal size."""
+    groups = max(1, min(groups, num_layers))
+    bounds = [num_layers * g // groups for g in range(groups + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -63,9 +99,12 @@ class PoolIO:
         slab: torch.Tensor,
         observe: Optional[Callable[[str, float], None]] = None,
         max_programs: Optional[int] = None,
+        load_layer_groups: int = 1,
     ):
         self.observe = observe
         self.max_programs = max_programs
+        self.gate = LayerGate(len(k_buffers))
+        self.load_groups = layer_groups(len(k_buffers), load_layer_groups)
         self.k_buffers = k_buffers
         self.v_buffers = v_buffers
         self.chunk_tokens = chunk_tokens
@@ -147,14 +186,35 @@ class PoolIO:
         )
 
     def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
-        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token."""
+        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
+
+        One group of layers: the forward pass waits for the whole copy. Several: readers of a layer
+        through the pool wait for its group via ``gate``; rows freed later wait via ``guard_pending``.
+        """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
-        return self._run(
-            "load",
-            lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                               max_programs=self.max_programs),
-            on_done,
-            True,
-            slots,
-        )
+        if len(self.load_groups) == 1:
+            return self._run(
+                "load",
+                lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
+                                   max_programs=self.max_programs),
+                on_done,
+                True,
+                slots,
+            )
+        events: list[torch.cuda.Event] = []
+
+        def launch() -> None:
+            for layers in self.load_groups:
+                scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
+                           max_programs=self.max_programs, layers=layers)
+                if self.stream is not None:
+                    events.append(torch.cuda.Event())
+                    events[-1].record(self.stream)
+                    self.gate.record(layers, events[-1])
+
+        def done() -> None:
+            self.gate.forget(events)
+            on_done()
+
+        return self._run("load", launch, done, False, slots)

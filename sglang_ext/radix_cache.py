@@ -103,8 +103,12 @@ class KVTierRadixCache(RadixCache):
             self.store.cpu.slab.tensor,
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
             max_programs=cfg.copy_max_programs or None,
+            load_layer_groups=cfg.load_layer_groups,
         )
         self.io.warm_up()
+        if self.io.stream is not None and cfg.load_layer_groups > 1:
+            # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
+            pool.register_layer_transfer_counter(self.io.gate)
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
         # A PD decode server promises its prefix hit to the prefill server, which then skips
         # those pages; only HiCache loads host hits back there, so kvtier must report none.

@@ -249,6 +249,38 @@ def test_scatter_skips_slots_of_minus_one():
         gather_kv(src_pool.k_buffer, src_pool.v_buffer, dst_slots.cpu(), slab, offsets, T)
 
 
+@pytest.mark.parametrize("max_programs", [None, 2])
+@pytest.mark.parametrize("groups", [[range(0, 1), range(1, LAYERS)], [range(LAYERS - 1, LAYERS), range(0, LAYERS - 1)]])
+def test_scatter_by_layer_ranges_equals_one_scatter(groups, max_programs):
+    """A load issued as several launches over ranges of layers writes exactly what one launch does,
+    and a launch writes only its own layers."""
+    T = 16
+    gen = seeded("layers", len(groups[0]))
+    src_pool = make_pool(torch.bfloat16, 1, 64, gen)
+    src_slots = random_slots(src_pool, 2 * T, gen)
+    slab, offsets = gather_both(src_pool, src_slots, T, gen)
+    dst_pool, ref_pool = (make_pool(torch.bfloat16, 1, 64, seeded("dst-layers")) for _ in range(2))
+    dst_slots = random_slots(dst_pool, 2 * T, gen)
+    scatter_kv_reference(slab, offsets, dst_slots, ref_pool.k_buffer, ref_pool.v_buffer, T)
+
+    before = [buf.clone() for buf in layer_bytes(dst_pool)]
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, layers=groups[0])
+    sync()
+    after = layer_bytes(dst_pool)
+    for layer in range(LAYERS):
+        for kv in (0, 1):
+            i = kv * LAYERS + layer
+            expected = layer_bytes(ref_pool)[i] if layer in groups[0] else before[i]
+            assert torch.equal(after[i], expected), (layer, kv)
+    for layers in groups[1:]:
+        scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, layers=layers)
+    sync()
+    for dst, ref in zip(layer_bytes(dst_pool), layer_bytes(ref_pool)):
+        assert torch.equal(dst, ref)
+    with pytest.raises(ValueError, match="contiguous range"):
+        scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, layers=range(0, LAYERS + 1))
+
+
 def test_empty_batch_is_a_no_op():
     pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     slab = host_slab(ALIGN)

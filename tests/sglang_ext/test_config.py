@@ -51,6 +51,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"remote_write_queue": 0}, "remote_write_queue"),
         ({"lower_tier_wait_s": -1}, "lower_tier_wait_s"),
         ({"copy_max_programs": -1}, "copy_max_programs"),
+        ({"load_layer_groups": 0}, "load_layer_groups"),
     ],
 )
 def test_invalid_values_name_the_key(changes, key):

@@ -1,7 +1,8 @@
 """PoolIO: chunk copies between a real SGLang KV pool and a host slab, ordered by stream events.
 
 On CPU the copies are synchronous; on a GPU machine the same tests run the Triton kernels on a
-side stream, and work queued right after a load must see the loaded rows.
+side stream, and attention-like reads queued right after a load (through the pool, which consults
+the layer gate when the load is issued in groups of layers) must see the loaded rows.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import pytest
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from kvtier.sglang_ext.pool_io import PoolIO
+from kvtier.sglang_ext.pool_io import PoolIO, layer_groups
 from kvtier.sglang_ext.tiers.host_memory import HostSlab
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int, chunks: int):
+def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int, chunks: int, groups: int = 1,
+         max_programs: int | None = None):
     pool = MHATokenToKVPool(pool_tokens, 16, torch.bfloat16, heads, dim, layers, DEVICE, False)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for buf in pool.k_buffer + pool.v_buffer:
@@ -25,13 +27,25 @@ def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int,
     chunk_bytes = chunk_tokens * layers * heads * dim * 2 * 2
     slab = HostSlab(chunks * chunk_bytes)
     seen: list[tuple[str, float]] = []
-    io = PoolIO(pool.k_buffer, pool.v_buffer, chunk_tokens, slab.tensor, observe=lambda op, s: seen.append((op, s)))
+    io = PoolIO(pool.k_buffer, pool.v_buffer, chunk_tokens, slab.tensor, observe=lambda op, s: seen.append((op, s)),
+                max_programs=max_programs, load_layer_groups=groups)
+    if groups > 1:  # as KVTierRadixCache does
+        pool.register_layer_transfer_counter(io.gate)
     views = [slab.view(i * chunk_bytes, chunk_bytes) for i in range(chunks)]
     return pool, io, views, seen
 
 
-def test_spill_then_load_round_trip_and_completions():
-    pool, io, views, seen = make(layers=3, heads=2, dim=32, pool_tokens=1024, chunk_tokens=32, chunks=4)
+def test_layer_groups_cover_every_layer_once():
+    assert layer_groups(32, 4) == [range(0, 8), range(8, 16), range(16, 24), range(24, 32)]
+    assert layer_groups(3, 2) == [range(0, 1), range(1, 3)]
+    assert layer_groups(2, 8) == [range(0, 1), range(1, 2)]
+    assert layer_groups(5, 1) == [range(0, 5)]
+
+
+@pytest.mark.parametrize("groups,max_programs", [(1, None), (2, None), (3, 2)])
+def test_spill_then_load_round_trip_and_completions(groups, max_programs):
+    pool, io, views, seen = make(layers=3, heads=2, dim=32, pool_tokens=1024, chunk_tokens=32, chunks=4,
+                                 groups=groups, max_programs=max_programs)
     src = torch.arange(16, 16 + 128, device=DEVICE)
     dst = torch.arange(512, 512 + 128, device=DEVICE)
     done: list[str] = []
@@ -45,10 +59,12 @@ def test_spill_then_load_round_trip_and_completions():
 
 
 @pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
-def test_work_queued_after_a_load_sees_the_loaded_rows():
+@pytest.mark.parametrize("groups,max_programs", [(1, None), (4, None), (32, None), (4, 16)])
+def test_work_queued_after_a_load_sees_the_loaded_rows(groups, max_programs):
     # Llama-3-8B shape, 40 chunks of 256 tokens: a 1.3 GB load, slow enough to race against.
     layers, chunks, T = 32, 40, 256
-    pool, io, views, seen = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T, chunks=chunks)
+    pool, io, views, seen = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T,
+                                 chunks=chunks, groups=groups, max_programs=max_programs)
     src = torch.arange(16, 16 + chunks * T, device=DEVICE)
     dst = src + chunks * T
     expected = [pool.k_buffer[l][src].clone() for l in range(layers)]
@@ -57,8 +73,9 @@ def test_work_queued_after_a_load_sees_the_loaded_rows():
         pool.k_buffer[l][dst] = 0
     torch.cuda.synchronize()
     load = io.to_device(views, dst, lambda: None)
-    # What the forward pass does next, on the current stream, without any host-side wait.
-    got = [pool.k_buffer[l][dst].clone() for l in range(layers)]
+    # What attention does next, on the current stream, without any host-side wait: read each
+    # layer through the pool, which waits for that layer's group of the load.
+    got = [pool.get_key_buffer(l)[dst].clone() for l in range(layers)]
     torch.cuda.synchronize()
     load.poll()
     assert all(torch.equal(g.view(torch.int16), e.view(torch.int16)) for g, e in zip(got, expected))

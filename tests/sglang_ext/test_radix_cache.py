@@ -83,9 +83,10 @@ def match_and_load(cache, req):
     return device_len, host_hit, rows, node
 
 
+@pytest.mark.parametrize("copy", [{}, {"load_layer_groups": 2, "copy_max_programs": 3}], ids=["one_launch", "groups"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size):
-    cache = make_cache(page_size)
+def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
+    cache = make_cache(page_size, **copy)
     doc = list(range(1000, 1000 + 4 * CHUNK_TOKENS + 32))  # 4 whole chunks + a partial one
     rows = insert(cache, doc)
     expected = kv_rows(cache, rows)

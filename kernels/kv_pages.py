@@ -69,7 +69,8 @@ def _kv_copy_kernel(
     host,  # uint8 slab holding the chunks
     host_offsets,  # int64 [n_chunks], byte offset of each chunk in host
     v_region_words,  # L * CHUNK_TOKENS * K_WORDS: where a chunk's V part starts
-    n_tiles,  # token tiles of all chunks
+    n_tokens,  # n_chunks * CHUNK_TOKENS
+    n_tiles,  # cdiv(n_tokens, BLOCK_T)
     n_items,  # n_tiles * the launch's layers
     first_layer,  # the launch's first layer (a load may be issued as ranges of layers)
     CHUNK_TOKENS: tl.constexpr,
@@ -85,18 +86,18 @@ def _kv_copy_kernel(
     # Items are (layer, token tile) pairs, layer-major, so layers land roughly in order; each
     # moves K and V of its tile. Every program takes every num_programs-th item: with one
     # program per item that is one each, with fewer (``max_programs``) the copy occupies only
-    # that many SMs and leaves the rest to a forward pass running beside it.
-    tiles_per_chunk = tl.cdiv(CHUNK_TOKENS, BLOCK_T)
+    # that many SMs and leaves the rest to a forward pass running beside it. A tile is BLOCK_T
+    # consecutive tokens of the batch and may span chunks, so chunks of one token (PD's packed
+    # pages at page size 1) still move in 32 KiB tiles.
+    host_words = host.to(tl.pointer_type(WORD))
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         layer = (item // n_tiles).to(tl.int64) + first_layer
-        tile = item % n_tiles
-        chunk = (tile // tiles_per_chunk).to(tl.int64)
-        t = (tile % tiles_per_chunk) * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = t < CHUNK_TOKENS
-        slot = tl.load(slots + chunk * CHUNK_TOKENS + t, mask=t_mask, other=-1)
-        t_mask = slot >= 0  # -1 marks a token to skip (and the tile's tail past the chunk)
-
-        host_chunk = host.to(tl.pointer_type(WORD)) + tl.load(host_offsets + chunk) // WORD_BYTES
+        g = (item % n_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        g_mask = g < n_tokens
+        slot = tl.load(slots + g, mask=g_mask, other=-1)
+        t_mask = slot >= 0  # -1 marks a token to skip (and the tile's tail past the batch)
+        chunk, t = g // CHUNK_TOKENS, g % CHUNK_TOKENS
+        host_chunk = host_words + tl.load(host_offsets + chunk, mask=g_mask, other=0) // WORD_BYTES
         row = layer * CHUNK_TOKENS + t
         # The layers are separate allocations, so their addresses come in as integers and become
         # typed pointers here (as LMCache's multi_layer_kv_transfer does in CUDA); one launch then
@@ -263,14 +264,16 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     v_words = plan.v_row_bytes // plan.word_bytes
     block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
-    block_t = min(triton.next_power_of_2(chunk_tokens), _TILE_WORDS // max(block_kw, block_vw))
-    n_tiles = len(plan.offsets) * triton.cdiv(chunk_tokens, block_t)
+    block_t = _TILE_WORDS // max(block_kw, block_vw)
+    n_tokens = len(plan.offsets) * chunk_tokens
+    n_tiles = triton.cdiv(n_tokens, block_t)
     n_items = n_tiles * len(layers)
     grid = (min(n_items, max_programs or n_items),)
     # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
     # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
     _kv_copy_kernel[grid](
-        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tiles, n_items, layers.start,
+        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tokens, n_tiles, n_items,
+        layers.start,
         CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
         WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,

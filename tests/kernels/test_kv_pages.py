@@ -110,7 +110,7 @@ def test_kernel_path_is_exercised():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("page_size,chunk_tokens", [(1, 16), (1, 24), (16, 16), (16, 32)])
+@pytest.mark.parametrize("page_size,chunk_tokens", [(1, 1), (1, 3), (1, 16), (1, 24), (16, 16), (16, 32)])
 def test_gather_matches_reference_and_layout(dtype, page_size, chunk_tokens):
     gen = seeded(dtype, page_size, chunk_tokens)
     pool = make_pool(dtype, page_size, 2 * N_CHUNKS * chunk_tokens // page_size, gen)
@@ -150,11 +150,13 @@ def test_round_trip_into_other_slots(dtype, page_size):
         assert torch.equal(dst, ref)
 
 
-@pytest.mark.parametrize("max_programs", [1, 3, 7, 10_000])
-def test_fewer_programs_than_tiles_move_the_same_bytes(max_programs):
+@pytest.mark.parametrize("chunk_tokens", [1, 24])
+@pytest.mark.parametrize("max_programs", [None, 1, 3, 7, 10_000])
+def test_fewer_programs_than_tiles_move_the_same_bytes(max_programs, chunk_tokens):
     """``max_programs`` caps the grid (each program loops over its share of the layer x tile items):
-    gather and scatter still equal the reference, with counts that do not divide the items."""
-    chunk_tokens, page_size = 24, 1
+    gather and scatter still equal the reference, with counts that do not divide the items; chunks
+    of one token (PD's packed pages at page size 1) share tiles."""
+    page_size = 1
     gen = seeded("max_programs", max_programs)
     pages = 2 * N_CHUNKS * chunk_tokens
     src_pool = make_pool(torch.bfloat16, page_size, pages, gen, head_dim=40)

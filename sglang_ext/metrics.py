@@ -86,6 +86,11 @@ class PDMetrics:
         self.transfer = Histogram("kvtier_pd_transfer_seconds", "Per request: first KV write to the last slot "
                                   "acknowledged (prefill), first slot to completion (decode)", ["role"],
                                   buckets=_TRANSFER_BUCKETS, registry=r)
+        self.peers = Counter("kvtier_pd_peers", "Decode ranks registered with a prefill rank, by data path (direct: "
+                             "stored into the decode's pool over CUDA IPC; staged: through staging slots)",
+                             ["role", "path"], registry=r)
+        self.path_bytes = Counter("kvtier_pd_path_bytes", "KV bytes moved, by data path (kvtier_pd_bytes_total is "
+                                  "their sum)", ["role", "path"], registry=r)
 
 
 _served_lock = threading.Lock()

@@ -8,8 +8,8 @@ buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in pag
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
 a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
-IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. ``transport_kind`` resolves ``pd_transport`` for the
-pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
+IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. ``transport_kind`` resolves
+``pd_transport`` for the pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
 allocates staging where that transport can reach it: on the pool's GPU for a device-capable
 transport, else in pinned host memory.
 """

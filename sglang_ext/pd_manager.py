@@ -32,7 +32,6 @@ import json
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,7 +39,6 @@ import numpy as np
 import requests
 import torch
 import zmq
-from prometheus_client import CollectorRegistry, Counter
 from sglang.srt.disaggregation.base.conn import KVArgs, KVPoll
 from sglang.srt.disaggregation.common.conn import CommonKVManager, PrefillServerInfo
 from sglang.srt.disaggregation.common.utils import FastQueue
@@ -133,30 +131,6 @@ class Stage:
     prefill_endpoint: str
 
 
-class _PathMetrics:
-    """The counters by data path, beside ``PDMetrics`` in its registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.peers = Counter("kvtier_pd_peers", "Decode ranks registered with a prefill rank, by data path (direct: "
-                             "stored into the decode's pool over CUDA IPC; staged: through staging slots)",
-                             ["role", "path"], registry=registry)
-        self.bytes = Counter("kvtier_pd_path_bytes", "KV bytes moved, by data path (kvtier_pd_bytes_total is their "
-                             "sum)", ["role", "path"], registry=registry)
-
-
-_path_metrics_lock = threading.Lock()
-_path_metrics: "weakref.WeakKeyDictionary[CollectorRegistry, _PathMetrics]" = weakref.WeakKeyDictionary()
-
-
-def path_metrics(metrics: PDMetrics) -> _PathMetrics:
-    """The counters by path in ``metrics``' registry (one set per registry, shared by its managers)."""
-    with _path_metrics_lock:
-        found = _path_metrics.get(metrics.registry)
-        if found is None:
-            found = _path_metrics[metrics.registry] = _PathMetrics(metrics.registry)
-        return found
-
-
 @dataclass
 class PDStats:
     """Totals of this rank's KV movement (both directions count on the side that does the copy),
@@ -175,14 +149,11 @@ class PDStats:
     metrics: Optional[PDMetrics] = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def __post_init__(self) -> None:
-        self.paths = path_metrics(self.metrics) if self.metrics is not None else None
-
     def add_peer(self, path: str) -> None:
         with self.lock:
             self.peers[path] = self.peers.get(path, 0) + 1
-        if self.paths is not None:
-            self.paths.peers.labels(self.role, path).inc()
+        if self.metrics is not None:
+            self.metrics.peers.labels(self.role, path).inc()
 
     def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0,
             path: str = "") -> None:
@@ -195,9 +166,9 @@ class PDStats:
             if path and nbytes:
                 self.path_bytes[path] = self.path_bytes.get(path, 0) + nbytes
         m, role = self.metrics, self.role
-        if self.paths is not None and path and nbytes:
-            self.paths.bytes.labels(role, path).inc(nbytes)
         if m is not None:
+            if path and nbytes:
+                m.path_bytes.labels(role, path).inc(nbytes)
             for counter, value in ((m.bytes, nbytes), (m.pages, pages), (m.busy, seconds)):
                 if value:
                     counter.labels(role).inc(value)

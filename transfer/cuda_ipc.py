@@ -7,11 +7,14 @@ id). A peer on the same host maps the allocation once at ``connect`` (``_new_sha
 then writes and reads on a dedicated stream per GPU, synchronizing once per batch before
 returning, so a later notification never overtakes the data: copies within one GPU with torch's
 ``copy_``, copies between GPUs (NVLink or PCIe peer-to-peer) with ``cudaMemcpyAsync`` on the
-destination GPU's stream, because torch's cross-device ``copy_`` into IPC-mapped memory costs
-~280 us per call (34 GB/s for 10 MB pieces on H200 NVLink, against 317 GB/s this way).
-``peer_regions`` hands a peer's mapped regions to kernels that store into them directly. Host regions, notifications and their deadlines go
-through a composed ``ZmqTransport`` on the same address, so this transport can also connect to
-plain ZMQ peers. Each exporter keeps a small state file in ``/dev/shm``: one generation number
+destination GPU's stream with peer access enabled, because torch's cross-device ``copy_`` into
+IPC-mapped memory costs ~280 us per call (34 GB/s for 10 MB pieces on H200 NVLink, against 317 GB/s
+this way; without peer access the driver stages through host memory, 36 GB/s).
+``peer_regions`` hands a peer's mapped regions to kernels that store into them directly; such a
+peer is connected with ``map_device``, so its handles are opened in the kernel's GPU context (a
+kernel storing into a mapping opened on the owner's GPU faults). Host regions, notifications and
+their deadlines go through a composed ``ZmqTransport`` on the same address, so this transport can
+also connect to plain ZMQ peers. Each exporter keeps a small state file in ``/dev/shm``: one generation number
 per CUDA region (zero once deregistered), so a peer holding a stale descriptor is refused
 instead of writing into memory that may be reused, and a shared ``flock`` held for the
 exporter's lifetime, so a peer learns at once that the exporter died.

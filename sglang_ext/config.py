@@ -57,9 +57,11 @@ class KVTierConfig:
     load_layer_groups: int = 1
     """A load-back is copied in this many groups of layers and the forward pass reads a layer as
     soon as its group landed; 1 copies all layers before the forward pass (measured faster so far)."""
-    copy_max_programs: int = 0
-    """Thread blocks a spill or load-back kernel may use at most (0: one per 32 KiB tile, every SM
-    it can get). A smaller number leaves SMs to the forward pass the copy runs beside."""
+    spill_max_programs: int = 0
+    """Thread blocks a spill kernel may use at most (0: one per 32 KiB tile, every SM it can get).
+    A smaller number leaves SMs to the forward pass the copy runs beside."""
+    load_max_programs: int = 0
+    """The same for a load-back kernel."""
     metrics_port: int = 0
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
@@ -204,8 +206,9 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("pd_transport", f"must be one of {list(PD_TRANSPORTS)}")
     if cfg.load_layer_groups < 1:
         raise bad("load_layer_groups", "must be >= 1 (1 copies all layers before the forward pass)")
-    if cfg.copy_max_programs < 0:
-        raise bad("copy_max_programs", "must be >= 0 (0: no limit)")
+    for key in ("spill_max_programs", "load_max_programs"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, "must be >= 0 (0: no limit)")
     if cfg.pd_stage_slots < 1:
         raise bad("pd_stage_slots", "must be >= 1 (4 keeps writes and scatters overlapped)")
     if cfg.pd_stage_slot_mb <= 0:

@@ -11,7 +11,7 @@ layers, and a ``LayerGate`` that SGLang's pool consults before attention reads a
 ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's group
 only, so attention of the first layers overlaps the copy of the rest. (Measured slower on the H100
 with kernels on every SM, 66-77 ms vs 60; ``benchmarks/results/ab/load_layer_groups.json``; kept
-to be measured with ``max_programs``.) On a CPU pool (tests) copies are synchronous.
+to be measured with ``load_max_programs``.) On a CPU pool (tests) copies are synchronous.
 """
 
 from __future__ import annotations
@@ -98,11 +98,13 @@ class PoolIO:
         chunk_tokens: int,
         slab: torch.Tensor,
         observe: Optional[Callable[[str, float], None]] = None,
-        max_programs: Optional[int] = None,
+        spill_max_programs: Optional[int] = None,
+        load_max_programs: Optional[int] = None,
         load_layer_groups: int = 1,
     ):
         self.observe = observe
-        self.max_programs = max_programs
+        self.spill_max_programs = spill_max_programs
+        self.load_max_programs = load_max_programs
         self.gate = LayerGate(len(k_buffers))
         self.load_groups = layer_groups(len(k_buffers), load_layer_groups)
         self.k_buffers = k_buffers
@@ -179,7 +181,7 @@ class PoolIO:
         return self._run(
             "spill",
             lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens,
-                              max_programs=self.max_programs),
+                              max_programs=self.spill_max_programs),
             on_done,
             guard,
             slots,
@@ -197,7 +199,7 @@ class PoolIO:
             return self._run(
                 "load",
                 lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                                   max_programs=self.max_programs),
+                                   max_programs=self.load_max_programs),
                 on_done,
                 True,
                 slots,
@@ -207,7 +209,7 @@ class PoolIO:
         def launch() -> None:
             for layers in self.load_groups:
                 scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                           max_programs=self.max_programs, layers=layers)
+                           max_programs=self.load_max_programs, layers=layers)
                 if self.stream is not None:
                     events.append(torch.cuda.Event())
                     events[-1].record(self.stream)

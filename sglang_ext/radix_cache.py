@@ -102,7 +102,8 @@ class KVTierRadixCache(RadixCache):
             cfg.chunk_tokens,
             self.store.cpu.slab.tensor,
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
-            max_programs=cfg.copy_max_programs or None,
+            spill_max_programs=cfg.spill_max_programs or None,
+            load_max_programs=cfg.load_max_programs or None,
             load_layer_groups=cfg.load_layer_groups,
         )
         self.io.warm_up()

@@ -50,7 +50,8 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"pin_timeout_s": 0}, "pin_timeout_s"),
         ({"remote_write_queue": 0}, "remote_write_queue"),
         ({"lower_tier_wait_s": -1}, "lower_tier_wait_s"),
-        ({"copy_max_programs": -1}, "copy_max_programs"),
+        ({"spill_max_programs": -1}, "spill_max_programs"),
+        ({"load_max_programs": -2}, "load_max_programs"),
         ({"load_layer_groups": 0}, "load_layer_groups"),
     ],
 )

@@ -28,7 +28,7 @@ def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int,
     slab = HostSlab(chunks * chunk_bytes)
     seen: list[tuple[str, float]] = []
     io = PoolIO(pool.k_buffer, pool.v_buffer, chunk_tokens, slab.tensor, observe=lambda op, s: seen.append((op, s)),
-                max_programs=max_programs, load_layer_groups=groups)
+                spill_max_programs=max_programs, load_max_programs=max_programs, load_layer_groups=groups)
     if groups > 1:  # as KVTierRadixCache does
         pool.register_layer_transfer_counter(io.gate)
     views = [slab.view(i * chunk_bytes, chunk_bytes) for i in range(chunks)]

@@ -92,6 +92,29 @@ def setups(host_gb: float, disk_root: str, cpu_disk_cpu_gb: float, cpu_disk_gb: 
     }
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME:key=value,key=value`` (kvtier settings) -> ``(NAME, {"KVTIER_KEY": "value", ...})``:
+    a kvtier configuration with these settings changed, so an A/B needs no code change. Unknown
+    keys and bad values are refused with kvtier's own config message."""
+    from kvtier.sglang_ext.config import ConfigError, load_config
+
+    name, sep, settings = spec.partition(":")
+    if not sep or not name or not settings:
+        raise BenchError(f"--variant {spec!r}: expected NAME:key=value[,key=value...], e.g. "
+                         "lg4:load_layer_groups=4,load_max_programs=32")
+    env = {}
+    for item in settings.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BenchError(f"--variant {spec!r}: {item!r} is not key=value")
+        env[f"KVTIER_{key.strip().upper()}"] = value.strip()
+    try:
+        load_config(env=env)
+    except ConfigError as e:
+        raise BenchError(f"--variant {spec!r}: {e}") from None
+    return name, env
+
+
 def write_dummy_model(model_dir: str | Path, config: Mapping = LLAMA3_8B) -> Path:
     """A model folder holding only ``config.json``, for ``--load-format dummy`` (random weights)."""
     path = Path(model_dir)

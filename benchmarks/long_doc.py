@@ -18,6 +18,7 @@ merge into one JSON file, with every configuration's ratios to ``radix`` recompu
 
     python benchmarks/long_doc.py --config radix
     python benchmarks/long_doc.py --config kvtier_cpu          # and hicache, kvtier_cpu_disk, ...
+    python benchmarks/long_doc.py --variant spill16:spill_max_programs=16   # kvtier_cpu, one setting changed
     python benchmarks/plot_results.py benchmarks/results/long_doc.json
 """
 
@@ -45,6 +46,7 @@ from bench_common import (
     kvtier_summary,
     merge_result,
     model_shape,
+    parse_variant,
     run_facts,
     scrape_metrics,
     setups,
@@ -388,19 +390,27 @@ def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = list(setups(1, "/tmp", 1, 1, 1, 1))
-    ap.add_argument("--config", action="append", choices=names, required=True, help="one server per config, in turn")
+    ap.add_argument("--config", action="append", choices=names, default=[], help="one server per config, in turn")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                    help="after the configs, kvtier_cpu with these kvtier settings changed, named NAME")
     ap.add_argument("--workload", choices=WORKLOADS, default="rag")
     ap.add_argument("--out", help="JSON file (default benchmarks/results/long_doc[_chat|_noreuse].json)")
     ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
     add_arguments(ap)
     args = ap.parse_args()
+    if not args.config and not args.variant:
+        ap.error("give at least one --config or --variant")
     out = args.out or f"benchmarks/results/long_doc{'' if args.workload == 'rag' else '_' + args.workload}.json"
     try:
         model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
         passes = build_passes(args.workload, args, config)
         workload = describe_workload(args.workload, args, source, passes)
         table = setups_from(args)
-        for name in args.config:
+        for spec in args.variant:
+            name, env = parse_variant(spec)
+            base = table["kvtier_cpu"]
+            table[name] = ServerSetup(f"{base.description}, {spec.partition(':')[2]}", base.args, {**base.env, **env})
+        for name in [*args.config, *(spec.partition(":")[0] for spec in args.variant)]:
             facts = run_facts(args.commit)
             result = measure_config(name, table[name], passes, options(args), model_dir, load_args)
             result.update(facts, model=model_shape(config, source))

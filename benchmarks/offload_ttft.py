@@ -16,13 +16,13 @@ Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
   kvtier_cpu   --radix-cache-backend kvtier, 30 GB CPU tier, 40,000-token pool (write_back)
   kvtier_cpu_wt  the same with write_policy write_through
   kvtier_disk  kvtier with a 2 GB CPU tier over a disk tier, 40,000-token pool
+  --variant NAME:key=value,...  kvtier_cpu with kvtier settings changed (an A/B without code changes)
 Results of several invocations merge into one JSON file (one key per configuration).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -30,7 +30,7 @@ import statistics
 import urllib.request
 from pathlib import Path
 
-from bench_common import KVTIER_ARGS, setups, write_dummy_model
+from bench_common import KVTIER_ARGS, parse_variant, run_facts, setups, write_dummy_model
 from sglang_server import generate, sglang_server
 
 # The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
@@ -82,7 +82,10 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", action="append", choices=list(CONFIGS), required=True)
+    ap.add_argument("--config", action="append", choices=list(CONFIGS), default=[])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                    help="after the configs, kvtier_cpu with these kvtier settings changed, named NAME")
+    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--doc-len", type=int, default=10_000)
     ap.add_argument("--port", type=int, default=30000)
@@ -90,11 +93,18 @@ def main() -> None:
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--out", default="benchmarks/results/offload_ttft.json")
     args = ap.parse_args()
+    if not args.config and not args.variant:
+        ap.error("give at least one --config or --variant")
+    names = list(args.config)
+    for spec in args.variant:
+        name, env = parse_variant(spec)
+        pool, extra, base_env = CONFIGS["kvtier_cpu"]
+        CONFIGS[name] = (pool, extra, {**base_env, **env})
+        names.append(name)
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"benchmark": "offload_ttft", "configs": {}}
-    for name in args.config:
-        report["configs"][name] = run_config(name, args)
-        report["configs"][name]["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for name in names:
+        report["configs"][name] = {**run_config(name, args), **run_facts(args.commit)}
         report["workload"] = {"docs": args.docs, "doc_len": args.doc_len, "max_new_tokens": 1, "model": "Llama-3-8B shape, dummy weights"}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -91,3 +91,17 @@ def test_demo_with_pd_runs_the_workload_through_prefill_decode_and_the_router(tm
     assert set(report["configs"]) == {"radix", "kvtier_cpu", "kvtier_pd"}
     assert report["configs"]["kvtier_pd"]["passes"]["warm"]["requests"] == 5
     assert (tmp_path / "pd-router.log").exists()
+
+
+def test_a_variant_is_kvtier_cpu_with_settings_changed(tmp_path):
+    out = tmp_path / "r.json"
+    r = run(BENCHMARKS_DIR / "long_doc.py", "--variant", "lg2:load_layer_groups=2,spill_max_programs=16",
+            "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    cfg = json.loads(out.read_text())["configs"]["lg2"]
+    assert cfg["env"]["KVTIER_LOAD_LAYER_GROUPS"] == "2" and cfg["env"]["KVTIER_SPILL_MAX_PROGRAMS"] == "16"
+    assert cfg["env"]["KVTIER_CPU_SIZE_GB"] and cfg["server_args"][-2:] == ["--radix-cache-backend", "kvtier"]
+    assert cfg["passes"]["warm"]["requests"] == 5
+
+    bad = run(BENCHMARKS_DIR / "long_doc.py", "--variant", "x:load_layer_group=2", "--out", str(out), tmp_path=tmp_path)
+    assert bad.returncode != 0 and "load_layer_group" in bad.stderr and "load_layer_groups" in bad.stderr

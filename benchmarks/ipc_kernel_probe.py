@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kvtier.kernels.kv_pages import copy_kv_rows
-from kvtier.transfer.cuda_ipc import _NO_EVENT, _NO_REFCOUNT, enable_peer_access
+from kvtier.transfer.cuda_ipc import enable_peer_access, open_handle
 
 BUFFERS, ROWS, ROW_BYTES = 64, 10_000, 2048
 TOTAL = BUFFERS * ROWS * ROW_BYTES
@@ -56,8 +56,7 @@ def main() -> None:
         info = queue.get(timeout=120)
         enable_peer_access(0, 1)
         device = 1 if args.map_on == "owner" else 0
-        storage = torch.UntypedStorage._new_shared_cuda(device, info["handle"], info["size"], info["offset"],
-                                                        _NO_REFCOUNT, 0, _NO_EVENT, False)
+        storage = open_handle(device, info["handle"], info["size"], info["offset"])
         remote = torch.empty(0, dtype=torch.uint8, device=storage.device)
         remote.set_(storage, 0, (TOTAL,), (1,))
         dst = list(remote.view(BUFFERS, ROWS, ROW_BYTES).unbind(0))

@@ -126,6 +126,12 @@ def enable_peer_access(device: int, peer: int) -> None:
         raise TransferError(f"cannot enable peer access from GPU {device} to GPU {peer}: {_cuda_error(lib, err)}")
 
 
+def open_handle(device: int, handle: bytes, size: int, offset: int) -> torch.UntypedStorage:
+    """The allocation behind a CUDA IPC ``handle`` (as ``UntypedStorage._share_cuda_`` gives it),
+    opened in GPU ``device``'s context; its exporter owns the lifetime (no reference counting)."""
+    return torch.UntypedStorage._new_shared_cuda(device, handle, size, offset, _NO_REFCOUNT, 0, _NO_EVENT, False)
+
+
 def descriptor_devices(descriptor: Descriptor, names: Sequence[str]) -> list[int]:
     """This process's indices of the GPUs that hold the CUDA regions ``names`` of a peer's
     descriptor (to enable peer access to them before mapping them at ``connect``)."""
@@ -513,10 +519,7 @@ class CudaIpcTransport(Transport):
             enable_peer_access(map_device, device)
             device = map_device
         try:
-            return torch.UntypedStorage._new_shared_cuda(
-                device, base64.b64decode(info["handle"]), info["size"], info["offset"],
-                _NO_REFCOUNT, 0, _NO_EVENT, False,
-            )
+            return open_handle(device, base64.b64decode(info["handle"]), info["size"], info["offset"])
         except RuntimeError as e:
             raise TransferError(
                 f"cannot map region {name!r} of {address} by CUDA IPC ({e}); both processes "

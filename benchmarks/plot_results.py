@@ -76,27 +76,29 @@ def plot_latency_cdf(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _stacked_bars(ax, shares: dict[str, list[float]]) -> None:
+    """One bar per run, the series of ``shares`` (label -> share per run) stacked in their order."""
+    bottom: list[float] = []
+    for label, share in shares.items():
+        bottom = bottom or [0.0] * len(share)
+        ax.bar(range(len(share)), share, bottom=bottom, label=label)
+        bottom = [b + s for b, s in zip(bottom, share)]
+
+
 def plot_hits(report: dict, path: Path) -> None:
     names, passes = ordered(report["configs"]), pass_names(report)
     labels = [f"{n}\n{p}" for n in names for p in passes if p in report["configs"][n]["passes"]]
     runs = [report["configs"][n]["passes"][p] for n in names for p in passes if p in report["configs"][n]["passes"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(runs) * 2), 4.5))
-    bottom = [0.0] * len(runs)
-    for level in ("gpu", "host", "storage"):
-        share = [r["hit_rate"][level] for r in runs]
-        left.bar(range(len(runs)), share, bottom=bottom, label=level)
-        bottom = [b + s for b, s in zip(bottom, share)]
+    _stacked_bars(left, {level: [r["hit_rate"][level] for r in runs] for level in ("gpu", "host", "storage")})
     left.set_xticks(range(len(runs)), labels, fontsize=7)
     left.set_ylim(0, 1)
     left.set_ylabel("share of prompt tokens")
     left.set_title("prompt tokens cached, as SGLang reports them")
     left.legend()
     tiers = sorted({t for r in runs if isinstance(r["kvtier"], dict) for t in r["kvtier"]["hit_rate"]})
-    bottom = [0.0] * len(runs)
-    for tier in tiers:
-        share = [r["kvtier"]["hit_rate"].get(tier, 0.0) if isinstance(r["kvtier"], dict) else 0.0 for r in runs]
-        right.bar(range(len(runs)), share, bottom=bottom, label=tier)
-        bottom = [b + s for b, s in zip(bottom, share)]
+    _stacked_bars(right, {tier: [r["kvtier"]["hit_rate"].get(tier, 0.0) if isinstance(r["kvtier"], dict) else 0.0
+                                 for r in runs] for tier in tiers})
     right.set_xticks(range(len(runs)), labels, fontsize=7)
     right.set_ylim(0, 1)
     right.set_ylabel("share of chunks looked up")

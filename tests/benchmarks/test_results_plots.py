@@ -87,3 +87,14 @@ def test_plot_script_refuses_other_files(tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "plot_results.py"), str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "not a long_doc.py result" in run.stderr
+
+
+def test_stacked_bars_stack_each_series_on_the_ones_before():
+    from plot_results import _stacked_bars
+
+    fig, ax = plt.subplots()
+    _stacked_bars(ax, {"gpu": [0.2, 0.5], "host": [0.3, 0.1], "storage": [0.0, 0.4]})
+    bars = [v for p in ax.patches for v in (p.get_x() + p.get_width() / 2, p.get_y(), p.get_height())]
+    plt.close(fig)
+    assert bars == pytest.approx([0, 0, 0.2, 1, 0, 0.5, 0, 0.2, 0.3, 1, 0.5, 0.1, 0, 0.5, 0.0, 1, 0.6, 0.4])
+    assert [h.get_label() for h in ax.containers] == ["gpu", "host", "storage"]

@@ -20,14 +20,12 @@ one GPU, a 10K-token Llama-3-8B KV (40 chunks of 32 MiB at random pool pages, sm
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from bench_common import run_facts
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
@@ -126,11 +124,9 @@ def main() -> None:
     copy(False, args.max_programs[-1])()
     torch.cuda.synchronize()
     exact = all(torch.equal(b[rows], e) for b, e in zip(pool.k_buffer + pool.v_buffer, expected))
-    report = {"benchmark": "copy_interference", "gpu": torch.cuda.get_device_name(), "sms":
+    report = {**run_facts(args.commit or None), "benchmark": "copy_interference", "gpu": torch.cuda.get_device_name(), "sms":
               torch.cuda.get_device_properties(0).multi_processor_count, "tokens": args.tokens, "bytes": nbytes,
-              "bit_exact_at_smallest_cap": exact, "results": rows_out, "commit": args.commit,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
+              "bit_exact_at_smallest_cap": exact, "results": rows_out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"bit exact: {exact}; wrote {args.out}", flush=True)

@@ -15,14 +15,13 @@ to come back from disk instead of recomputing them (checked: disk hits > 0).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
 import shutil
-import urllib.request
 from pathlib import Path
 
+from bench_common import kvtier_summary, run_facts, scrape_metrics
 from sglang_server import generate, sglang_server
 
 SMALL_LLAMA = dict(
@@ -98,9 +97,8 @@ def main() -> None:
             env["KVTIER_DISK_PATH"] = str(args.disk_root)
         with serve(f"kvtier-{variant}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
             got = two_passes(args.port, prompts, args.new_tokens)
-            metrics = urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=5).read().decode()
-            hits = {t: sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith(f'kvtier_hits_total{{tier="{t}"}}'))
-                    for t in ("cpu", "disk")}
+            found = kvtier_summary(scrape_metrics("http://127.0.0.1:9400/metrics"))["hits"]
+            hits = {t: found.get(t, 0) for t in ("cpu", "disk")}
         same = [g == e for g, e in zip(got, expected)]
         results[variant] = {
             "identical_prompts": sum(same),
@@ -120,9 +118,7 @@ def main() -> None:
         "results": results,
         "passed": all(r["identical_prompts"] == r["prompts"] and r["chunk_hits"][r["checked_tier"]] > 0
                       for r in results.values()),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": (f"python benchmarks/greedy_equality.py --prompts {args.prompts} --prompt-len {args.prompt_len} "
-                    f"--new-tokens {args.new_tokens} --variants {','.join(variants)}"),
+        **run_facts(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -14,15 +14,13 @@ variant in its own process: an illegal address would poison the CUDA context.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_common import run_facts
 import torch.multiprocessing as mp
 
 from kvtier.kernels.kv_pages import copy_kv_rows
@@ -84,10 +82,8 @@ def main() -> None:
     finally:
         done.set()
         proc.join(timeout=30)
-    report = {"benchmark": "ipc_kernel_probe", "bytes": TOTAL, "commit": args.commit,
-              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(getattr(sys, "orig_argv", sys.argv)), **result}
+    report = {**run_facts(args.commit or None), "benchmark": "ipc_kernel_probe", "bytes": TOTAL,
+              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], **result}
     print(json.dumps({k: v for k, v in report.items() if k != "GBps"}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

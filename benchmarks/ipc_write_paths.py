@@ -22,16 +22,14 @@ Each as 64 copies and as one copy of the whole buffer; median of ``--repeats`` a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from bench_common import run_facts
 import torch.multiprocessing as mp
 
 from kvtier.transfer.cuda_ipc import cuda_runtime
@@ -135,9 +133,7 @@ def main() -> None:
         done.set()
         proc.join(timeout=30)
     report = {"benchmark": "ipc_write_paths", "bytes": TOTAL, "gpus": [torch.cuda.get_device_name(i) for i in range(2)],
-              "torch": torch.__version__, "commit": args.commit,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(getattr(sys, "orig_argv", sys.argv)), "cases": cases}
+              "torch": torch.__version__, **run_facts(args.commit or None), "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -18,14 +18,13 @@ on the default stream (bf16 matmuls, standing in for the forward pass).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import mmap
-import subprocess
 import threading
 from pathlib import Path
 
 import torch
+from bench_common import run_facts
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
@@ -183,10 +182,7 @@ def main() -> None:
         "plain_h2d_GBps": round(nbytes / timed_on(side, lambda: flat_gpu.copy_(plain, non_blocking=True), args.repeats) / 1e9, 2),
         "plain_d2h_GBps": round(nbytes / timed_on(side, lambda: plain.copy_(flat_gpu, non_blocking=True), args.repeats) / 1e9, 2),
         "results": results,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/load_path.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        **run_facts(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

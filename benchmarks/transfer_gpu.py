@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import multiprocessing as mp
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from bench_common import run_facts
 
 from kvtier.transfer.base import Transport
 
@@ -234,10 +232,8 @@ def main() -> None:
         "cases": cases,
         "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_facts(),
         "seconds": round(time.monotonic() - started, 1),
-        "command": shlex.join(["python", *sys.argv]),
     }
     out = Path(args.out or f"benchmarks/results/transfer_gpu_{gpus}gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)

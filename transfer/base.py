@@ -12,8 +12,10 @@ only after every write that the same sender issued before it to the same peer is
 from __future__ import annotations
 
 import abc
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -69,6 +71,96 @@ def check_range(regions: dict[str, int], name: Any, offset: Any, nbytes: Any) ->
             f"({regions[name]} bytes)"
         )
     return None
+
+
+def check_region(name: str, region: torch.Tensor) -> None:
+    """Refuses a region that is not a 1-D uint8 tensor, as every backend's ``register`` must."""
+    if region.dtype != torch.uint8 or region.dim() != 1:
+        raise TransferError(
+            f"region {name!r} must be a 1-D uint8 tensor, got {region.dtype} {tuple(region.shape)}; "
+            "pass tensor.view(-1).view(torch.uint8)"
+        )
+
+
+class HostRegions:
+    """The host-memory regions a transport receives into, by name, and the views that a peer's plan
+    of ``[region, offset, nbytes]`` entries names (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._regions: dict[str, torch.Tensor] = {}
+
+    def register(self, name: str, region: torch.Tensor) -> None:
+        check_region(name, region)
+        region = as_bytes(region, f"region {name!r}")
+        with self._lock:
+            if name in self._regions:
+                raise TransferError(f"region {name!r} is already registered; deregister it first")
+            self._regions[name] = region
+
+    def deregister(self, name: str) -> None:
+        with self._lock:
+            if self._regions.pop(name, None) is None:
+                raise TransferError(f"region {name!r} is not registered")
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {name: t.numel() for name, t in self._regions.items()}
+
+    def views(self, plan: Any) -> tuple[list[torch.Tensor], Optional[str]]:
+        """Views of the ranges ``plan`` names, or why it is invalid (then no views)."""
+        if not isinstance(plan, list):
+            return [], "malformed plan"
+        with self._lock:
+            sizes = {name: t.numel() for name, t in self._regions.items()}
+            views = []
+            for entry in plan:
+                if not (isinstance(entry, list) and len(entry) == 3):
+                    return [], f"malformed range {entry!r}"
+                name, offset, nbytes = entry
+                error = check_range(sizes, name, offset, nbytes)
+                if error:
+                    return [], error
+                views.append(self._regions[name][offset : offset + nbytes])
+        return views, None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._regions.clear()
+
+
+class Inbox:
+    """The notifications a transport received, in arrival order."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[Notification]" = queue.Queue()
+
+    def put(self, note: Notification) -> None:
+        self._queue.put(note)
+
+    def get(self, timeout_s: float, address: str) -> Notification:
+        """The next one; ``PeerTimeout`` naming the transport's ``address`` if none comes in time."""
+        try:
+            return self._queue.get(timeout=max(timeout_s, 0.0))
+        except queue.Empty:
+            raise PeerTimeout(f"no notification reached {address} within {timeout_s}s") from None
+
+
+P = TypeVar("P")
+
+
+def find_peer(peers: Mapping[str, P], peer: str, closed: bool, address: str) -> P:
+    """``peers[peer]`` of the transport at ``address``, refused once it is closed or before ``connect``."""
+    check_open(closed, address)
+    found = peers.get(peer)
+    if found is None:
+        raise TransferError(f"not connected to {peer!r}; call connect(descriptor) first")
+    return found
+
+
+def check_open(closed: bool, address: str) -> None:
+    if closed:
+        raise TransferError(f"transport {address} is closed; open a new one")
 
 
 class Transport(abc.ABC):

@@ -50,7 +50,10 @@ from kvtier.transfer.base import (
     TransferError,
     Transport,
     WriteOp,
+    check_open,
     check_range,
+    check_region,
+    find_peer,
 )
 from kvtier.transfer.zmq_transport import ZmqTransport
 
@@ -323,14 +326,9 @@ class CudaIpcTransport(Transport):
     # -- receiver side -------------------------------------------------------------------------
 
     def register(self, name: str, region: torch.Tensor) -> None:
-        if region.dtype != torch.uint8 or region.dim() != 1:
-            raise TransferError(
-                f"region {name!r} must be a 1-D uint8 tensor, "
-                f"got {region.dtype} {tuple(region.shape)}; "
-                "pass tensor.view(-1).view(torch.uint8)"
-            )
+        check_region(name, region)
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             if name in self._cuda or name in self._host_regions:
                 raise TransferError(f"region {name!r} is already registered; deregister it first")
             if not region.is_cuda:
@@ -450,7 +448,7 @@ class CudaIpcTransport(Transport):
         host_sizes = {name: n for name, n in sizes.items() if name not in cuda}
         address = self._zmq.connect({"backend": "zmq", "address": descriptor["address"], "regions": host_sizes})
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             old = self._peers.pop(address, None)
         peer = _Peer(address, sizes)
         try:
@@ -463,7 +461,7 @@ class CudaIpcTransport(Transport):
             if old is not None:
                 old.release()
         with self._lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             self._peers[address] = peer
         return address
 
@@ -574,17 +572,9 @@ class CudaIpcTransport(Transport):
         self._check_current(p, [], "a notification")
         self._zmq_call(p, self._zmq.notify, message, deadline)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransferError(f"transport {self.address} is closed; open a new one")
-
     def _peer(self, peer: str) -> _Peer:
         with self._lock:
-            self._check_open()
-            p = self._peers.get(peer)
-        if p is None:
-            raise TransferError(f"not connected to {peer!r}; call connect(descriptor) first")
-        return p
+            return find_peer(self._peers, peer, self._closed, self.address)
 
     def _drop(self, p: _Peer) -> None:
         with self._lock:

@@ -77,6 +77,8 @@ import torch
 
 from kvtier.transfer.base import (
     Descriptor,
+    HostRegions,
+    Inbox,
     Notification,
     PeerTimeout,
     ReadOp,
@@ -85,7 +87,9 @@ from kvtier.transfer.base import (
     Transport,
     WriteOp,
     as_bytes,
+    check_open,
     check_range,
+    find_peer,
 )
 
 logger = logging.getLogger(__name__)
@@ -415,11 +419,10 @@ class UcxTransport(Transport):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._ucp, self._ucs = _ucx()
-        self._regions: dict[str, torch.Tensor] = {}
-        self._regions_lock = threading.Lock()
+        self._regions = HostRegions()
         self._peers: dict[str, _Conn] = {}  # outgoing, by peer address; service thread writes
         self._peers_lock = threading.Lock()
-        self._notifications: "queue.Queue[Notification]" = queue.Queue()
+        self._inbox = Inbox()
         self._commands: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -462,26 +465,13 @@ class UcxTransport(Transport):
     # -- public interface ---------------------------------------------------------------------
 
     def register(self, name: str, region: torch.Tensor) -> None:
-        if region.dtype != torch.uint8 or region.dim() != 1:
-            raise TransferError(
-                f"region {name!r} must be a 1-D uint8 tensor, got {region.dtype} "
-                f"{tuple(region.shape)}; pass tensor.view(-1).view(torch.uint8)"
-            )
-        region = as_bytes(region, f"region {name!r}")
-        with self._regions_lock:
-            if name in self._regions:
-                raise TransferError(f"region {name!r} is already registered; deregister it first")
-            self._regions[name] = region
+        self._regions.register(name, region)
 
     def deregister(self, name: str) -> None:
-        with self._regions_lock:
-            if self._regions.pop(name, None) is None:
-                raise TransferError(f"region {name!r} is not registered")
+        self._regions.deregister(name)
 
     def descriptor(self) -> Descriptor:
-        with self._regions_lock:
-            sizes = {name: t.numel() for name, t in self._regions.items()}
-        return {"backend": "ucx", "address": self.address, "regions": sizes}
+        return {"backend": "ucx", "address": self.address, "regions": self._regions.sizes()}
 
     def connect(self, descriptor: Descriptor) -> str:
         if descriptor.get("backend") != "ucx":
@@ -491,7 +481,7 @@ class UcxTransport(Transport):
             )
         address, regions = descriptor["address"], dict(descriptor["regions"])
         with self._peers_lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             conn = self._peers.get(address)
             if conn is not None and conn.broken() is None:
                 conn.regions = regions
@@ -529,12 +519,7 @@ class UcxTransport(Transport):
         self._wait(conn, op, deadline, timeout_s, bytes(message))
 
     def recv_notification(self, timeout_s: float) -> Notification:
-        try:
-            return self._notifications.get(timeout=max(timeout_s, 0.0))
-        except queue.Empty:
-            raise PeerTimeout(
-                f"no notification reached {self.address} within {timeout_s}s"
-            ) from None
+        return self._inbox.get(timeout_s, self.address)
 
     def close(self) -> None:
         with self._peers_lock:
@@ -549,21 +534,13 @@ class UcxTransport(Transport):
             logger.error("kvtier transfer: the UCX service thread of %s did not stop", self.address)
             return
         self._close_pipe()
-        with self._regions_lock:
-            self._regions.clear()
+        self._regions.clear()
 
     # -- caller side --------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransferError(f"transport {self.address} is closed; open a new one")
-
     def _peer(self, peer: str) -> _Conn:
         with self._peers_lock:
-            self._check_open()
-            conn = self._peers.get(peer)
-        if conn is None:
-            raise TransferError(f"not connected to {peer!r}; call connect(descriptor) first")
+            conn = find_peer(self._peers, peer, self._closed, self.address)
         error = conn.broken()
         if error is not None:
             raise type(error)(str(error))
@@ -915,7 +892,7 @@ class UcxTransport(Transport):
 
     def _connect(self, address: str) -> _Conn:
         with self._peers_lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             conn = self._peers.get(address)
             if conn is not None and conn.broken() is None:
                 return conn
@@ -1023,26 +1000,13 @@ class UcxTransport(Transport):
             plan = json.loads(payload)
         except ValueError:
             return [], "malformed plan"
-        with self._regions_lock:
-            sizes = {name: t.numel() for name, t in self._regions.items()}
-            if not isinstance(plan, list):
-                return [], "malformed plan"
-            views = []
-            for entry in plan:
-                if not (isinstance(entry, list) and len(entry) == 3):
-                    return [], f"malformed range {entry!r}"
-                name, offset, nbytes = entry
-                error = check_range(sizes, name, offset, nbytes)
-                if error:
-                    return [], error
-                views.append(self._regions[name][offset : offset + nbytes])
-        return views, None
+        return self._regions.views(plan)
 
     def _on_request(self, conn: _Conn, kind: int, seq: int, tag: int, payload: bytes) -> None:
         if kind == _HELLO:
             conn.address = payload.decode(errors="replace")
         elif kind == _NOTIFY:
-            self._notifications.put(Notification(conn.address, payload))
+            self._inbox.put(Notification(conn.address, payload))
             self._send_am(conn, _DONE, seq, 0, b"")
         elif kind == _PLAN_READ:
             views, error = self._views(payload)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import struct
 import threading
 import time
@@ -27,6 +26,8 @@ import zmq
 
 from kvtier.transfer.base import (
     Descriptor,
+    HostRegions,
+    Inbox,
     Notification,
     PeerTimeout,
     ReadOp,
@@ -35,7 +36,9 @@ from kvtier.transfer.base import (
     Transport,
     WriteOp,
     as_bytes,
+    check_open,
     check_range,
+    find_peer,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,12 +121,11 @@ class ZmqTransport(Transport):
         self._router.setsockopt(zmq.SNDHWM, 0)  # read replies are views, queueing costs no copy
         self._router.bind(f"tcp://{host}:{port}")
         self.address: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._regions: dict[str, torch.Tensor] = {}
-        self._regions_lock = threading.Lock()
+        self._regions = HostRegions()
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
         self._plans: dict[bytes, _Plan] = {}  # by sender identity; receiver thread only
-        self._notifications: "queue.Queue[Notification]" = queue.Queue()
+        self._inbox = Inbox()
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(
@@ -135,51 +137,20 @@ class ZmqTransport(Transport):
     # -- receiver side -------------------------------------------------------------------------
 
     def register(self, name: str, region: torch.Tensor) -> None:
-        if region.dtype != torch.uint8 or region.dim() != 1:
-            raise TransferError(
-                f"region {name!r} must be a 1-D uint8 tensor, "
-                f"got {region.dtype} {tuple(region.shape)}; "
-                "pass tensor.view(-1).view(torch.uint8)"
-            )
-        region = as_bytes(region, f"region {name!r}")
-        with self._regions_lock:
-            if name in self._regions:
-                raise TransferError(f"region {name!r} is already registered; deregister it first")
-            self._regions[name] = region
+        self._regions.register(name, region)
 
     def deregister(self, name: str) -> None:
-        with self._regions_lock:
-            if self._regions.pop(name, None) is None:
-                raise TransferError(f"region {name!r} is not registered")
+        self._regions.deregister(name)
 
     def descriptor(self) -> Descriptor:
-        return {"backend": "zmq", "address": self.address, "regions": self._sizes()}
+        return {"backend": "zmq", "address": self.address, "regions": self._regions.sizes()}
 
     def recv_notification(self, timeout_s: float) -> Notification:
-        try:
-            return self._notifications.get(timeout=max(timeout_s, 0.0))
-        except queue.Empty:
-            error = f"no notification reached {self.address} within {timeout_s}s"
-            raise PeerTimeout(error) from None
-
-    def _sizes(self) -> dict[str, int]:
-        with self._regions_lock:
-            return {name: t.numel() for name, t in self._regions.items()}
+        return self._inbox.get(timeout_s, self.address)
 
     def _views(self, plan: list) -> tuple[list[memoryview], Optional[str]]:
-        """Destination views for a plan of [region, offset, nbytes], or why it is invalid."""
-        with self._regions_lock:
-            sizes = {name: t.numel() for name, t in self._regions.items()}
-            views = []
-            for entry in plan:
-                if not (isinstance(entry, list) and len(entry) == 3):
-                    return [], f"malformed range {entry!r}"
-                name, offset, nbytes = entry
-                error = check_range(sizes, name, offset, nbytes)
-                if error:
-                    return [], error
-                views.append(_view(self._regions[name][offset : offset + nbytes]))
-        return views, None
+        views, error = self._regions.views(plan)
+        return [_view(v) for v in views], error
 
     def _serve(self) -> None:
         try:
@@ -225,7 +196,7 @@ class ZmqTransport(Transport):
             elif kind == b"N":
                 (seq,) = _SEQ.unpack(header)
                 sender = ident.decode(errors="replace").rpartition("#")[0]
-                self._notifications.put(Notification(sender, self._next()))
+                self._inbox.put(Notification(sender, self._next()))
                 self._ack(ident, seq, None)
             else:
                 raise _Malformed(f"unknown message kind {kind!r}")
@@ -268,7 +239,7 @@ class ZmqTransport(Transport):
             )
         address, regions = descriptor["address"], dict(descriptor["regions"])
         with self._peers_lock:
-            self._check_open()
+            check_open(self._closed, self.address)
             peer = self._peers.get(address)
             if peer is not None:
                 peer.regions = regions
@@ -311,17 +282,9 @@ class ZmqTransport(Transport):
             self._send(p, [b"N", _SEQ.pack(seq), bytes(message)], deadline, "a notification")
             self._wait_ack(p, seq, deadline, "a notification", None)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransferError(f"transport {self.address} is closed; open a new one")
-
     def _peer(self, peer: str) -> _Peer:
         with self._peers_lock:
-            self._check_open()
-            p = self._peers.get(peer)
-        if p is None:
-            raise TransferError(f"not connected to {peer!r}; call connect(descriptor) first")
-        return p
+            return find_peer(self._peers, peer, self._closed, self.address)
 
     def _begin(self, p: _Peer) -> int:
         if p.socket is None:
@@ -398,7 +361,6 @@ class ZmqTransport(Transport):
                 if p.socket is not None:
                     p.socket.close(linger=0)
                     p.socket = None
-        with self._regions_lock:
-            self._regions.clear()
+        self._regions.clear()
         self._plans.clear()
         self._ctx.term()

@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 
 from bench_common import BenchError, counter_delta, model_shape, run_facts, scrape_metrics, summarize
 from long_doc import load_model, sse_events, token_range
-from sglang_server import BASE_ARGS, port_in_use, sglang_server
+from sglang_server import BASE_ARGS, port_in_use, sglang_server, wait_healthy
 
 DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
 
@@ -226,27 +225,6 @@ def run_requests(url: str, prompts: Sequence[list[int]], max_new_tokens: int, ti
     return asyncio.run(go())
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> float:
-    start = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"{url} exited with {proc.returncode}; {log} ends with:\n{_tail(log)}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5)
-            return time.monotonic() - start
-        except OSError:
-            if time.monotonic() - start > timeout_s:
-                raise BenchError(f"{url} not healthy after {timeout_s:g} s; {log} ends with:\n{_tail(log)}") from None
-            time.sleep(1)
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @dataclass(frozen=True)
 class PDPorts:
     prefill: int = 30100
@@ -289,7 +267,7 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
         for name, argv, port, metrics_port in plan:
             if name == "router":
                 for n, proc, log, p in procs:
-                    _wait_healthy(f"http://127.0.0.1:{p}", proc, log, timeout_s)
+                    wait_healthy(f"http://127.0.0.1:{p}", proc, log, timeout_s)
                     print(f"[pd] {n} healthy after {time.monotonic() - start:.0f} s", flush=True)
             log = log_dir / f"pd-{name}.log"
             worker_env = {**os.environ, "SGLANG_HOST_IP": "127.0.0.1", **env}
@@ -301,7 +279,7 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
                 proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True, env=worker_env)
             procs.append((name, proc, log, port))
-        _wait_healthy(f"http://127.0.0.1:{ports.router}", procs[-1][1], procs[-1][2], 60)
+        wait_healthy(f"http://127.0.0.1:{ports.router}", procs[-1][1], procs[-1][2], 60)
         yield time.monotonic() - start
     finally:
         for _, proc, _, _ in reversed(procs):

@@ -33,6 +33,23 @@ def _log_tail(log_path: str | Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: str | Path, timeout_s: float) -> float:
+    """Poll ``{url}/health`` until it answers and return the seconds that took; exits with the tail of
+    ``log_path`` if ``proc`` ends or ``timeout_s`` passes first."""
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"{url} exited with {proc.returncode}; {log_path} ends with:\n{_log_tail(log_path)}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            return time.monotonic() - start
+        except OSError:
+            pass
+        if time.monotonic() - start > timeout_s:
+            sys.exit(f"{url} not healthy after {timeout_s:g} s; {log_path} ends with:\n{_log_tail(log_path)}")
+        time.sleep(1)
+
+
 @contextmanager
 def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
                   log_path: str | Path, ready_timeout_s: float = 400,
@@ -51,18 +68,7 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **env})
     try:
-        start = time.time()
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"server exited with {proc.returncode}; {log_path} ends with:\n{_log_tail(log_path)}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() - start > ready_timeout_s:
-                    sys.exit(f"server not ready after {ready_timeout_s:.0f} s; {log_path} ends with:\n{_log_tail(log_path)}")
-                time.sleep(2)
-        yield time.time() - start
+        yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -242,3 +242,23 @@ def test_two_invocations_of_one_configuration_each_merge_into_one_comparison(tmp
     assert report["configs"]["pd"]["measured"]["commit"] == "pd"
     assert report["configs"]["colocated"]["measured"]["commit"] == "colocated"
     assert report["greedy_equality"]["all_equal"] and "ratios_colocated_over_pd" in report
+
+
+def test_wait_healthy_stops_at_a_dead_server_or_the_deadline_with_its_log(tmp_path):
+    from sglang_server import wait_healthy
+
+    log = tmp_path / "server.log"
+    log.write_text("loading\nCUDA out of memory\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(SystemExit, match=r"(?s)exited with 3; .*server.log ends with:\nloading\nCUDA out of memory"):
+        wait_healthy(f"http://127.0.0.1:{free_port()}", dead, log, 30)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match="not healthy after 1 s"):
+            wait_healthy(f"http://127.0.0.1:{free_port()}", silent, log, 1)
+        assert time.monotonic() - start < 10
+    finally:
+        silent.kill()
+        silent.wait()

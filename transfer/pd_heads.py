@@ -6,8 +6,7 @@ of different TP sizes share the heads where their ranges overlap; ``head_slice``
 each side's local numbering. The PD packing (``kvtier.transfer.pd_layout.kv_groups``: per buffer
 group, every K layer then every V layer, ``page_size`` rows each, page after page) of a slice is
 the packing a rank holding only those heads would have: ``slice_plan`` places each buffer's head
-columns in it and ``packed_head_ranges`` lists the same bytes as ranges of a full packed page.
-Nothing here imports SGLang or torch.
+columns in it. Nothing here imports SGLang or torch.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
-
-import numpy as np
 
 from kvtier.transfer.pd_layout import kv_groups
 
@@ -110,16 +107,3 @@ def slice_plan(item_lens: tuple[int, ...], page_size: int, heads: int, start: in
             offset += sliced[i]
     return offset, tuple(plan)
 
-
-def packed_head_ranges(item_lens: Sequence[int], page_size: int, heads: int, start: int,
-                       stop: int) -> np.ndarray:
-    """Byte ranges ``[offset, length]`` (int64 ``[n, 2]``) of a full packed page holding heads
-    ``[start, stop)``, in the order the packed slice page holds them: their concatenation is the
-    slice page."""
-    _, full = slice_plan(tuple(item_lens), page_size, heads, 0, heads)
-    _, part = slice_plan(tuple(item_lens), page_size, heads, start, stop)
-    base = {b.buffer: b.offset for b in full}
-    tokens = np.arange(page_size, dtype=np.int64)
-    ranges = [np.stack([base[b.buffer] + tokens * b.row + b.column, np.full(page_size, b.width)], axis=1)
-              for b in part]
-    return np.concatenate(ranges).astype(np.int64)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.transfer.pd_heads import head_range, head_slice, packed_head_ranges, slice_item_lens, slice_plan
+from kvtier.transfer.pd_heads import head_range, head_slice, slice_item_lens, slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn]
@@ -73,7 +73,9 @@ def packed(bufs: list[torch.Tensor], pages: np.ndarray, page_size: int) -> bytes
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_packed_head_ranges_equal_the_packing_of_the_sliced_tensors(seed):
+def test_slice_plan_packs_like_the_sliced_tensors(seed):
+    """Reading each plan entry's columns out of a full packed page, row by row, and placing them at
+    the entry's offset gives the packing of the sliced tensors, byte for byte."""
     rng = np.random.default_rng(seed)
     page_size = int(rng.choice([1, 2, 4, 16]))
     bufs, heads = random_buffers(rng, 4 * page_size)
@@ -81,13 +83,18 @@ def test_packed_head_ranges_equal_the_packing_of_the_sliced_tensors(seed):
     start = int(rng.integers(0, heads))
     stop = int(rng.integers(start + 1, heads + 1))
     page = packed(bufs, np.array([2]), page_size)
-    ranges = packed_head_ranges(item_lens, page_size, heads, start, stop)
-    got = b"".join(page[o : o + n] for o, n in ranges)
-    assert got == packed([b[:, start:stop] for b in bufs], np.array([2]), page_size)
+    full_size, full = slice_plan(item_lens, page_size, heads, 0, heads)
+    assert full_size == sum(item_lens) == len(page)
+    base = {b.buffer: b.offset for b in full}
     nbytes, plan = slice_plan(item_lens, page_size, heads, start, stop)
-    assert nbytes == len(got) == sum(slice_item_lens(item_lens, heads, start, stop)) == int(ranges[:, 1].sum())
+    assert nbytes == sum(slice_item_lens(item_lens, heads, start, stop))
     assert sorted(b.buffer for b in plan) == list(range(len(bufs)))
-    assert slice_plan(item_lens, page_size, heads, 0, heads)[0] == sum(item_lens)
+    got = bytearray(nbytes)
+    for b in plan:
+        for t in range(page_size):
+            src = base[b.buffer] + t * b.row + b.column
+            got[b.offset + t * b.width : b.offset + (t + 1) * b.width] = page[src : src + b.width]
+    assert bytes(got) == packed([b[:, start:stop] for b in bufs], np.array([2]), page_size)
 
 
 def test_slices_refuse_bad_geometry():

@@ -245,15 +245,15 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-            slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int,
-            gather: bool, max_programs: Optional[int], layers: range) -> None:
+            slots: torch.Tensor, host: torch.Tensor, host_offsets: torch.Tensor, host_name: str,
+            chunk_tokens: int, gather: bool, max_programs: Optional[int], layers: range) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
                          f"pinned (cudaHostRegister'd) memory")
     ptrs = tuple(b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv)
     table = _layer_ptr_table(ptrs, device)
-    offsets = torch.tensor(plan.offsets, dtype=torch.int64)
+    offsets = host_offsets.contiguous()
     if device.type == "cuda":
         # From pinned memory, without a wait: a blocking copy of pageable memory synchronizes the
         # stream, so the host would wait for everything queued before it, e.g. the forward pass
@@ -348,7 +348,7 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
     if not plan.offsets:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
+        _launch(plan, k_buffers, v_buffers, slots, dst, dst_offsets, "dst", chunk_tokens, gather=True,
                 max_programs=_check_programs(max_programs), layers=range(plan.num_layers))
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
@@ -373,7 +373,7 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     if not plan.offsets or not layers:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
+        _launch(plan, k_buffers, v_buffers, slots, src, src_offsets, "src", chunk_tokens, gather=False,
                 max_programs=_check_programs(max_programs), layers=layers)
     else:
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, layers)

@@ -151,13 +151,10 @@ def test_killed_peer_fails_notify_within_the_deadline(spawn_ipc):
             me.write(peer, [(torch.zeros(1, dtype=torch.uint8), "kv", 0)])
 
 
-def test_registration_errors_name_the_fix_and_close_is_final():
+def test_a_strided_source_is_refused_and_close_is_final():
+    # The registration errors themselves are in the shared contract (test_cuda_ipc_contract.py).
     t = CudaIpcTransport()
-    with pytest.raises(TransferError, match="1-D uint8"):
-        t.register("kv", torch.zeros(4, dtype=torch.float32))
     t.register("kv", torch.zeros(4, dtype=torch.uint8))
-    with pytest.raises(TransferError, match="already registered"):
-        t.register("kv", torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(TransferError, match="contiguous"):
         t.write(t.connect(t.descriptor()), [(torch.zeros(4, 4, dtype=torch.uint8)[:, 0], "kv", 0)])
     t.deregister("kv")

@@ -9,18 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from bench_common import LLAMA3_8B, BenchError
 from long_doc import pass_report, rag_passes, run_pass, token_range
-
-STANDIN = Path(__file__).with_name("standin_server.py")
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,26 +23,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def standin(request):
-    """Start the stand-in with the test's arguments; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(port), *getattr(request, "param", [])])
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(base + "/stats", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "stand-in server did not start"
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def standin(request, start_standin):
+    """The stand-in started with the test's arguments; its base URL."""
+    return start_standin(*getattr(request, "param", []))
 
 
 def stats(base: str) -> dict:

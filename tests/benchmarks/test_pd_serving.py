@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from pd_serving import (
 
 from kvtier.sglang_ext.metrics import pd_metrics_on
 
-STANDIN = Path(__file__).with_name("standin_server.py")
 SHIM = Path(__file__).with_name("shim")
 
 
@@ -116,29 +114,10 @@ def test_transfer_report_from_two_scrapes_of_a_pd_metrics_page():
 
 
 @pytest.fixture
-def standins():
+def standins(start_standin):
     """Two stand-ins: ``colocated`` slow (TTFT 0.2 s, 20 ms a token), ``pd`` fast (0.05 s, 5 ms)."""
-    procs, urls = [], {}
-    for name, ttft, token in (("colocated", "0.2", "0.02"), ("pd", "0.05", "0.005")):
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, str(STANDIN), "--port", str(port), "--ttft-s", ttft,
-                                       "--token-s", token]))
-        urls[name] = f"http://127.0.0.1:{port}"
-    try:
-        for base, proc in zip(urls.values(), procs):
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    urllib.request.urlopen(base + "/health", timeout=1)
-                    break
-                except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline, "stand-in did not start"
-                    time.sleep(0.1)
-        yield {name: base + "/generate" for name, base in urls.items()}
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
+    return {name: start_standin("--ttft-s", ttft, "--token-s", token) + "/generate"
+            for name, ttft, token in (("colocated", "0.2", "0.02"), ("pd", "0.05", "0.005"))}
 
 
 def test_mixed_load_end_to_end_against_two_standins(standins):

@@ -30,20 +30,24 @@ class LayerGate:
     read ``layer`` wait for its group.
 
     Loads run in order on one stream, so the latest load's event for a layer also covers every
-    earlier load of that layer.
+    earlier load of that layer. The scheduler thread records, the reaper thread forgets: the lock
+    keeps a forget from writing back a list read before a newer load's record.
     """
 
     def __init__(self, num_layers: int) -> None:
         self._events: list[Optional[torch.cuda.Event]] = [None] * num_layers
+        self._lock = threading.Lock()
 
     def record(self, layers: range, event: torch.cuda.Event) -> None:
-        for layer in layers:
-            self._events[layer] = event
+        with self._lock:
+            for layer in layers:
+                self._events[layer] = event
 
     def forget(self, events: Sequence[torch.cuda.Event]) -> None:
         """Stop waiting for ``events`` (their load finished) unless a later load replaced them."""
         done = {id(e) for e in events}
-        self._events = [None if e is not None and id(e) in done else e for e in self._events]
+        with self._lock:
+            self._events = [None if e is not None and id(e) in done else e for e in self._events]
 
     def wait_until(self, layer: int) -> None:
         event = self._events[layer]

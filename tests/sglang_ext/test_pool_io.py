@@ -11,7 +11,7 @@ import pytest
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from kvtier.sglang_ext.pool_io import PoolIO, layer_groups
+from kvtier.sglang_ext.pool_io import LayerGate, PoolIO, layer_groups
 from kvtier.sglang_ext.tiers.host_memory import HostSlab
 
 CUDA = torch.cuda.is_available()
@@ -40,6 +40,45 @@ def test_layer_groups_cover_every_layer_once():
     assert layer_groups(3, 2) == [range(0, 1), range(1, 3)]
     assert layer_groups(2, 8) == [range(0, 1), range(1, 2)]
     assert layer_groups(5, 1) == [range(0, 5)]
+
+
+def test_a_finished_load_forgotten_by_the_reaper_never_drops_a_newer_loads_events():
+    """The scheduler thread records each load's events while the reaper thread forgets finished
+    ones; a forget racing a record must not put back what the record replaced (the forward pass
+    would then read a layer the newest load has not written yet)."""
+    import queue
+    import sys
+    import threading
+
+    layers = 2000  # a long list: the forget is slow enough to interleave with records
+    gate, finished = LayerGate(layers), queue.Queue()
+
+    def reaper() -> None:
+        while (event := finished.get()) is not None:
+            gate.forget([event])
+
+    thread = threading.Thread(target=reaper)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stale = 0
+    try:
+        thread.start()
+        previous = None
+        for _ in range(300):
+            event = object()  # stands in for a CUDA event: the gate keys on identity
+            gate.record(range(layers), event)
+            if previous is not None:
+                finished.put(previous)  # the previous load finished
+            for _ in range(5):
+                stale += any(e is not event for e in gate._events)
+            previous = event
+    finally:
+        finished.put(None)
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert stale == 0
+    gate.forget([previous])  # the last load finished: nothing left to wait for
+    assert gate._events == [None] * layers
 
 
 @pytest.mark.parametrize("groups,max_programs", [(1, None), (2, None), (3, 2)])

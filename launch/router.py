@@ -135,27 +135,30 @@ class PrefixIndex:
             self._owner.popitem(last=False)
 
 
-def routing_prompt(endpoint: str, body: dict[str, Any]) -> Any:
-    """The part of a request that decides prefix reuse (the first item of a batch)."""
+def _prompt(endpoint: str, body: dict[str, Any]) -> Any:
+    """A request's prompt field: chat messages, a completion's prompt, or /generate's text else input_ids."""
     if endpoint == "v1/chat/completions":
         return body.get("messages")
-    value = body.get("prompt") if endpoint == "v1/completions" else body.get("text", body.get("input_ids"))
-    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-        return value[0]
-    return value
+    if endpoint == "v1/completions":
+        return body.get("prompt")
+    return body.get("text") if body.get("text") is not None else body.get("input_ids")
+
+
+def _is_batch(value: Any) -> bool:
+    """SGLang's rule: a list of prompts (strings or token lists) is a batch; chat messages never are."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], (str, list))
+
+
+def routing_prompt(endpoint: str, body: dict[str, Any]) -> Any:
+    """The part of a request that decides prefix reuse (the first item of a batch)."""
+    value = _prompt(endpoint, body)
+    return value[0] if _is_batch(value) else value
 
 
 def batch_size(endpoint: str, body: dict[str, Any]) -> Optional[int]:
-    """Items in a batch request, or None for a single prompt (SGLang's own rule)."""
-    if endpoint == "v1/chat/completions":
-        return None
-    if endpoint == "v1/completions":
-        value = body.get("prompt")
-    else:
-        value = body.get("text") if body.get("text") is not None else body.get("input_ids")
-    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-        return len(value)
-    return None
+    """Items in a batch request, or None for a single prompt."""
+    value = _prompt(endpoint, body)
+    return len(value) if _is_batch(value) else None
 
 
 def with_bootstrap(endpoint: str, body: dict[str, Any], prefill: Worker) -> dict[str, Any]:

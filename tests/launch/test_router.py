@@ -56,13 +56,13 @@ def test_pairs_both_workers_and_returns_decode_answer(spawn):
 def test_batch_gets_a_room_per_item(spawn):
     p, d = spawn("prefill"), spawn("decode")
     router = spawn.router([p], [d])
-    for n, (endpoint, body) in enumerate([("generate", {"text": ["a", "b", "c"]}),
-                                          ("generate", {"input_ids": [[1, 2], [3], [4, 5, 6], [7]]}),
-                                          ("v1/completions", {"prompt": ["x", "y"]})], 1):
+    for n, (endpoint, body, items) in enumerate([("generate", {"text": ["a", "b", "c"]}, 3),
+                                                 ("generate", {"input_ids": [[1, 2], [3], [4, 5, 6], [7]]}, 4),
+                                                 ("v1/completions", {"prompt": ["x", "y"]}, 2)], 1):
         status, out = router.post(endpoint, body)
         assert status == 200, out
         rooms = paired(p.records(n)[-1], d.records()[-1])
-        assert len(rooms) == len(set(rooms)) == batch_size(endpoint, body)
+        assert len(rooms) == len(set(rooms)) == items == batch_size(endpoint, body)
         assert [o["meta_info"]["room"] for o in out] == rooms
     # A single tokenized prompt is not a batch.
     assert router.post("generate", {"input_ids": [1, 2, 3]})[0] == 200
@@ -359,3 +359,13 @@ def test_a_worker_not_listening_is_out_after_one_check(spawn, free_ports):
     for _ in range(3):
         assert router.post("generate", {"text": "x"})[0] == 200
     assert len(d.records()) == 3
+
+
+def test_routing_prompt_and_batch_size_read_the_same_prompt_field():
+    assert routing_prompt("generate", {"text": None, "input_ids": [[5, 6], [7]]}) == [5, 6]
+    assert batch_size("generate", {"text": None, "input_ids": [[5, 6], [7]]}) == 2
+    assert routing_prompt("generate", {"text": "abc"}) == "abc" and batch_size("generate", {"text": "abc"}) is None
+    assert routing_prompt("v1/completions", {"prompt": ["x", "y"]}) == "x"
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert routing_prompt("v1/chat/completions", chat) == chat["messages"]
+    assert batch_size("v1/chat/completions", chat) is None

@@ -29,6 +29,7 @@ from typing import Optional
 
 import psutil
 
+from kvtier.launch.router import POLICIES
 from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT, LaunchError, check_config, find_option
 
 SHARED_GPU_MEM_FRACTION = 0.35
@@ -79,7 +80,7 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-port", type=int, default=30001, help="decode worker HTTP port (default 30001)")
     ap.add_argument("--bootstrap-port", type=int, default=DEFAULT_BOOTSTRAP_PORT,
                     help=f"PD bootstrap port of the prefill worker (default {DEFAULT_BOOTSTRAP_PORT})")
-    ap.add_argument("--policy", default="cache_aware", choices=("round_robin", "cache_aware"),
+    ap.add_argument("--policy", default="cache_aware", choices=POLICIES,
                     help="router's prefill policy (default cache_aware)")
     ap.add_argument("--run-dir", help="directory for the logs (default: a new kvtier-cluster-* in the temp dir)")
     ap.add_argument("--startup-timeout", type=float, default=900.0,

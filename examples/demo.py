@@ -69,19 +69,17 @@ def main() -> None:
         print(f"demo: {args.docs} documents x {args.doc_len:,} tokens, {args.concurrency} users, {args.output_len} "
               f"output tokens, {args.pool_tokens:,}-token GPU pool, model {source}", flush=True)
         table_of = setups_from(args)
+        workload = describe_workload("rag", args, source, passes)
         results = {}
-        for name in CONFIGS:
+        for name in [*CONFIGS, *(["kvtier_pd"] if args.pd else [])]:
             facts = run_facts()
-            results[name] = measure_config(name, table_of[name], passes, options(args), model_dir, load_args)
+            if name == "kvtier_pd":
+                results[name] = measure_pd(args, passes, model_dir, load_args)
+            else:
+                results[name] = measure_config(name, table_of[name], passes, options(args), model_dir, load_args)
             if args.out:
-                merge_result(args.out, "long_doc", describe_workload("rag", args, source, passes), name,
+                merge_result(args.out, "long_doc", workload, name,
                              {**results[name], **facts, "model": model_shape(config, source)})
-        if args.pd:
-            facts = run_facts()
-            results["kvtier_pd"] = measure_pd(args, passes, model_dir, load_args)
-            if args.out:
-                merge_result(args.out, "long_doc", describe_workload("rag", args, source, passes), "kvtier_pd",
-                             {**results["kvtier_pd"], **facts, "model": model_shape(config, source)})
     except BenchError as exc:
         sys.exit(f"demo: {exc}")
     print()

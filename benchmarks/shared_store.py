@@ -27,10 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import KVTIER_ARGS, counter_delta, kvtier_summary, run_facts, scrape_metrics, summarize, write_dummy_model
+from bench_common import (
+    KVTIER_ARGS,
+    LLAMA3_8B,
+    counter_delta,
+    kvtier_summary,
+    model_shape,
+    run_facts,
+    scrape_metrics,
+    summarize,
+    write_dummy_model,
+)
 from sglang_server import generate, sglang_server
 
-CHUNK_BYTES = 256 * 32 * 8 * 128 * 2 * 2  # 256-token chunks of the Llama-3-8B shape
+CHUNK_BYTES = 256 * model_shape(LLAMA3_8B, "")["kv_bytes_per_token"]  # 256-token chunks of the model served
 STORE_PORT, TOKEN = 9600, "shared-store-bench"
 SERVERS = ((31001, 9401), (31002, 9402))
 

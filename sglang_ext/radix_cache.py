@@ -237,8 +237,8 @@ class KVTierRadixCache(RadixCache):
         if self.disable or not self._report_host_hits or (self.store.disk is None and self.store.remote is None):
             return
         with self.store.metrics.timed("hook", "arrival"):
-            key = RadixKey(array("q", req.origin_input_ids), req.extra_key).page_aligned(self.page_size)
-            keys = self.namespace.chunk_keys(key.raw_token_ids(), key.extra_key)
+            # Whole chunks are whole pages (check_page_size): no page alignment needed first.
+            keys = self.namespace.chunk_keys(array("q", req.origin_input_ids), req.extra_key)
             self._prefetch(keys[self._cpu_hits(keys):])
 
     def _cpu_hits(self, keys: list[ChunkKey]) -> int:

@@ -347,22 +347,10 @@ def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_ca
     the prefix match at scheduling time is a CPU-tier hit without any wait."""
     import time
 
-    from sglang.srt.disaggregation.utils import DisaggregationMode
-    from sglang.srt.managers.scheduler import Scheduler
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    from kvtier.sglang_ext import plugin
-
     chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
     cache = make_cache(16, cpu_size_gb=4.5 * chunk_bytes / 1e9, disk_path="x", disk_size_gb=0.01)
     docs, expected = _disk_only_docs(cache)
-    plugin.register()
-    HookRegistry.apply_hooks()
-    # The attributes _add_request_to_queue reads on a scheduler without PD, priorities or HiCache.
-    scheduler = Scheduler.__new__(Scheduler)
-    scheduler.__dict__.update(tree_cache=cache, disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[],
-                              enable_priority_scheduling=False, abort_on_priority_when_disabled=False,
-                              max_queued_requests=None, enable_hicache_storage=False)
+    scheduler = _hooked_scheduler(cache)
     req = make_req(docs[0] + [1])
     scheduler._add_request_to_queue(req)
     assert scheduler.waiting_queue == [req]
@@ -378,15 +366,31 @@ def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_ca
     assert scheduler.waiting_queue == [req, cold] and not cache._prefetching
 
 
-def test_a_failing_arrival_prefetch_still_queues_the_request(make_cache, caplog):
+def _hooked_scheduler(tree_cache):
+    """SGLang's Scheduler with the plugin's hooks applied, holding only the attributes
+    ``_add_request_to_queue`` reads on a scheduler without PD, priorities or HiCache."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
     from kvtier.sglang_ext import plugin
 
+    plugin.register()
+    HookRegistry.apply_hooks()
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.__dict__.update(tree_cache=tree_cache, disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[],
+                              enable_priority_scheduling=False, abort_on_priority_when_disabled=False,
+                              max_queued_requests=None, enable_hicache_storage=False)
+    return scheduler
+
+
+def test_a_failing_arrival_prefetch_still_queues_the_request(caplog):
     class Broken:
         def prefetch_on_arrival(self, req):
             raise OSError("disk gone")
 
-    class Scheduler:
-        tree_cache = Broken()
-
-    plugin._prefetch_on_arrival(Scheduler(), make_req([1, 2, 3], "r9"))
+    scheduler = _hooked_scheduler(Broken())
+    req = make_req([1, 2, 3], "r9")
+    scheduler._add_request_to_queue(req)  # the real method, through the plugin's hook
+    assert scheduler.waiting_queue == [req]
     assert "prefetching request r9 on arrival failed" in caplog.text

@@ -79,7 +79,6 @@ def control_message(tag: bytes, obj: dict, *extra: bytes) -> list[bytes]:
 class _DecodePeer:
     """A registered decode rank, as the prefill sees it."""
 
-    address: str
     endpoint: str  # its ZMQ PULL socket
     transport_peer: str
     stage: str
@@ -203,8 +202,7 @@ class KvtierKVManager(CommonKVManager):
         self.transport = open_transport(self.transport_kind, self.local_ip, 0)
         self.on_device = bool(self.transport.device_regions) and self.device.type == "cuda"
         self.packer = Packer(args.kv_data_ptrs, args.kv_data_lens, args.kv_item_lens, args.page_size, self.device)
-        self.page_bytes = self.packer.page_bytes
-        self.slot_bytes = slot_bytes_for(int(self.cfg.pd_stage_slot_mb * (1 << 20)), self.page_bytes)
+        self.slot_bytes = slot_bytes_for(int(self.cfg.pd_stage_slot_mb * (1 << 20)), self.packer.page_bytes)
         self.timeout_s = self.cfg.pd_timeout_s
         self.aux = [wrap_memory(p, n, torch.device("cpu")) for p, n in zip(args.aux_data_ptrs, args.aux_data_lens)]
         prefill = disaggregation_mode == DisaggregationMode.PREFILL
@@ -388,7 +386,7 @@ class KvtierKVManager(CommonKVManager):
             dst_heads = None if heads.dst_full else (*heads.dst, heads.dst_heads)
         page_bytes = self.packer.packed_bytes(src_heads)
         self.peers[peer_id] = _DecodePeer(
-            remote.address, endpoint, transport_peer, msg["stage"], slot_bytes,
+            endpoint, transport_peer, msg["stage"], slot_bytes,
             min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
             page_bytes, path, direct,
         )
@@ -716,10 +714,10 @@ class KvtierKVManager(CommonKVManager):
                 elif kind == b"D":
                     room = int(msg["room"])
                     if room in self.rooms and self._all_prefill_ranks_done(room, msg["stage"]):
-                        self.succeed(int(msg["room"]))
+                        self.succeed(room)
                         self.stats.add(requests=1)
                         with self._timing_lock:
-                            first = self.timings.pop(int(msg["room"]), None)
+                            first = self.timings.pop(room, None)
                         if first is not None:
                             self._observe(time.perf_counter() - first)
                 else:

@@ -112,13 +112,20 @@ class KvtierKVReceiver(CommonKVReceiver):
             self._refuse(why, prefill_dp_rank)
             return
         super().init(prefill_dp_rank)
-        if getattr(self, "bootstrap_infos", None) is None:
-            return
-        for stage in self._stages():
+        if getattr(self, "bootstrap_infos", None) is not None:
+            self._refused_by(self._stages())
+
+    def _refused_by(self, stages: list[Stage]) -> bool:
+        """Fail the request if a prefill rank of ``stages`` refused this decode, telling each such
+        rank; whether one did."""
+        refused = False
+        for stage in stages:
             why = self.kv_mgr.refused_peers.get(self.kv_mgr.peer_id(stage))
             if why is not None:
                 self._fail(why)
                 self._tell_prefill(stage.prefill_endpoint, why)
+                refused = True
+        return refused
 
     def _fail(self, why: str) -> None:
         self.kv_mgr.fail(self.bootstrap_room, why)
@@ -171,14 +178,10 @@ class KvtierKVReceiver(CommonKVReceiver):
         stages = self._stages()
         peers = [mgr.peer_id(stage) for stage in stages]
         mgr.rooms[self.bootstrap_room] = (set(peers), pages.astype(np.int64))
-        for stage, peer in zip(stages, peers):
-            # A refusal that came back after init and before the room was recorded (_on_refused
-            # fails only recorded rooms).
-            why = mgr.refused_peers.get(peer)
-            if why is not None:
-                self._fail(why)
-                self._tell_prefill(stage.prefill_endpoint, why)
-                return
+        # A refusal that came back after init and before the room was recorded (_on_refused fails
+        # only recorded rooms).
+        if self._refused_by(stages):
+            return
         for stage, peer in zip(stages, peers):
             msg = {"room": self.bootstrap_room, "peer": peer, "ip": mgr.local_ip, "port": mgr.rank_port,
                    "aux_index": int(aux_index), "prefix_len": int(decode_prefix_len or 0),

@@ -229,6 +229,12 @@ def gpu_name() -> str:
     return names[0].strip() if names else "unknown"
 
 
+def gpu_names() -> list[str]:
+    """``index, name`` of every GPU from ``nvidia-smi``; empty without one."""
+    return [line.strip() for line in _run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"]).splitlines()
+            if line.strip()]
+
+
 def git_commit() -> str:
     """The checkout's commit (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
     commit = _run(["git", "rev-parse", "--short=12", "HEAD"])

@@ -38,7 +38,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import aiohttp
 import numpy as np
 
-from bench_common import BenchError, counter_delta, model_shape, run_facts, scrape_metrics, summarize
+from bench_common import BenchError, counter_delta, gpu_names, model_shape, run_facts, scrape_metrics, summarize
 from long_doc import load_model, sse_events, token_range
 from sglang_server import BASE_ARGS, port_in_use, sglang_server, wait_healthy
 
@@ -407,15 +407,6 @@ def wait_gpu_released(gpu: int, timeout_s: float = 90.0, below_mib: int = 4096) 
             raise BenchError(f"GPU {gpu} still has {used} MiB in use {timeout_s:g} s after the last server stopped; "
                              "stop whatever holds it")
         time.sleep(1)
-
-
-def gpu_names() -> list[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ range or, with ``--range-kib``, as one batch of ranges of that size (KV pages).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import run_facts
 
 from kvtier.transfer.backends import KINDS, open_transport
 
@@ -78,9 +78,7 @@ def main() -> None:
         "bit_exact": exact,
         "ucx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX_")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/transfer_loopback.py --backend {args.backend} --mib {args.mib} "
-        f"--repeats {args.repeats} --range-kib {args.range_kib}",
+        **run_facts(),
     }
     print(json.dumps(report, indent=2))
     if args.out:

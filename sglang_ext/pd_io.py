@@ -126,10 +126,14 @@ class Packer:
             else:
                 rows, n, ps = rows.to(self.device), len(pages), self.page_size
                 nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
+                # Host staging (zmq) for a GPU pool: pack on the GPU, then one copy to the host.
                 out = dst[: n * nbytes].view(n, nbytes)
+                packed = out if out.device == self.device else torch.empty_like(out, device=self.device)
                 for b in plan:
                     part = self.views[b.buffer][:, b.column : b.column + b.width].index_select(0, rows)
-                    out[:, b.offset : b.offset + ps * b.width].copy_(part.view(n, ps * b.width))
+                    packed[:, b.offset : b.offset + ps * b.width].copy_(part.view(n, ps * b.width))
+                if packed is not out:
+                    out.copy_(packed)
         self._sync()
 
     def scatter(self, src: torch.Tensor, base: int, pages: np.ndarray,
@@ -144,10 +148,11 @@ class Packer:
             else:
                 rows, n, ps = rows.to(self.device), len(pages), self.page_size
                 nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
-                packed = src[base : base + n * nbytes].view(n, nbytes)
+                # Host staging (zmq) holds the slice for a GPU pool: one copy to the GPU, where
+                # index_copy_ needs it, instead of one per buffer.
+                packed = src[base : base + n * nbytes].view(n, nbytes).to(self.device)
                 for b in plan:
-                    # Host staging (zmq) holds the slice for a GPU pool: index_copy_ needs one device.
-                    part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width).to(self.device)
+                    part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width)
                     self.views[b.buffer][:, b.column : b.column + b.width].index_copy_(0, rows, part)
         self._sync()
 

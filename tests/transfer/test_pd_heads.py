@@ -157,7 +157,11 @@ def test_packer_moves_head_slices_between_pools_of_different_tp(seed, src_tp, ds
             src_packer = packer(pool, device)
             nbytes = src_packer.packed_bytes(src_heads)
             assert nbytes == dst_packer.packed_bytes(dst_heads)
-            stage = torch.zeros(8 + n_pages * nbytes, dtype=torch.uint8, device=device)
+            # On a GPU, odd seeds stage in pinned host memory as zmq does: the slice is packed on the GPU
+            # and copied over whole.
+            host_stage = device == "cuda" and seed % 2 == 1
+            stage = torch.zeros(8 + n_pages * nbytes, dtype=torch.uint8, device="cpu" if host_stage else device,
+                                pin_memory=host_stage)
             src_packer.gather(src_pages, stage[8:], heads=src_heads)
             dst_packer.scatter(stage, 8, dst_pages, heads=dst_heads)
         dst_rows = torch.from_numpy(page_rows(dst_pages, page_size))

@@ -254,7 +254,7 @@ class TierStore:
         if self.disk is not None:
             state["disk"] = {"chunks": len(self.disk), "capacity": self.disk.num_slots}
         if self.remote is not None:
-            state["remote"] = {"url": self.remote.url.split("?", 1)[0], "up": self.remote.available}
+            state["remote"] = {"url": _without_secrets(self.remote.url), "up": self.remote.available}
         return state
 
     def close(self, persist_timeout_s: float = 120.0) -> None:
@@ -278,3 +278,10 @@ class TierStore:
         if self.remote is not None:
             self.remote.close()
         self.cpu.close()
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without a password (``redis://:pw@host``) or query (``?token=T``): safe to serve."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.split("?", 1)[0].partition("/")
+    return scheme + sep + netloc.rpartition("@")[2] + slash + path

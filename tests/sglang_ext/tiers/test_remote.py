@@ -176,6 +176,7 @@ def test_a_wrong_password_reads_and_writes_nothing():
         ns = KVNamespace(**ns_fields)
         keys = ns.chunk_keys(list(range(64)))
         good = make_store(ns, secured.url("s3cret"))
+        assert good.health()["remote"] == {"url": f"redis://127.0.0.1:{secured.port}/0", "up": True}  # no password
         good.put(keys, [torch.ones(CHUNK, dtype=torch.uint8)])
         good.remote.flush(timeout_s=10)
         intruder = make_store(ns, secured.url("guess"))

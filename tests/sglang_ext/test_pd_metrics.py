@@ -25,15 +25,10 @@ _spec = importlib.util.spec_from_file_location("kvtier_test_pd_conn_for_metrics"
 pd_conn_test = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pd_conn_test)
 Process, bootstrap, new_room, peer_env = pd_conn_test.Process, pd_conn_test.bootstrap, pd_conn_test.new_room, pd_conn_test.peer_env
+free_port = pd_conn_test.free_port
 WAITING, SUCCESS, FAILED = pd_conn_test.WAITING, pd_conn_test.SUCCESS, pd_conn_test.FAILED
 
 PAGE_BYTES = 512  # pd_peer's default pool: 4 tokens x 2 layers x K,V x 2 heads x 8 dims x bf16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:

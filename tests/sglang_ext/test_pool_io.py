@@ -11,7 +11,7 @@ import pytest
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from kvtier.sglang_ext.pool_io import LayerGate, PoolIO, layer_groups
+from kvtier.sglang_ext.pool_io import Completion, LayerGate, PoolIO, layer_groups
 from kvtier.sglang_ext.tiers.host_memory import HostSlab
 
 CUDA = torch.cuda.is_available()
@@ -40,6 +40,38 @@ def test_layer_groups_cover_every_layer_once():
     assert layer_groups(3, 2) == [range(0, 1), range(1, 3)]
     assert layer_groups(2, 8) == [range(0, 1), range(1, 2)]
     assert layer_groups(5, 1) == [range(0, 5)]
+
+
+def test_a_completion_polled_from_several_threads_runs_on_done_once():
+    """The reaper thread and the scheduler thread both poll copies; a spill must commit once, and a
+    poller told the copy finished must find on_done's work done."""
+    import threading
+    import time
+
+    class Finished:
+        def query(self) -> bool:
+            return True
+
+    calls, seen = [], []
+
+    def on_done() -> None:
+        calls.append(1)
+        time.sleep(0.05)  # a slow commit: the other pollers arrive meanwhile
+        calls.append(2)
+
+    done = Completion(Finished(), on_done)
+    start = threading.Barrier(8)
+
+    def poller() -> None:
+        start.wait()
+        seen.append((done.poll(), len(calls)))
+
+    threads = [threading.Thread(target=poller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1, 2] and seen == [(True, 2)] * 8
 
 
 def test_a_finished_load_forgotten_by_the_reaper_never_drops_a_newer_loads_events():

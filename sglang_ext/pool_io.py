@@ -1,4 +1,7 @@
-"""Chunk copies between the KV pool and CPU-tier slots, on a side stream, with completions.
+"""Chunk copies between the KV pool and CPU-tier slots, on side streams, with completions.
+
+Spills and loads run on two streams: PCIe carries both directions at once, and a load must not
+queue behind a background spill.
 
 A copy to the host of rows the radix tree has just freed (a spill) is *guarded*: the stream that
 will next write those rows (SGLang runs its scheduler under a schedule stream that every forward
@@ -116,7 +119,11 @@ class PoolIO:
         self.chunk_tokens = chunk_tokens
         self.slab = slab
         self.device = k_buffers[0].device
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        # Spills (device to host) and loads (host to device) on streams of their own: PCIe moves both
+        # directions at once, and a background spill must not delay a load queued after it.
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._unguarded: list[Completion] = []
 
     def warm_up(self) -> None:
@@ -144,16 +151,17 @@ class PoolIO:
             done = Completion(None, on_done)
             done.poll()
             return done
+        stream = self.spill_stream if op == "spill" else self.stream
         current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
             for t in inputs:  # made on the current stream, read on ours: keep them alive until then
-                t.record_stream(self.stream)
+                t.record_stream(stream)
             start = torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
+            start.record(stream)
             launch()
             event = torch.cuda.Event(enable_timing=True)
-            event.record(self.stream)
+            event.record(stream)
         observe = None if self.observe is None else (lambda seconds: self.observe(op, seconds))
         done = Completion(event, on_done, start, observe)
         if guard:

@@ -4,6 +4,10 @@
   calls ``_delete_leaf``; nothing touches KV in between, so the leaf's whole chunks are copied
   out there, on a side stream (see ``pool_io``), into CPU-tier slots that are published when the
   copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
+  ``spill_ahead`` moves most write-back copies off the critical path: when a scheduled request
+  would leave less than that fraction of the pool free, the nodes eviction would take first are
+  copied out in the background (not guarded: their rows stay in the tree), so their eviction
+  finds the chunks stored and frees the rows at once.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
   ``lower_tier_wait_s``). SGLang matches a prefix only when it schedules a request, so the plugin
@@ -19,6 +23,7 @@ This module and ``plugin.py`` are the only ones that import SGLang; everything s
 from __future__ import annotations
 
 import atexit
+import heapq
 import logging
 import threading
 import weakref
@@ -77,6 +82,7 @@ class KVTierRadixCache(RadixCache):
     """SGLang's RadixCache over a kvtier ``TierStore`` sized for this server's KV pool."""
 
     def __init__(self, ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> None:
+        self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction; reset() clears it
         super().__init__(ctx.params)
         if self.is_eagle:
             raise ValueError("--radix-cache-backend kvtier does not support EAGLE speculative decoding yet")
@@ -125,6 +131,7 @@ class KVTierRadixCache(RadixCache):
         # Stopped before the interpreter tears down: a daemon thread inside torch then aborts it.
         atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
+        self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
 
     # -- completions ---------------------------------------------------------------------------
 
@@ -175,9 +182,41 @@ class KVTierRadixCache(RadixCache):
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
         self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed))
 
+    def _spill_ahead(self, incoming: int) -> None:
+        """write_back: copy out, in the background, the nodes that eviction would take first while
+        the pool would keep less than ``spill_ahead`` of its rows free after ``incoming`` more
+        tokens; evicting them later frees their rows without a copy on the critical path."""
+        allocator = self.token_to_kv_pool_allocator
+        reserve = int(self.cfg.spill_ahead * allocator.size)
+        covered = allocator.available_size() - incoming
+        if covered >= reserve or not self.evictable_leaves:
+            return
+        priority = self.eviction_strategy.get_priority
+        # RadixCache.evict's order: leaves by priority, a parent once its last child is gone.
+        heap = [(priority(n), n) for n in self.evictable_leaves]
+        heapq.heapify(heap)
+        children_left: dict[int, int] = {}
+        while heap and covered < reserve:
+            _, node = heapq.heappop(heap)
+            covered += len(node.value)
+            if node.id not in self._spilled_ahead:
+                self._spilled_ahead.add(node.id)
+                tokens, rows, extra_key = self._path(node)
+                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=False)
+            parent = node.parent
+            if parent is not self.root_node and parent.lock_ref == 0:
+                children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
+                if children_left[parent.id] == 0:
+                    heapq.heappush(heap, (priority(parent), parent))
+
+    def reset(self) -> None:
+        super().reset()
+        self._spilled_ahead.clear()
+
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before copies read them.
         self.io.guard_pending()
+        self._spilled_ahead.discard(node.id)
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             tokens, rows, extra_key = self._path(node)
             self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=True)
@@ -214,6 +253,9 @@ class KVTierRadixCache(RadixCache):
             return result
         T = self.chunk_tokens
         matched = len(result.device_indices)
+        if self._spill_ahead_on:
+            with self.store.metrics.timed("hook", "spill_ahead"):
+                self._spill_ahead(len(key) - matched)
         # The raw int64 array, not a list: hashing a 10K-token prompt takes 0.1 ms instead of 0.4.
         keys = self.namespace.chunk_keys(key.page_aligned(self.page_size).raw_token_ids(), key.extra_key)
         first = matched // T

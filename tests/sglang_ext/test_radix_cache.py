@@ -140,6 +140,61 @@ def test_write_through_stores_on_insert(make_cache):
     assert cache.store.metrics.registry.get_sample_value("kvtier_bytes_total", {"tier": "cpu", "direction": "in"}) == 2 * cache.store.chunk_bytes
 
 
+def spilled_bytes(cache) -> float:
+    return cache.store.metrics.registry.get_sample_value("kvtier_bytes_total", {"tier": "cpu", "direction": "in"}) or 0.0
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
+    """A request that would leave less than ``spill_ahead`` of the pool free gets the nodes that
+    eviction takes first copied out when it is matched; evicting them later copies nothing, and
+    what comes back is bit-exact. A document shared by two requests is an inner node: it is
+    copied once both of its leaves are counted, as ``RadixCache.evict`` would take it."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    T = CHUNK_TOKENS
+    cache = make_cache(page_size, pool_tokens=24 * T, spill_ahead=0.35)  # keep ~8.4 chunks' rows ready
+    shared = list(range(10_000, 10_000 + 4 * T))
+    oldest = [shared + list(range(20_000, 20_000 + 2 * T)), shared + list(range(30_000, 30_000 + 2 * T))]
+    newer = [list(range(n, n + 4 * T)) for n in (40_000, 50_000)]
+    # insert() allocates rows for a whole document, the shared part twice: 20 of 24 chunks in use.
+    expected = {doc[-1]: kv_rows(cache, insert(cache, doc)) for doc in oldest + newer}
+    assert spilled_bytes(cache) == 0
+
+    # 3 chunks arriving would leave about one free (less the allocator's padding page): the two
+    # leaves of the shared document (2 chunks each), then the document itself (4) are copied out,
+    # which covers the reserve; the newer documents are not.
+    req = make_req(list(range(60_000, 60_000 + 3 * T)), "incoming")
+    req.init_next_round_input(cache)
+    cache.flush()
+    keys = cache.namespace.chunk_keys
+    assert [cache.store.prefix_hits(keys(doc)) for doc in oldest] == [6, 6]
+    assert [cache.store.cpu.contains(keys(doc)) for doc in newer] == [[False] * 4] * 2
+    assert spilled_bytes(cache) == 8 * cache.store.chunk_bytes
+
+    req.init_next_round_input(cache)  # matched again: nothing new to copy
+    cache.evict(EvictParams(num_tokens=8 * T))  # takes the shared document: no copy at eviction
+    cache.flush()
+    assert spilled_bytes(cache) == 8 * cache.store.chunk_bytes
+    assert [cache.store.cpu.contains(keys(doc)) for doc in newer] == [[False] * 4] * 2
+
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf.zero_()  # what comes back must come from the store
+    for doc in oldest:
+        device_len, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1], f"back{doc[-1]}"))
+        assert device_len + host_hit == 6 * T and host_hit >= 2 * T
+        assert same_kv(kv_rows(cache, loaded), [e[device_len : 6 * T] for e in expected[doc[-1]]])
+
+
+def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
+    cache = make_cache(16, pool_tokens=8 * CHUNK_TOKENS, spill_ahead=0)
+    insert(cache, list(range(6 * CHUNK_TOKENS)))
+    make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS))).init_next_round_input(cache)
+    cache.flush()
+    assert spilled_bytes(cache) == 0
+
+
 def test_no_room_to_load_releases_everything(make_cache):
     cache = make_cache(16, pool_tokens=512)
     doc = list(range(4 * CHUNK_TOKENS))

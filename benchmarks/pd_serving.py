@@ -125,17 +125,23 @@ def equality(colocated: Sequence[Sequence[int]], pd: Sequence[Sequence[int]], le
 def transfer_report(before: Mapping[str, float], after: Mapping[str, float], role: str, expected_bytes: int,
                     link_gb_s: float) -> dict:
     """One request's KV transfer from two scrapes of a PD worker's metrics page: bytes, per-request
-    transfer time, GB/s and its share of ``link_gb_s``; the busy time of the copying thread too."""
+    transfer time, GB/s and its share of ``link_gb_s``; the busy time of the copying thread too,
+    and the copies' own time within it (``kvtier_pd_copy_seconds_total``, every path): ``copy_gb_s``
+    is the copy alone, ``busy_gb_s`` the copy with the protocol around it."""
     d = counter_delta(before, after)
     nbytes = d.get(f"kvtier_pd_bytes_total{{role={role}}}", 0.0)
     seconds = d.get(f"kvtier_pd_transfer_seconds_sum{{role={role}}}", 0.0)
     busy = d.get(f"kvtier_pd_busy_seconds_total{{role={role}}}", 0.0)
+    copy = sum(v for k, v in d.items() if k.startswith("kvtier_pd_copy_seconds_total{")
+               and f"role={role}" in k[k.index("{") + 1 : -1].split(","))
     gb_s = nbytes / seconds / 1e9 if seconds > 0 else 0.0
     return {"bytes": int(nbytes), "expected_bytes": expected_bytes, "bytes_match": int(nbytes) == expected_bytes,
             "requests": int(d.get(f"kvtier_pd_transfer_seconds_count{{role={role}}}", 0.0)),
             "transfer_s": round(seconds, 5), "gb_s": round(gb_s, 2),
             "link_fraction": round(gb_s / link_gb_s, 3) if link_gb_s > 0 else None,
-            "busy_s": round(busy, 5), "busy_gb_s": round(nbytes / busy / 1e9, 2) if busy > 0 else 0.0}
+            "busy_s": round(busy, 5), "busy_gb_s": round(nbytes / busy / 1e9, 2) if busy > 0 else 0.0,
+            "copy_s": round(copy, 5), "copy_gb_s": round(nbytes / copy / 1e9, 2) if copy > 0 else 0.0,
+            "not_copy_s": round(busy - copy, 5)}
 
 
 async def stream(session: aiohttp.ClientSession, url: str, ids: list[int], max_new_tokens: int,
@@ -379,7 +385,8 @@ def measure(name: str, url: str, plan: Plan, probe: Optional[PDProbe] = None) ->
 def describe_transfer(m: Mapping) -> str:
     p = m["prefill"]
     return (f"PD moved {p['bytes'] / 1e9:.3f} GB in {p['transfer_s'] * 1e3:.1f} ms = {p['gb_s']:.1f} GB/s "
-            f"({p['link_fraction']:.0%} of the link), busy {p['busy_gb_s']:.1f} GB/s")
+            f"({p['link_fraction']:.0%} of the link), busy {p['busy_gb_s']:.1f} GB/s, copy {p['copy_gb_s']:.1f} GB/s "
+            f"({p['copy_s'] * 1e3:.2f} of {p['busy_s'] * 1e3:.2f} busy ms)")
 
 
 def describe_mixed(m: Mapping) -> str:
@@ -540,10 +547,16 @@ def summarize_report(report: dict, link_gb_s: float) -> None:
         print(f"greedy equality: {[r['equal'] for r in rows]}", flush=True)
         print(f"colocated / PD (> 1: PD faster): {report['ratios_colocated_over_pd']}", flush=True)
     if "pd" in ok:
-        gb = [row["metrics"]["prefill"]["gb_s"] for row in ok["pd"]["probe"]]
+        prefill = [row["metrics"]["prefill"] for row in ok["pd"]["probe"]]
+        gb = [m["gb_s"] for m in prefill]
         report["transfer"] = {"gb_s": gb, "best_gb_s": max(gb), "median_gb_s": float(np.median(gb)),
                               "link_gb_s": link_gb_s, "best_link_fraction": round(max(gb) / link_gb_s, 3),
-                              "target_fraction": 0.8}
+                              "target_fraction": 0.8,
+                              "busy_gb_s": [m["busy_gb_s"] for m in prefill],
+                              # absent in runs from before the copy counter: None, not a division by zero
+                              "copy_gb_s": [m.get("copy_gb_s") for m in prefill],
+                              "not_copy_ms": [round(m["not_copy_s"] * 1e3, 3) if "not_copy_s" in m else None
+                                              for m in prefill]}
         print(f"PD transfer: {report['transfer']}", flush=True)
 
 

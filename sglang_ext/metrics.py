@@ -71,6 +71,9 @@ class PDMetrics:
     decode what it scatters into its pool. ``kvtier_pd_transfer_seconds`` is per request that moved
     KV: at the prefill from its first write to the decode's acknowledgement of the last slot, at the
     decode from the first slot received to the metadata that completes the request.
+    ``kvtier_pd_busy_seconds`` is the wall time of the threads moving KV, ``kvtier_pd_copy_seconds``
+    the part of it the copies themselves took: bytes over each gives the path's GB/s with and
+    without the protocol around the copy.
     """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
@@ -83,6 +86,10 @@ class PDMetrics:
                                 ["role", "outcome"], registry=r)
         self.busy = Counter("kvtier_pd_busy_seconds", "Time the PD threads spent moving KV (prefill: gather, write, "
                             "notify, waiting for a free slot; decode: scatter)", ["role"], registry=r)
+        self.copy = Counter("kvtier_pd_copy_seconds", "Of that, the copies themselves, by data path: GPU time between "
+                            "CUDA events around them (wall time of the torch copy for a CPU pool); prefill: the store "
+                            "into the decode's pool (direct) or the gather into staging (staged), decode: the scatter "
+                            "out of staging", ["role", "path"], registry=r)
         self.transfer = Histogram("kvtier_pd_transfer_seconds", "Per request: first KV write to the last slot "
                                   "acknowledged (prefill), first slot to completion (decode)", ["role"],
                                   buckets=_TRANSFER_BUCKETS, registry=r)

@@ -8,7 +8,11 @@ buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in pag
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
 a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
-IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. ``transport_kind`` resolves
+IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. Each of these returns the
+copy's own seconds: on a CUDA pool the GPU time between two CUDA events recorded around the
+launches on the Packer's stream (read after the stream sync the call ends with anyway), on a CPU
+pool the wall time of the torch copy; PD's ``kvtier_pd_copy_seconds_total`` adds them up, so the
+copy can be told apart from the protocol around it. ``transport_kind`` resolves
 ``pd_transport`` for the pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
 allocates staging where that transport can reach it: on the pool's GPU for a device-capable
 transport, else in pinned host memory.
@@ -20,7 +24,8 @@ import contextlib
 import ctypes
 import importlib
 import logging
-from typing import Optional, Sequence
+import time
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,11 +120,12 @@ class Packer:
         return slice_plan(self.item_lens, self.page_size, heads[2], heads[0], heads[1])[0]
 
     def gather(self, pages: np.ndarray, dst: torch.Tensor, wait: Optional[object] = None,
-               heads: Optional[tuple[int, int, int]] = None) -> None:
+               heads: Optional[tuple[int, int, int]] = None) -> float:
         """Copy ``pages`` into ``dst[: len(pages) * packed_bytes(heads)]``; returns when the bytes
-        are there. ``wait`` is a CUDA event that the copy waits for (the scheduler's KV writes)."""
+        are there, with the copy's seconds (see the module). ``wait`` is a CUDA event that the copy
+        waits for (the scheduler's KV writes)."""
         rows = torch.from_numpy(page_rows(pages, self.page_size))
-        with self._on_stream(wait):
+        with self._copying(wait) as timer:
             if heads is None:
                 for ks, vs, off in self.groups:
                     gather_kv(ks, vs, rows, dst, self._offsets(len(pages), 0, off), self.page_size)
@@ -134,14 +140,14 @@ class Packer:
                     packed[:, b.offset : b.offset + ps * b.width].copy_(part.view(n, ps * b.width))
                 if packed is not out:
                     out.copy_(packed)
-        self._sync()
+        return timer.seconds
 
     def scatter(self, src: torch.Tensor, base: int, pages: np.ndarray,
-                heads: Optional[tuple[int, int, int]] = None) -> None:
+                heads: Optional[tuple[int, int, int]] = None) -> float:
         """Copy ``len(pages)`` packed pages (of the head slice ``heads``) at ``src[base:]`` into
-        ``pages``; returns when done."""
+        ``pages``; returns when done, with the copy's seconds."""
         rows = torch.from_numpy(page_rows(pages, self.page_size))
-        with self._on_stream(None):
+        with self._copying(None) as timer:
             if heads is None:
                 for ks, vs, off in self.groups:
                     scatter_kv(src, self._offsets(len(pages), base, off), rows, ks, vs, self.page_size)
@@ -154,7 +160,7 @@ class Packer:
                 for b in plan:
                     part = packed[:, b.offset : b.offset + ps * b.width].reshape(n * ps, b.width)
                     self.views[b.buffer][:, b.column : b.column + b.width].index_copy_(0, rows, part)
-        self._sync()
+        return timer.seconds
 
     def row_views(self, regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Another pool of this layout, given as one flat uint8 region per KV buffer (as wrapped or
@@ -164,28 +170,45 @@ class Packer:
         return [r.view(-1, v.shape[1]) for r, v in zip(regions, self.views)]
 
     def copy_rows(self, pages: np.ndarray, dst: Sequence[torch.Tensor], dst_pages: np.ndarray,
-                  wait: Optional[object] = None) -> None:
+                  wait: Optional[object] = None) -> float:
         """Copy ``pages`` of this pool into ``dst_pages`` of the pool ``dst`` (``row_views``; on a
         CUDA pool they may be another GPU's buffers mapped into this process), every buffer, one
-        launch per buffer group on this pool's GPU; returns when the bytes are there. ``wait`` as
-        in ``gather``."""
+        launch per buffer group on this pool's GPU; returns when the bytes are there, with the
+        copy's seconds. ``wait`` as in ``gather``."""
         if len(pages) != len(dst_pages):
             raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
         src_rows = torch.from_numpy(page_rows(pages, self.page_size))
         dst_rows = torch.from_numpy(page_rows(dst_pages, self.page_size))
-        with self._on_stream(wait):
-            for ks, vs in self.index_groups:
-                copy_kv_rows([self.views[i] for i in ks], [self.views[i] for i in vs], [dst[i] for i in ks],
-                             [dst[i] for i in vs], src_rows, dst_rows)
-        self._sync()
+        with self._copying(wait) as timer:
+            for (k_views, v_views, _), (ks, vs) in zip(self.groups, self.index_groups):
+                copy_kv_rows(k_views, v_views, [dst[i] for i in ks], [dst[i] for i in vs], src_rows, dst_rows)
+        return timer.seconds
 
-    def _on_stream(self, wait: Optional[object]):
+    @contextlib.contextmanager
+    def _copying(self, wait: Optional[object]) -> Iterator["_CopyTimer"]:
+        """Runs the body's copies on this Packer's stream (after ``wait``), then waits for them;
+        the timer then holds their seconds."""
+        timer = _CopyTimer()
         if self.stream is None:
-            return contextlib.nullcontext()
+            start = time.perf_counter()
+            yield timer
+            timer.seconds = time.perf_counter() - start
+            return
         if wait is not None:
             self.stream.wait_event(wait)
-        return torch.cuda.stream(self.stream)
-
-    def _sync(self) -> None:
-        if self.stream is not None:
+        # Recorded after the wait: the GPU time of the copy, not of the scheduler's work before it.
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        try:
+            with torch.cuda.stream(self.stream):
+                begin.record(self.stream)
+                yield timer
+                end.record(self.stream)
+        finally:
             self.stream.synchronize()
+        timer.seconds = begin.elapsed_time(end) / 1e3
+
+
+class _CopyTimer:
+    """The seconds of one ``Packer`` copy, known once the copy has completed."""
+
+    seconds: float = 0.0

@@ -7,18 +7,20 @@ two threads per side:
 - prefill: a control thread on SGLang's ZMQ PULL socket (decode registrations with their
   ``PDLayout``, request metadata, refusals, slot acks, aborts) and a worker that moves each queued
   chunk: gather its pages into the staging buffer, write them into a free slot of the decode's
-  stage (a credit), notify ``K``; on the last chunk write the metadata rows, notify ``D``, Success.
+  stage (a credit), notify ``K``; after the last chunk notify ``D``, which carries the request's
+  metadata rows (one round trip, not a write and a notify), Success.
   On the direct path (cuda_ipc, same TP layout, the decode's KV buffers registered with its
   transport and reachable from this GPU; ``pd_layout.data_path`` decides at registration) the
   worker instead stores the chunk's pages into the decode's pages with one kernel launch through
-  the mapped buffers, waits for it, and notifies ``K``: no staging, no credits, no acks.
+  the mapped buffers, waits for it, and notifies ``K``: no staging, no credits, no acks. The ``K``
+  of a last chunk rides in its ``D``: a one-chunk request costs the decode one message.
   With a decode of a larger TP size, each of the ``required_dst`` decode ranks of a request gets
   its own head slice (``_DecodePeer.src_heads``).
 - decode: a control thread (refusals and failures from the prefill) and a notification thread
   that scatters each ``K`` slot into the request's pages (into the heads the note names when the
   prefill has a larger TP size), returns the slot (a direct ``K`` only counts the bytes already
-  in its pages), and marks Success once ``D`` came from every prefill rank the request needs
-  (SGLang's ``required_prefill_response_num``).
+  in its pages), puts the metadata rows of each ``D`` into the request's row, and marks Success
+  once ``D`` came from every prefill rank the request needs (SGLang's ``required_prefill_response_num``).
 
 Control messages are ZMQ multipart ``[tag, json, (pages)]`` on the peers' PULL sockets; the data
 notifications go over the transport, whose ordering puts them after the writes they describe.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +78,27 @@ def control_message(tag: bytes, obj: dict, *extra: bytes) -> list[bytes]:
     return [tag, json.dumps(obj).encode(), *extra]
 
 
+_DONE_HEAD = struct.Struct("<I")
+
+
+def done_message(head: dict, rows: list[torch.Tensor]) -> bytes:
+    """A ``D`` notification: ``D``, the JSON head's length, the head, then the metadata rows (CPU
+    uint8 tensors) back to back."""
+    body = json.dumps(head).encode()
+    return b"".join([b"D", _DONE_HEAD.pack(len(body)), body, *(r.numpy().tobytes() for r in rows)])
+
+
+def parse_done(message: bytes) -> tuple[dict, memoryview]:
+    """The head and the metadata rows of a ``done_message``."""
+    end = 1 + _DONE_HEAD.size
+    if len(message) < end:
+        raise ValueError(f"a D notification of {len(message)} bytes is too short")
+    (n,) = _DONE_HEAD.unpack_from(message, 1)
+    if len(message) < end + n:
+        raise ValueError(f"a D notification announces a {n}-byte head but has {len(message) - end} bytes after it")
+    return json.loads(message[end : end + n]), memoryview(message)[end + n :]
+
+
 @dataclass
 class _DecodePeer:
     """A registered decode rank, as the prefill sees it."""
@@ -94,6 +118,9 @@ class _DecodePeer:
     path: str = STAGED
     direct: Optional[list[str]] = None
     """On the direct path: the decode's KV buffers, as its transport regions."""
+    rows: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+    """On the direct path: the mapped regions last handed out for ``direct`` and their row views
+    (``Packer.row_views``), reused while the transport hands out the same mappings."""
 
 
 @dataclass
@@ -138,6 +165,7 @@ class PDStats:
     bytes: int = 0
     pages: int = 0
     seconds: float = 0.0
+    """Wall time of the thread moving KV (``kvtier_pd_busy_seconds``)."""
     requests: int = 0
     failures: int = 0
     role: str = ""
@@ -145,6 +173,9 @@ class PDStats:
     """Of ``bytes``, by data path (direct, staged)."""
     peers: dict[str, int] = field(default_factory=dict)
     """Decode ranks registered, by data path (prefill)."""
+    copy_seconds: dict[str, float] = field(default_factory=dict)
+    """Of ``seconds``, the copies themselves, by data path (``Packer``'s timing: GPU time on CUDA,
+    the torch copy's wall time on CPU)."""
     metrics: Optional[PDMetrics] = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -155,7 +186,7 @@ class PDStats:
             self.metrics.peers.labels(self.role, path).inc()
 
     def add(self, nbytes: int = 0, pages: int = 0, seconds: float = 0.0, requests: int = 0, failures: int = 0,
-            path: str = "") -> None:
+            path: str = "", copy_seconds: float = 0.0) -> None:
         with self.lock:
             self.bytes += nbytes
             self.pages += pages
@@ -164,10 +195,14 @@ class PDStats:
             self.failures += failures
             if path and nbytes:
                 self.path_bytes[path] = self.path_bytes.get(path, 0) + nbytes
+            if path and copy_seconds:
+                self.copy_seconds[path] = self.copy_seconds.get(path, 0.0) + copy_seconds
         m, role = self.metrics, self.role
         if m is not None:
             if path and nbytes:
                 m.path_bytes.labels(role, path).inc(nbytes)
+            if path and copy_seconds:
+                m.copy.labels(role, path).inc(copy_seconds)
             for counter, value in ((m.bytes, nbytes), (m.pages, pages), (m.busy, seconds)):
                 if value:
                     counter.labels(role).inc(value)
@@ -232,8 +267,6 @@ class KvtierKVManager(CommonKVManager):
             self.gather_buf = staging_buffer(self.slot_bytes, self.device, self.on_device)
             self._threads.append(threading.Thread(target=self._serve_queue, name="kvtier-pd-send", daemon=True))
         else:
-            for j, t in enumerate(self.aux):
-                self.transport.register(f"aux{j}", t)
             self.rooms: dict[int, tuple[set[str], np.ndarray]] = {}
             self.stages: dict[str, Stage] = {}
             self.stage_lock = threading.Lock()
@@ -364,11 +397,12 @@ class KvtierKVManager(CommonKVManager):
             self.send_control(endpoint, control_message(REFUSED, refusal))
             return
         self.refused.pop(peer_id, None)
-        direct = None
+        direct = rows = None
         if path == DIRECT:
             try:
                 direct = msg["direct"]["regions"]
-                self.packer.row_views(self.transport.peer_regions(transport_peer, direct))
+                regions = self.transport.peer_regions(transport_peer, direct)
+                rows = (regions, self.packer.row_views(regions))
             except (TransferError, ValueError, RuntimeError) as e:
                 path, reason, direct = STAGED, f"this prefill cannot store into the decode's pool: {e}", None
         old = self.peers.get(peer_id)
@@ -377,7 +411,7 @@ class KvtierKVManager(CommonKVManager):
             if old.path != path:
                 logger.info("kvtier PD: decode %s now uses the %s path (%s)", remote.address, path, reason)
                 self.stats.add_peer(path)
-            old.path, old.direct = path, direct
+            old.path, old.direct, old.rows = path, direct, rows
             return
         slot_bytes = int(msg["slot_bytes"])
         src_heads = dst_heads = None
@@ -388,7 +422,7 @@ class KvtierKVManager(CommonKVManager):
         self.peers[peer_id] = _DecodePeer(
             endpoint, transport_peer, msg["stage"], slot_bytes,
             min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
-            page_bytes, path, direct,
+            page_bytes, path, direct, rows,
         )
         self.stats.add_peer(path)
         logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, %s path (%s), "
@@ -542,13 +576,14 @@ class KvtierKVManager(CommonKVManager):
             return
         start = time.perf_counter()
         dsts = sorted(self.transfer_infos[room].values(), key=lambda d: d.peer)
+        held: dict[str, dict] = {}
         for dst in dsts:
-            if not self._send_to(chunk, dst):
+            if not self._send_to(chunk, dst, held):
                 return
         if chunk.is_last:
             # D only once every decode rank has its pages: none reports Success while another fails.
             for dst in dsts:
-                self._send_done(chunk, dst)
+                self._send_done(chunk, dst, held.get(dst.peer))
             self._last_chunk_sent(room)
         seconds = time.perf_counter() - start
         self.stats.add(seconds=seconds, requests=int(chunk.is_last))
@@ -556,14 +591,24 @@ class KvtierKVManager(CommonKVManager):
         if chunk.is_last:
             self.succeed(room)
 
-    def _send_to(self, chunk: Chunk, dst: _Destination) -> bool:
-        """Move ``chunk`` to one decode rank (its head slice); False if the request failed meanwhile."""
+    def _send_to(self, chunk: Chunk, dst: _Destination, held: dict[str, dict]) -> bool:
+        """Move ``chunk`` to one decode rank (its head slice); False if the request failed meanwhile.
+        On the direct path the ``K`` of a last chunk is left in ``held`` for its ``D`` to carry."""
         room = chunk.room
         peer = self.peers[dst.peer]
         dst_pages = dst.pages[chunk.index_slice]
         src = chunk.pages[: len(dst_pages)]
         if peer.direct is not None:
-            return self._send_direct(chunk, peer, src, dst_pages)
+            if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
+                return False
+            if len(src):
+                note = self._send_direct(chunk, peer, src, dst_pages)
+                if chunk.is_last:  # one message to the decode instead of two round trips
+                    held[dst.peer] = note
+                else:
+                    self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(),
+                                          timeout_s=self.timeout_s)
+            return True
         for first, n in slot_chunks(len(src), peer.pages_per_slot):
             if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
                 return False
@@ -571,7 +616,7 @@ class KvtierKVManager(CommonKVManager):
             slot = peer.credits.take(self.timeout_s)
             try:
                 self._slot_written(room, dst.peer, slot)
-                self.packer.gather(src[first : first + n], self.gather_buf, chunk.event, peer.src_heads)
+                copy_s = self.packer.gather(src[first : first + n], self.gather_buf, chunk.event, peer.src_heads)
                 nbytes = n * peer.page_bytes
                 op = (self.gather_buf[:nbytes], peer.stage, slot * peer.slot_bytes)
                 self.transport.write(peer.transport_peer, [op], timeout_s=max(deadline - time.monotonic(), 0.001))
@@ -582,37 +627,45 @@ class KvtierKVManager(CommonKVManager):
                 self._slot_acked(dst.peer, slot)
                 peer.credits.give(slot)
                 raise
-            self.stats.add(nbytes=nbytes, pages=n, path=STAGED)
+            self.stats.add(nbytes=nbytes, pages=n, path=STAGED, copy_seconds=copy_s)
         return True
 
-    def _send_direct(self, chunk: Chunk, peer: _DecodePeer, src: np.ndarray, dst_pages: np.ndarray) -> bool:
-        """Store ``src`` into the decode's ``dst_pages`` through its mapped pool, then notify ``K``."""
+    def _send_direct(self, chunk: Chunk, peer: _DecodePeer, src: np.ndarray, dst_pages: np.ndarray) -> dict:
+        """Store ``src`` into the decode's ``dst_pages`` through its mapped pool; returns the ``K``
+        note that tells the decode (to be sent only now that the copy has completed)."""
         room, n = chunk.room, len(src)
-        if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
-            return False
-        if n == 0:
-            return True
         with self._timing_lock:
             self._started(room)
-        # Refuses a dead decode or a deregistered pool before the launch; the mapping keeps the
-        # memory alive until we drop it, so a decode that dies during the copy cannot fault it.
-        dst = self.packer.row_views(self.transport.peer_regions(peer.transport_peer, peer.direct))
-        self.packer.copy_rows(src, dst, dst_pages, chunk.event)
-        note = {"room": room, "stage": peer.stage, "slot": None, "start": chunk.index_slice.start, "n": n,
+        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event)
+        self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
+        return {"room": room, "stage": peer.stage, "slot": None, "start": chunk.index_slice.start, "n": n,
                 "heads": None, "direct": True}
-        self.transport.notify(peer.transport_peer, b"K" + json.dumps(note).encode(), timeout_s=self.timeout_s)
-        self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT)
-        return True
 
-    def _send_done(self, chunk: Chunk, dst: _Destination) -> None:
-        """Write the metadata rows of the request's last chunk to one decode rank and notify ``D``."""
+    def _direct_rows(self, peer: _DecodePeer) -> list[torch.Tensor]:
+        """The decode's pool as row views. Asks the transport each time, which refuses a dead decode
+        or a deregistered pool before the launch (the mapping keeps the memory alive until we drop
+        it, so a decode that dies during the copy cannot fault it); the views are rebuilt only when
+        it hands out other mappings than last time."""
+        try:
+            regions = self.transport.peer_regions(peer.transport_peer, peer.direct)
+        except TransferError:
+            peer.rows = None  # holding the mappings would keep a dead decode's pool allocated
+            raise
+        if peer.rows is None or len(peer.rows[0]) != len(regions) or any(
+                a is not b for a, b in zip(peer.rows[0], regions)):
+            peer.rows = (regions, self.packer.row_views(regions))
+        return peer.rows[1]
+
+    def _send_done(self, chunk: Chunk, dst: _Destination, kv: Optional[dict] = None) -> None:
+        """Notify ``D`` to one decode rank, carrying the request's metadata rows (and the last
+        chunk's ``K`` note ``kv``, if held back): one round trip where a write, a ``K`` and a ``D``
+        took three."""
         peer = self.peers[dst.peer]
-        ai, di = chunk.aux_index, dst.aux_index
-        ops = [(t.view(-1, item)[ai], f"aux{j}", di * item) for j, (t, item) in
-               enumerate(zip(self.aux, self.kv_args.aux_item_lens))]
-        self.transport.write(peer.transport_peer, ops, timeout_s=self.timeout_s)
-        done = b"D" + json.dumps({"room": chunk.room, "stage": peer.stage}).encode()
-        self.transport.notify(peer.transport_peer, done, timeout_s=self.timeout_s)
+        rows = [t.view(-1, item)[chunk.aux_index] for t, item in zip(self.aux, self.kv_args.aux_item_lens)]
+        head = {"room": chunk.room, "stage": peer.stage, "aux_index": dst.aux_index}
+        if kv is not None:
+            head["kv"] = kv
+        self.transport.notify(peer.transport_peer, done_message(head, rows), timeout_s=self.timeout_s)
 
     # -- decode ---------------------------------------------------------------------------------------
 
@@ -708,22 +761,49 @@ class KvtierKVManager(CommonKVManager):
             except TransferError:
                 continue
             try:
-                kind, msg = note.message[:1], json.loads(note.message[1:])
+                kind = note.message[:1]
                 if kind == b"K":
-                    self._on_kv(msg)
+                    self._on_kv(json.loads(note.message[1:]))
                 elif kind == b"D":
-                    room = int(msg["room"])
-                    if room in self.rooms and self._all_prefill_ranks_done(room, msg["stage"]):
-                        self.succeed(room)
-                        self.stats.add(requests=1)
-                        with self._timing_lock:
-                            first = self.timings.pop(room, None)
-                        if first is not None:
-                            self._observe(time.perf_counter() - first)
+                    self._on_done(*parse_done(note.message))
                 else:
                     raise ValueError(f"unknown notification {note.message[:32]!r}")
             except Exception:
                 logger.exception("kvtier PD: dropped a notification from %s", note.sender)
+
+    def _on_done(self, msg: dict, rows: memoryview) -> None:
+        """A prefill rank's last message of a request: its held ``K``, the metadata rows, ``D``."""
+        room = int(msg["room"])
+        if msg.get("kv") is not None:
+            self._on_kv(msg["kv"])
+        if room not in self.rooms:  # cleared or aborted here: its metadata row may be another's by now
+            return
+        try:
+            self._write_aux(int(msg["aux_index"]), rows)
+        except ValueError as e:
+            self.fail(room, f"kvtier PD: the metadata of request {room} from the prefill does not fit this "
+                            f"decode: {e}")
+            return
+        if self._all_prefill_ranks_done(room, msg["stage"]):
+            self.succeed(room)
+            self.stats.add(requests=1)
+            with self._timing_lock:
+                first = self.timings.pop(room, None)
+            if first is not None:
+                self._observe(time.perf_counter() - first)
+
+    def _write_aux(self, index: int, rows: memoryview) -> None:
+        """Put one request's metadata rows (one per metadata buffer, back to back) at ``index``."""
+        items = [int(x) for x in self.kv_args.aux_item_lens]
+        if len(rows) != sum(items):
+            raise ValueError(f"{len(rows)} bytes of metadata rows, this decode's rows take {sum(items)} "
+                             f"({items}); start both servers with the same model and arguments")
+        offset = 0
+        for t, item in zip(self.aux, items):
+            if not 0 <= index < t.numel() // item:
+                raise ValueError(f"metadata row {index} is outside this decode's {t.numel() // item} rows")
+            t.view(-1, item)[index].numpy()[:] = np.frombuffer(rows, np.uint8, item, offset)
+            offset += item
 
     def _all_prefill_ranks_done(self, room: int, stage: str) -> bool:
         """Count ``stage``'s prefill rank as done with ``room``; whether every rank it needs is."""
@@ -745,10 +825,12 @@ class KvtierKVManager(CommonKVManager):
                 if len(pages) != n:
                     raise TransferError(f"prefill sent pages {start}..{start + n} but the request has {len(entry[1])}")
                 heads = tuple(msg["heads"]) if msg.get("heads") else None
+                copy_s = 0.0
                 if not direct:  # a direct K follows a copy into these pages that has completed
-                    self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages, heads)
+                    copy_s = self.packer.scatter(stage.tensor, slot * stage.slot_bytes, pages, heads)
                 self.stats.add(nbytes=n * self.packer.packed_bytes(heads), pages=n,
-                               seconds=time.perf_counter() - begin, path=DIRECT if direct else STAGED)
+                               seconds=time.perf_counter() - begin, path=DIRECT if direct else STAGED,
+                               copy_seconds=copy_s)
         except Exception as e:
             self.fail(room, f"kvtier PD: writing KV of request {room} into the decode pool failed: {e}")
         finally:

@@ -104,12 +104,17 @@ def test_transfer_report_from_two_scrapes_of_a_pd_metrics_page():
     pd.bytes.labels("prefill").inc(nbytes)
     pd.transfer.labels("prefill").observe(0.004)
     pd.busy.labels("prefill").inc(0.0035)
+    pd.copy.labels("prefill", "direct").inc(0.002)  # the copy's GPU time, one path or both
+    pd.copy.labels("prefill", "staged").inc(0.0005)
+    pd.copy.labels("decode", "staged").inc(0.25)  # the other role's: not this report's
     report = transfer_report(before, scrape_metrics(url), "prefill", nbytes, 394.0)
     assert report["bytes"] == nbytes and report["bytes_match"] and report["requests"] == 1
     assert report["transfer_s"] == 0.004
     assert report["gb_s"] == round(nbytes / 0.004 / 1e9, 2)
     assert report["link_fraction"] == round(nbytes / 0.004 / 1e9 / 394.0, 3)
     assert report["busy_gb_s"] == round(nbytes / 0.0035 / 1e9, 2)
+    assert report["copy_s"] == 0.0025 and report["copy_gb_s"] == round(nbytes / 0.0025 / 1e9, 2)
+    assert report["not_copy_s"] == 0.001
     assert not transfer_report(before, scrape_metrics(url), "prefill", nbytes + 1, 394.0)["bytes_match"]
 
 
@@ -178,6 +183,7 @@ def test_the_script_runs_both_configurations_with_standins_in_sglangs_place(tmp_
     pd = report["configs"]["pd"]
     assert pd["probe"][0]["metrics"]["prefill"]["expected_bytes"] == 500 * 131072
     assert pd["probe"][0]["metrics"]["prefill"]["bytes"] == 0 and report["transfer"]["best_gb_s"] == 0
+    assert report["transfer"]["copy_gb_s"] == [0.0] and report["transfer"]["not_copy_ms"] == [0.0]
     for name in ("colocated", "pd"):
         mixed = report["configs"][name]["mixed"]
         assert mixed["prefill"]["requests"] == 2 and mixed["decode"]["requests"] >= 2

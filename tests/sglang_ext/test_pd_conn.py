@@ -348,7 +348,15 @@ def test_full_lifecycle_between_cuda_pools(transport):
         # cuda_ipc, same TP layout: the prefill's kernel stores into the decode's pool (same GPU here)
         path = "direct" if transport == "cuda_ipc" else "staged"
         assert stats["peers"] == {path: 1} and stats["path_bytes"] == {path: stats["bytes"]}
-        assert decode.call("stats")["path_bytes"] == {path: stats["bytes"]}
+        received = decode.call("stats")
+        assert received["path_bytes"] == {path: stats["bytes"]}
+        # GPU time of the copies (CUDA events), part of the sending thread's busy time; a direct
+        # copy is the prefill's alone, a staged one has the decode's scatter too
+        assert list(stats["copy_seconds"]) == [path] and 0 < stats["copy_seconds"][path] < stats["seconds"]
+        if path == "direct":
+            assert received["copy_seconds"] == {}
+        else:
+            assert list(received["copy_seconds"]) == [path] and 0 < received["copy_seconds"][path] < received["seconds"]
     finally:
         for p in procs:
             p.kill()
@@ -375,6 +383,7 @@ def test_direct_path_across_two_gpus_and_a_decode_killed_on_it():
             check_lifecycle(prefill, decode, addr, seed)
         stats = prefill.call("stats")
         assert stats["peers"] == {"direct": 1} and stats["path_bytes"] == {"direct": stats["bytes"]}
+        assert 0 < stats["copy_seconds"]["direct"] < stats["seconds"]
 
         room = new_room(np.random.default_rng(21))
         assert bootstrap(prefill, decode, addr, room, list(range(10, 18)), prefix_len=0) == WAITING
@@ -388,3 +397,22 @@ def test_direct_path_across_two_gpus_and_a_decode_killed_on_it():
     finally:
         for p in procs:
             p.kill()
+
+
+def test_the_last_message_carries_its_head_and_the_metadata_rows_bit_for_bit():
+    """``D`` carries the metadata rows (one round trip instead of a write and a notify); random rows
+    of random sizes come out byte for byte, and a cut message is refused with what is wrong."""
+    from kvtier.sglang_ext.pd_manager import done_message, parse_done
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        rows = [torch.from_numpy(rng.integers(0, 256, int(n), dtype=np.uint8)) for n in rng.integers(1, 300, 6)]
+        head = {"room": int(rng.integers(1, 2**63 - 1)), "stage": "stage/127.0.0.1:1", "aux_index": 3,
+                "kv": {"room": 1, "start": 0, "n": 9, "direct": True} if rng.random() < 0.5 else None}
+        message = done_message(head, rows)
+        got_head, payload = parse_done(message)
+        assert got_head == head and bytes(payload) == b"".join(r.numpy().tobytes() for r in rows)
+    with pytest.raises(ValueError, match="announces a .*-byte head but has"):
+        parse_done(message[:8])
+    with pytest.raises(ValueError, match="too short"):
+        parse_done(b"D")

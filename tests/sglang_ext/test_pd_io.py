@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,45 @@ def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_siz
         sp.row_views(regions[:3])
     with pytest.raises(ValueError, match="2 source pages for 1 destination pages"):
         sp.copy_rows(src_pages[:2], sp.row_views(regions), dst_pages[:1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_copy_returns_its_own_seconds(device):
+    """gather, scatter and copy_rows return the copy's seconds (kvtier_pd_copy_seconds_total): the
+    wall time of the torch copy on a CPU pool, the GPU time between CUDA events on a CUDA pool;
+    never more than the call itself took, and the bytes are there when it returns."""
+    src, dst = pool(device, 1, 4), pool(device, 2, 4)
+    sp, dp = packer_of(src), packer_of(dst)
+    pages = np.random.default_rng(0).permutation(np.arange(1, 32))
+    buf = staging_buffer(len(pages) * sp.page_bytes, torch.device(device), device == "cuda")
+    ptrs, lens, _ = dst.get_contiguous_buf_infos()
+    regions = sp.row_views([wrap_memory(p, n, torch.device(device)) for p, n in zip(ptrs, lens)])
+    calls = {"gather": lambda: sp.gather(pages, buf), "scatter": lambda: dp.scatter(buf, 0, pages[::-1].copy()),
+             "copy_rows": lambda: sp.copy_rows(pages, regions, pages)}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        seconds = call()
+        wall = time.perf_counter() - start
+        assert isinstance(seconds, float) and 0 < seconds <= wall, (name, seconds, wall)
+    for a, b in zip(src.k_buffer + src.v_buffer, dst.k_buffer + dst.v_buffer):  # copy_rows: same rows
+        rows = torch.from_numpy(pages * 4).repeat_interleave(4) + torch.arange(4).repeat(len(pages))
+        assert torch.equal(a.view(torch.uint8)[rows.to(device)], b.view(torch.uint8)[rows.to(device)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_copy_seconds_leave_out_the_work_the_copy_waited_for():
+    """The copy's stream waits for the scheduler's event first; the events are recorded after that
+    wait, so ~50 ms of GPU work before the event is in the call's wall time, not in its seconds."""
+    src, dst = pool("cuda", 1, 4), pool("cuda", 2, 4)
+    sp = packer_of(src)
+    ptrs, lens, _ = dst.get_contiguous_buf_infos()
+    regions = sp.row_views([wrap_memory(p, n, torch.device("cuda")) for p, n in zip(ptrs, lens)])
+    pages = np.arange(1, 32)
+    sp.copy_rows(pages, regions, pages)  # compiles the kernel
+    torch.cuda._sleep(100_000_000)  # cycles: ~50 ms at 2 GHz
+    busy = torch.cuda.Event()
+    busy.record()
+    start = time.perf_counter()
+    seconds = sp.copy_rows(pages, regions, pages, busy)
+    wall = time.perf_counter() - start
+    assert wall > 0.02 and seconds < wall / 4, (seconds, wall)

@@ -133,7 +133,10 @@ def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
                 assert delta(before[role], after, f"kvtier_pd_requests_total{{outcome=failed,role={role}}}") == 0
                 assert delta(before[role], after, f"kvtier_pd_transfer_seconds_count{{role={role}}}") == 1
                 assert 0 < delta(before[role], after, f"kvtier_pd_transfer_seconds_sum{{role={role}}}") < 10
-                assert delta(before[role], after, f"kvtier_pd_busy_seconds_total{{role={role}}}") > 0
+                busy = delta(before[role], after, f"kvtier_pd_busy_seconds_total{{role={role}}}")
+                # CPU pools: the wall time of the torch copies (gather, scatter), inside the busy time
+                copy = delta(before[role], after, f"kvtier_pd_copy_seconds_total{{path=staged,role={role}}}")
+                assert 0 < copy < busy
             prefill.call("clear", room=room)
             decode.call("clear", room=room)
         stats = {"prefill": prefill.call("stats"), "decode": decode.call("stats")}
@@ -144,6 +147,8 @@ def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
             # zmq has no direct path: every byte went through staging, and the prefill says so per peer
             assert page[f"kvtier_pd_path_bytes_total{{path=staged,role={role}}}"] == stats[role]["bytes"]
             assert f"kvtier_pd_path_bytes_total{{path=direct,role={role}}}" not in page
+            assert page[f"kvtier_pd_copy_seconds_total{{path=staged,role={role}}}"] == pytest.approx(
+                stats[role]["copy_seconds"]["staged"]) and list(stats[role]["copy_seconds"]) == ["staged"]
         assert scrape(ports["prefill"])["kvtier_pd_peers_total{path=staged,role=prefill}"] == 1
 
         # A decode rank of another page size, in the same process: it shares that process's counters.

@@ -15,6 +15,14 @@ the median of ``--repeats``:
   (``peer_regions``) and ``copy_kv_rows`` stores every row, in random order, into random rows of
   B's pool with one kernel launch on GPU 0 (rows handed over from host memory each time, as PD
   does per chunk); checked bit for bit by reading B's pool back. The bound is the plain peer copy.
+- ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
+  (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
+  ``Packer.row_views``, ``Packer.copy_rows`` after a scheduler event (row tensors, the kernel, the
+  stream sync, CUDA events timing the copy) and a ``K`` notification that B's transport
+  acknowledges. Each step is timed; the copy's GPU time is what ``kvtier_pd_copy_seconds_total``
+  counts in serving. Measured twice: with both processes idle, and with a Python thread spinning
+  in each (``busy_gil``), as SGLang's scheduler loops do while a request is in flight, so every
+  wait that lets go of the GIL (the stream sync, the acknowledgement) has to win it back.
 - ``zmq_pinned_loopback``: the ZMQ transport over 127.0.0.1 between pinned host buffers, for
   reference.
 
@@ -29,14 +37,16 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from bench_common import run_facts
 
-from kvtier.transfer.base import Transport
+from kvtier.transfer.base import TransferError, Transport
 
 LAYERS, HEADS, DIM, ELEM = 32, 8, 128, 2
 
@@ -47,18 +57,50 @@ def make_transport(kind: str) -> Transport:
     return open_transport(kind)
 
 
-def receiver(kind: str, device: str, buffer_bytes: int, count: int, conn) -> None:
-    """Process B: registers ``count`` regions on ``device`` ("cpu" means pinned host memory)."""
+def receiver(kind: str, device: str, buffer_bytes: int, count: int, conn, spin: bool = False) -> None:
+    """Process B: registers ``count`` regions on ``device`` ("cpu" means pinned host memory) and
+    takes the notifications that arrive; with ``spin`` a Python thread keeps the GIL busy."""
     if device == "cpu":
         flat = torch.zeros(buffer_bytes * count, dtype=torch.uint8).pin_memory()
     else:
         flat = torch.zeros(buffer_bytes * count, dtype=torch.uint8, device=device)
-    with make_transport(kind) as transport:
+    stop = threading.Event()
+    with make_transport(kind) as transport, spinning(spin):
         for i in range(count):
             transport.register(f"kv{i}", flat[i * buffer_bytes : (i + 1) * buffer_bytes])
+
+        def drain() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TransferError):
+                    transport.recv_notification(0.1)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
         conn.send(transport.descriptor())
         with contextlib.suppress(EOFError):  # A failed and closed its end
             conn.recv()  # until process A closed its side
+        stop.set()
+        drainer.join()
+
+
+@contextlib.contextmanager
+def spinning(on: bool) -> Iterator[None]:
+    """With ``on``, a Python thread that never blocks runs meanwhile, as a serving scheduler's loop."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin, daemon=True)
+    if on:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if on:
+            thread.join()
 
 
 def timed(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
@@ -182,6 +224,80 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
     }
 
 
+def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int) -> dict:
+    """``direct_rows``'s store through PD's per-chunk steps, each timed, idle and with busy GILs."""
+    return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.row_views, Packer.copy_rows "
+                    "(after a scheduler event), K notification acknowledged by process B",
+            "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
+            "row_bytes": buffer_bytes // tokens, "buffers": count,
+            **{mode: packer_run(buffer_bytes, count, tokens, warmup, repeats, spin)
+               for mode, spin in (("idle", False), ("busy_gil", True))}}
+
+
+def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int, spin: bool) -> dict:
+    from kvtier.sglang_ext.pd_io import Packer
+    from kvtier.transfer.cuda_ipc import enable_peer_access
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=receiver, args=("cuda_ipc", "cuda:1", buffer_bytes, count, there, spin), daemon=True)
+    child.start()
+    there.close()
+    row = buffer_bytes // tokens
+    names = [f"kv{i}" for i in range(count)]
+    try:
+        descriptor = here.recv()
+        torch.cuda.set_device(0)
+        src = [torch.randint(0, 256, (tokens, row), dtype=torch.uint8, device="cuda:0") for _ in names]
+        packer = Packer([t.data_ptr() for t in src], [t.numel() for t in src], [row] * count, 1, torch.device("cuda:0"))
+        rng = np.random.default_rng(0)
+        src_pages, dst_pages = rng.permutation(tokens), rng.permutation(tokens)
+        enable_peer_access(0, 1)
+        steps: dict[str, list[float]] = {k: [] for k in ("peer_regions", "row_views", "copy_rows", "copy_gpu",
+                                                         "notify", "total")}
+        with make_transport("cuda_ipc") as transport, spinning(spin):
+            peer = transport.connect(descriptor, map_device=0)
+            note = json.dumps({"room": 1, "stage": "stage/bench", "slot": None, "start": 0, "n": tokens,
+                               "heads": None, "direct": True}).encode()
+
+            def chunk() -> None:
+                event = torch.cuda.Event()  # what KvtierKVSender.send records for the worker
+                event.record()
+                t0 = time.perf_counter()
+                regions = transport.peer_regions(peer, names)
+                t1 = time.perf_counter()
+                dst = packer.row_views(regions)
+                t2 = time.perf_counter()
+                gpu_s = packer.copy_rows(src_pages, dst, dst_pages, event)
+                t3 = time.perf_counter()
+                transport.notify(peer, b"K" + note, timeout_s=30)
+                t4 = time.perf_counter()
+                for key, value in (("peer_regions", t1 - t0), ("row_views", t2 - t1), ("copy_rows", t3 - t2),
+                                   ("copy_gpu", gpu_s), ("notify", t4 - t3), ("total", t4 - t0)):
+                    steps[key].append(value)
+
+            timed(chunk, warmup, repeats)
+            steps = {k: v[warmup:] for k, v in steps.items()}
+            back = torch.empty(count * buffer_bytes, dtype=torch.uint8, device="cuda:0")
+            transport.read(peer, [(name, 0, back[i * buffer_bytes : (i + 1) * buffer_bytes])
+                                  for i, name in enumerate(names)], timeout_s=120)
+            s_rows, d_rows = torch.from_numpy(src_pages).cuda(), torch.from_numpy(dst_pages).cuda()
+            exact = all(torch.equal(back[i * buffer_bytes : (i + 1) * buffer_bytes].view(tokens, row)[d_rows],
+                                    s[s_rows]) for i, s in enumerate(src))
+        here.send("done")
+    finally:
+        here.close()
+        child.join(60)
+    nbytes = buffer_bytes * count
+    ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()}
+    return {"spinning_python_thread_per_process": spin, "ms_median": ms,
+            "GBps_median": round(nbytes / statistics.median(steps["total"]) / 1e9, 2),
+            "copy_GBps_median": round(nbytes / statistics.median(steps["copy_gpu"]) / 1e9, 2),
+            "not_copy_ms_median": round(statistics.median(t - g for t, g in zip(steps["total"], steps["copy_gpu"]))
+                                        * 1e3, 3),
+            "total_ms": [round(t * 1e3, 3) for t in steps["total"]], "bit_exact": exact}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_000)
@@ -220,6 +336,13 @@ def main() -> None:
         result["vs_plain"] = round(result["GBps_median"] / plain, 3)
         cases["direct_rows"] = result
         print(json.dumps({"direct_rows": result}), flush=True)
+        result = direct_packer_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats)
+        for mode in ("idle", "busy_gil"):
+            result[mode]["vs_plain"] = round(result[mode]["GBps_median"] / plain, 3)
+            result[mode]["vs_direct_rows_ms"] = round(result[mode]["ms_median"]["total"]
+                                                      / cases["direct_rows"]["ms_median"], 3)
+        cases["direct_packer"] = result
+        print(json.dumps({"direct_packer": result}), flush=True)
     del flat
     cases["zmq_pinned_loopback"] = case("zmq", "cpu", "cpu", buffer_bytes, count, 1, args.zmq_repeats)
     print(json.dumps({"zmq_pinned_loopback": cases["zmq_pinned_loopback"]}), flush=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -124,7 +124,7 @@ class PoolIO:
         # directions at once, and a background spill must not delay a load queued after it.
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._unguarded: list[Completion] = []
+        self._unguarded: list[tuple[Completion, Optional[Hashable]]] = []
 
     def warm_up(self) -> None:
         """Compile both kernels now rather than inside the first request that spills or loads.
@@ -144,7 +144,8 @@ class PoolIO:
         return torch.tensor([v.data_ptr() - base for v in views], dtype=torch.int64)
 
     def _run(
-        self, op: str, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor
+        self, op: str, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor,
+        owner: Optional[Hashable] = None,
     ) -> Completion:
         if self.stream is None:
             launch()
@@ -167,26 +168,35 @@ class PoolIO:
         if guard:
             current.wait_event(event)
         else:
-            self._unguarded.append(done)
+            self._unguarded.append((done, owner))
         return done
 
-    def guard_pending(self) -> None:
-        """Make the current stream wait for every unguarded copy still reading or writing pool rows.
+    def guard_pending(self, owner: Optional[Hashable] = None) -> None:
+        """Make the current stream wait for the unguarded copies still reading or writing pool rows
+        of ``owner`` (and those given no owner); every one when ``owner`` is None.
 
-        Called before rows are freed, so that whoever gets them next cannot race those copies.
+        Called before rows are freed, so that whoever gets them next cannot race those copies. A
+        copy that does not touch the freed rows keeps running: the forward pass need not wait.
         """
-        self._unguarded = [c for c in self._unguarded if not c.poll()]
         current = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        for c in self._unguarded:
-            current.wait_event(c.event)
-        self._unguarded.clear()
+        kept = []
+        for c, o in self._unguarded:
+            if c.poll():
+                continue
+            if owner is None or o is None or o is owner:
+                current.wait_event(c.event)
+            else:
+                kept.append((c, o))
+        self._unguarded = kept
 
     def to_host(
-        self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None], guard: bool = True
+        self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None], guard: bool = True,
+        owner: Optional[Hashable] = None,
     ) -> Completion:
         """Copy the pool rows ``slots`` (chunk after chunk) into the slot ``views``.
 
-        ``guard=False`` for rows that stay allocated: the forward pass does not wait for it.
+        ``guard=False`` for rows that stay allocated: the forward pass does not wait for it, and
+        ``guard_pending(owner)`` makes it wait before those rows are freed.
         """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
@@ -197,13 +207,18 @@ class PoolIO:
             on_done,
             guard,
             slots,
+            owner=owner,
         )
 
-    def to_device(self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None]) -> Completion:
+    def to_device(
+        self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None],
+        owner: Optional[Hashable] = None,
+    ) -> Completion:
         """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
 
         One group of layers: the forward pass waits for the whole copy. Several: readers of a layer
-        through the pool wait for its group via ``gate``; rows freed later wait via ``guard_pending``.
+        through the pool wait for its group via ``gate``; rows freed later wait via
+        ``guard_pending(owner)``.
         """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
@@ -231,4 +246,4 @@ class PoolIO:
             self.gate.forget(events)
             on_done()
 
-        return self._run("load", launch, done, False, slots)
+        return self._run("load", launch, done, False, slots, owner=owner)

@@ -167,9 +167,12 @@ class KVTierRadixCache(RadixCache):
         return tokens, rows, nodes[0].key.extra_key if nodes else None
 
     def _store_chunks(
-        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int, rows_freed: bool
+        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int, rows_freed: bool,
+        owner: Optional[TreeNode] = None,
     ) -> None:
-        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet."""
+        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet. Rows
+        still in the tree (not ``rows_freed``) belong to ``owner`` and its ancestors: ``owner``'s
+        deletion, which must come before theirs, waits for the copy."""
         T = self.chunk_tokens
         keys = self.namespace.chunk_keys(tokens, extra_key)
         first = start // T
@@ -180,7 +183,8 @@ class KVTierRadixCache(RadixCache):
         if not lease.keys:
             return
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
-        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed))
+        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed,
+                                    owner=owner))
 
     def _spill_ahead(self, incoming: int) -> None:
         """write_back: copy out, in the background, the nodes that eviction would take first while
@@ -202,7 +206,8 @@ class KVTierRadixCache(RadixCache):
             if node.id not in self._spilled_ahead:
                 self._spilled_ahead.add(node.id)
                 tokens, rows, extra_key = self._path(node)
-                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=False)
+                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=False,
+                                   owner=node)
             parent = node.parent
             if parent is not self.root_node and parent.lock_ref == 0:
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
@@ -214,8 +219,8 @@ class KVTierRadixCache(RadixCache):
         self._spilled_ahead.clear()
 
     def _delete_leaf(self, node: TreeNode) -> None:
-        # The leaf's rows were just freed: nothing may overwrite them before copies read them.
-        self.io.guard_pending()
+        # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
+        self.io.guard_pending(node)
         self._spilled_ahead.discard(node.id)
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             tokens, rows, extra_key = self._path(node)
@@ -231,8 +236,10 @@ class KVTierRadixCache(RadixCache):
         result = super().insert(params)
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)
-            rows = super().match_prefix(MatchPrefixParams(key=key)).device_indices
-            self._store_chunks(key.raw_token_ids()[: len(rows)], rows, key.extra_key, start=result.prefix_len, rows_freed=False)
+            match = super().match_prefix(MatchPrefixParams(key=key))
+            rows = match.device_indices
+            self._store_chunks(key.raw_token_ids()[: len(rows)], rows, key.extra_key, start=result.prefix_len,
+                               rows_freed=False, owner=match.last_device_node)
         return result
 
     # -- load-back -----------------------------------------------------------------------------
@@ -330,12 +337,11 @@ class KVTierRadixCache(RadixCache):
             return empty, node
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
-        views = lease.views[:got]
-        self._track(self.io.to_device(views, torch.cat([skip, rows]), lease.release))
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
-        )
-        return rows, inserted.last_device_node
+        ).last_device_node
+        self._track(self.io.to_device(lease.views[:got], torch.cat([skip, rows]), lease.release, owner=inserted))
+        return rows, inserted
 
     def _alloc(self, n: int) -> Optional[torch.Tensor]:
         allocator = self.token_to_kv_pool_allocator

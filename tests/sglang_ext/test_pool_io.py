@@ -150,3 +150,29 @@ def test_work_queued_after_a_load_sees_the_loaded_rows(groups, max_programs):
     torch.cuda.synchronize()
     load.poll()
     assert all(torch.equal(g.view(torch.int16), e.view(torch.int16)) for g, e in zip(got, expected))
+
+
+@pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
+def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
+    """A background spill of rows the tree still owns must finish before those rows are freed,
+    and must not hold up the freeing of another node's rows (the forward pass would wait for it)."""
+    layers, chunks, T = 32, 40, 256
+    pool, io, views, _ = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T,
+                              chunks=chunks)
+    rows = torch.arange(16, 16 + chunks * T, device=DEVICE)
+    expected = [pool.k_buffer[l][rows].clone() for l in range(layers)]
+    owner, other = object(), object()
+    torch.cuda.synchronize()
+    spill = io.to_host(rows, views, lambda: None, guard=False, owner=owner)
+    io.guard_pending(other)
+    other_freed = torch.cuda.Event()
+    other_freed.record()
+    other_freed.synchronize()
+    assert not spill.event.query()  # the 1.3 GB spill is still running: nothing waited for it
+    io.guard_pending(owner)
+    for l in range(layers):  # the next user of the owner's rows overwrites them
+        pool.k_buffer[l][rows] = 0
+    io.to_device(views, rows, lambda: None).wait()
+    assert spill.poll()
+    assert all(torch.equal(pool.k_buffer[l][rows].view(torch.int16), e.view(torch.int16))
+               for l, e in enumerate(expected))

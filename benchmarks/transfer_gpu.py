@@ -22,7 +22,10 @@ the median of ``--repeats``:
   acknowledges. Each step is timed; the copy's GPU time is what ``kvtier_pd_copy_seconds_total``
   counts in serving. Measured twice: with both processes idle, and with a Python thread spinning
   in each (``busy_gil``), as SGLang's scheduler loops do while a request is in flight, so every
-  wait that lets go of the GIL (the stream sync, the acknowledgement) has to win it back.
+  wait that lets go of the GIL (the stream sync, the acknowledgement) has to win it back (a thread
+  that never blocks is the worst case: CPython hands the GIL over after ``sys.getswitchinterval()``,
+  5 ms). ``--switch-interval-ms X`` adds a third run, ``busy_gil_switch``, with that interval in
+  both processes.
 - ``zmq_pinned_loopback``: the ZMQ transport over 127.0.0.1 between pinned host buffers, for
   reference.
 
@@ -40,7 +43,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -57,9 +60,13 @@ def make_transport(kind: str) -> Transport:
     return open_transport(kind)
 
 
-def receiver(kind: str, device: str, buffer_bytes: int, count: int, conn, spin: bool = False) -> None:
+def receiver(kind: str, device: str, buffer_bytes: int, count: int, conn, spin: bool = False,
+             switch_s: Optional[float] = None) -> None:
     """Process B: registers ``count`` regions on ``device`` ("cpu" means pinned host memory) and
-    takes the notifications that arrive; with ``spin`` a Python thread keeps the GIL busy."""
+    takes the notifications that arrive; with ``spin`` a Python thread keeps the GIL busy, handed
+    over every ``switch_s`` if given."""
+    if switch_s is not None:
+        sys.setswitchinterval(switch_s)
     if device == "cpu":
         flat = torch.zeros(buffer_bytes * count, dtype=torch.uint8).pin_memory()
     else:
@@ -224,27 +231,36 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
     }
 
 
-def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int) -> dict:
+def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int,
+                       switch_s: Optional[float]) -> dict:
     """``direct_rows``'s store through PD's per-chunk steps, each timed, idle and with busy GILs."""
+    modes = [("idle", False, None), ("busy_gil", True, None)]
+    if switch_s is not None:
+        modes.append(("busy_gil_switch", True, switch_s))
     return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.row_views, Packer.copy_rows "
                     "(after a scheduler event), K notification acknowledged by process B",
             "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
             "row_bytes": buffer_bytes // tokens, "buffers": count,
-            **{mode: packer_run(buffer_bytes, count, tokens, warmup, repeats, spin)
-               for mode, spin in (("idle", False), ("busy_gil", True))}}
+            **{mode: packer_run(buffer_bytes, count, tokens, warmup, repeats, spin, switch)
+               for mode, spin, switch in modes}}
 
 
-def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int, spin: bool) -> dict:
+def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int, spin: bool,
+               switch_s: Optional[float]) -> dict:
     from kvtier.sglang_ext.pd_io import Packer
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    child = ctx.Process(target=receiver, args=("cuda_ipc", "cuda:1", buffer_bytes, count, there, spin), daemon=True)
+    child = ctx.Process(target=receiver, args=("cuda_ipc", "cuda:1", buffer_bytes, count, there, spin, switch_s),
+                        daemon=True)
     child.start()
     there.close()
     row = buffer_bytes // tokens
     names = [f"kv{i}" for i in range(count)]
+    interval = sys.getswitchinterval()
+    if switch_s is not None:
+        sys.setswitchinterval(switch_s)
     try:
         descriptor = here.recv()
         torch.cuda.set_device(0)
@@ -286,11 +302,13 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                                     s[s_rows]) for i, s in enumerate(src))
         here.send("done")
     finally:
+        sys.setswitchinterval(interval)
         here.close()
         child.join(60)
     nbytes = buffer_bytes * count
     ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()}
-    return {"spinning_python_thread_per_process": spin, "ms_median": ms,
+    return {"spinning_python_thread_per_process": spin, "switch_interval_ms": (switch_s or interval) * 1e3,
+            "ms_median": ms,
             "GBps_median": round(nbytes / statistics.median(steps["total"]) / 1e9, 2),
             "copy_GBps_median": round(nbytes / statistics.median(steps["copy_gpu"]) / 1e9, 2),
             "not_copy_ms_median": round(statistics.median(t - g for t, g in zip(steps["total"], steps["copy_gpu"]))
@@ -305,6 +323,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--zmq-repeats", type=int, default=3, help="ZMQ moves ~1 s per repeat")
     ap.add_argument("--out", default=None, help="default benchmarks/results/transfer_gpu_<N>gpu.json")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="direct_packer: also run busy_gil with this sys.setswitchinterval in both processes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("transfer_gpu.py needs a CUDA GPU")
@@ -336,8 +356,9 @@ def main() -> None:
         result["vs_plain"] = round(result["GBps_median"] / plain, 3)
         cases["direct_rows"] = result
         print(json.dumps({"direct_rows": result}), flush=True)
-        result = direct_packer_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats)
-        for mode in ("idle", "busy_gil"):
+        switch_s = None if args.switch_interval_ms is None else args.switch_interval_ms / 1e3
+        result = direct_packer_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats, switch_s)
+        for mode in [k for k in ("idle", "busy_gil", "busy_gil_switch") if k in result]:
             result[mode]["vs_plain"] = round(result[mode]["GBps_median"] / plain, 3)
             result[mode]["vs_direct_rows_ms"] = round(result[mode]["ms_median"]["total"]
                                                       / cases["direct_rows"]["ms_median"], 3)

@@ -776,8 +776,8 @@ class KvtierKVManager(CommonKVManager):
         room = int(msg["room"])
         if msg.get("kv") is not None:
             self._on_kv(msg["kv"])
-        if room not in self.rooms:  # cleared or aborted here: its metadata row may be another's by now
-            return
+        if room not in self.rooms or self.request_status.get(room) == KVPoll.Failed:
+            return  # cleared or aborted here (its metadata row may be another's by now), or failed
         try:
             self._write_aux(int(msg["aux_index"]), rows)
         except ValueError as e:
@@ -798,10 +798,11 @@ class KvtierKVManager(CommonKVManager):
         if len(rows) != sum(items):
             raise ValueError(f"{len(rows)} bytes of metadata rows, this decode's rows take {sum(items)} "
                              f"({items}); start both servers with the same model and arguments")
+        n_rows = min(t.numel() // item for t, item in zip(self.aux, items))
+        if not 0 <= index < n_rows:
+            raise ValueError(f"metadata row {index} is outside this decode's {n_rows} rows")
         offset = 0
         for t, item in zip(self.aux, items):
-            if not 0 <= index < t.numel() // item:
-                raise ValueError(f"metadata row {index} is outside this decode's {t.numel() // item} rows")
             t.view(-1, item)[index].numpy()[:] = np.frombuffer(rows, np.uint8, item, offset)
             offset += item
 

@@ -159,6 +159,17 @@ class Instance:
             self.ends[cmd["room"]].send(np.array(cmd["pages"], dtype=np.int32), [] if cmd["last"] else None,
                                         num_kv_tokens=cmd["tokens"])
             return "ok"
+        if op == "done":  # a prefill's D as it would arrive: the rows of metadata row ``src`` (cut short with ``cut``)
+            from kvtier.sglang_ext.pd_manager import done_message, parse_done
+
+            src = cmd["src"]
+            self.meta.output_ids[src][0] = cmd["first_token"]
+            self.meta.bootstrap_room[src, 0] = cmd["room"]
+            rows = [t.view(-1, item)[src] for t, item in zip(mgr.aux, mgr.kv_args.aux_item_lens)]
+            head = {"room": cmd["room"], "stage": next(iter(mgr.stages)), "aux_index": cmd["aux_index"]}
+            message = done_message(head, rows)
+            mgr._on_done(*parse_done(message[: len(message) - cmd.get("cut", 0)]))
+            return "ok"
         if op == "aux":
             i = cmd["index"]
             return {"first_token": int(self.meta.output_ids[i][0]), "room": int(self.meta.bootstrap_room[i, 0])}

@@ -416,3 +416,25 @@ def test_the_last_message_carries_its_head_and_the_metadata_rows_bit_for_bit():
         parse_done(message[:8])
     with pytest.raises(ValueError, match="too short"):
         parse_done(b"D")
+
+
+def test_the_decode_puts_the_rows_of_d_in_the_request_row_and_fails_rows_that_do_not_fit(cluster, prefill):
+    """A real decode rank takes ``D`` as its notification thread does: the rows land in the
+    request's metadata row (SGLang's gate reads bootstrap_room there) and the request succeeds; rows
+    a byte short, or a row index outside its buffers, fail the request with what is wrong."""
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d_done")
+    rng = np.random.default_rng(9)
+    for cut, aux_index, why in ((0, 4, None), (1, 4, "bytes of metadata rows"), (0, 99, "row 99 is outside")):
+        room = new_room(rng)
+        assert bootstrap(prefill, decode, addr, room, [3, 4], prefix_len=0, aux_index=aux_index) == WAITING
+        decode.call("done", room=room, src=7, first_token=int(rng.integers(1, 1000)), aux_index=aux_index, cut=cut)
+        got = decode.call("wait", room=room, want=[SUCCESS], timeout_s=10)
+        if why is None:
+            assert got["status"] == SUCCESS
+            assert decode.call("aux", index=aux_index) == decode.call("aux", index=7)
+            assert decode.call("aux", index=aux_index)["room"] == room
+        else:
+            assert got["status"] == FAILED and why in got["error"] and "does not fit this decode" in got["error"]
+        prefill.call("clear", room=room)
+        decode.call("clear", room=room)

@@ -14,6 +14,10 @@ one GPU, a 10K-token Llama-3-8B KV (40 chunks of 32 MiB at random pool pages, sm
 - both at once: the copy repeated on the side stream for as long as the matmuls run; the
   matmuls' slowdown and the copy's GB/s meanwhile.
 
+``--staged-rings`` adds the copy-engine path of ``load_path.py`` (the kernels move chunks between
+the pool and a small GPU ring in short bursts, the copy engine between the ring and the host): a
+background spill that leaves the SMs alone if its slowdown is near 1.
+
     python benchmarks/copy_interference.py --out benchmarks/results/ab/copy_interference.json
 """
 
@@ -26,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 from bench_common import run_facts
+from load_path import staged_path
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
@@ -52,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=10_240)
     ap.add_argument("--max-programs", type=int, nargs="+", default=[264, 132, 66, 32, 16, 8])
+    ap.add_argument("--staged-rings", type=int, nargs="*", default=[2, 8], help="ring sizes in chunks")
     ap.add_argument("--matmuls", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--commit", default="")
@@ -71,7 +77,11 @@ def main() -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     side, main_stream = torch.cuda.Stream(), torch.cuda.default_stream()
 
-    def copy(gather: bool, cap: Optional[int]) -> Callable[[], None]:
+    ring = torch.empty(max(args.staged_rings, default=0) * CHUNK_BYTES, dtype=torch.uint8, device="cuda")
+
+    def copy(gather: bool, cap: Optional[int], ring_chunks: int = 0) -> Callable[[], None]:
+        if ring_chunks:
+            return lambda: staged_path(pool, slab, offsets, rows, gather, ring, ring_chunks)
         if gather:
             return lambda: gather_kv(pool.k_buffer, pool.v_buffer, rows, slab, offsets, CHUNK, max_programs=cap)
         return lambda: scatter_kv(slab, offsets, rows, pool.k_buffer, pool.v_buffer, CHUNK, max_programs=cap)
@@ -106,12 +116,15 @@ def main() -> None:
     mm_alone = alone(main_stream, matmuls)
     print(f"matmuls alone: {mm_alone * 1e3:.1f} ms", flush=True)
     rows_out = []
-    for cap in [None, *args.max_programs]:
+    paths = [("kernel", cap, 0) for cap in [None, *args.max_programs]]
+    paths += [(f"staged_ring{r}", None, r) for r in args.staged_rings]
+    for path, cap, ring_chunks in paths:
         for direction, gather in (("gather", True), ("scatter", False)):
-            fn = copy(gather, cap)
+            fn = copy(gather, cap, ring_chunks)
             copy_s = alone(side, fn)
             mm_s, copy_gbps = together(fn, copy_s)
-            row = {"max_programs": cap, "direction": direction, "copy_alone_GBps": round(nbytes / copy_s / 1e9, 2),
+            row = {"path": path, "max_programs": cap, "direction": direction,
+                   "copy_alone_GBps": round(nbytes / copy_s / 1e9, 2),
                    "copy_beside_matmuls_GBps": round(copy_gbps, 2), "matmuls_alone_ms": round(mm_alone * 1e3, 2),
                    "matmuls_beside_copy_ms": round(mm_s * 1e3, 2), "matmul_slowdown": round(mm_s / mm_alone, 3)}
             print(json.dumps(row), flush=True)

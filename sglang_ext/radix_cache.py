@@ -83,6 +83,7 @@ class KVTierRadixCache(RadixCache):
 
     def __init__(self, ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> None:
         self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction; reset() clears it
+        self._ahead_walk: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (free, evictable) and incoming of the last walk
         super().__init__(ctx.params)
         if self.is_eagle:
             raise ValueError("--radix-cache-backend kvtier does not support EAGLE speculative decoding yet")
@@ -192,9 +193,17 @@ class KVTierRadixCache(RadixCache):
         tokens; evicting them later frees their rows without a copy on the critical path."""
         allocator = self.token_to_kv_pool_allocator
         reserve = int(self.cfg.spill_ahead * allocator.size)
-        covered = allocator.available_size() - incoming
+        free = allocator.available_size()
+        covered = free - incoming
         if covered >= reserve or not self.evictable_leaves:
             return
+        # A cache-aware schedule policy matches every waiting request each round: walk the tree
+        # again only once its sizes changed or for a request needing more than the last walk.
+        state = (free, self.evictable_size_)
+        last_state, last_incoming = self._ahead_walk
+        if state == last_state and incoming <= last_incoming:
+            return
+        self._ahead_walk = (state, incoming)
         priority = self.eviction_strategy.get_priority
         # RadixCache.evict's order: leaves by priority, a parent once its last child is gone.
         heap = [(priority(n), n) for n in self.evictable_leaves]
@@ -217,6 +226,7 @@ class KVTierRadixCache(RadixCache):
     def reset(self) -> None:
         super().reset()
         self._spilled_ahead.clear()
+        self._ahead_walk = ((-1, -1), 0)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.

@@ -15,6 +15,9 @@ the median of ``--repeats``:
   (``peer_regions``) and ``copy_kv_rows`` stores every row, in random order, into random rows of
   B's pool with one kernel launch on GPU 0 (rows handed over from host memory each time, as PD
   does per chunk); checked bit for bit by reading B's pool back. The bound is the plain peer copy.
+  ``direct_rows_align16`` tells the kernel the rows are 16-byte aligned (``align_hint``),
+  ``direct_rows_ordered`` copies rows in order (as a fresh server's pages mostly are), and
+  ``direct_rows_ordered_align16`` both: an A/B of the kernel's access width and of the row order.
 - ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
   (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
   ``Packer.row_views``, ``Packer.copy_rows`` after a scheduler event (row tensors, the kernel, the
@@ -183,8 +186,10 @@ def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: 
     }
 
 
-def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int) -> dict:
-    """Pool rows on GPU 0 here into random rows of a pool that process B allocated on GPU 1."""
+def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int,
+                     align_hint: bool = False, ordered: bool = False) -> dict:
+    """Pool rows on GPU 0 here into random rows (``ordered``: the same rows, in order, as a fresh
+    server's pages mostly are) of a pool that process B allocated on GPU 1."""
     from kvtier.kernels.kv_pages import copy_kv_rows
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
@@ -202,13 +207,16 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
         src = [torch.randint(0, 256, (tokens, row), dtype=torch.uint8, device="cuda:0") for _ in names]
         gen = torch.Generator().manual_seed(0)
         src_rows, dst_rows = torch.randperm(tokens, generator=gen), torch.randperm(tokens, generator=gen)
+        if ordered:
+            src_rows = dst_rows = torch.arange(tokens)
         enable_peer_access(0, 1)  # before mapping, as PD's prefill does
         with make_transport("cuda_ipc") as transport:
             peer = transport.connect(descriptor, map_device=0)  # opened where the kernel runs, as PD's prefill does
 
             def run() -> None:
                 dst = [t.view(tokens, row) for t in transport.peer_regions(peer, names)]
-                copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows)
+                copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows,
+                             align_hint=align_hint)
                 torch.cuda.synchronize(0)
 
             times = timed(run, warmup, repeats)
@@ -225,6 +233,7 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
     return {
         "path": "copy_kv_rows on GPU 0 storing into process B's GPU 1 pool mapped by CUDA IPC",
         "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
+        "row_order": "in order" if ordered else "random", "align_hint": align_hint,
         "row_bytes": row, "buffers": count, "launches_per_copy": 1,
         "GBps": rates, "GBps_median": statistics.median(rates),
         "ms_median": round(statistics.median(times) * 1e3, 3), "bit_exact": exact,
@@ -240,6 +249,7 @@ def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, 
     return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.row_views, Packer.copy_rows "
                     "(after a scheduler event), K notification acknowledged by process B",
             "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
+        "row_order": "in order" if ordered else "random", "align_hint": align_hint,
             "row_bytes": buffer_bytes // tokens, "buffers": count,
             **{mode: packer_run(buffer_bytes, count, tokens, warmup, repeats, spin, switch)
                for mode, spin, switch in modes}}
@@ -350,12 +360,16 @@ def main() -> None:
         cases[name] = result
         print(json.dumps({name: result}), flush=True)
     if gpus >= 2:
-        result = direct_rows_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats)
         plain = cases["cuda_ipc_cross_gpu"]["plain_copy_GBps_median"]
-        result["plain_copy_GBps_median"] = plain
-        result["vs_plain"] = round(result["GBps_median"] / plain, 3)
-        cases["direct_rows"] = result
-        print(json.dumps({"direct_rows": result}), flush=True)
+        variants = {"direct_rows": {}, "direct_rows_align16": {"align_hint": True},
+                    "direct_rows_ordered": {"ordered": True},
+                    "direct_rows_ordered_align16": {"ordered": True, "align_hint": True}}
+        for name, kw in variants.items():
+            result = direct_rows_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats, **kw)
+            result["plain_copy_GBps_median"] = plain
+            result["vs_plain"] = round(result["GBps_median"] / plain, 3)
+            cases[name] = result
+            print(json.dumps({name: result}), flush=True)
         switch_s = None if args.switch_interval_ms is None else args.switch_interval_ms / 1e3
         result = direct_packer_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats, switch_s)
         for mode in [k for k in ("idle", "busy_gil", "busy_gil_switch") if k in result]:

@@ -111,6 +111,17 @@ def _kv_copy_kernel(
 
 
 @triton.jit
+def _layer_ptr(table_entry, WORD: tl.constexpr, ALIGN: tl.constexpr):
+    """A layer's base address from the table as a typed pointer; ``ALIGN`` > 1 tells the compiler
+    the address is a multiple of that many bytes (loaded from memory, it cannot know), which lets
+    it vectorize the row accesses beyond one word."""
+    addr = tl.load(table_entry)
+    if ALIGN > 1:
+        addr = tl.multiple_of(addr, ALIGN)
+    return addr.to(tl.pointer_type(WORD))
+
+
+@triton.jit
 def _row_copy_kernel(
     src_ptrs,  # int64 [2L]: data_ptr() of the source's K layer 0, V layer 0, K layer 1, ...
     dst_ptrs,  # int64 [2L]: the same for the destination pool
@@ -123,6 +134,7 @@ def _row_copy_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_KW: tl.constexpr,
     BLOCK_VW: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # Grid: (row tiles, layers); each program moves K and V of its rows of one layer.
     layer = tl.program_id(1).to(tl.int64)
@@ -131,11 +143,11 @@ def _row_copy_kernel(
     src = tl.load(src_rows + t, mask=t_mask, other=0)
     dst = tl.load(dst_rows + t, mask=t_mask, other=0)
     # A gather into "host rows" that are the destination pool's rows: the same inner loop.
-    k_src = tl.load(src_ptrs + 2 * layer).to(tl.pointer_type(WORD))
-    k_dst = tl.load(dst_ptrs + 2 * layer).to(tl.pointer_type(WORD))
+    k_src = _layer_ptr(src_ptrs + 2 * layer, WORD, ALIGN)
+    k_dst = _layer_ptr(dst_ptrs + 2 * layer, WORD, ALIGN)
     _copy_rows(k_src, src, k_dst + dst * K_WORDS, t_mask, K_WORDS, BLOCK_KW, True)
-    v_src = tl.load(src_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
-    v_dst = tl.load(dst_ptrs + 2 * layer + 1).to(tl.pointer_type(WORD))
+    v_src = _layer_ptr(src_ptrs + 2 * layer + 1, WORD, ALIGN)
+    v_dst = _layer_ptr(dst_ptrs + 2 * layer + 1, WORD, ALIGN)
     _copy_rows(v_src, src, v_dst + dst * V_WORDS, t_mask, V_WORDS, BLOCK_VW, True)
 
 
@@ -415,6 +427,8 @@ class _RowPlan:
     v_row_bytes: int
     n_rows: int
     word_bytes: int
+    alignment: int
+    """Bytes that every row size and buffer address is a multiple of."""
 
 
 def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> None:
@@ -467,7 +481,7 @@ def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: lis
     alignment = math.gcd(k_row_bytes, v_row_bytes,
                          *(b.data_ptr() for b in (*src_k, *src_v, *dst_k, *dst_v)))
     word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
-    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), word_bytes)
+    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), word_bytes, alignment)
 
 
 def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
@@ -480,7 +494,8 @@ def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k
 
 
 def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
-                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor,
+                 align_hint: bool = False) -> None:
     """Copy rows ``src_rows`` of one pool into rows ``dst_rows`` of another, every layer, K and V,
     in one kernel launch on the source pool's device.
 
@@ -493,6 +508,9 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
         src_rows, dst_rows: int64 ``[n]``, row ``src_rows[i]`` goes to ``dst_rows[i]`` (page_size
             > 1: the rows of the pages, ``pd_layout.page_rows``); on the CPU, where they are
             range-checked, or on the source pool's device. Destination rows should not repeat.
+        align_hint: tell the compiler that rows and buffers are 16-byte aligned (where they are),
+            so it may use 16-byte accesses; an A/B for ``benchmarks/transfer_gpu.py`` (case
+            ``direct_rows_align16``), off until it is measured faster on GPUs.
 
     Runs on the current stream of the source pool's device: synchronize before the destination's
     owner reads the rows.
@@ -521,6 +539,7 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
         src_table, dst_table, src_rows, dst_rows, plan.n_rows,
         K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[plan.word_bytes],
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
+        ALIGN=16 if align_hint and plan.alignment % 16 == 0 else 1,
     )
 
 

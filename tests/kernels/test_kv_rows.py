@@ -45,9 +45,10 @@ def test_kernel_path_is_exercised():
     assert uses_triton(DEVICE)
 
 
+@pytest.mark.parametrize("align_hint", [False, True], ids=["plain", "align_hint"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size):
+def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size, align_hint):
     gen = seeded("rows", dtype, page_size)
     src = make_pool(dtype, page_size, 40, gen)
     dst = make_pool(dtype, page_size, 48, gen)
@@ -58,7 +59,7 @@ def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size):
     n = 23
     src_rows = torch.from_numpy(page_rows(random_pages(src, n, gen), page_size))
     dst_rows = torch.from_numpy(page_rows(random_pages(dst, n, gen), page_size))
-    copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
+    copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows, align_hint=align_hint)
     copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()

@@ -89,6 +89,11 @@ class KVTierConfig:
     """Size of one staging slot in MiB (rounded down to whole pages, at least one page)."""
     pd_timeout_s: float = 30.0
     """Longest wait for a PD peer (a write, a free staging slot) before the request fails."""
+    pd_switch_interval_ms: float = 0.0
+    """PD workers: Python's thread switch interval (``sys.setswitchinterval``) in ms; 0 leaves
+    Python's 5 ms. kvtier's PD threads wait on GPU syncs and sockets, then need the GIL back from
+    SGLang's scheduler loop, which keeps it up to the interval each time; an A/B setting until
+    measured in serving."""
     pd_model_id: str = ""
     """Model identity compared between prefill and decode; empty derives it from the model args."""
 
@@ -223,6 +228,8 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("pd_stage_slot_mb", "must be > 0 MiB (default 32)")
     if cfg.pd_timeout_s <= 0:
         raise bad("pd_timeout_s", "must be > 0 seconds")
+    if cfg.pd_switch_interval_ms < 0:
+        raise bad("pd_switch_interval_ms", "must be >= 0 ms (0: Python's default, 5 ms)")
 
 
 def check_page_size(cfg: KVTierConfig, page_size: int) -> None:

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -231,6 +232,9 @@ class KvtierKVManager(CommonKVManager):
                              "SWA or Mamba models); use mooncake or nixl for this model")
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         self.cfg = load_config()
+        if self.cfg.pd_switch_interval_ms > 0:
+            sys.setswitchinterval(self.cfg.pd_switch_interval_ms / 1e3)
+            logger.info("kvtier PD: Python thread switch interval set to %g ms", self.cfg.pd_switch_interval_ms)
         on_gpu = str(server_args.device).startswith("cuda")
         self.device = torch.device(f"cuda:{args.gpu_id}") if on_gpu else torch.device("cpu")
         self.transport_kind = transport_kind(self.cfg, self.device)

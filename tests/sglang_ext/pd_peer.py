@@ -185,7 +185,7 @@ class Instance:
             s = mgr.stats
             return {"bytes": s.bytes, "pages": s.pages, "seconds": s.seconds, "requests": s.requests,
                     "failures": s.failures, "transport": mgr.transport_kind, "slot_bytes": mgr.slot_bytes, "path_bytes": dict(s.path_bytes),
-                    "copy_seconds": dict(s.copy_seconds),
+                    "copy_seconds": dict(s.copy_seconds), "switch_interval_s": sys.getswitchinterval(),
                     "peers": dict(s.peers), "direct_offer": getattr(mgr, "direct_offer", None)}
         if op == "close":
             mgr.close()

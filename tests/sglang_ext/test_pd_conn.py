@@ -87,6 +87,7 @@ ENV = {
     "KVTIER_PD_TIMEOUT_S": "5", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "8",
     "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "8", "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "1",
     "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "1",
+    "KVTIER_PD_SWITCH_INTERVAL_MS": "1",  # Python's default is 5
 }
 
 
@@ -178,6 +179,10 @@ def check_lifecycle(prefill: Rank, decode: Rank, addr: str, seed: int, ps: int =
     assert sent["slot_bytes"] == max(1100 // page_bytes, 1) * page_bytes < moved * page_bytes
     prefill.call("clear", room=room)
     decode.call("clear", room=room)
+
+
+def test_pd_workers_take_the_configured_thread_switch_interval(cluster, prefill):
+    assert prefill[0].call("stats")["switch_interval_s"] == pytest.approx(0.001)
 
 
 def test_full_lifecycle_moves_exactly_the_pages_beyond_the_decode_prefix(cluster, prefill):

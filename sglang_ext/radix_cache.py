@@ -224,6 +224,10 @@ class KVTierRadixCache(RadixCache):
                     heapq.heappush(heap, (priority(parent), parent))
 
     def reset(self) -> None:
+        io = getattr(self, "io", None)  # RadixCache.__init__ resets before the copies exist
+        if io is not None:
+            # Every row is freed at once: nothing may overwrite rows that copies still read or write.
+            io.guard_pending()
         super().reset()
         self._spilled_ahead.clear()
         self._ahead_walk = ((-1, -1), 0)

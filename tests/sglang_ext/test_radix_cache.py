@@ -216,6 +216,106 @@ def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
     assert spilled_bytes(cache) == 0
 
 
+class InFlight:
+    """The GPU's ordering of unguarded copies, on a CPU pool (where every copy is synchronous): a
+    copy the cache leaves unguarded (spill ahead, write-through, a load in layer groups) is taken
+    to run until ``guard_pending`` names its owner (or no owner; every copy when called without
+    one), as ``PoolIO.guard_pending`` promises; rows the allocator hands out while such a copy
+    still touches them would be overwritten under it on a GPU. That checks the cache's choice of
+    owners against SGLang's own order of splits, deletions and frees."""
+
+    def __init__(self, cache, monkeypatch):
+        io, allocator = cache.io, cache.token_to_kv_pool_allocator
+        self.running: list[tuple[object, set[int]]] = []
+        self.copies: list[str] = []
+        self.touched: set[int] = set()
+        self.reused = 0  # rows handed out again that an unguarded copy had touched
+        self.races: list[tuple[object, int]] = []
+        to_host, to_device, guard, alloc = io.to_host, io.to_device, io.guard_pending, allocator.alloc
+
+        def track(kind, owner, slots):
+            rows = set(slots.tolist()) - {-1}
+            self.running.append((owner, rows))
+            self.touched |= rows
+            self.copies.append(kind)
+
+        def on_host(slots, views, on_done, guard=True, owner=None):
+            if not guard:
+                track("spill", owner, slots)
+            return to_host(slots, views, on_done, guard=guard, owner=owner)
+
+        def on_device(views, slots, on_done, owner=None):
+            if len(io.load_groups) > 1:
+                track("load", owner, slots)
+            return to_device(views, slots, on_done, owner=owner)
+
+        def guarded(owner=None):
+            self.running = [(o, r) for o, r in self.running if not (owner is None or o is None or o is owner)]
+            return guard(owner)
+
+        def allocated(n):
+            rows = alloc(n)
+            if rows is not None:
+                got = set(rows.tolist())
+                self.reused += len(got & self.touched)
+                self.races += [(o, len(got & r)) for o, r in self.running if got & r]
+            return rows
+
+        monkeypatch.setattr(io, "to_host", on_host)
+        monkeypatch.setattr(io, "to_device", on_device)
+        monkeypatch.setattr(io, "guard_pending", guarded)
+        monkeypatch.setattr(allocator, "alloc", allocated)
+        self.allocator = allocator
+
+    def hand_out_every_free_row(self) -> None:
+        rows = self.allocator.alloc(self.allocator.available_size())
+        assert not self.races, self.races
+        self.allocator.free(rows)
+
+    def evict_one_by_one(self, cache) -> None:
+        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+        while cache.evictable_size():
+            cache.evict(EvictParams(num_tokens=1))  # one leaf, whose rows are handed out at once
+            self.hand_out_every_free_row()
+
+
+@pytest.mark.parametrize("policy", ["write_back", "write_through"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_no_row_is_handed_out_while_a_copy_still_touches_it(make_cache, monkeypatch, page_size, policy):
+    """Copies of rows the tree still owns name their deepest node; that node is deleted before its
+    ancestors, and a split keeps it as the deeper part: so guarding the copies of each deleted node
+    (and all of them at reset) covers every row before the allocator hands it out again. Driven
+    through spill ahead, a split of a copied node, eviction, a load in layer groups, a split of the
+    loaded node, and SGLang's flush (reset, then the allocator cleared)."""
+    T = CHUNK_TOKENS
+    cache = make_cache(page_size, pool_tokens=24 * T, spill_ahead=0.35, load_layer_groups=2, write_policy=policy)
+    flight = InFlight(cache, monkeypatch)
+    shared = list(range(10_000, 10_000 + 4 * T))
+    oldest = [shared + list(range(20_000, 20_000 + 2 * T)), shared + list(range(30_000, 30_000 + 2 * T))]
+    for doc in oldest + [list(range(n, n + 4 * T)) for n in (40_000, 50_000)]:
+        insert(cache, doc)
+    make_req(list(range(60_000, 60_000 + 3 * T)), "incoming").init_next_round_input(cache)  # spills ahead
+    make_req(shared[: 2 * T] + [1], "split").init_next_round_input(cache)  # splits the copied shared node
+    assert "spill" in flight.copies
+    flight.evict_one_by_one(cache)
+
+    for doc in oldest:
+        device_len, host_hit, _, _ = match_and_load(cache, make_req(doc + [1], f"back{doc[-1]}"))
+        assert device_len + host_hit == len(doc) and host_hit >= 2 * T
+    assert "load" in flight.copies
+    make_req(oldest[0][: 5 * T] + [1], "split2").init_next_round_input(cache)  # splits the loaded node
+    flight.evict_one_by_one(cache)
+    assert flight.reused > 0  # rows the copies touched were handed out again
+
+    insert(cache, list(range(70_000, 70_000 + 8 * T)))
+    make_req(list(range(80_000, 80_000 + 12 * T)), "incoming2").init_next_round_input(cache)
+    assert flight.running  # copies of rows still in the tree: SGLang's flush_cache frees all rows
+    cache.reset()
+    cache.token_to_kv_pool_allocator.clear()
+    flight.hand_out_every_free_row()
+
+
 def test_no_room_to_load_releases_everything(make_cache):
     cache = make_cache(16, pool_tokens=512)
     doc = list(range(4 * CHUNK_TOKENS))

@@ -101,6 +101,40 @@ def test_uint8_views_of_flat_regions_are_a_destination():
         assert torch.equal(d[dst_rows].cpu(), s[src_rows].cpu())
 
 
+@pytest.mark.parametrize("case", ["aligned", "hint_off", "narrow_rows", "offset_buffer"])
+def test_align_hint_is_claimed_only_where_every_address_is_16_byte_aligned(monkeypatch, case):
+    """``align_hint`` lets the compiler assume 16-byte aligned layer addresses and row offsets; a
+    claim that is false for one buffer or one row size may make a GPU fault or misplace bytes, so
+    the launch claims it only where it holds, and the rows land bit-exact either way."""
+    launched = []
+    kernel = kv_pages._row_copy_kernel
+
+    class Spy:  # records the ALIGN each launch is given, then launches the real kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["ALIGN"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kv_pages, "_row_copy_kernel", Spy())
+    gen = seeded("align", case)
+    shape = {"head_num": 1, "head_dim": 3, "v_head_dim": 5} if case == "narrow_rows" else {}  # rows of 6, 10 bytes
+    src = make_pool(torch.float16, 1, 16, gen, **shape)
+    dst = make_pool(torch.float16, 1, 16, None, **shape)
+    dst_bufs = layer_bytes(dst)
+    if case == "offset_buffer":  # the destination's layers start 8 bytes into their buffers
+        row = dst_bufs[0][0].numel()
+        dst_bufs = [b.reshape(-1)[8 : 8 + 12 * row].view(-1, row) for b in dst_bufs]
+    src_rows, dst_rows = torch.tensor([3, 1, 7, 12]), torch.tensor([2, 9, 5, 11])
+    copy_kv_rows(src.k_buffer, src.v_buffer, dst_bufs[:LAYERS], dst_bufs[LAYERS:], src_rows, dst_rows,
+                 align_hint=case != "hint_off")
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert launched == [16 if case == "aligned" else 1]
+    for s, d in zip(layer_bytes(src), dst_bufs):
+        assert torch.equal(d[dst_rows].reshape(4, -1).cpu(), s[src_rows].reshape(4, -1).cpu())
+
+
 def test_empty_is_a_no_op():
     pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     other = make_pool(torch.bfloat16, 1, 8, None)

@@ -187,17 +187,25 @@ def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
         assert same_kv(kv_rows(cache, loaded), [e[device_len : 6 * T] for e in expected[doc[-1]]])
 
 
-def test_spill_ahead_walks_again_once_the_tree_changed(make_cache):
-    """A request matched again in the same state copies nothing more; after an insert the pool is
-    fuller and the next node in eviction order is copied out."""
+def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
+    """A request matched again in the same state, or one needing less, does not walk the tree
+    again (a cache-aware policy matches every waiting request each round); after an insert the
+    pool is fuller, and a request needing more sees a fuller pool too: the next node in eviction
+    order is copied out."""
     T = CHUNK_TOKENS
     cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    walked = []  # the nodes each walk ranks
+    priority = cache.eviction_strategy.get_priority
+    monkeypatch.setattr(cache.eviction_strategy, "get_priority", lambda node: walked.append(node) or priority(node))
     docs = [list(range(n, n + 3 * T)) for n in (10_000, 20_000, 30_000, 40_000)]
     for doc in docs[:3]:
         insert(cache, doc)  # 9 of 16 chunks in use
     incoming = make_req(list(range(90_000, 90_000 + 4 * T)), "incoming")
     incoming.init_next_round_input(cache)  # ~3 free after it: the oldest document goes
+    assert len(walked) == 3  # the three leaves
     incoming.init_next_round_input(cache)
+    make_req(list(range(95_000, 95_000 + 3 * T + T // 2)), "smaller").init_next_round_input(cache)  # needs less
+    assert len(walked) == 3
     cache.flush()
     stored = [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs[:3]]
     assert stored == [3, 0, 0]
@@ -206,6 +214,11 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache):
     cache.flush()
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs] == [3, 3, 0, 0]
     assert spilled_bytes(cache) == 6 * cache.store.chunk_bytes
+    walks = len(walked)
+    make_req(list(range(100_000, 100_000 + 7 * T)), "larger").init_next_round_input(cache)  # same state, needs more
+    cache.flush()
+    assert len(walked) > walks
+    assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs] == [3, 3, 3, 0]
 
 
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):

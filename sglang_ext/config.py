@@ -56,9 +56,9 @@ class KVTierConfig:
     """write_back: copy KV out when the radix tree evicts it; write_through: on insert."""
     spill_ahead: float = 0.25
     """write_back: when a request is scheduled and would leave less than this fraction of the GPU
-    pool free, the least recently used unlocked leaves are copied out now, in the background, until
-    that much is free or already in a tier; their eviction then frees rows without a copy on the
-    critical path. 0 copies only at eviction."""
+    pool free, the nodes eviction would take first (in its order: unlocked leaves, a parent once its
+    children are counted) are copied out now, in the background, until that much is free or copied;
+    their eviction then frees rows without a copy on the critical path. 0 copies only at eviction."""
     load_layer_groups: int = 1
     """A load-back is copied in this many groups of layers and the forward pass reads a layer as
     soon as its group landed; 1 copies all layers before the forward pass (measured faster so far)."""

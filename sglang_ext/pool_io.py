@@ -1,20 +1,22 @@
 """Chunk copies between the KV pool and CPU-tier slots, on side streams, with completions.
 
-Spills and loads run on two streams: PCIe carries both directions at once, and a load must not
-queue behind a background spill.
+Spills (device to host) and loads (host to device) run on streams of their own: PCIe carries both
+directions at once, and a load must not queue behind a background spill.
 
 A copy to the host of rows the radix tree has just freed (a spill) is *guarded*: the stream that
 will next write those rows (SGLang runs its scheduler under a schedule stream that every forward
 stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
-before it was read. A copy of rows the tree still owns (write-through) is not guarded, so the
-forward pass never waits for it; ``guard_pending`` adds the wait later, before such rows are
-freed. A copy to the device (load-back) is guarded too, so the forward pass reads the rows after
-they arrived; or, with ``load_layer_groups`` > 1, it is issued as that many launches over groups of
-layers, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer (its
-``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's group
-only, so attention of the first layers overlaps the copy of the rest. (Measured slower on the H100
-with kernels on every SM, 66-77 ms vs 60; ``benchmarks/results/ab/load_layer_groups.json``; kept
-to be measured with ``load_max_programs``.) On a CPU pool (tests) copies are synchronous.
+before it was read. A copy of rows the tree still owns (write-through, a spill ahead of
+eviction) is not guarded, so the forward pass never waits for it; it names its *owner*, the
+deepest tree node whose rows it touches, and ``guard_pending(owner)`` adds the wait when that node
+is deleted (before its ancestors, so before any row of the copy is freed). A copy to the device
+(load-back) is guarded too, so the forward pass reads the rows after they arrived; or, with
+``load_layer_groups`` > 1, it is issued as that many launches over groups of layers, unguarded and
+named by its node, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
+(its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
+group only, so attention of the first layers overlaps the copy of the rest. (Measured slower on
+the H100 with kernels on every SM, 66-77 ms vs 60; ``benchmarks/results/ab/load_layer_groups.json``;
+kept to be measured with ``load_max_programs``.) On a CPU pool (tests) copies are synchronous.
 """
 
 from __future__ import annotations
@@ -120,8 +122,6 @@ class PoolIO:
         self.slab = slab
         self.device = k_buffers[0].device
         cuda = self.device.type == "cuda"
-        # Spills (device to host) and loads (host to device) on streams of their own: PCIe moves both
-        # directions at once, and a background spill must not delay a load queued after it.
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._unguarded: list[tuple[Completion, Optional[Hashable]]] = []

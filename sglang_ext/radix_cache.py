@@ -82,9 +82,7 @@ class KVTierRadixCache(RadixCache):
     """SGLang's RadixCache over a kvtier ``TierStore`` sized for this server's KV pool."""
 
     def __init__(self, ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> None:
-        self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction; reset() clears it
-        self._ahead_walk: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (free, evictable) and incoming of the last walk
-        super().__init__(ctx.params)
+        super().__init__(ctx.params)  # calls reset()
         if self.is_eagle:
             raise ValueError("--radix-cache-backend kvtier does not support EAGLE speculative decoding yet")
         check_page_size(cfg, self.page_size)
@@ -229,8 +227,8 @@ class KVTierRadixCache(RadixCache):
             # Every row is freed at once: nothing may overwrite rows that copies still read or write.
             io.guard_pending()
         super().reset()
-        self._spilled_ahead.clear()
-        self._ahead_walk = ((-1, -1), 0)
+        self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction
+        self._ahead_walk: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (free, evictable), incoming of the last walk
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.

@@ -14,9 +14,11 @@ is deleted (before its ancestors, so before any row of the copy is freed). A cop
 ``load_layer_groups`` > 1, it is issued as that many launches over groups of layers, unguarded and
 named by its node, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
 (its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
-group only, so attention of the first layers overlaps the copy of the rest. (Measured slower on
-the H100 with kernels on every SM, 66-77 ms vs 60; ``benchmarks/results/ab/load_layer_groups.json``;
-kept to be measured with ``load_max_programs``.) On a CPU pool (tests) copies are synchronous.
+group only, so attention of the first layers overlaps the copy of the rest. (No gain measured on
+the H100 for warm requests whose forward is a few tokens, with the kernels on every SM or on 16:
+``benchmarks/results/ab/load_layer_groups.json``, ``offload_ttft_caps_1.json``; kept for prompts
+whose new tokens give the forward work to hide a load behind.) On a CPU pool (tests) copies are
+synchronous.
 """
 
 from __future__ import annotations

@@ -249,7 +249,6 @@ def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, 
     return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.row_views, Packer.copy_rows "
                     "(after a scheduler event), K notification acknowledged by process B",
             "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
-        "row_order": "in order" if ordered else "random", "align_hint": align_hint,
             "row_bytes": buffer_bytes // tokens, "buffers": count,
             **{mode: packer_run(buffer_bytes, count, tokens, warmup, repeats, spin, switch)
                for mode, spin, switch in modes}}

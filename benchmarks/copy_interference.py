@@ -30,13 +30,10 @@ from typing import Callable, Optional
 
 import torch
 from bench_common import run_facts
-from load_path import staged_path
+from load_path import CHUNK, CHUNK_BYTES, DIM, HEADS, LAYERS, PAGE, staged_path, timed_on
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels.kv_pages import gather_kv, scatter_kv
-
-LAYERS, HEADS, DIM, PAGE, CHUNK = 32, 8, 128, 16, 256
-CHUNK_BYTES = CHUNK * LAYERS * HEADS * DIM * 2 * 2
 
 
 def gpu_seconds(stream: torch.cuda.Stream, fn: Callable[[], None]) -> tuple[torch.cuda.Event, torch.cuda.Event]:
@@ -90,15 +87,6 @@ def main() -> None:
         for _ in range(args.matmuls):
             a @ a
 
-    def alone(stream: torch.cuda.Stream, fn: Callable[[], None]) -> float:
-        times = []
-        for i in range(args.repeats + 1):
-            start, end = gpu_seconds(stream, fn)
-            end.synchronize()
-            if i:
-                times.append(start.elapsed_time(end) / 1e3)
-        return median(times)
-
     def together(fn: Callable[[], None], copy_s: float) -> tuple[float, float]:
         """(matmul seconds, copy GB/s) with the copy repeated beside the matmuls."""
         mm_times, copy_rates = [], []
@@ -113,7 +101,7 @@ def main() -> None:
                 copy_rates.append(reps * nbytes / (c0.elapsed_time(c1) / 1e3) / 1e9)
         return median(mm_times), median(copy_rates)
 
-    mm_alone = alone(main_stream, matmuls)
+    mm_alone = timed_on(main_stream, matmuls, args.repeats)
     print(f"matmuls alone: {mm_alone * 1e3:.1f} ms", flush=True)
     rows_out = []
     paths = [("kernel", cap, 0) for cap in [None, *args.max_programs]]
@@ -121,7 +109,7 @@ def main() -> None:
     for path, cap, ring_chunks in paths:
         for direction, gather in (("gather", True), ("scatter", False)):
             fn = copy(gather, cap, ring_chunks)
-            copy_s = alone(side, fn)
+            copy_s = timed_on(side, fn, args.repeats)
             mm_s, copy_gbps = together(fn, copy_s)
             row = {"path": path, "max_programs": cap, "direction": direction,
                    "copy_alone_GBps": round(nbytes / copy_s / 1e9, 2),

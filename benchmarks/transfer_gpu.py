@@ -113,6 +113,47 @@ def spinning(on: bool) -> Iterator[None]:
             thread.join()
 
 
+@contextlib.contextmanager
+def switch_interval(seconds: Optional[float]) -> Iterator[None]:
+    """``sys.setswitchinterval(seconds)`` meanwhile; None leaves it as it is."""
+    interval = sys.getswitchinterval()
+    if seconds is not None:
+        sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@contextlib.contextmanager
+def process_b(kind: str, device: str, buffer_bytes: int, count: int, spin: bool = False,
+              switch_s: Optional[float] = None) -> Iterator[object]:
+    """Starts ``receiver`` as process B and yields its transport descriptor; when the body is done,
+    B is told to finish (it stays up meanwhile, its regions mapped) and joined."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=receiver, args=(kind, device, buffer_bytes, count, there, spin, switch_s), daemon=True)
+    child.start()
+    there.close()  # so that recv() below fails if B dies
+    try:
+        yield here.recv()
+        here.send("done")
+    finally:
+        here.close()
+        child.join(60)
+
+
+def read_back_exact(transport: Transport, peer, names: list[str], buffer_bytes: int, src: list[torch.Tensor],
+                    src_rows: torch.Tensor, dst_rows: torch.Tensor) -> bool:
+    """Reads B's regions back to GPU 0: does row ``dst_rows[i]`` of each hold row ``src_rows[i]`` of its source?"""
+    back = torch.empty(len(names) * buffer_bytes, dtype=torch.uint8, device="cuda:0")
+    transport.read(peer, [(name, 0, back[i * buffer_bytes : (i + 1) * buffer_bytes])
+                          for i, name in enumerate(names)], timeout_s=120)
+    s_rows, d_rows = src_rows.cuda(0), dst_rows.cuda(0)
+    return all(torch.equal(back[i * buffer_bytes : (i + 1) * buffer_bytes].view(s.shape)[d_rows], s[s_rows])
+               for i, s in enumerate(src))
+
+
 def timed(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
     """Wall seconds of each of ``repeats`` calls after ``warmup`` untimed ones; fn must block."""
     for _ in range(warmup):
@@ -145,14 +186,8 @@ def plain_copy(src: torch.Tensor, dst_device: str, warmup: int, repeats: int) ->
 def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: int,
          warmup: int, repeats: int) -> dict:
     """Moves ``count`` buffers from ``src_device`` here to regions on ``dst_device`` in process B."""
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=receiver, args=(kind, dst_device, buffer_bytes, count, there), daemon=True)
-    child.start()
-    there.close()  # so that recv() below fails if B dies
     nbytes = buffer_bytes * count
-    try:
-        descriptor = here.recv()
+    with process_b(kind, dst_device, buffer_bytes, count) as descriptor:
         if src_device == "cpu":
             src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
             back = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
@@ -167,10 +202,6 @@ def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: 
             write_s = timed(lambda: transport.write(peer, writes, timeout_s=120), warmup, repeats)
             read_s = timed(lambda: transport.read(peer, reads, timeout_s=120), warmup, repeats)
             exact = torch.equal(src, back)
-        here.send("done")
-    finally:
-        here.close()
-        child.join(60)
     write, read = gbps(nbytes, write_s), gbps(nbytes, read_s)
     return {
         "transport": kind,
@@ -193,16 +224,10 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
     from kvtier.kernels.kv_pages import copy_kv_rows
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=receiver, args=("cuda_ipc", "cuda:1", buffer_bytes, count, there), daemon=True)
-    child.start()
-    there.close()
     row = buffer_bytes // tokens
     names = [f"kv{i}" for i in range(count)]
     layers = count // 2
-    try:
-        descriptor = here.recv()
+    with process_b("cuda_ipc", "cuda:1", buffer_bytes, count) as descriptor:
         torch.cuda.set_device(0)
         src = [torch.randint(0, 256, (tokens, row), dtype=torch.uint8, device="cuda:0") for _ in names]
         gen = torch.Generator().manual_seed(0)
@@ -220,15 +245,7 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
                 torch.cuda.synchronize(0)
 
             times = timed(run, warmup, repeats)
-            back = torch.empty(count * buffer_bytes, dtype=torch.uint8, device="cuda:0")
-            transport.read(peer, [(name, 0, back[i * buffer_bytes : (i + 1) * buffer_bytes])
-                                  for i, name in enumerate(names)], timeout_s=120)
-            exact = all(torch.equal(back[i * buffer_bytes : (i + 1) * buffer_bytes].view(tokens, row)[dst_rows.cuda()],
-                                    s[src_rows.cuda()]) for i, s in enumerate(src))
-        here.send("done")
-    finally:
-        here.close()
-        child.join(60)
+            exact = read_back_exact(transport, peer, names, buffer_bytes, src, src_rows, dst_rows)
     rates = gbps(buffer_bytes * count, times)
     return {
         "path": "copy_kv_rows on GPU 0 storing into process B's GPU 1 pool mapped by CUDA IPC",
@@ -259,19 +276,9 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
     from kvtier.sglang_ext.pd_io import Packer
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    child = ctx.Process(target=receiver, args=("cuda_ipc", "cuda:1", buffer_bytes, count, there, spin, switch_s),
-                        daemon=True)
-    child.start()
-    there.close()
     row = buffer_bytes // tokens
     names = [f"kv{i}" for i in range(count)]
-    interval = sys.getswitchinterval()
-    if switch_s is not None:
-        sys.setswitchinterval(switch_s)
-    try:
-        descriptor = here.recv()
+    with switch_interval(switch_s), process_b("cuda_ipc", "cuda:1", buffer_bytes, count, spin, switch_s) as descriptor:
         torch.cuda.set_device(0)
         src = [torch.randint(0, 256, (tokens, row), dtype=torch.uint8, device="cuda:0") for _ in names]
         packer = Packer([t.data_ptr() for t in src], [t.numel() for t in src], [row] * count, 1, torch.device("cuda:0"))
@@ -303,21 +310,12 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
 
             timed(chunk, warmup, repeats)
             steps = {k: v[warmup:] for k, v in steps.items()}
-            back = torch.empty(count * buffer_bytes, dtype=torch.uint8, device="cuda:0")
-            transport.read(peer, [(name, 0, back[i * buffer_bytes : (i + 1) * buffer_bytes])
-                                  for i, name in enumerate(names)], timeout_s=120)
-            s_rows, d_rows = torch.from_numpy(src_pages).cuda(), torch.from_numpy(dst_pages).cuda()
-            exact = all(torch.equal(back[i * buffer_bytes : (i + 1) * buffer_bytes].view(tokens, row)[d_rows],
-                                    s[s_rows]) for i, s in enumerate(src))
-        here.send("done")
-    finally:
-        sys.setswitchinterval(interval)
-        here.close()
-        child.join(60)
+            exact = read_back_exact(transport, peer, names, buffer_bytes, src, torch.from_numpy(src_pages),
+                                    torch.from_numpy(dst_pages))
     nbytes = buffer_bytes * count
     ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()}
-    return {"spinning_python_thread_per_process": spin, "switch_interval_ms": (switch_s or interval) * 1e3,
-            "ms_median": ms,
+    return {"spinning_python_thread_per_process": spin,
+            "switch_interval_ms": (switch_s or sys.getswitchinterval()) * 1e3, "ms_median": ms,
             "GBps_median": round(nbytes / statistics.median(steps["total"]) / 1e9, 2),
             "copy_GBps_median": round(nbytes / statistics.median(steps["copy_gpu"]) / 1e9, 2),
             "not_copy_ms_median": round(statistics.median(t - g for t, g in zip(steps["total"], steps["copy_gpu"]))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import transfer_gpu
 
 
@@ -22,3 +27,26 @@ def test_direct_packer_runs_each_mode_once_with_its_spin_and_switch_interval(mon
     case = transfer_gpu.direct_packer_case(64 * 10, 4, 10, 1, 2, 0.0005)
     assert calls == [(False, None), (True, None), (True, 0.0005)]
     assert case["busy_gil_switch"] == {"spin": True, "switch": 0.0005}
+
+
+CPU_CASE = """
+import json, sys
+sys.path.insert(0, {benchmarks!r})
+import torch
+torch.Tensor.pin_memory = lambda self: self  # no GPU here: plain host memory in both processes
+import transfer_gpu
+if __name__ == "__main__":
+    print(json.dumps(transfer_gpu.case("zmq", "cpu", "cpu", 4096, 3, 1, 2)))
+"""
+
+
+def test_a_transport_case_runs_process_b_moves_the_bytes_and_ends_it(tmp_path):
+    """``case`` with the ZMQ transport between host buffers: B starts, takes the writes, serves the reads
+    back and is joined (the ``process_b`` plumbing every case shares)."""
+    script = tmp_path / "cpu_case.py"
+    script.write_text(CPU_CASE.format(benchmarks=str(Path(transfer_gpu.__file__).parent)))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["bit_exact"] is True and result["ops_per_batch"] == 3
+    assert len(result["write_GBps"]) == len(result["read_GBps"]) == 2

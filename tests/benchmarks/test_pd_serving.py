@@ -25,6 +25,7 @@ from pd_serving import (
     MixedLoad,
     StreamResult,
     class_report,
+    earlier_configs,
     equality,
     itl_gaps,
     mixed_load,
@@ -247,3 +248,22 @@ def test_wait_healthy_stops_at_a_dead_server_or_the_deadline_with_its_log(tmp_pa
     finally:
         silent.kill()
         silent.wait()
+
+
+def test_earlier_configs_keeps_only_other_successful_configurations_of_the_same_workload(tmp_path):
+    out = tmp_path / "pd.json"
+    assert earlier_configs(out, {}, ["pd"]) == {}  # nothing there yet
+    same = {"benchmark": "pd_serving", "workload": {"probe_len": 8}, "server_args": ["--x"], "model": {"layers": 2}}
+    earlier = {**same, "commit": "c0", "date": "d0", "command": "cmd0",
+               "configs": {"colocated": {"ttft": 1.0}, "pd": {"ttft": 2.0}, "other": {"error": "died"},
+                           "kept": {"ttft": 3.0, "measured": {"commit": "c-1"}}}}
+    out.write_text(json.dumps(earlier))
+    kept = earlier_configs(out, {**same, "commit": "c1"}, ["pd"])
+    assert set(kept) == {"colocated", "kept"}  # not the one rerun, not a failed one
+    assert kept["colocated"]["measured"] == {"commit": "c0", "date": "d0", "command": "cmd0"}
+    assert kept["kept"]["measured"] == {"commit": "c-1"}  # measured even earlier: left as it was
+    for key, other in (("workload", {"probe_len": 9}), ("server_args", ["--y"]), ("model", {"layers": 3}),
+                       ("benchmark", "long_doc")):
+        assert earlier_configs(out, {**same, key: other}, ["pd"]) == {}, key
+    out.write_text("{not json")
+    assert earlier_configs(out, same, ["pd"]) == {}

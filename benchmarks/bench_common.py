@@ -187,17 +187,18 @@ def counter_delta(before: Mapping[str, float], after: Mapping[str, float]) -> di
     return out
 
 
-def _label(key: str, label: str) -> str:
+def metric_label(key: str, label: str) -> str:
+    """One label's value in a scraped counter's key (``name{a=1,b=2}``), or ``""``."""
     inner = key.split("{", 1)[1].rstrip("}")
     return dict(part.split("=", 1) for part in inner.split(",") if part).get(label, "")
 
 
 def kvtier_summary(delta: Mapping[str, float]) -> dict:
     """Chunk hits and hit rate per tier, misses, GB moved per tier and direction, GPU copy times."""
-    hits = {_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
+    hits = {metric_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
     misses = sum(v for k, v in delta.items() if k.startswith("kvtier_misses_total{"))
     looked_up = sum(hits.values()) + misses
-    moved = {f"{_label(k, 'tier')}_{_label(k, 'direction')}": round(v / 1e9, 3)
+    moved = {f"{metric_label(k, 'tier')}_{metric_label(k, 'direction')}": round(v / 1e9, 3)
              for k, v in delta.items() if k.startswith("kvtier_bytes_total{")}
     copies = {}
     for op in ("load", "spill"):

@@ -38,7 +38,16 @@ from typing import Iterator, Mapping, Optional, Sequence
 import aiohttp
 import numpy as np
 
-from bench_common import BenchError, counter_delta, gpu_names, model_shape, run_facts, scrape_metrics, summarize
+from bench_common import (
+    BenchError,
+    counter_delta,
+    gpu_names,
+    metric_label,
+    model_shape,
+    run_facts,
+    scrape_metrics,
+    summarize,
+)
 from long_doc import load_model, sse_events, token_range
 from sglang_server import BASE_ARGS, port_in_use, sglang_server, wait_healthy
 
@@ -132,8 +141,8 @@ def transfer_report(before: Mapping[str, float], after: Mapping[str, float], rol
     nbytes = d.get(f"kvtier_pd_bytes_total{{role={role}}}", 0.0)
     seconds = d.get(f"kvtier_pd_transfer_seconds_sum{{role={role}}}", 0.0)
     busy = d.get(f"kvtier_pd_busy_seconds_total{{role={role}}}", 0.0)
-    copy = sum(v for k, v in d.items() if k.startswith("kvtier_pd_copy_seconds_total{")
-               and f"role={role}" in k[k.index("{") + 1 : -1].split(","))
+    copy = sum(v for k, v in d.items()
+               if k.startswith("kvtier_pd_copy_seconds_total{") and metric_label(k, "role") == role)
     gb_s = nbytes / seconds / 1e9 if seconds > 0 else 0.0
     return {"bytes": int(nbytes), "expected_bytes": expected_bytes, "bytes_match": int(nbytes) == expected_bytes,
             "requests": int(d.get(f"kvtier_pd_transfer_seconds_count{{role={role}}}", 0.0)),

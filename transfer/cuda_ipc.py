@@ -143,15 +143,23 @@ def descriptor_devices(descriptor: Descriptor, names: Sequence[str]) -> list[int
     if missing:
         raise TransferError(f"{descriptor.get('address')} has no CUDA regions {missing}; the peer must register "
                             "them on a GPU before publishing its descriptor")
-    uuids = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
-    devices = set()
-    for name in names:
-        uuid_ = cuda[name]["storage"]["device_uuid"]
-        if uuid_ not in uuids:
-            raise TransferError(f"region {name!r} of {descriptor.get('address')} lives on GPU {uuid_}, which this "
-                                "process cannot see; make it visible here (CUDA_VISIBLE_DEVICES)")
-        devices.add(uuids[uuid_])
-    return sorted(devices)
+    return sorted({_visible_device(cuda[name]["storage"]["device_uuid"], name, descriptor.get("address"))
+                   for name in names})
+
+
+def _visible_device(device_uuid: str, name: str, address: Optional[str]) -> int:
+    """This process's index of the GPU ``device_uuid`` that holds region ``name`` of ``address``."""
+    device = _visible_gpus().get(device_uuid)
+    if device is None:
+        raise TransferError(f"region {name!r} of {address} lives on GPU {device_uuid}, which this process cannot "
+                            "see; make it visible here (CUDA_VISIBLE_DEVICES)")
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def _visible_gpus() -> dict[str, int]:
+    """This process's GPU indices by UUID (fixed for its lifetime)."""
+    return {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
 
 
 def _gpu_uuid(index: int) -> str:
@@ -319,7 +327,6 @@ class CudaIpcTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._peer_pairs: set[tuple[int, int]] = set()
-        self._uuids: Optional[dict[str, int]] = None
         self._closed = False
         _LOCAL[self._instance] = self
 
@@ -504,15 +511,7 @@ class CudaIpcTransport(Transport):
             peer.mapped[name] = _Mapped(tensor, c["slot"], c["gen"], key)
 
     def _map(self, address: str, name: str, info: dict, map_device: Optional[int]) -> torch.UntypedStorage:
-        if self._uuids is None:
-            torch.cuda.init()
-            self._uuids = {_gpu_uuid(i): i for i in range(torch.cuda.device_count())}
-        device = self._uuids.get(info["device_uuid"])
-        if device is None:
-            raise TransferError(
-                f"region {name!r} of {address} lives on GPU {info['device_uuid']}, which this "
-                "process cannot see; make it visible here (CUDA_VISIBLE_DEVICES)"
-            )
+        device = _visible_device(info["device_uuid"], name, address)
         if map_device is not None and map_device != device:
             enable_peer_access(map_device, device)
             device = map_device

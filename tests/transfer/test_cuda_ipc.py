@@ -388,7 +388,7 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
     # PD's direct path: pool rows on cuda:0 stored by one kernel into a pool that another process
     # allocated (on cuda:1 over NVLink), mapped here by CUDA IPC.
     from kvtier.kernels.kv_pages import copy_kv_rows
-    from kvtier.transfer.cuda_ipc import descriptor_devices, enable_peer_access
+    from kvtier.transfer.cuda_ipc import descriptor_devices
 
     if int(pool_device[-1]) >= GPUS:
         pytest.skip(f"needs {pool_device}; {GPUS} GPU(s) visible")
@@ -401,8 +401,9 @@ def test_gpu_direct_rows_into_another_process_pool_are_bit_exact(spawn_ipc, dige
     dst_rows = torch.randperm(rows, generator=gen)[:n]
     with CudaIpcTransport() as me:
         assert descriptor_devices(child.descriptor, names) == [int(pool_device[-1])]
-        enable_peer_access(0, int(pool_device[-1]))  # before mapping, as PD's prefill does
-        peer = me.connect(child.descriptor, map_device=0)  # opened where the kernel runs, as PD's prefill does
+        # Opened where the kernel runs, as PD's prefill does; connect enables peer access itself (the
+        # prefill's own enable_peer_access beforehand is left out so that this one is what is tested).
+        peer = me.connect(child.descriptor, map_device=0)
         dst = [t.view(rows, row_bytes) for t in me.peer_regions(peer, names)]
         assert {t.device for t in dst} == {torch.device("cuda:0")}
         with torch.cuda.device(0):

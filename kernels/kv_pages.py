@@ -181,7 +181,8 @@ class _Plan:
     k_row_bytes: int
     v_row_bytes: int
     chunk_bytes: int
-    offsets: list[int]
+    offsets: torch.Tensor
+    """int64 [n_chunks] on the CPU."""
     word_bytes: int
 
 
@@ -219,8 +220,8 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
         raise ValueError(f"{host_name}_offsets must be a 1-D int64 tensor, got "
                          f"{host_offsets.dtype} with shape {tuple(host_offsets.shape)}")
     # Read on the host (a stream sync if they live on the GPU; callers keep them on the CPU).
-    offsets = host_offsets.tolist()
-    n_chunks = len(offsets)
+    offsets = host_offsets.cpu()
+    n_chunks = offsets.numel()
     if slots.dtype != torch.int64 or slots.dim() != 1 or slots.numel() != n_chunks * chunk_tokens:
         raise ValueError(f"slots must be 1-D int64 with n_chunks * chunk_tokens = {n_chunks} * "
                          f"{chunk_tokens} entries, got {slots.dtype} with shape "
@@ -233,18 +234,25 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
         lowest = 0 if gather else -1
         if low < lowest or high >= rows:
             raise ValueError(f"slots must lie in [{lowest}, {rows}), got [{low}, {high}]")
-    for off in offsets:
-        if off < 0 or off + chunk_bytes > host.numel():
+    # Tensor ops, not Python loops: PD moves pages of one token as chunks, thousands per call.
+    offsets_align = 8  # only powers of two up to a word matter below
+    if n_chunks:
+        low, high = (int(x) for x in torch.aminmax(offsets))
+        if low < 0 or high + chunk_bytes > host.numel():
+            off = next(o for o in offsets.tolist() if o < 0 or o + chunk_bytes > host.numel())
             raise ValueError(f"chunk at {host_name} offset {off} ({chunk_bytes} bytes) is outside "
                              f"{host_name}'s {host.numel()} bytes")
-    if gather:
-        ordered = sorted(offsets)
-        for a, b in zip(ordered, ordered[1:]):
-            if b - a < chunk_bytes:
-                raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
-                                 f"({chunk_bytes} bytes each)")
+        # gcd(8, o) is a power of two, so the smallest is gcd(8, every offset).
+        offsets_align = int(torch.gcd(offsets, torch.tensor(8)).min())
+    if gather and n_chunks > 1:
+        ordered = offsets.sort().values
+        close = (ordered.diff() < chunk_bytes).nonzero()
+        if close.numel():
+            a, b = ordered[int(close[0])].item(), ordered[int(close[0]) + 1].item()
+            raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
+                             f"({chunk_bytes} bytes each)")
 
-    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), *offsets,
+    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), offsets_align,
                          *(b.data_ptr() for b in (*k_buffers, *v_buffers)))
     word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
     return _Plan(num_layers, k_row_bytes, v_row_bytes, chunk_bytes, offsets, word_bytes)
@@ -257,15 +265,15 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-            slots: torch.Tensor, host: torch.Tensor, host_offsets: torch.Tensor, host_name: str,
-            chunk_tokens: int, gather: bool, max_programs: Optional[int], layers: range) -> None:
+            slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int, gather: bool,
+            max_programs: Optional[int], layers: range) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
                          f"pinned (cudaHostRegister'd) memory")
     ptrs = tuple(b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv)
     table = _layer_ptr_table(ptrs, device)
-    offsets = host_offsets.contiguous()
+    offsets = plan.offsets.contiguous()
     if device.type == "cuda":
         # From pinned memory, without a wait: a blocking copy of pageable memory synchronizes the
         # stream, so the host would wait for everything queued before it, e.g. the forward pass
@@ -277,7 +285,7 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
     block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
     block_t = _TILE_WORDS // max(block_kw, block_vw)
-    n_tokens = len(plan.offsets) * chunk_tokens
+    n_tokens = plan.offsets.numel() * chunk_tokens
     n_tiles = triton.cdiv(n_tokens, block_t)
     n_items = n_tiles * len(layers)
     grid = (min(n_items, max_programs or n_items),)
@@ -305,7 +313,7 @@ def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
 
 def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                   slots: torch.Tensor, dst: torch.Tensor, chunk_tokens: int) -> None:
-    n_chunks = len(plan.offsets)
+    n_chunks = plan.offsets.numel()
     slots = slots.to(k_buffers[0].device)
     parts = []
     for bufs in (k_buffers, v_buffers):
@@ -313,7 +321,7 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
         per_chunk = rows.view(plan.num_layers, n_chunks, -1).transpose(0, 1)
         parts.append(per_chunk.reshape(n_chunks, -1))
     chunks = torch.cat(parts, dim=1).to(dst.device)
-    for i, off in enumerate(plan.offsets):
+    for i, off in enumerate(plan.offsets.tolist()):
         dst[off : off + plan.chunk_bytes].copy_(chunks[i])
 
 
@@ -321,10 +329,10 @@ def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                    chunk_tokens: int, layers: range) -> None:
     device = k_buffers[0].device
-    n_chunks = len(plan.offsets)
+    n_chunks = plan.offsets.numel()
     slots = slots.to(device)
     keep = slots >= 0
-    chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets]).to(device)
+    chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets.tolist()]).to(device)
     k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
     for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
                                     (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
@@ -357,10 +365,10 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
     """
     plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst",
                   gather=True)
-    if not plan.offsets:
+    if not plan.offsets.numel():
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, dst_offsets, "dst", chunk_tokens, gather=True,
+        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
                 max_programs=_check_programs(max_programs), layers=range(plan.num_layers))
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
@@ -382,10 +390,10 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     layers = _layer_range(layers, plan.num_layers)
-    if not plan.offsets or not layers:
+    if not plan.offsets.numel() or not layers:
         return
     if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, src_offsets, "src", chunk_tokens, gather=False,
+        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
                 max_programs=_check_programs(max_programs), layers=layers)
     else:
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, layers)
@@ -405,7 +413,7 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
     """:func:`gather_kv` in plain torch (``index_select``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst",
                   gather=True)
-    if plan.offsets:
+    if plan.offsets.numel():
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
 
@@ -415,7 +423,7 @@ def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: to
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
-    if plan.offsets:
+    if plan.offsets.numel():
         _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens,
                        _layer_range(layers, plan.num_layers))
 

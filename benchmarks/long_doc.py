@@ -405,12 +405,13 @@ def main() -> None:
         model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
         passes = build_passes(args.workload, args, config)
         workload = describe_workload(args.workload, args, source, passes)
-        table = setups_from(args)
+        table, names = setups_from(args), list(args.config)
         for spec in args.variant:
             name, env = parse_variant(spec)
             base = table["kvtier_cpu"]
             table[name] = ServerSetup(f"{base.description}, {spec.partition(':')[2]}", base.args, {**base.env, **env})
-        for name in [*args.config, *(spec.partition(":")[0] for spec in args.variant)]:
+            names.append(name)
+        for name in names:
             facts = run_facts(args.commit)
             result = measure_config(name, table[name], passes, options(args), model_dir, load_args)
             result.update(facts, model=model_shape(config, source))

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_common import BENCHMARKS_DIR, REPO
+import pytest
+from bench_common import BENCHMARKS_DIR, REPO, BenchError, parse_variant
 
 SHIM = Path(__file__).with_name("shim")
 
@@ -105,3 +106,14 @@ def test_a_variant_is_kvtier_cpu_with_settings_changed(tmp_path):
 
     bad = run(BENCHMARKS_DIR / "long_doc.py", "--variant", "x:load_layer_group=2", "--out", str(out), tmp_path=tmp_path)
     assert bad.returncode != 0 and "load_layer_group" in bad.stderr and "load_layer_groups" in bad.stderr
+
+
+def test_parse_variant_maps_settings_to_kvtier_env_and_refuses_what_kvtier_would():
+    assert parse_variant("lg4: load_layer_groups = 4 ,load_max_programs=32") == (
+        "lg4", {"KVTIER_LOAD_LAYER_GROUPS": "4", "KVTIER_LOAD_MAX_PROGRAMS": "32"})
+    for spec, why in (("lg4", "expected NAME:key=value"), (":load_layer_groups=4", "expected NAME:key=value"),
+                      ("lg4:", "expected NAME:key=value"), ("lg4:load_layer_groups", "is not key=value"),
+                      ("lg4:=4", "is not key=value"), ("lg0:load_layer_groups=0", "load_layer_groups"),
+                      ("lgx:load_layer_groups=four", "load_layer_groups")):
+        with pytest.raises(BenchError, match=why):
+            parse_variant(spec)

@@ -16,7 +16,7 @@ a transfer probe (``--probe-len``-token prompts, one output token; on PD the pre
 tokens each, one request after another, while ``--prefills`` long prompts arrive every
 ``--prefill-interval-s``; TTFT and inter-token latency (from stream chunk times) per class,
 also for decode tokens produced while the long prefills were in the system. The JSON goes to
-``--out`` with the command, GPUs, commit and date. ``--configs`` runs one of the two: ``--out``
+``--out`` with the command, GPUs, commit and date. ``--configs pd`` (or ``colocated``) runs one: ``--out``
 keeps an earlier invocation's other configuration (with its own commit and date under
 ``measured``) when it measured the same workload, server arguments and model.
 """

@@ -2,13 +2,14 @@
 
 Process B allocates a 10,000-token Llama-3-8B pool on GPU 1 (64 buffers of 10,000 rows x 2,048
 bytes, one allocation) and hands its raw CUDA IPC handle to process A. A opens the handle with
-GPU ``--map-on`` current: ``owner`` (GPU 1, as CudaIpcTransport maps regions today) or ``local``
-(GPU 0, the GPU whose kernels will store into it, the way NCCL maps its peers' buffers), enables
+GPU ``--map-on`` current: ``owner`` (GPU 1, as CudaIpcTransport.connect maps regions by default) or
+``local`` (GPU 0, the GPU whose kernels will store into it, as NCCL maps its peers' buffers and
+``connect(map_device=...)`` does for PD's direct path), enables
 peer access from GPU 0 to GPU 1, and runs ``copy_kv_rows`` from its own pool on GPU 0 into B's
 pool (random rows, all 64 buffers in one launch). It checks the bytes and reports GB/s. Each
 variant in its own process: an illegal address would poison the CUDA context.
 
-    python benchmarks/ipc_kernel_probe.py --map-on owner --out results/ab/ipc_kernel_owner.json
+    python benchmarks/ipc_kernel_probe.py --map-on owner --out benchmarks/results/ab/ipc_kernel_owner.json
 """
 
 from __future__ import annotations

@@ -170,9 +170,7 @@ def uses_triton(device: torch.device) -> bool:
 def chunk_nbytes(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                  chunk_tokens: int) -> int:
     """Bytes of one chunk of ``chunk_tokens`` tokens of this pool (see the module's layout)."""
-    k_row = k_buffers[0][0].numel() * k_buffers[0].element_size()
-    v_row = v_buffers[0][0].numel() * v_buffers[0].element_size()
-    return chunk_tokens * len(k_buffers) * (k_row + v_row)
+    return chunk_tokens * len(k_buffers) * (_row_bytes(k_buffers[0]) + _row_bytes(v_buffers[0]))
 
 
 @dataclass(frozen=True)
@@ -184,6 +182,8 @@ class _Plan:
     offsets: torch.Tensor
     """int64 [n_chunks] on the CPU."""
     word_bytes: int
+    layer_ptrs: tuple[int, ...]
+    """data_ptr() of K layer 0, V layer 0, K layer 1, ... (the kernel's table)."""
 
 
 def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
@@ -206,8 +206,7 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
             if not buf.is_contiguous():
                 raise ValueError(f"{name}[{i}] is not contiguous")
     num_layers, rows = len(k_buffers), first.shape[0]
-    k_row_bytes = first[0].numel() * first.element_size()
-    v_row_bytes = v_buffers[0][0].numel() * v_buffers[0].element_size()
+    k_row_bytes, v_row_bytes = _row_bytes(first), _row_bytes(v_buffers[0])
     chunk_bytes = chunk_tokens * num_layers * (k_row_bytes + v_row_bytes)
 
     if host.dtype != torch.uint8 or host.dim() != 1 or not host.is_contiguous():
@@ -252,10 +251,26 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
             raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
                              f"({chunk_bytes} bytes each)")
 
-    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), offsets_align,
-                         *(b.data_ptr() for b in (*k_buffers, *v_buffers)))
-    word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
-    return _Plan(num_layers, k_row_bytes, v_row_bytes, chunk_bytes, offsets, word_bytes)
+    ptrs = _layer_addresses(k_buffers, v_buffers)
+    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), offsets_align, *ptrs)
+    return _Plan(num_layers, k_row_bytes, v_row_bytes, chunk_bytes, offsets, _word_bytes(alignment), ptrs)
+
+
+def _layer_addresses(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv)
+
+
+def _word_bytes(alignment: int) -> int:
+    return next(w for w in (8, 4, 2, 1) if alignment % w == 0)
+
+
+def _blocks(k_row_bytes: int, v_row_bytes: int, word_bytes: int) -> tuple[int, int, int, int, int]:
+    """Words of a K and a V row, the segments each row is moved in, and the tokens (rows) of one
+    tile; the tile depends only on the row sizes, so a new batch size compiles nothing."""
+    k_words, v_words = k_row_bytes // word_bytes, v_row_bytes // word_bytes
+    block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
+    block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
+    return k_words, v_words, block_kw, block_vw, _TILE_WORDS // max(block_kw, block_vw)
 
 
 @functools.lru_cache(maxsize=16)
@@ -271,8 +286,7 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
                          f"pinned (cudaHostRegister'd) memory")
-    ptrs = tuple(b.data_ptr() for kv in zip(k_buffers, v_buffers) for b in kv)
-    table = _layer_ptr_table(ptrs, device)
+    table = _layer_ptr_table(plan.layer_ptrs, device)
     offsets = plan.offsets.contiguous()
     if device.type == "cuda":
         # From pinned memory, without a wait: a blocking copy of pageable memory synchronizes the
@@ -280,11 +294,7 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
         # that a spill's side stream waits on.
         offsets = offsets.pin_memory().to(device, non_blocking=True)
     slots = slots.to(device, non_blocking=True)
-    k_words = plan.k_row_bytes // plan.word_bytes
-    v_words = plan.v_row_bytes // plan.word_bytes
-    block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
-    block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
-    block_t = _TILE_WORDS // max(block_kw, block_vw)
+    k_words, v_words, block_kw, block_vw, block_t = _blocks(plan.k_row_bytes, plan.v_row_bytes, plan.word_bytes)
     n_tokens = plan.offsets.numel() * chunk_tokens
     n_tiles = triton.cdiv(n_tokens, block_t)
     n_items = n_tiles * len(layers)
@@ -304,6 +314,11 @@ def _check_programs(max_programs: Optional[int]) -> Optional[int]:
     if max_programs is not None and (not isinstance(max_programs, int) or max_programs < 1):
         raise ValueError(f"max_programs must be None or an int >= 1, got {max_programs!r}")
     return max_programs
+
+
+def _row_bytes(buf: torch.Tensor) -> int:
+    # From the shape: indexing a row (buf[0]) makes a view, microseconds per buffer and call.
+    return math.prod(buf.shape[1:]) * buf.element_size()
 
 
 def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
@@ -437,6 +452,9 @@ class _RowPlan:
     word_bytes: int
     alignment: int
     """Bytes that every row size and buffer address is a multiple of."""
+    src_ptrs: tuple[int, ...]
+    """The source's layer addresses as in ``_Plan.layer_ptrs``."""
+    dst_ptrs: tuple[int, ...]
 
 
 def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> None:
@@ -447,10 +465,6 @@ def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> N
         if buf.dim() < 2 or buf.shape[0] != first.shape[0] or not buf.is_contiguous():
             raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer of a pool needs "
                              f"contiguous [rows, ...] buffers with the same rows ({first.shape[0]})")
-
-
-def _row_bytes(buf: torch.Tensor) -> int:
-    return buf[0].numel() * buf.element_size()
 
 
 def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
@@ -486,10 +500,10 @@ def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: lis
     if src_rows.numel() != dst_rows.numel():
         raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}; give "
                          f"one destination row per source row")
-    alignment = math.gcd(k_row_bytes, v_row_bytes,
-                         *(b.data_ptr() for b in (*src_k, *src_v, *dst_k, *dst_v)))
-    word_bytes = next(w for w in (8, 4, 2, 1) if alignment % w == 0)
-    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), word_bytes, alignment)
+    src_ptrs, dst_ptrs = _layer_addresses(src_k, src_v), _layer_addresses(dst_k, dst_v)
+    alignment = math.gcd(k_row_bytes, v_row_bytes, *src_ptrs, *dst_ptrs)
+    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), _word_bytes(alignment), alignment,
+                    src_ptrs, dst_ptrs)
 
 
 def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
@@ -533,15 +547,11 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
     if dst_k[0].device.type != device.type:
         raise ValueError(f"the destination pool is on {dst_k[0].device}, the source on {device}; "
                          f"the kernel copies between pools of one kind of device")
-    src_table = _layer_ptr_table(tuple(b.data_ptr() for kv in zip(src_k, src_v) for b in kv), device)
-    dst_table = _layer_ptr_table(tuple(b.data_ptr() for kv in zip(dst_k, dst_v) for b in kv), device)
+    src_table = _layer_ptr_table(plan.src_ptrs, device)
+    dst_table = _layer_ptr_table(plan.dst_ptrs, device)
     src_rows = src_rows.to(device, non_blocking=True)
     dst_rows = dst_rows.to(device, non_blocking=True)
-    k_words = plan.k_row_bytes // plan.word_bytes
-    v_words = plan.v_row_bytes // plan.word_bytes
-    block_kw = min(triton.next_power_of_2(k_words), _MAX_BLOCK_WORDS)
-    block_vw = min(triton.next_power_of_2(v_words), _MAX_BLOCK_WORDS)
-    block_t = _TILE_WORDS // max(block_kw, block_vw)  # fixed, so a new row count compiles nothing
+    k_words, v_words, block_kw, block_vw, block_t = _blocks(plan.k_row_bytes, plan.v_row_bytes, plan.word_bytes)
     grid = (triton.cdiv(plan.n_rows, block_t), plan.num_layers)
     _row_copy_kernel[grid](
         src_table, dst_table, src_rows, dst_rows, plan.n_rows,

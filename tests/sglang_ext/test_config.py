@@ -95,6 +95,17 @@ def test_the_documented_example_config_loads():
     example = Path(__file__).resolve().parents[2] / "examples" / "kvtier.yaml"
     cfg = load_config(example, env={})
     assert cfg.cpu_size_gb == 30 and cfg.disk_size_gb == 200 and cfg.metrics_port == 9400
+    # It documents every setting, and shows the defaults except where it sets up a tier or metrics:
+    # a default changed in code but not here would hand users the old behaviour.
+    import dataclasses
+
+    import yaml
+
+    written = yaml.safe_load(example.read_text())
+    fields = {f.name for f in dataclasses.fields(KVTierConfig)}
+    assert set(written) == fields
+    set_up = {"cpu_size_gb", "disk_path", "disk_size_gb", "metrics_port"}
+    assert {k for k in fields if getattr(cfg, k) != getattr(KVTierConfig(), k)} == set_up
 
 
 def test_pd_keys_default_parse_and_validate():

@@ -116,12 +116,15 @@ class _DecodePeer:
     """Where they go among its own heads; None: whole pages."""
     page_bytes: int = 0
     """Bytes of one packed page (of the slice) in its staging slots."""
-    path: str = STAGED
     direct: Optional[list[str]] = None
-    """On the direct path: the decode's KV buffers, as its transport regions."""
+    """On the direct path: the decode's KV buffers, as its transport regions; None: staged."""
     rows: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
     """On the direct path: the mapped regions last handed out for ``direct`` and their row views
     (``Packer.row_views``), reused while the transport hands out the same mappings."""
+
+    @property
+    def path(self) -> str:
+        return STAGED if self.direct is None else DIRECT
 
 
 @dataclass
@@ -415,7 +418,7 @@ class KvtierKVManager(CommonKVManager):
             if old.path != path:
                 logger.info("kvtier PD: decode %s now uses the %s path (%s)", remote.address, path, reason)
                 self.stats.add_peer(path)
-            old.path, old.direct, old.rows = path, direct, rows
+            old.direct, old.rows = direct, rows
             return
         slot_bytes = int(msg["slot_bytes"])
         src_heads = dst_heads = None
@@ -426,7 +429,7 @@ class KvtierKVManager(CommonKVManager):
         self.peers[peer_id] = _DecodePeer(
             endpoint, transport_peer, msg["stage"], slot_bytes,
             min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
-            page_bytes, path, direct, rows,
+            page_bytes, direct, rows,
         )
         self.stats.add_peer(path)
         logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, %s path (%s), "

@@ -167,6 +167,9 @@ class Instance:
             self.meta.bootstrap_room[src, 0] = cmd["room"]
             rows = [t.view(-1, item)[src] for t, item in zip(mgr.aux, mgr.kv_args.aux_item_lens)]
             head = {"room": cmd["room"], "stage": next(iter(mgr.stages)), "aux_index": cmd["aux_index"]}
+            if cmd.get("kv") is not None:  # a direct path's last K (pages start..start+n), as _send_direct makes it
+                head["kv"] = {"room": cmd["room"], "stage": head["stage"], "slot": None, "start": cmd["kv"]["start"],
+                              "n": cmd["kv"]["n"], "heads": None, "direct": True}
             message = done_message(head, rows)
             mgr._on_done(*parse_done(message[: len(message) - cmd.get("cut", 0)]))
             return "ok"

@@ -443,3 +443,32 @@ def test_the_decode_puts_the_rows_of_d_in_the_request_row_and_fails_rows_that_do
             assert got["status"] == FAILED and why in got["error"] and "does not fit this decode" in got["error"]
         prefill.call("clear", room=room)
         decode.call("clear", room=room)
+
+
+def test_a_direct_k_carried_in_d_counts_the_pages_before_the_request_succeeds(cluster, prefill):
+    """On the direct path the last chunk's ``K`` rides in its ``D``: the decode counts those pages
+    as moved (direct bytes, nothing scattered), then succeeds the request; a ``K`` naming pages the
+    request does not have fails it, and the ``D`` after it does not succeed it."""
+    prefill, addr = prefill
+    decode = decode_rank(cluster, "d_direct")
+    rng = np.random.default_rng(12)
+    for start, n, ok in ((0, 2, True), (1, 2, False)):
+        room = new_room(rng)
+        assert bootstrap(prefill, decode, addr, room, [3, 4], prefix_len=0, aux_index=2) == WAITING
+        before = decode.call("stats")
+        decode.call("done", room=room, src=5, first_token=int(rng.integers(1, 1000)), aux_index=2,
+                    kv={"start": start, "n": n})
+        got = decode.call("wait", room=room, want=[SUCCESS], timeout_s=10)
+        after = decode.call("stats")
+        if ok:
+            assert got["status"] == SUCCESS
+            assert decode.call("aux", index=2) == decode.call("aux", index=5)
+            assert after["pages"] - before["pages"] == n and after["bytes"] > before["bytes"]
+            moved = after["path_bytes"].get("direct", 0) - before["path_bytes"].get("direct", 0)
+            assert moved == after["bytes"] - before["bytes"]
+            assert after["copy_seconds"].get("direct") is None  # the prefill's kernel did the copy
+        else:
+            assert got["status"] == FAILED and "prefill sent pages 1..3" in got["error"], got
+            assert after["pages"] == before["pages"]
+        prefill.call("clear", room=room)
+        decode.call("clear", room=room)

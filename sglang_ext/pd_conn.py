@@ -4,7 +4,7 @@ SGLang's Common classes keep doing the bootstrap (HTTP ``/route``), rank mapping
 timeouts and heartbeats; kvtier adds the data path over its own transport (docs/pd-design.md §6):
 
 - A decode rank registers once per prefill rank: it allocates a staging area of
-  ``pd_stage_slots`` slots, registers it and its metadata rows with its transport, and sends its
+  ``pd_stage_slots`` slots, registers it with its transport, and sends its
   ``PDLayout`` and transport descriptor to the prefill rank's ZMQ socket. The prefill compares the
   layouts; on a mismatch every request between the two fails with a message naming the setting.
 - With cuda_ipc the decode also registers its KV buffers themselves and offers them in that
@@ -13,8 +13,9 @@ timeouts and heartbeats; kvtier adds the data path over its own transport (docs/
 - Per request the decode sends its destination pages (those after its prefix) and metadata row.
 - The prefill's worker thread gathers each chunk's pages into a staging buffer, writes them into a
   free slot at the decode (a credit), and notifies ``K``; the decode scatters the slot into its
-  pages and returns the credit. The last chunk writes the metadata rows and notifies ``D``, after
-  which both sides report Success. Failures travel as ``KVTIER_FAIL`` / ``KVTIER_REFUSED``.
+  pages and returns the credit. After the last chunk it notifies ``D``, which carries the metadata
+  rows (and, on the direct path, the last chunk's ``K``), after which both sides report Success.
+  Failures travel as ``KVTIER_FAIL`` / ``KVTIER_REFUSED``.
 - Between different attention TP sizes SGLang's rank mapping gives a decode rank several prefill
   ranks (a stage each, each sending its head slice; Success once all sent ``D``) or a prefill rank
   several decode ranks (each asks for its own heads; the metadata carries ``required_dst``).

@@ -151,6 +151,10 @@ def _row_copy_kernel(
     _copy_rows(v_src, src, v_dst + dst * V_WORDS, t_mask, V_WORDS, BLOCK_VW, True)
 
 
+# Triton chose compiling or interpreting when it defined the kernels (TRITON_INTERPRET at import).
+_INTERPRETED = isinstance(_kv_copy_kernel, InterpretedFunction)
+
+
 def uses_triton(device: torch.device) -> bool:
     """Whether ``gather_kv``/``scatter_kv`` run the Triton kernel for a pool on ``device``.
 
@@ -158,13 +162,12 @@ def uses_triton(device: torch.device) -> bool:
     is imported), which is how the tests exercise the kernel without a GPU; otherwise they use
     the torch reference.
     """
-    interpreted = isinstance(_kv_copy_kernel, InterpretedFunction)
     if device.type == "cuda":
-        if interpreted:
+        if _INTERPRETED:
             # The interpreter dereferences the layer addresses on the host: CUDA ones would crash.
             raise RuntimeError("TRITON_INTERPRET=1 cannot move KV of a CUDA pool; unset it")
         return True
-    return interpreted
+    return _INTERPRETED
 
 
 def chunk_nbytes(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],

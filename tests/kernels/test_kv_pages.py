@@ -75,7 +75,8 @@ def chunk_by_contract(pool: MHATokenToKVPool, chunk_slots: list[int]) -> torch.T
 
 
 def gather_both(pool: MHATokenToKVPool, slots: torch.Tensor, chunk_tokens: int,
-                gen: torch.Generator, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                gen: torch.Generator, shift: int = 0,
+                max_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gathers ``slots`` into a fresh slab with the kernel and the reference; checks they agree
     byte for byte (unwritten bytes included) and returns the kernel's slab and the offsets."""
     n_chunks = slots.numel() // chunk_tokens
@@ -83,7 +84,7 @@ def gather_both(pool: MHATokenToKVPool, slots: torch.Tensor, chunk_tokens: int,
                                          n_chunks, gen)
     offsets += shift
     got, want = host_slab(slab_bytes + shift), host_slab(slab_bytes + shift)
-    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, chunk_tokens)
+    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, chunk_tokens, max_programs=max_programs)
     gather_kv_reference(pool.k_buffer, pool.v_buffer, slots, want, offsets, chunk_tokens)
     sync()
     assert torch.equal(got, want)
@@ -92,10 +93,12 @@ def gather_both(pool: MHATokenToKVPool, slots: torch.Tensor, chunk_tokens: int,
 
 def scatter_and_check(slab: torch.Tensor, offsets: torch.Tensor, chunk_tokens: int,
                       src_pool: MHATokenToKVPool, src_slots: torch.Tensor,
-                      dst_pool: MHATokenToKVPool, dst_slots: torch.Tensor) -> None:
+                      dst_pool: MHATokenToKVPool, dst_slots: torch.Tensor,
+                      max_programs: int | None = None) -> None:
     """Scatters into the zeroed ``dst_pool``: the source rows land at ``dst_slots``, bit-exact,
     and no other row is written."""
-    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens)
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens,
+               max_programs=max_programs)
     sync()
     untouched = torch.ones(dst_pool.k_buffer[0].shape[0], dtype=torch.bool, device=DEVICE)
     untouched[dst_slots] = False
@@ -150,30 +153,41 @@ def test_round_trip_into_other_slots(dtype, page_size):
         assert torch.equal(dst, ref)
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 24])
-@pytest.mark.parametrize("max_programs", [None, 1, 3, 7, 10_000])
-def test_fewer_programs_than_tiles_move_the_same_bytes(max_programs, chunk_tokens):
+def record_programs(monkeypatch) -> list[int]:
+    """Launches of the chunk kernel still run; each one's program count is appended to the list."""
+    programs, kernel = [], kv_pages._kv_copy_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            programs.append(grid[0])
+            return kernel[grid]
+
+    monkeypatch.setattr(kv_pages, "_kv_copy_kernel", Spy())
+    return programs
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5])
+@pytest.mark.parametrize("max_programs", [None, 1, 4, 7, 10_000])
+def test_fewer_programs_than_tiles_move_the_same_bytes(monkeypatch, max_programs, chunk_tokens):
     """``max_programs`` caps the grid (each program loops over its share of the layer x tile items):
-    gather and scatter still equal the reference, with counts that do not divide the items; chunks
-    of one token (PD's packed pages at page size 1) share tiles."""
+    gather and scatter still equal the reference and write no other row, with counts that do not
+    divide the items; tiles span chunks (of one token: PD's packed pages at page size 1)."""
+    # 160-byte rows (20 words) in segments of 8 words, tiles of 2 tokens: 3 layers x 2 tiles of two
+    # one-token chunks, or 3 x 10 tiles over 5-token chunks; caps 4 and 7 divide neither count.
+    monkeypatch.setattr(kv_pages, "_MAX_BLOCK_WORDS", 8)
+    monkeypatch.setattr(kv_pages, "_TILE_WORDS", 16)
+    programs = record_programs(monkeypatch)
     page_size = 1
-    gen = seeded("max_programs", max_programs)
+    gen = seeded("max_programs", max_programs, chunk_tokens)
     pages = 2 * N_CHUNKS * chunk_tokens
     src_pool = make_pool(torch.bfloat16, page_size, pages, gen, head_dim=40)
     dst_pool = make_pool(torch.bfloat16, page_size, pages, head_dim=40)
     src_slots = random_slots(src_pool, N_CHUNKS * chunk_tokens, gen)
     dst_slots = random_slots(dst_pool, N_CHUNKS * chunk_tokens, gen)
-    offsets, slab_bytes = random_offsets(chunk_nbytes(src_pool.k_buffer, src_pool.v_buffer, chunk_tokens),
-                                         N_CHUNKS, gen)
-    got, want = host_slab(slab_bytes), host_slab(slab_bytes)
-    gather_kv(src_pool.k_buffer, src_pool.v_buffer, src_slots, got, offsets, chunk_tokens, max_programs=max_programs)
-    gather_kv_reference(src_pool.k_buffer, src_pool.v_buffer, src_slots, want, offsets, chunk_tokens)
-    sync()
-    assert torch.equal(got, want)
-    scatter_kv(got, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, chunk_tokens, max_programs=max_programs)
-    sync()
-    for src, dst in zip(layer_bytes(src_pool), layer_bytes(dst_pool)):
-        assert torch.equal(dst[dst_slots], src[src_slots])
+    slab, offsets = gather_both(src_pool, src_slots, chunk_tokens, gen, max_programs=max_programs)
+    scatter_and_check(slab, offsets, chunk_tokens, src_pool, src_slots, dst_pool, dst_slots, max_programs)
+    items = LAYERS * -(-N_CHUNKS * chunk_tokens // 2)
+    assert programs == [min(items, max_programs or items)] * 2
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5])

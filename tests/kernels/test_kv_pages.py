@@ -267,9 +267,10 @@ def test_scatter_skips_slots_of_minus_one():
 
 @pytest.mark.parametrize("max_programs", [None, 2])
 @pytest.mark.parametrize("groups", [[range(0, 1), range(1, LAYERS)], [range(LAYERS - 1, LAYERS), range(0, LAYERS - 1)]])
-def test_scatter_by_layer_ranges_equals_one_scatter(groups, max_programs):
+def test_scatter_by_layer_ranges_equals_one_scatter(monkeypatch, groups, max_programs):
     """A load issued as several launches over ranges of layers writes exactly what one launch does,
     and a launch writes only its own layers."""
+    monkeypatch.setattr(kv_pages, "_TILE_WORDS", 32)  # 8 tiles of 4 tokens per layer: a cap of 2 loops
     T = 16
     gen = seeded("layers", len(groups[0]))
     src_pool = make_pool(torch.bfloat16, 1, 64, gen)

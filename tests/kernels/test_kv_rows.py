@@ -89,16 +89,15 @@ def test_uint8_views_of_flat_regions_are_a_destination():
     gen = seeded("flat")
     src = make_pool(torch.bfloat16, 4, 10, gen)
     dst = make_pool(torch.bfloat16, 4, 10, None)
+    before = [b.cpu().clone() for b in layer_bytes(dst)]
     row = src.k_buffer[0][0].numel() * 2
-    flat = [b.reshape(-1) for b in layer_bytes(dst)]
-    views = [f.view(-1, row) for f in flat]
+    views = [b.reshape(-1).view(-1, row) for b in layer_bytes(dst)]
     src_rows = torch.from_numpy(page_rows(np.array([3, 1, 7]), 4))
     dst_rows = torch.from_numpy(page_rows(np.array([2, 9, 5]), 4))
     copy_kv_rows(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-    for s, d in zip(layer_bytes(src), layer_bytes(dst)):
-        assert torch.equal(d[dst_rows].cpu(), s[src_rows].cpu())
+    check_copied(src, dst, src_rows, dst_rows, before)
 
 
 @pytest.mark.parametrize("case", ["aligned", "hint_off", "narrow_rows", "offset_buffer"])

@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# The test command. Builds .venv from nothing on first use (or when setup.py changed): SGLang
-# 0.5.17 with its exact pins (torch 2.11, triton), used on the CPU. Then runs pytest; extra
-# arguments go to pytest.
+# The test command. Builds .venv from nothing on first use (or when this file, setup.py or
+# tests/cpu_requirements.py changed): SGLang 0.5.17 with its exact pins (torch 2.11, triton,
+# transformers, ...), used on the CPU, less its GPU kernel packages (tests/cpu_requirements.py
+# says which and why). Then runs pytest; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
 stamp="$venv/.kvtier-setup-hash"
 extras="test,ucx,bench"
-want=$(echo "$extras" | cat setup.py - | sha256sum | cut -d' ' -f1)
+need_gb=8
+want=$(echo "$extras" | cat setup.py tests/cpu_requirements.py tests/run.sh - | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "kvtier: building $venv (sglang==0.5.17 and its pins: about 3 to 6 minutes, 9 GB)" >&2
+  rm -rf "$venv"
+  free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "kvtier: building $venv needs about $need_gb GB free here (6 GB venv and downloads); $free_gb GB free" >&2
+    exit 1
+  fi
+  echo "kvtier: building $venv (sglang==0.5.17 and its pins, no GPU kernels: about 3 to 5 minutes, 6 GB)" >&2
   log=$(mktemp)
-  python3 -m venv "$venv"
-  if ! "$venv/bin/pip" install --progress-bar off -e ".[$extras]" >"$log" 2>&1; then
+  sglang=$(grep -o '"sglang==[^"]*"' setup.py | tr -d '"')
+  pip="$venv/bin/pip install --no-cache-dir --progress-bar off"
+  if ! { python3 -m venv "$venv" &&
+      $pip --no-deps "$sglang" -e . packaging &&
+      $pip $("$venv/bin/python" tests/cpu_requirements.py "$extras"); } >"$log" 2>&1; then
     grep -v "is ignored" "$log" | tail -40 >&2
     echo "kvtier: pip install failed (full log: $log)" >&2
     exit 1

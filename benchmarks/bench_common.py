@@ -194,7 +194,9 @@ def metric_label(key: str, label: str) -> str:
 
 
 def kvtier_summary(delta: Mapping[str, float]) -> dict:
-    """Chunk hits and hit rate per tier, misses, GB moved per tier and direction, GPU copy times."""
+    """Chunks loaded per tier, chunks asked for but not delivered (``misses``, kvtier_misses_total:
+    the radix hook asks only for chunks its match reported, so a cold prompt adds none), each tier's
+    share of the chunks asked for, GB moved per tier and direction, GPU copy times."""
     hits = {metric_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
     misses = sum(v for k, v in delta.items() if k.startswith("kvtier_misses_total{"))
     looked_up = sum(hits.values()) + misses

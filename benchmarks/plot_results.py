@@ -131,7 +131,7 @@ def markdown(report: dict) -> str:
         f"SGLang {_span(c['sglang'] for c in cfgs)}. Ratios are radix-only time / this time (>1 is faster).*",
         "",
         "| config | pass | TTFT mean / p50 / p99 | latency mean / p50 / p99 | output tok/s "
-        "| cached GPU / host / storage | kvtier chunk hits | TTFT vs radix | latency vs radix |",
+        "| cached GPU / host / storage | kvtier chunks loaded | TTFT vs radix | latency vs radix |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ordered(report["configs"]):
@@ -139,7 +139,7 @@ def markdown(report: dict) -> str:
         for p, run in cfg["passes"].items():
             t, lat, h = run["ttft"], run["latency"], run["hit_rate"]
             kv = run["kvtier"]
-            chunks = ", ".join([*(f"{tier} {n}" for tier, n in kv["hits"].items() if n), f"miss {kv['misses']}"]) \
+            chunks = ", ".join([*(f"{tier} {n}" for tier, n in kv["hits"].items() if n), f"not delivered {kv['misses']}"]) \
                 if isinstance(kv, dict) else "n/a"
             r = cfg.get("vs_radix", {}).get(p, {})
             lines.append(

@@ -78,7 +78,7 @@ def test_plot_script_writes_pngs_and_prints_the_table(tmp_path):
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| config")]
     assert [r.split(" | ")[0:2] for r in rows] == [["| radix", "cold"], ["| radix", "warm"], ["| hicache", "cold"],
                                                    ["| hicache", "warm"], ["| kvtier_cpu", "cold"], ["| kvtier_cpu", "warm"]]
-    assert "cpu 20, disk 3, miss 5" in rows[-1] and "n/a" in rows[2]
+    assert "cpu 20, disk 3, not delivered 5" in rows[-1] and "n/a" in rows[2]
 
 
 def test_plot_script_refuses_other_files(tmp_path):

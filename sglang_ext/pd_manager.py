@@ -643,7 +643,8 @@ class KvtierKVManager(CommonKVManager):
         room, n = chunk.room, len(src)
         with self._timing_lock:
             self._started(room)
-        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event)
+        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event,
+                                       self.cfg.pd_direct_max_runs)
         self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
         return {"room": room, "stage": peer.stage, "slot": None, "start": chunk.index_slice.start, "n": n,
                 "heads": None, "direct": True}

@@ -67,6 +67,26 @@ def check_copied(src: MHATokenToKVPool, dst: MHATokenToKVPool, src_rows: torch.T
         assert torch.equal(d[untouched], b[untouched])
 
 
+def source_and_twin_destinations(dtype: torch.dtype, page_size: int, gen: torch.Generator):
+    """A random source pool, a random destination, a byte-identical twin of it for the reference,
+    and the destination's bytes before the copy."""
+    src = make_pool(dtype, page_size, 40, gen)
+    dst = make_pool(dtype, page_size, 48, gen)
+    ref = make_pool(dtype, page_size, 48, None)
+    for got, want in zip(layer_bytes(ref), layer_bytes(dst)):
+        got.copy_(want)
+    return src, dst, ref, [b.cpu().clone() for b in layer_bytes(dst)]
+
+
+def check_like_reference(src, dst, ref, src_rows, dst_rows, before) -> None:
+    """The copy into ``dst`` left it as the reference left its twin ``ref``, and check_copied."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    check_copied(src, dst, src_rows, dst_rows, before)
+    for got, want in zip(layer_bytes(dst), layer_bytes(ref)):
+        assert torch.equal(got, want)
+
+
 def test_kernel_path_is_exercised():
     # Without this the tests below could silently compare the reference with itself.
     assert uses_triton(DEVICE)
@@ -77,22 +97,13 @@ def test_kernel_path_is_exercised():
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size, align_hint):
     gen = seeded("rows", dtype, page_size)
-    src = make_pool(dtype, page_size, 40, gen)
-    dst = make_pool(dtype, page_size, 48, gen)
-    ref = make_pool(dtype, page_size, 48, None)
-    for got, want in zip(layer_bytes(ref), layer_bytes(dst)):
-        got.copy_(want)
-    before = [b.cpu().clone() for b in layer_bytes(dst)]
+    src, dst, ref, before = source_and_twin_destinations(dtype, page_size, gen)
     n = 23
     src_rows = torch.from_numpy(page_rows(random_pages(src, n, gen), page_size))
     dst_rows = torch.from_numpy(page_rows(random_pages(dst, n, gen), page_size))
     copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows, align_hint=align_hint)
     copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    check_copied(src, dst, src_rows, dst_rows, before)
-    for got, want in zip(layer_bytes(dst), layer_bytes(ref)):
-        assert torch.equal(got, want)
+    check_like_reference(src, dst, ref, src_rows, dst_rows, before)
 
 
 @pytest.mark.parametrize("head_dim,v_head_dim", [(16, 8), (3, 5), (2048, 16)])
@@ -111,7 +122,8 @@ def test_distinct_v_rows_narrow_words_and_many_tiles(head_dim, v_head_dim):
     check_copied(src, dst, src_rows, dst_rows, before)
 
 
-def test_uint8_views_of_flat_regions_are_a_destination():
+@pytest.mark.parametrize("copy", [copy_kv_rows, copy_kv_runs], ids=lambda f: f.__name__)
+def test_uint8_views_of_flat_regions_are_a_destination(copy):
     # PD's direct path: the destination is the other side's pool as flat byte regions.
     gen = seeded("flat")
     src = make_pool(torch.bfloat16, 4, 10, gen)
@@ -119,9 +131,9 @@ def test_uint8_views_of_flat_regions_are_a_destination():
     before = [b.cpu().clone() for b in layer_bytes(dst)]
     row = src.k_buffer[0][0].numel() * 2
     views = [b.reshape(-1).view(-1, row) for b in layer_bytes(dst)]
-    src_rows = torch.from_numpy(page_rows(np.array([3, 1, 7]), 4))
-    dst_rows = torch.from_numpy(page_rows(np.array([2, 9, 5]), 4))
-    copy_kv_rows(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows)
+    src_rows = torch.from_numpy(page_rows(np.array([3, 4, 1, 7]), 4))  # copy_kv_runs: 3 runs
+    dst_rows = torch.from_numpy(page_rows(np.array([2, 3, 9, 5]), 4))
+    copy(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     check_copied(src, dst, src_rows, dst_rows, before)
@@ -161,11 +173,12 @@ def test_align_hint_is_claimed_only_where_every_address_is_16_byte_aligned(monke
         assert torch.equal(d[dst_rows].reshape(4, -1).cpu(), s[src_rows].reshape(4, -1).cpu())
 
 
-def test_empty_is_a_no_op():
+@pytest.mark.parametrize("copy", [copy_kv_rows, copy_kv_runs], ids=lambda f: f.__name__)
+def test_empty_is_a_no_op(copy):
     pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     other = make_pool(torch.bfloat16, 1, 8, None)
     none = torch.empty(0, dtype=torch.int64)
-    copy_kv_rows(pool.k_buffer, pool.v_buffer, other.k_buffer, other.v_buffer, none, none)
+    copy(pool.k_buffer, pool.v_buffer, other.k_buffer, other.v_buffer, none, none)
     assert not any(b.any() for b in layer_bytes(other))
 
 
@@ -186,41 +199,15 @@ def test_row_runs_match_a_loop_on_random_rows(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_runs_land_bit_exact_like_the_reference_and_nothing_else_moves(dtype, page_size, seed):
     gen = seeded("runs", dtype, page_size, seed)
-    src = make_pool(dtype, page_size, 40, gen)
-    dst = make_pool(dtype, page_size, 48, gen)
-    ref = make_pool(dtype, page_size, 48, None)
-    for got, want in zip(layer_bytes(ref), layer_bytes(dst)):
-        got.copy_(want)
-    before = [b.cpu().clone() for b in layer_bytes(dst)]
+    src, dst, ref, before = source_and_twin_destinations(dtype, page_size, gen)
     lengths = torch.randint(1, 7, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
     src_rows = torch.from_numpy(page_rows(pages_in_runs(src, lengths, gen), page_size))
     dst_rows = torch.from_numpy(page_rows(pages_in_runs(dst, lengths, gen), page_size))
     runs = copy_kv_runs(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
     copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
     # Runs that happen to continue each other on both sides merge; never more than were laid out.
     assert runs == len(row_runs(src_rows, dst_rows)[2]) <= len(lengths)
-    check_copied(src, dst, src_rows, dst_rows, before)
-    for got, want in zip(layer_bytes(dst), layer_bytes(ref)):
-        assert torch.equal(got, want)
-
-
-def test_runs_into_uint8_views_of_flat_regions_and_empty():
-    gen = seeded("runs-flat")
-    src = make_pool(torch.bfloat16, 4, 10, gen)
-    dst = make_pool(torch.bfloat16, 4, 10, None)
-    before = [b.cpu().clone() for b in layer_bytes(dst)]
-    row = src.k_buffer[0][0].numel() * 2
-    views = [b.reshape(-1).view(-1, row) for b in layer_bytes(dst)]
-    src_rows = torch.from_numpy(page_rows(np.array([3, 4, 5, 1]), 4))
-    dst_rows = torch.from_numpy(page_rows(np.array([6, 7, 8, 2]), 4))
-    assert copy_kv_runs(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows) == 2
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    check_copied(src, dst, src_rows, dst_rows, before)
-    none = torch.empty(0, dtype=torch.int64)
-    assert copy_kv_runs(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], none, none) == 0
+    check_like_reference(src, dst, ref, src_rows, dst_rows, before)
 
 
 def _bad(case: str):

@@ -1,11 +1,13 @@
-"""``python -m launch.cluster``: one prefill worker, one decode worker and the router on this host.
+"""``python -m launch.cluster``: PD prefill and decode workers and the router on this host.
 
-Starts ``launch.prefill`` and ``launch.decode`` (GPUs 0 and 1 when there are two, else both on
-GPU 0 with ``--mem-fraction-static`` split), waits for their ``/health`` with progress lines and a
-deadline, then starts ``launch.router`` in front of them and prints where to send requests. Each
-process has its own process group and a log file in the run directory. Ctrl-C or SIGTERM stops
-everything, children included, and exits 0; a process that dies stops the cluster with exit code 1
-and the tail of its log.
+Starts ``launch.prefill`` and ``launch.decode`` workers (by default one of each: GPUs 0 and 1 when
+there are two, else both on GPU 0 with ``--mem-fraction-static`` split; ``--prefill-gpus`` and
+``--decode-gpus`` with ``--prefill-tp`` / ``--decode-tp`` place several, e.g. two prefill and two
+decode workers on four GPUs, or a TP-2 prefill feeding two TP-1 decodes), waits for their
+``/health`` with progress lines and a deadline, then starts ``launch.router`` in front of them and
+prints where to send requests. Each process has its own process group and a log file in the run
+directory. Ctrl-C or SIGTERM stops everything, children included, and exits 0; a process that dies
+stops the cluster with exit code 1 and the tail of its log.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ SHARED_GPU_MEM_FRACTION = 0.35
 # Flags the cluster sets itself per worker, so extra SGLang arguments must not repeat them.
 CLUSTER_FLAGS = {"--host": "host", "--port": "port", "--base-gpu-id": "base_gpu_id",
                  "--model-path": "model_path", "--model": "model_path", "--kvtier-config": "kvtier_config",
-                 "--bootstrap-port": "bootstrap_port", "--disaggregation-bootstrap-port": "bootstrap_port"}
+                 "--bootstrap-port": "bootstrap_port", "--disaggregation-bootstrap-port": "bootstrap_port",
+                 "--tp-size": "tp_size", "--tp": "tp_size"}
 LOG_TAIL_LINES = 40
 ROUTER_STARTUP_S = 60.0
 
@@ -63,23 +66,42 @@ def gpu_count(env: Optional[dict] = None) -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
+def int_list(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]`` (argparse type)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
 def arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m launch.cluster",
-        usage="python -m launch.cluster --model-path M [options] [-- extra SGLang arguments for both workers]",
+        usage="python -m launch.cluster --model-path M [options] [-- extra SGLang arguments for every worker]",
         description=__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""),
     )
-    ap.add_argument("--model-path", required=True, help="model for both workers (SGLang's --model-path)")
-    ap.add_argument("--kvtier-config", metavar="PATH", help="kvtier YAML config for both workers")
-    ap.add_argument("--prefill-gpu", type=int, help="GPU of the prefill worker (default 0)")
-    ap.add_argument("--decode-gpu", type=int, help="GPU of the decode worker (default: another GPU than prefill's if there is one, else the same)")
+    ap.add_argument("--model-path", required=True, help="model for every worker (SGLang's --model-path)")
+    ap.add_argument("--kvtier-config", metavar="PATH", help="kvtier YAML config for every worker")
+    ap.add_argument("--prefill-gpus", "--prefill-gpu", type=int_list, metavar="G[,G...]",
+                    help="GPUs of the prefill workers, --prefill-tp consecutive GPUs each (default 0)")
+    ap.add_argument("--decode-gpus", "--decode-gpu", type=int_list, metavar="G[,G...]",
+                    help="GPUs of the decode workers, --decode-tp consecutive GPUs each (default: one worker on "
+                         "another GPU than the prefill's if there is one, else on the same)")
+    ap.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of each prefill worker (default 1)")
+    ap.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel size of each decode worker (default 1)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address the router listens on (default 127.0.0.1); workers listen on 127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
-    ap.add_argument("--prefill-port", type=int, default=30000, help="prefill worker HTTP port (default 30000)")
-    ap.add_argument("--decode-port", type=int, default=30001, help="decode worker HTTP port (default 30001)")
-    ap.add_argument("--bootstrap-port", type=int, default=DEFAULT_BOOTSTRAP_PORT,
-                    help=f"PD bootstrap port of the prefill worker (default {DEFAULT_BOOTSTRAP_PORT})")
+    ap.add_argument("--prefill-port", type=int_list, default=[30000], metavar="P[,P...]",
+                    help="HTTP ports of the prefill workers: one per worker, or the first of consecutive ones "
+                         "(default 30000)")
+    ap.add_argument("--decode-port", type=int_list, default=[30100], metavar="P[,P...]",
+                    help="HTTP ports of the decode workers, as --prefill-port (default 30100)")
+    ap.add_argument("--bootstrap-port", type=int_list, default=[DEFAULT_BOOTSTRAP_PORT], metavar="P[,P...]",
+                    help=f"PD bootstrap ports of the prefill workers, as --prefill-port (default {DEFAULT_BOOTSTRAP_PORT})")
     ap.add_argument("--policy", default="cache_aware", choices=POLICIES,
                     help="router's prefill policy (default cache_aware)")
     ap.add_argument("--run-dir", help="directory for the logs (default: a new kvtier-cluster-* in the temp dir)")
@@ -89,62 +111,133 @@ def arg_parser() -> argparse.ArgumentParser:
                     help="seconds processes get to exit after SIGTERM before SIGKILL (default 20)")
     dev = ap.add_argument_group("developer options")
     dev.add_argument("--prefill-module", default="kvtier.launch.prefill",
-                     help="module run as the prefill worker with launch.prefill's arguments (default %(default)s)")
+                     help="module run as a prefill worker with launch.prefill's arguments (default %(default)s)")
     dev.add_argument("--decode-module", default="kvtier.launch.decode",
-                     help="module run as the decode worker with launch.decode's arguments (default %(default)s)")
+                     help="module run as a decode worker with launch.decode's arguments (default %(default)s)")
     return ap
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What the cluster will run: prefill, decode and router, and where the workers sit."""
+class Worker:
+    """A prefill or decode worker: its process, GPUs, HTTP port (and a prefill's bootstrap port)."""
 
-    prefill: Service
-    decode: Service
+    service: Service
+    gpus: list[int]
+    port: int
+    bootstrap_port: Optional[int] = None
+
+    def where(self) -> str:
+        gpus = f"GPU {self.gpus[0]}" if len(self.gpus) == 1 else f"GPUs {self.gpus[0]}-{self.gpus[-1]} (TP {len(self.gpus)})"
+        return f"{self.service.name} on {gpus}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the cluster will run: the prefill and decode workers, and the router in front."""
+
+    prefill: list[Worker]
+    decode: list[Worker]
     router: Service
-    prefill_gpu: int
-    decode_gpu: int
     shared_mem_fraction: Optional[float]
+    """Set when one prefill and one decode worker share their GPUs: each worker's memory share."""
+
+    @property
+    def workers(self) -> list[Worker]:
+        return self.prefill + self.decode
+
+    def placement(self) -> str:
+        shared = f" (one GPU: --mem-fraction-static {self.shared_mem_fraction} each)" if self.shared_mem_fraction else ""
+        return ", ".join(w.where() for w in self.workers) + shared
+
+
+def _groups(role: str, gpus: list[int], tp: int) -> list[list[int]]:
+    """``gpus`` cut into workers of ``tp`` consecutive GPUs (SGLang's --base-gpu-id and --tp-size)."""
+    if tp < 1:
+        raise ValueError(f"--{role}-tp must be >= 1, got {tp}")
+    if not gpus or len(gpus) % tp:
+        raise ValueError(f"--{role}-gpus lists {len(gpus)} GPUs, not a multiple of --{role}-tp {tp}")
+    groups = [gpus[i : i + tp] for i in range(0, len(gpus), tp)]
+    for group in groups:
+        if group != list(range(group[0], group[0] + tp)):
+            raise ValueError(f"a TP-{tp} {role} worker runs on consecutive GPUs (SGLang's --base-gpu-id and "
+                             f"--tp-size), got {','.join(map(str, group))} in --{role}-gpus")
+    return groups
+
+
+def _ports(flag: str, ports: list[int], n: int) -> list[int]:
+    """One port per worker: the list as given, or ``n`` consecutive ports from a single one."""
+    if len(ports) == 1:
+        return [ports[0] + i for i in range(n)]
+    if len(ports) != n:
+        raise ValueError(f"{flag} lists {len(ports)} ports for {n} workers; give one per worker, or the first alone")
+    return ports
 
 
 def plan(args: argparse.Namespace, extra: list[str], gpus: int) -> Plan:
-    """The processes to start for ``args`` and extra SGLang arguments; ValueError on bad input."""
+    """The processes to start for ``args`` and extra SGLang arguments (``gpus``: GPUs on this host,
+    used only to place a default decode worker); ValueError on bad input."""
     for dest in set(CLUSTER_FLAGS.values()):
         found = find_option(extra, dest, CLUSTER_FLAGS)
         if found:
             raise ValueError(f"'{found[0][0]}' after -- would override what the cluster sets for each worker; "
                              "use the cluster's own --model-path, --kvtier-config, --prefill-port/--decode-port, "
-                             "--prefill-gpu/--decode-gpu or --bootstrap-port instead")
-    ports = {"--port": args.port, "--prefill-port": args.prefill_port, "--decode-port": args.decode_port,
-             "--bootstrap-port": args.bootstrap_port}
-    if len(set(ports.values())) < len(ports):
-        raise ValueError(f"the cluster's ports must differ, got {ports}")
-    prefill_gpu = 0 if args.prefill_gpu is None else args.prefill_gpu
-    if args.decode_gpu is not None:
-        decode_gpu = args.decode_gpu
+                             "--prefill-gpus/--decode-gpus, --prefill-tp/--decode-tp or --bootstrap-port instead")
+    prefill_groups = _groups("prefill", args.prefill_gpus or [0], args.prefill_tp)
+    if args.decode_gpus is not None:
+        decode_groups = _groups("decode", args.decode_gpus, args.decode_tp)
     else:
-        decode_gpu = next((g for g in range(gpus) if g != prefill_gpu), prefill_gpu)
-    user_mem = find_option(extra, "mem_fraction_static", {"--mem-fraction-static": "mem_fraction_static"})
-    shared = SHARED_GPU_MEM_FRACTION if prefill_gpu == decode_gpu and not user_mem else None
+        used = {g for group in prefill_groups for g in group}
+        first = next((g for g in range(gpus) if g not in used), prefill_groups[0][0])
+        decode_groups = _groups("decode", list(range(first, first + args.decode_tp)), args.decode_tp)
+    n_prefill, n_decode = len(prefill_groups), len(decode_groups)
+    prefill_ports = _ports("--prefill-port", args.prefill_port, n_prefill)
+    decode_ports = _ports("--decode-port", args.decode_port, n_decode)
+    bootstrap_ports = _ports("--bootstrap-port", args.bootstrap_port, n_prefill)
+    ports = [args.port, *prefill_ports, *decode_ports, *bootstrap_ports]
+    if len(set(ports)) < len(ports):
+        raise ValueError(f"the cluster's ports must differ, got router {args.port}, prefill {prefill_ports}, "
+                         f"decode {decode_ports}, bootstrap {bootstrap_ports}")
+    shared = None
+    if n_prefill == n_decode == 1 and prefill_groups == decode_groups:
+        user_mem = find_option(extra, "mem_fraction_static", {"--mem-fraction-static": "mem_fraction_static"})
+        shared = None if user_mem else SHARED_GPU_MEM_FRACTION
+    else:
+        owner: dict[int, str] = {}
+        for role, groups in (("prefill", prefill_groups), ("decode", decode_groups)):
+            for group in groups:
+                for g in group:
+                    if g in owner:
+                        raise ValueError(f"GPU {g} is given to two workers ({owner[g]} and {role}); only one "
+                                         "prefill and one decode worker on the same GPUs may share them")
+                    owner[g] = role
     mem = ["--mem-fraction-static", str(shared)] if shared else []
     config = ["--kvtier-config", str(Path(args.kvtier_config).resolve())] if args.kvtier_config else []
 
-    def worker(role: str, module: str, port: int, gpu: int) -> Service:
+    def service(name: str, module: str, port: int, group: list[int], bootstrap: int) -> Service:
+        tp = ["--tp-size", str(len(group))] if len(group) > 1 else []
         argv = [sys.executable, "-m", module, "--model-path", args.model_path, "--host", "127.0.0.1",
-                "--port", str(port), "--bootstrap-port", str(args.bootstrap_port), "--base-gpu-id", str(gpu),
-                *mem, *config, *extra]
-        return Service(role, argv, f"http://127.0.0.1:{port}")
+                "--port", str(port), "--bootstrap-port", str(bootstrap), "--base-gpu-id", str(group[0]),
+                *tp, *mem, *config, *extra]
+        return Service(name, argv, f"http://127.0.0.1:{port}")
 
+    def names(role: str, n: int) -> list[str]:
+        return [role] if n == 1 else [f"{role}{i}" for i in range(n)]
+
+    prefill = [Worker(service(name, args.prefill_module, port, group, boot), group, port, boot)
+               for name, port, group, boot in zip(names("prefill", n_prefill), prefill_ports, prefill_groups,
+                                                  bootstrap_ports)]
+    # The router names each request's prefill; a decode falls back to its --bootstrap-port only for
+    # requests that name none, so it gets the first prefill's.
+    decode = [Worker(service(name, args.decode_module, port, group, bootstrap_ports[0]), group, port)
+              for name, port, group in zip(names("decode", n_decode), decode_ports, decode_groups)]
     # A router listening on every address is still reached on loopback from here.
     router_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    router = Service("router", [sys.executable, "-m", "kvtier.launch.router",
-                                "--prefill", f"http://127.0.0.1:{args.prefill_port}", str(args.bootstrap_port),
-                                "--decode", f"http://127.0.0.1:{args.decode_port}",
+    targets = [a for w in prefill for a in ("--prefill", w.service.url, str(w.bootstrap_port))]
+    targets += [a for w in decode for a in ("--decode", w.service.url)]
+    router = Service("router", [sys.executable, "-m", "kvtier.launch.router", *targets,
                                 "--host", args.host, "--port", str(args.port), "--policy", args.policy],
                      f"http://{router_host}:{args.port}")
-    return Plan(worker("prefill", args.prefill_module, args.prefill_port, prefill_gpu),
-                worker("decode", args.decode_module, args.decode_port, decode_gpu),
-                router, prefill_gpu, decode_gpu, shared)
+    return Plan(prefill, decode, router, shared)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -281,39 +374,41 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = arg_parser()
     args, extra = ap.parse_args(argv[:split]), argv[split + 1:]
     try:
-        p = plan(args, extra, gpu_count() if args.decode_gpu is None else 0)
+        p = plan(args, extra, gpu_count() if args.decode_gpus is None else 0)
     except ValueError as exc:
         ap.error(str(exc))
     try:
-        check_config(args.kvtier_config, os.environ)  # here, not in two worker logs
+        check_config(args.kvtier_config, os.environ)  # here, not in every worker's log
     except LaunchError as exc:
         ap.error(str(exc))
-    for flag, port, host in (("--prefill-port", args.prefill_port, "127.0.0.1"),
-                             ("--decode-port", args.decode_port, "127.0.0.1"),
-                             ("--bootstrap-port", args.bootstrap_port, "127.0.0.1"),
-                             ("--port", args.port, args.host)):
+    busy = [(f"{w.service.name}'s port", w.port, "127.0.0.1") for w in p.workers]
+    busy += [(f"{w.service.name}'s bootstrap port", w.bootstrap_port, "127.0.0.1") for w in p.prefill]
+    for what, port, host in [*busy, ("the router's port (--port)", args.port, args.host)]:
         if port_in_use(port, host):
-            ap.error(f"port {port} on {host} is in use; pick another with {flag}")
+            ap.error(f"port {port} on {host} ({what}) is in use; pick other ports with --prefill-port, "
+                     f"--decode-port, --bootstrap-port or --port")
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="kvtier-cluster-"))
     run_dir.mkdir(parents=True, exist_ok=True)
 
     cluster = Cluster(run_dir, args.stop_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: cluster.stopping.set())
-    shared = f" (one GPU: --mem-fraction-static {p.shared_mem_fraction} each)" if p.shared_mem_fraction else ""
-    cluster.say(f"prefill on GPU {p.prefill_gpu}, decode on GPU {p.decode_gpu}{shared}; logs in {run_dir}")
+    cluster.say(f"{p.placement()}; logs in {run_dir}")
     failure = None
     try:
-        cluster.start(p.prefill)
+        waiting = p.workers
         if p.shared_mem_fraction:
             # One GPU: SGLang sizes its pool from the memory that others leave free while it
             # loads, so the decode starts once the prefill has taken its share.
-            failure = cluster.wait_healthy(p.prefill, args.startup_timeout)
-        if not failure and not cluster.stopping.is_set():
-            cluster.start(p.decode)
-        for svc in (p.decode,) if p.shared_mem_fraction else (p.prefill, p.decode):
-            if not failure and svc.name in cluster.started:
-                failure = cluster.wait_healthy(svc, args.startup_timeout)
+            cluster.start(p.prefill[0].service)
+            failure = cluster.wait_healthy(p.prefill[0].service, args.startup_timeout)
+            waiting = p.decode
+        for w in p.workers:
+            if not failure and not cluster.stopping.is_set() and w.service.name not in cluster.started:
+                cluster.start(w.service)
+        for w in waiting:
+            if not failure and w.service.name in cluster.started:
+                failure = cluster.wait_healthy(w.service, args.startup_timeout)
         if not failure and not cluster.stopping.is_set():
             cluster.start(p.router)
             failure = cluster.wait_healthy(p.router, ROUTER_STARTUP_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,13 +22,22 @@ HERE = Path(__file__).parent
 def start_cluster(spawn, tmp_path, free_ports):
     """``start_cluster(*args, ready=..., **env)``: launch.cluster with stand-in workers, ports free."""
 
-    def start(*args: str, ready: str = r"ready. Send requests to (http://\S+)", **env: str):
-        ports = dict(zip(("router", "prefill", "decode", "bootstrap"), free_ports(4)))
+    def start(*args: str, ready: str = r"ready. Send requests to (http://\S+)", workers: tuple[int, int] = (1, 1),
+              **env: str):
+        """``workers``: how many prefill and decode workers ``args`` place; each gets a free port
+        (``ports["prefill"]`` etc. are then lists)."""
+        n_prefill, n_decode = workers
+        free = iter(free_ports(1 + 2 * n_prefill + n_decode))
+        ports = {"router": next(free), **{role: [next(free) for _ in range(n)] for role, n in
+                                          (("prefill", n_prefill), ("decode", n_decode), ("bootstrap", n_prefill))}}
+        joined = {role: ",".join(map(str, ports[role])) for role in ("prefill", "decode", "bootstrap")}
         argv = [sys.executable, "-m", "kvtier.launch.cluster", "--model-path", "dummy-model",
-                "--port", str(ports["router"]), "--prefill-port", str(ports["prefill"]),
-                "--decode-port", str(ports["decode"]), "--bootstrap-port", str(ports["bootstrap"]),
+                "--port", str(ports["router"]), "--prefill-port", joined["prefill"],
+                "--decode-port", joined["decode"], "--bootstrap-port", joined["bootstrap"],
                 "--run-dir", str(tmp_path / "run"), "--prefill-module", "standin_prefill",
                 "--decode-module", "standin_decode", *args]
+        if workers == (1, 1):
+            ports.update({role: ports[role][0] for role in ("prefill", "decode", "bootstrap")})
         environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                        STANDIN_CHILD="1", **env)
         environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -49,23 +59,75 @@ def gone(pids: list[int]) -> bool:
 def test_plan_places_workers_and_splits_one_gpu():
     args = arg_parser().parse_args(["--model-path", "m"])
     two = plan(args, [], gpus=2)
-    assert (two.prefill_gpu, two.decode_gpu, two.shared_mem_fraction) == (0, 1, None)
-    assert "--mem-fraction-static" not in two.prefill.argv
-    one = plan(args, ["--tp", "1"], gpus=1)
-    assert (one.prefill_gpu, one.decode_gpu, one.shared_mem_fraction) == (0, 0, 0.35)
-    assert one.decode.argv[2:] == ["kvtier.launch.decode", "--model-path", "m", "--host", "127.0.0.1",
-                                   "--port", "30001", "--bootstrap-port", "8998", "--base-gpu-id", "0",
-                                   "--mem-fraction-static", "0.35", "--tp", "1"]
+    assert [w.gpus for w in two.workers] == [[0], [1]] and two.shared_mem_fraction is None
+    assert "--mem-fraction-static" not in two.prefill[0].service.argv
+    assert two.placement() == "prefill on GPU 0, decode on GPU 1"
+    one = plan(args, ["--chunked-prefill-size", "4096"], gpus=1)
+    assert [w.gpus for w in one.workers] == [[0], [0]] and one.shared_mem_fraction == 0.35
+    assert one.decode[0].service.argv[2:] == [
+        "kvtier.launch.decode", "--model-path", "m", "--host", "127.0.0.1", "--port", "30100",
+        "--bootstrap-port", "8998", "--base-gpu-id", "0", "--mem-fraction-static", "0.35", "--chunked-prefill-size", "4096"]
     assert one.router.argv[2:] == ["kvtier.launch.router", "--prefill", "http://127.0.0.1:30000", "8998",
-                                   "--decode", "http://127.0.0.1:30001", "--host", "127.0.0.1", "--port", "8000",
+                                   "--decode", "http://127.0.0.1:30100", "--host", "127.0.0.1", "--port", "8000",
                                    "--policy", "cache_aware"]
     mine = plan(args, ["--mem-fraction-static=0.3"], gpus=1)  # the user's split wins
-    assert mine.shared_mem_fraction is None and mine.prefill.argv[-1] == "--mem-fraction-static=0.3"
+    assert mine.shared_mem_fraction is None and mine.prefill[0].service.argv[-1] == "--mem-fraction-static=0.3"
     with pytest.raises(ValueError, match="'--port' after -- would override"):
         plan(args, ["--port", "1"], gpus=1)
     with pytest.raises(ValueError, match="ports must differ"):
         plan(arg_parser().parse_args(["--model-path", "m", "--decode-port", "30000"]), [], gpus=1)
     assert gpu_count({"CUDA_VISIBLE_DEVICES": "2,3"}) == 2 and gpu_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
+def parsed(*argv: str):
+    return arg_parser().parse_args(["--model-path", "m", *argv])
+
+
+def test_plan_places_two_prefill_and_two_decode_workers_on_four_gpus():
+    p = plan(parsed("--prefill-gpus", "0,1", "--decode-gpus", "2,3"), [], gpus=4)
+    assert [(w.service.name, w.gpus, w.port, w.bootstrap_port) for w in p.workers] == [
+        ("prefill0", [0], 30000, 8998), ("prefill1", [1], 30001, 8999),
+        ("decode0", [2], 30100, None), ("decode1", [3], 30101, None)]
+    for w in p.workers:  # each worker on its own GPU; a decode falls back to the first prefill's bootstrap
+        argv = w.service.argv
+        assert argv[argv.index("--base-gpu-id") + 1] == str(w.gpus[0]) and "--tp-size" not in argv
+        assert argv[argv.index("--bootstrap-port") + 1] == str(w.bootstrap_port or 8998)
+        assert "--mem-fraction-static" not in argv
+    assert p.router.argv[3:13] == ["--prefill", "http://127.0.0.1:30000", "8998", "--prefill", "http://127.0.0.1:30001",
+                                   "8999", "--decode", "http://127.0.0.1:30100", "--decode", "http://127.0.0.1:30101"]
+    assert p.placement() == "prefill0 on GPU 0, prefill1 on GPU 1, decode0 on GPU 2, decode1 on GPU 3"
+    given = plan(parsed("--prefill-gpus", "0,1", "--decode-gpus", "2,3", "--prefill-port", "7001,7005",
+                        "--decode-port", "7002", "--bootstrap-port", "7100,7200"), [], gpus=4)
+    assert [(w.port, w.bootstrap_port) for w in given.workers] == [(7001, 7100), (7005, 7200), (7002, None),
+                                                                   (7003, None)]
+
+
+def test_plan_runs_a_tp2_prefill_on_consecutive_gpus_beside_tp1_decodes():
+    p = plan(parsed("--prefill-gpus", "2,3", "--prefill-tp", "2", "--decode-gpus", "0,1"), ["--dtype", "bfloat16"],
+             gpus=4)
+    assert [(w.service.name, w.gpus) for w in p.workers] == [("prefill", [2, 3]), ("decode0", [0]), ("decode1", [1])]
+    argv = p.prefill[0].service.argv
+    assert argv[argv.index("--base-gpu-id") + 1 : argv.index("--base-gpu-id") + 4] == ["2", "--tp-size", "2"]
+    assert argv[-2:] == ["--dtype", "bfloat16"]
+    assert p.placement() == "prefill on GPUs 2-3 (TP 2), decode0 on GPU 0, decode1 on GPU 1"
+    # Without --decode-gpus one decode goes on the first GPU the prefill leaves free.
+    default = plan(parsed("--prefill-gpus", "0,1", "--prefill-tp", "2"), [], gpus=4)
+    assert [w.gpus for w in default.decode] == [[2]]
+
+
+@pytest.mark.parametrize("argv,extra,message", [
+    (["--prefill-gpus", "0,2", "--prefill-tp", "2"], [], "a TP-2 prefill worker runs on consecutive GPUs"),
+    (["--prefill-gpus", "0,1,2", "--prefill-tp", "2"], [], "--prefill-gpus lists 3 GPUs, not a multiple of --prefill-tp 2"),
+    (["--decode-gpus", "1", "--decode-tp", "0"], [], "--decode-tp must be >= 1"),
+    (["--prefill-gpus", "0,1", "--decode-gpus", "1,2"], [], "GPU 1 is given to two workers"),
+    (["--prefill-gpus", "0,1", "--decode-gpus", "2", "--prefill-port", "7001,7002,7003"], [],
+     "--prefill-port lists 3 ports for 2 workers"),
+    (["--prefill-gpus", "0,1", "--decode-gpus", "2", "--bootstrap-port", "30100"], [], "ports must differ"),
+    ([], ["--tp", "2"], "'--tp' after -- would override"),
+])
+def test_plan_refuses_layouts_it_cannot_start(argv, extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan(parsed(*argv), extra, gpus=4)
 
 
 def family(pid: int) -> list[int]:
@@ -105,6 +167,38 @@ def test_cluster_serves_through_the_router_and_stops_everything_on_sigint(start_
     assert gone(pids)
     assert "standin prefill listening on" in (tmp_path / "run" / "prefill.log").read_text()
     assert "kvtier router: listening on" in (tmp_path / "run" / "router.log").read_text()
+
+
+def test_two_prefill_and_two_decode_workers_serve_through_the_router(start_cluster, client):
+    cluster, ports = start_cluster("--prefill-gpus", "0,1", "--decode-gpus", "2,3", "--policy", "round_robin",
+                                   workers=(2, 2))
+    cluster.wait_for(r"Ctrl-C stops all", 5)
+    assert "prefill0 on GPU 0, prefill1 on GPU 1, decode0 on GPU 2, decode1 on GPU 3" in "".join(cluster.lines)
+    url = f"http://127.0.0.1:{ports['router']}"
+    answers = [client("POST", f"{url}/generate", {"text": f"hello {i}"}) for i in range(4)]
+    assert all(status == 200 for status, _ in answers)
+    served = {int(answer["text"].split()[1]) for _, answer in answers}
+    assert served == set(ports["decode"])  # both decode workers take requests
+    for prefill, bootstrap in zip(ports["prefill"], ports["bootstrap"]):
+        info = client("GET", f"http://127.0.0.1:{prefill}/info")[1]
+        assert info["argv"][info["argv"].index("--bootstrap-port") + 1] == str(bootstrap)
+    # Every decode request names the bootstrap port of the prefill worker that got its prompt.
+    prefill_of = {}
+    for prefill, bootstrap in zip(ports["prefill"], ports["bootstrap"]):
+        for record in client("GET", f"http://127.0.0.1:{prefill}/records")[1]:
+            prefill_of[record["prompt"]] = bootstrap
+    assert len(prefill_of) == 4 and set(prefill_of.values()) == set(ports["bootstrap"])
+    for decode in ports["decode"]:
+        for record in client("GET", f"http://127.0.0.1:{decode}/records")[1]:
+            assert record["bootstrap_port"] == prefill_of[record["prompt"]]
+    pids = family(cluster.proc.pid)
+    assert len(pids) == 10  # cluster, router, four workers and a child of each
+    cluster.proc.send_signal(signal.SIGINT)
+    assert cluster.proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while not gone(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(pids)
 
 
 def test_a_dying_worker_stops_the_cluster_with_its_log(start_cluster, client):

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +33,7 @@ import psutil
 
 from kvtier.launch.router import POLICIES
 from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT, LaunchError, check_config, find_option
+from kvtier.sglang_ext.config import load_config
 
 SHARED_GPU_MEM_FRACTION = 0.35
 # Flags the cluster sets itself per worker, so extra SGLang arguments must not repeat them.
@@ -41,6 +42,7 @@ CLUSTER_FLAGS = {"--host": "host", "--port": "port", "--base-gpu-id": "base_gpu_
                  "--bootstrap-port": "bootstrap_port", "--disaggregation-bootstrap-port": "bootstrap_port",
                  "--tp-size": "tp_size", "--tp": "tp_size"}
 LOG_TAIL_LINES = 40
+METRICS_ENV = "KVTIER_METRICS_PORT"
 ROUTER_STARTUP_S = 60.0
 
 
@@ -51,6 +53,8 @@ class Service:
     name: str
     argv: list[str]
     url: str
+    env: dict[str, str] = field(default_factory=dict)
+    """Set in the process's environment on top of the cluster's."""
 
 
 def gpu_count(env: Optional[dict] = None) -> int:
@@ -130,6 +134,12 @@ class Worker:
         gpus = f"GPU {self.gpus[0]}" if len(self.gpus) == 1 else f"GPUs {self.gpus[0]}-{self.gpus[-1]} (TP {len(self.gpus)})"
         return f"{self.service.name} on {gpus}"
 
+    @property
+    def metrics_ports(self) -> list[int]:
+        """kvtier's metrics ports of this worker's ranks (none where metrics are off)."""
+        first = self.service.env.get(METRICS_ENV)
+        return [int(first) + rank for rank in range(len(self.gpus))] if first else []
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -173,9 +183,11 @@ def _ports(flag: str, ports: list[int], n: int) -> list[int]:
     return ports
 
 
-def plan(args: argparse.Namespace, extra: list[str], gpus: int) -> Plan:
+def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: int = 0) -> Plan:
     """The processes to start for ``args`` and extra SGLang arguments (``gpus``: GPUs on this host,
-    used only to place a default decode worker); ValueError on bad input."""
+    used only to place a default decode worker); ValueError on bad input. With kvtier's
+    ``metrics_port`` set, each worker gets its own ports from it on (one per rank), where one
+    shared config would have them all bind the same."""
     for dest in set(CLUSTER_FLAGS.values()):
         found = find_option(extra, dest, CLUSTER_FLAGS)
         if found:
@@ -213,12 +225,18 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int) -> Plan:
     mem = ["--mem-fraction-static", str(shared)] if shared else []
     config = ["--kvtier-config", str(Path(args.kvtier_config).resolve())] if args.kvtier_config else []
 
+    next_metrics = [metrics_port]
+
     def service(name: str, module: str, port: int, group: list[int], bootstrap: int) -> Service:
         tp = ["--tp-size", str(len(group))] if len(group) > 1 else []
         argv = [sys.executable, "-m", module, "--model-path", args.model_path, "--host", "127.0.0.1",
                 "--port", str(port), "--bootstrap-port", str(bootstrap), "--base-gpu-id", str(group[0]),
                 *tp, *mem, *config, *extra]
-        return Service(name, argv, f"http://127.0.0.1:{port}")
+        env = {}
+        if metrics_port:
+            env[METRICS_ENV] = str(next_metrics[0])
+            next_metrics[0] += len(group)
+        return Service(name, argv, f"http://127.0.0.1:{port}", env)
 
     def names(role: str, n: int) -> list[str]:
         return [role] if n == 1 else [f"{role}{i}" for i in range(n)]
@@ -237,6 +255,10 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int) -> Plan:
     router = Service("router", [sys.executable, "-m", "kvtier.launch.router", *targets,
                                 "--host", args.host, "--port", str(args.port), "--policy", args.policy],
                      f"http://{router_host}:{args.port}")
+    metrics = [port for w in prefill + decode for port in w.metrics_ports]
+    if set(metrics) & set(ports) or max(metrics, default=0) > 65535:
+        raise ValueError(f"kvtier's metrics ports {metrics[0]}-{metrics[-1]} (metrics_port, one per worker rank) run "
+                         f"into the cluster's other ports or past 65535; set another metrics_port")
     return Plan(prefill, decode, router, shared)
 
 
@@ -285,6 +307,7 @@ class Cluster:
             out.write(f"$ {shlex.join(svc.argv)}\n".encode())
             out.flush()
             self.procs[svc.name] = subprocess.Popen(svc.argv, stdout=out, stderr=subprocess.STDOUT,
+                                                    env={**os.environ, **svc.env},
                                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.logs[svc.name] = log
         self.started[svc.name] = time.monotonic()
@@ -361,6 +384,12 @@ class Cluster:
             pass
 
 
+def worker_metrics(p: Plan) -> str:
+    """Where each worker's kvtier metrics are, for the ready message ("" where they are off)."""
+    where = [f"{w.service.name} :{','.join(map(str, w.metrics_ports))}" for w in p.workers if w.metrics_ports]
+    return f" kvtier metrics (/metrics): {', '.join(where)}." if where else ""
+
+
 def example_requests(url: str) -> str:
     gen = ('{"text": "The capital of France is", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}')
     chat = ('{"model": "default", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}')
@@ -374,19 +403,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = arg_parser()
     args, extra = ap.parse_args(argv[:split]), argv[split + 1:]
     try:
-        p = plan(args, extra, gpu_count() if args.decode_gpus is None else 0)
-    except ValueError as exc:
-        ap.error(str(exc))
-    try:
         check_config(args.kvtier_config, os.environ)  # here, not in every worker's log
     except LaunchError as exc:
         ap.error(str(exc))
+    try:
+        p = plan(args, extra, gpu_count() if args.decode_gpus is None else 0,
+                 load_config(args.kvtier_config, env=os.environ).metrics_port)
+    except ValueError as exc:
+        ap.error(str(exc))
     busy = [(f"{w.service.name}'s port", w.port, "127.0.0.1") for w in p.workers]
     busy += [(f"{w.service.name}'s bootstrap port", w.bootstrap_port, "127.0.0.1") for w in p.prefill]
+    busy += [(f"{w.service.name}'s kvtier metrics port", port, "") for w in p.workers for port in w.metrics_ports]
     for what, port, host in [*busy, ("the router's port (--port)", args.port, args.host)]:
         if port_in_use(port, host):
-            ap.error(f"port {port} on {host} ({what}) is in use; pick other ports with --prefill-port, "
-                     f"--decode-port, --bootstrap-port or --port")
+            ap.error(f"port {port} on {host or 'every address'} ({what}) is in use; pick other ports with "
+                     f"--prefill-port, --decode-port, --bootstrap-port, --port or kvtier's metrics_port")
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="kvtier-cluster-"))
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -415,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not failure and not cluster.stopping.is_set():
             url = p.router.url
             cluster.say(f"ready. Send requests to {url} (the router), for example:\n{example_requests(url)}\n"
-                        f"  Router state: {url}/workers, metrics: {url}/metrics. Ctrl-C stops all.")
+                        f"  Router state: {url}/workers, metrics: {url}/metrics.{worker_metrics(p)} Ctrl-C stops all.")
             while not cluster.stopping.is_set() and not failure:
                 failure = cluster.dead()
                 cluster.stopping.wait(0.5)

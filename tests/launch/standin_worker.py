@@ -91,7 +91,7 @@ class Standin:
         return web.json_response({
             "role": self.role, "pid": os.getpid(), "argv": self.argv,
             "child_pid": self.child.pid if self.child else None,
-            "env": {k: os.environ.get(k) for k in ("SGLANG_HOST_IP", "KVTIER_CONFIG")},
+            "env": {k: os.environ.get(k) for k in ("SGLANG_HOST_IP", "KVTIER_CONFIG", "KVTIER_METRICS_PORT")},
         })
 
     async def models(self, _: web.Request) -> web.Response:

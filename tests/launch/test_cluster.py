@@ -115,6 +115,15 @@ def test_plan_runs_a_tp2_prefill_on_consecutive_gpus_beside_tp1_decodes():
     assert [w.gpus for w in default.decode] == [[2]]
 
 
+def test_plan_gives_each_worker_rank_its_own_metrics_port():
+    p = plan(parsed("--prefill-gpus", "0,1", "--prefill-tp", "2", "--decode-gpus", "2,3"), [], gpus=4, metrics_port=9100)
+    assert [w.metrics_ports for w in p.workers] == [[9100, 9101], [9102], [9103]]
+    assert [w.service.env for w in p.workers] == [{"KVTIER_METRICS_PORT": str(port)} for port in (9100, 9102, 9103)]
+    assert all(not w.metrics_ports and not w.service.env for w in plan(parsed(), [], gpus=2).workers)
+    with pytest.raises(ValueError, match="metrics ports 29999-30002 .* run into the cluster's other ports"):
+        plan(parsed("--prefill-gpus", "0,1", "--decode-gpus", "2,3"), [], gpus=4, metrics_port=29999)
+
+
 @pytest.mark.parametrize("argv,extra,message", [
     (["--prefill-gpus", "0,2", "--prefill-tp", "2"], [], "a TP-2 prefill worker runs on consecutive GPUs"),
     (["--prefill-gpus", "0,1,2", "--prefill-tp", "2"], [], "--prefill-gpus lists 3 GPUs, not a multiple of --prefill-tp 2"),
@@ -169,11 +178,19 @@ def test_cluster_serves_through_the_router_and_stops_everything_on_sigint(start_
     assert "kvtier router: listening on" in (tmp_path / "run" / "router.log").read_text()
 
 
-def test_two_prefill_and_two_decode_workers_serve_through_the_router(start_cluster, client):
+def test_two_prefill_and_two_decode_workers_serve_through_the_router(start_cluster, client, free_ports, tmp_path):
+    config = tmp_path / "kvtier.yaml"
+    metrics = free_ports(1)[0]
+    config.write_text(f"metrics_port: {metrics}\n")
     cluster, ports = start_cluster("--prefill-gpus", "0,1", "--decode-gpus", "2,3", "--policy", "round_robin",
-                                   workers=(2, 2))
+                                   "--kvtier-config", str(config), workers=(2, 2))
     cluster.wait_for(r"Ctrl-C stops all", 5)
-    assert "prefill0 on GPU 0, prefill1 on GPU 1, decode0 on GPU 2, decode1 on GPU 3" in "".join(cluster.lines)
+    out = "".join(cluster.lines)
+    assert "prefill0 on GPU 0, prefill1 on GPU 1, decode0 on GPU 2, decode1 on GPU 3" in out
+    assert (f"kvtier metrics (/metrics): prefill0 :{metrics}, prefill1 :{metrics + 1}, decode0 :{metrics + 2}, "
+            f"decode1 :{metrics + 3}.") in out
+    for i, port in enumerate(ports["prefill"] + ports["decode"]):  # one shared config, a metrics port each
+        assert client("GET", f"http://127.0.0.1:{port}/info")[1]["env"]["KVTIER_METRICS_PORT"] == str(metrics + i)
     url = f"http://127.0.0.1:{ports['router']}"
     answers = [client("POST", f"{url}/generate", {"text": f"hello {i}"}) for i in range(4)]
     assert all(status == 200 for status, _ in answers)

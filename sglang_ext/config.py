@@ -68,6 +68,12 @@ class KVTierConfig:
     (uncapped 51.8) and slow matmuls beside them 1.32x instead of 1.74x."""
     load_max_programs: int = 0
     """The same for a load-back kernel."""
+    spill_staging_chunks: int = 0
+    """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
+    Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy
+    engine moves it to the host, so the SMs are busy for a fraction of a direct gather over PCIe.
+    0 gathers straight into host memory. Off until ``benchmarks/copy_interference.py
+    --staged-rings`` and ``offload_ttft.py`` measure it beside the forward pass."""
     metrics_port: int = 0
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
@@ -227,6 +233,8 @@ def _validate(cfg: KVTierConfig) -> None:
     for key in ("spill_max_programs", "load_max_programs"):
         if getattr(cfg, key) < 0:
             raise bad(key, "must be >= 0 (0: no limit)")
+    if cfg.spill_staging_chunks < 0:
+        raise bad("spill_staging_chunks", "must be >= 0 (0: spills gather straight into host memory)")
     if cfg.pd_direct_max_runs < 0:
         raise bad("pd_direct_max_runs", "must be >= 0 (0: always the kernel)")
     if cfg.pd_stage_slots < 1:

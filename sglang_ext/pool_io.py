@@ -17,7 +17,10 @@ named by its node, and a ``LayerGate`` that SGLang's pool consults before attent
 group only, so attention of the first layers overlaps the copy of the rest. (No gain measured on
 the H100 for warm requests whose forward is a few tokens, with the kernels on every SM or on 16:
 ``benchmarks/results/ab/load_layer_groups.json``, ``offload_ttft_caps_1.json``; kept for prompts
-whose new tokens give the forward work to hide a load behind.) On a CPU pool (tests) copies are
+whose new tokens give the forward work to hide a load behind.) With ``spill_staging_chunks`` > 0
+a spill goes through a GPU staging ring of that many chunks: the kernel gathers into the ring at
+device-memory speed, so it holds SMs for a small part of the time a gather over PCIe takes, and
+the copy engine moves each ring chunk to its host slot. On a CPU pool (tests) copies are
 synchronous.
 """
 
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from kvtier.kernels.kv_pages import gather_kv, scatter_kv
+from kvtier.kernels.kv_pages import chunk_nbytes, gather_kv, scatter_kv
 
 
 class LayerGate:
@@ -112,6 +116,7 @@ class PoolIO:
         spill_max_programs: Optional[int] = None,
         load_max_programs: Optional[int] = None,
         load_layer_groups: int = 1,
+        spill_staging_chunks: int = 0,
     ):
         self.observe = observe
         self.spill_max_programs = spill_max_programs
@@ -127,6 +132,10 @@ class PoolIO:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._unguarded: list[tuple[Completion, Optional[Hashable]]] = []
+        self.chunk_bytes = chunk_nbytes(k_buffers, v_buffers, chunk_tokens)
+        # Allocated now, so that a ring the GPU cannot hold fails at start, not in a request.
+        self.ring = (torch.empty(spill_staging_chunks * self.chunk_bytes, dtype=torch.uint8, device=self.device)
+                     if spill_staging_chunks > 0 else None)
 
     def warm_up(self) -> None:
         """Compile both kernels now rather than inside the first request that spills or loads.
@@ -200,17 +209,26 @@ class PoolIO:
         ``guard=False`` for rows that stay allocated: the forward pass does not wait for it, and
         ``guard_pending(owner)`` makes it wait before those rows are freed.
         """
-        offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
-        return self._run(
-            "spill",
-            lambda: gather_kv(self.k_buffers, self.v_buffers, slots, self.slab, offsets, self.chunk_tokens,
-                              max_programs=self.spill_max_programs),
-            on_done,
-            guard,
-            slots,
-            owner=owner,
-        )
+        if self.ring is None:
+            launch = partial(gather_kv, self.k_buffers, self.v_buffers, slots, self.slab, self._offsets(views),
+                             self.chunk_tokens, max_programs=self.spill_max_programs)
+        else:
+            launch = partial(self._spill_staged, slots, views)
+        return self._run("spill", launch, on_done, guard, slots, owner=owner)
+
+    def _spill_staged(self, slots: torch.Tensor, views: Sequence[torch.Tensor]) -> None:
+        """Gather ring-fulls of chunks into the ring, then copy each to its host view. One stream
+        runs both, so a gather into a ring chunk waits for the copy out of it before."""
+        assert self.ring is not None
+        ring_chunks, size, T = self.ring.numel() // self.chunk_bytes, self.chunk_bytes, self.chunk_tokens
+        ring_offsets = torch.arange(ring_chunks, dtype=torch.int64) * size
+        for first in range(0, len(views), ring_chunks):
+            group = views[first : first + ring_chunks]
+            gather_kv(self.k_buffers, self.v_buffers, slots[first * T : (first + len(group)) * T], self.ring,
+                      ring_offsets[: len(group)], T, max_programs=self.spill_max_programs)
+            for j, view in enumerate(group):
+                view.copy_(self.ring[j * size : (j + 1) * size], non_blocking=True)
 
     def to_device(
         self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None],

@@ -110,6 +110,7 @@ class KVTierRadixCache(RadixCache):
             spill_max_programs=cfg.spill_max_programs or None,
             load_max_programs=cfg.load_max_programs or None,
             load_layer_groups=cfg.load_layer_groups,
+            spill_staging_chunks=cfg.spill_staging_chunks,
         )
         self.io.warm_up()
         if self.io.stream is not None and cfg.load_layer_groups > 1:

@@ -19,7 +19,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int, chunks: int, groups: int = 1,
-         max_programs: int | None = None):
+         max_programs: int | None = None, staging: int = 0):
     pool = MHATokenToKVPool(pool_tokens, 16, torch.bfloat16, heads, dim, layers, DEVICE, False)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for buf in pool.k_buffer + pool.v_buffer:
@@ -28,7 +28,8 @@ def make(layers: int, heads: int, dim: int, pool_tokens: int, chunk_tokens: int,
     slab = HostSlab(chunks * chunk_bytes)
     seen: list[tuple[str, float]] = []
     io = PoolIO(pool.k_buffer, pool.v_buffer, chunk_tokens, slab.tensor, observe=lambda op, s: seen.append((op, s)),
-                spill_max_programs=max_programs, load_max_programs=max_programs, load_layer_groups=groups)
+                spill_max_programs=max_programs, load_max_programs=max_programs, load_layer_groups=groups,
+                spill_staging_chunks=staging)
     if groups > 1:  # as KVTierRadixCache does
         pool.register_layer_transfer_counter(io.gate)
     views = [slab.view(i * chunk_bytes, chunk_bytes) for i in range(chunks)]
@@ -113,18 +114,22 @@ def test_a_finished_load_forgotten_by_the_reaper_never_drops_a_newer_loads_event
     assert gate._events == [None] * layers
 
 
-@pytest.mark.parametrize("groups,max_programs", [(1, None), (2, None), (3, 2)])
-def test_spill_then_load_round_trip_and_completions(groups, max_programs):
-    pool, io, views, seen = make(layers=3, heads=2, dim=32, pool_tokens=1024, chunk_tokens=32, chunks=4,
-                                 groups=groups, max_programs=max_programs)
-    src = torch.arange(16, 16 + 128, device=DEVICE)
-    dst = torch.arange(512, 512 + 128, device=DEVICE)
+@pytest.mark.parametrize("groups,max_programs,staging", [(1, None, 0), (2, None, 0), (3, 2, 0), (1, None, 2),
+                                                         (2, 2, 1), (1, None, 8)])
+def test_spill_then_load_round_trip_and_completions(groups, max_programs, staging):
+    # staging: 3 chunks spill through a ring of 1 or 2 chunks (reused, the last ring-full short) or 8.
+    pool, io, views, seen = make(layers=3, heads=2, dim=32, pool_tokens=1024, chunk_tokens=32, chunks=3,
+                                 groups=groups, max_programs=max_programs, staging=staging)
+    src = (torch.randperm(496, generator=torch.Generator().manual_seed(staging))[:96] + 16).to(DEVICE)
+    dst = torch.arange(600, 696, device=DEVICE)
+    reference = [b.view(torch.uint8)[src].clone() for b in pool.k_buffer + pool.v_buffer]
     done: list[str] = []
     io.to_host(src, views, lambda: done.append("spill")).wait()
+    assert (io.ring is not None) == (staging > 0)
     io.to_device(views, dst, lambda: done.append("load")).wait()
     assert done == ["spill", "load"]
-    for buf in pool.k_buffer + pool.v_buffer:
-        assert torch.equal(buf[dst].view(torch.int16), buf[src].view(torch.int16))
+    for buf, want in zip(pool.k_buffer + pool.v_buffer, reference):
+        assert torch.equal(buf.view(torch.uint8)[dst], want)
     if CUDA:
         assert [op for op, _ in seen] == ["spill", "load"] and all(s > 0 for _, s in seen)
 

@@ -40,7 +40,8 @@ SHARED_GPU_MEM_FRACTION = 0.35
 CLUSTER_FLAGS = {"--host": "host", "--port": "port", "--base-gpu-id": "base_gpu_id",
                  "--model-path": "model_path", "--model": "model_path", "--kvtier-config": "kvtier_config",
                  "--bootstrap-port": "bootstrap_port", "--disaggregation-bootstrap-port": "bootstrap_port",
-                 "--tp-size": "tp_size", "--tp": "tp_size"}
+                 "--tp-size": "tp_size", "--tensor-parallel-size": "tp_size", "--tp": "tp_size",
+                 "--gpu-id-step": "gpu_id_step"}
 LOG_TAIL_LINES = 40
 METRICS_ENV = "KVTIER_METRICS_PORT"
 ROUTER_STARTUP_S = 60.0

@@ -133,6 +133,8 @@ def test_plan_gives_each_worker_rank_its_own_metrics_port():
      "--prefill-port lists 3 ports for 2 workers"),
     (["--prefill-gpus", "0,1", "--decode-gpus", "2", "--bootstrap-port", "30100"], [], "ports must differ"),
     ([], ["--tp", "2"], "'--tp' after -- would override"),
+    ([], ["--tensor-parallel-size", "2"], "'--tensor-parallel-size' after -- would override"),
+    ([], ["--gpu-id-step=2"], "'--gpu-id-step' after -- would override"),
 ])
 def test_plan_refuses_layouts_it_cannot_start(argv, extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):

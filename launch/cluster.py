@@ -91,10 +91,11 @@ def arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-path", required=True, help="model for every worker (SGLang's --model-path)")
     ap.add_argument("--kvtier-config", metavar="PATH", help="kvtier YAML config for every worker")
     ap.add_argument("--prefill-gpus", "--prefill-gpu", type=int_list, metavar="G[,G...]",
-                    help="GPUs of the prefill workers, --prefill-tp consecutive GPUs each (default 0)")
+                    help="GPUs of the prefill workers, --prefill-tp consecutive GPUs each (default: one worker on "
+                         "GPUs 0 to --prefill-tp - 1)")
     ap.add_argument("--decode-gpus", "--decode-gpu", type=int_list, metavar="G[,G...]",
                     help="GPUs of the decode workers, --decode-tp consecutive GPUs each (default: one worker on "
-                         "another GPU than the prefill's if there is one, else on the same)")
+                         "the first --decode-tp consecutive GPUs the prefill leaves free, else on the prefill's)")
     ap.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of each prefill worker (default 1)")
     ap.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel size of each decode worker (default 1)")
     ap.add_argument("--host", default="127.0.0.1",
@@ -195,12 +196,16 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: in
             raise ValueError(f"'{found[0][0]}' after -- would override what the cluster sets for each worker; "
                              "use the cluster's own --model-path, --kvtier-config, --prefill-port/--decode-port, "
                              "--prefill-gpus/--decode-gpus, --prefill-tp/--decode-tp or --bootstrap-port instead")
-    prefill_groups = _groups("prefill", args.prefill_gpus or [0], args.prefill_tp)
+    prefill_gpus = args.prefill_gpus if args.prefill_gpus is not None else list(range(args.prefill_tp))
+    prefill_groups = _groups("prefill", prefill_gpus, args.prefill_tp)
     if args.decode_gpus is not None:
         decode_groups = _groups("decode", args.decode_gpus, args.decode_tp)
     else:
+        # The first --decode-tp consecutive GPUs of this host that the prefill leaves free, else
+        # the prefill's first GPU on.
         used = {g for group in prefill_groups for g in group}
-        first = next((g for g in range(gpus) if g not in used), prefill_groups[0][0])
+        first = next((g for g in range(gpus - args.decode_tp + 1) if used.isdisjoint(range(g, g + args.decode_tp))),
+                     prefill_groups[0][0])
         decode_groups = _groups("decode", list(range(first, first + args.decode_tp)), args.decode_tp)
     n_prefill, n_decode = len(prefill_groups), len(decode_groups)
     prefill_ports = _ports("--prefill-port", args.prefill_port, n_prefill)
@@ -221,7 +226,8 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: in
                 for g in group:
                     if g in owner:
                         raise ValueError(f"GPU {g} is given to two workers ({owner[g]} and {role}); only one "
-                                         "prefill and one decode worker on the same GPUs may share them")
+                                         "prefill and one decode worker on the same GPUs may share them (place "
+                                         "the workers with --prefill-gpus and --decode-gpus)")
                     owner[g] = role
     mem = ["--mem-fraction-static", str(shared)] if shared else []
     config = ["--kvtier-config", str(Path(args.kvtier_config).resolve())] if args.kvtier_config else []

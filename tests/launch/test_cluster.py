@@ -113,6 +113,14 @@ def test_plan_runs_a_tp2_prefill_on_consecutive_gpus_beside_tp1_decodes():
     # Without --decode-gpus one decode goes on the first GPU the prefill leaves free.
     default = plan(parsed("--prefill-gpus", "0,1", "--prefill-tp", "2"), [], gpus=4)
     assert [w.gpus for w in default.decode] == [[2]]
+    # Without --prefill-gpus a TP-N prefill takes GPUs 0 to N-1; a default TP-N decode the first N
+    # consecutive GPUs of the host left free, else the prefill's.
+    assert [w.gpus for w in plan(parsed("--prefill-tp", "2"), [], gpus=4).workers] == [[0, 1], [2]]
+    assert [w.gpus for w in plan(parsed("--prefill-gpus", "1", "--decode-tp", "2"), [], gpus=4).workers] == [[1], [2, 3]]
+    shared = plan(parsed("--prefill-tp", "2", "--decode-tp", "2"), [], gpus=2)
+    assert [w.gpus for w in shared.workers] == [[0, 1], [0, 1]] and shared.shared_mem_fraction == 0.35
+    with pytest.raises(ValueError, match="GPU 0 is given to two workers"):  # not GPUs 1-2 of a 2-GPU host
+        plan(parsed("--decode-tp", "2"), [], gpus=2)
 
 
 def test_plan_gives_each_worker_rank_its_own_metrics_port():

@@ -212,9 +212,11 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: in
     decode_ports = _ports("--decode-port", args.decode_port, n_decode)
     bootstrap_ports = _ports("--bootstrap-port", args.bootstrap_port, n_prefill)
     ports = [args.port, *prefill_ports, *decode_ports, *bootstrap_ports]
+    given = f"router {args.port}, prefill {prefill_ports}, decode {decode_ports}, bootstrap {bootstrap_ports}"
+    if not all(0 < port < 65536 for port in ports):  # consecutive ports from one may run past the last
+        raise ValueError(f"the cluster's ports must be TCP ports (1-65535), got {given}")
     if len(set(ports)) < len(ports):
-        raise ValueError(f"the cluster's ports must differ, got router {args.port}, prefill {prefill_ports}, "
-                         f"decode {decode_ports}, bootstrap {bootstrap_ports}")
+        raise ValueError(f"the cluster's ports must differ, got {given}")
     shared = None
     if n_prefill == n_decode == 1 and prefill_groups == decode_groups:
         user_mem = find_option(extra, "mem_fraction_static", {"--mem-fraction-static": "mem_fraction_static"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -272,3 +273,21 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
                               "--run-dir", str(tmp_path / "run"), *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_taken_kvtier_metrics_port_is_refused_before_anything_starts(tmp_path, free_ports):
+    metrics, *ports = free_ports(5)
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(f"metrics_port: {metrics}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    with socket.socket() as taken:
+        taken.bind(("", metrics))
+        out = subprocess.run([sys.executable, "-m", "kvtier.launch.cluster", "--model-path", "m", "--kvtier-config",
+                              str(config), "--run-dir", str(tmp_path / "run"), "--decode-gpus", "1",
+                              *(a for flag, port in zip(("--port", "--prefill-port", "--decode-port", "--bootstrap-port"),
+                                                        ports) for a in (flag, str(port))),
+                              "--prefill-module", "standin_prefill", "--decode-module", "standin_decode"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2, out.stderr
+    assert f"port {metrics} on every address (prefill's kvtier metrics port) is in use" in out.stderr
+    assert not (tmp_path / "run").exists()

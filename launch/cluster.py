@@ -36,7 +36,8 @@ from kvtier.launch.server import DEFAULT_BOOTSTRAP_PORT, LaunchError, check_conf
 from kvtier.sglang_ext.config import load_config
 
 SHARED_GPU_MEM_FRACTION = 0.35
-# Flags the cluster sets itself per worker, so extra SGLang arguments must not repeat them.
+# Flags the cluster sets itself per worker (a GPU step it leaves at 1: TP ranks on consecutive GPUs),
+# so extra SGLang arguments must not repeat them.
 CLUSTER_FLAGS = {"--host": "host", "--port": "port", "--base-gpu-id": "base_gpu_id",
                  "--model-path": "model_path", "--model": "model_path", "--kvtier-config": "kvtier_config",
                  "--bootstrap-port": "bootstrap_port", "--disaggregation-bootstrap-port": "bootstrap_port",

@@ -295,7 +295,7 @@ class KvtierKVManager(CommonKVManager):
         port = self.cfg.metrics_port + int(args.engine_rank)
         try:
             return pd_metrics_on(port)
-        except OSError as e:  # metrics are no reason to refuse serving (launch.cluster shares one config)
+        except OSError as e:  # metrics are no reason to refuse serving (a by-hand PD pair may share one config)
             logger.warning("kvtier PD: no PD metrics: cannot serve them on port %d (%s); give this server another "
                            "metrics_port (KVTIER_METRICS_PORT), e.g. where prefill and decode share a host", port, e)
             return None

@@ -19,16 +19,18 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   fi
   echo "kvtier: building $venv (sglang==0.5.17 and its pins, no GPU kernels: about 3 to 5 minutes, 6 GB)" >&2
   log=$(mktemp)
+  reqs=$(mktemp)
   sglang=$(grep -o '"sglang==[^"]*"' setup.py | tr -d '"')
-  pip="$venv/bin/pip install --no-cache-dir --progress-bar off"
+  pip=("$venv/bin/pip" install --no-cache-dir --progress-bar off)
   if ! { python3 -m venv "$venv" &&
-      $pip --no-deps "$sglang" -e . packaging &&
-      $pip $("$venv/bin/python" tests/cpu_requirements.py "$extras"); } >"$log" 2>&1; then
+      "${pip[@]}" --no-deps "$sglang" -e . packaging &&
+      "$venv/bin/python" tests/cpu_requirements.py "$extras" >"$reqs" &&
+      "${pip[@]}" -r "$reqs"; } >"$log" 2>&1; then
     grep -v "is ignored" "$log" | tail -40 >&2
     echo "kvtier: pip install failed (full log: $log)" >&2
     exit 1
   fi
-  rm -f "$log"
+  rm -f "$log" "$reqs"
   echo "$want" > "$stamp"
 fi
 # The remote-tier tests start a real redis-server on loopback.

@@ -7,7 +7,14 @@ Llama-3-8B shape unless ``--model-path``:
 - ``colocated``: one plain SGLang server on ``--colocated-gpu``;
 - ``pd``: ``launch.prefill`` on ``--prefill-gpu`` and ``launch.decode`` on ``--decode-gpu``
   (kvtier's PD backend, ``pd_transport`` auto: CUDA IPC between the GPUs), ``launch.router`` in
-  front, each worker with its own ``KVTIER_METRICS_PORT`` so the PD counters can be read.
+  front, each worker with its own ``KVTIER_METRICS_PORT`` so the PD counters can be read. With
+  ``--cluster "ARGS"`` the PD workers are ``python -m launch.cluster ARGS`` instead (e.g.
+  ``--prefill-gpus 0,1 --decode-gpus 2,3``: two prefill and two decode workers; ``--prefill-tp 2``:
+  TP-2 prefill workers), the cluster users run, with every worker's PD counters summed per role.
+
+``--colocated-args "ARGS"`` adds SGLang arguments to the colocated server only: on four GPUs
+``--tp-size 2 --dp-size 2`` makes it two TP-2 replicas that SGLang balances, the colocated
+counterpart of two prefill and two decode workers (issue 7's comparison).
 
 For each: greedy outputs of ``--equality-lens`` prompts (compared token for token between the two),
 a transfer probe (``--probe-len``-token prompts, one output token; on PD the prefill's
@@ -52,6 +59,10 @@ from bench_common import (
 )
 from long_doc import load_model, sse_events, token_range
 from sglang_server import BASE_ARGS, port_in_use, sglang_server, wait_healthy
+
+from kvtier.launch.cluster import Plan as ClusterPlan
+from kvtier.launch.cluster import arg_parser as cluster_arg_parser
+from kvtier.launch.cluster import plan as cluster_plan
 
 DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
 
@@ -312,6 +323,53 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
                 proc.wait()
 
 
+def cluster_layout(cluster_args: Sequence[str], model_dir: str, sglang_args: Sequence[str], ports: PDPorts,
+                   gpus: int, timeout_s: float, run_dir: Path) -> tuple[list[str], ClusterPlan]:
+    """``launch.cluster``'s command line for ``cluster_args`` (the workers' layout) with the ports of
+    ``ports`` (consecutive from each; kvtier metrics from ``ports.prefill_metrics``), and the plan it
+    will run: the same ``plan()``, so the probe knows every worker's metrics ports."""
+    own = ["--model-path", model_dir, "--port", str(ports.router), "--prefill-port", str(ports.prefill),
+           "--decode-port", str(ports.decode), "--bootstrap-port", str(ports.bootstrap), "--policy", "round_robin",
+           # SGLang's /health runs a generation: keep the router's checks out of the measurement.
+           "--health-interval", "60", "--startup-timeout", f"{timeout_s:g}", "--run-dir", str(run_dir),
+           *cluster_args]
+    try:
+        layout = cluster_plan(cluster_arg_parser().parse_args(own), [*BASE_ARGS, *sglang_args], gpus,
+                              ports.prefill_metrics)
+    except (ValueError, SystemExit) as exc:
+        raise BenchError(f"--cluster {shlex.join(cluster_args)!r}: {exc}") from exc
+    return [sys.executable, "-m", "kvtier.launch.cluster", *own, "--", *BASE_ARGS, *sglang_args], layout
+
+
+@contextmanager
+def launched_cluster(argv: Sequence[str], layout: ClusterPlan, env: Mapping[str, str], log: Path,
+                     timeout_s: float) -> Iterator[float]:
+    """Runs ``launch.cluster`` (``argv``) until the block ends; yields the seconds until its router
+    answered. Ctrl-C's path stops it: SIGINT, after which the cluster stops every worker itself."""
+    ports = [*(w.port for w in layout.workers), *(w.bootstrap_port for w in layout.prefill),
+             *(p for w in layout.workers for p in w.metrics_ports), int(layout.router.url.rsplit(":", 1)[1])]
+    for p in ports:
+        if port_in_use(p):
+            raise BenchError(f"port {p} is already in use (a server left running?); stop it or pick other ports")
+    start = time.monotonic()
+    with open(log, "w") as out:
+        out.write(f"$ {shlex.join(argv)}\n")
+        out.flush()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "SGLANG_HOST_IP": "127.0.0.1", **env})
+    try:
+        wait_healthy(layout.router.url, proc, log, timeout_s * 2 + 60)  # workers start one after another at worst
+        print(f"[pd] launch.cluster ready after {time.monotonic() - start:.0f} s: {layout.placement()}", flush=True)
+        yield time.monotonic() - start
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @dataclass(frozen=True)
 class Plan:
     """Prompts and sizes shared by both configurations."""
@@ -346,13 +404,24 @@ def warm_up(url: str, plan: Plan) -> None:
 
 
 class PDProbe:
-    """Reads both PD workers' metrics pages around one request and reports its KV transfer."""
+    """Reads the PD workers' metrics pages around one request and reports its KV transfer; ``urls``
+    lists each role's pages (one per worker rank), whose counters are added up (with TP ranks the
+    transfer seconds add up too: GB/s is then per rank)."""
 
-    def __init__(self, urls: Mapping[str, str], expected_bytes: int, link_gb_s: float, settle_s: float = 10.0):
-        self.urls, self.expected_bytes, self.link_gb_s, self.settle_s = dict(urls), expected_bytes, link_gb_s, settle_s
+    def __init__(self, urls: Mapping[str, Sequence[str]], expected_bytes: int, link_gb_s: float,
+                 settle_s: float = 10.0):
+        self.urls = {role: list(pages) for role, pages in urls.items()}
+        self.expected_bytes, self.link_gb_s, self.settle_s = expected_bytes, link_gb_s, settle_s
+
+    def scrape(self, role: str) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for url in self.urls[role]:
+            for key, value in scrape_metrics(url).items():
+                total[key] = total.get(key, 0.0) + value
+        return total
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        return {role: scrape_metrics(url) for role, url in self.urls.items()}
+        return {role: self.scrape(role) for role in self.urls}
 
     def report(self, before: Mapping[str, Mapping[str, float]]) -> dict[str, dict]:
         return {role: transfer_report(before[role], self.settle(role, before[role]), role, self.expected_bytes,
@@ -364,7 +433,7 @@ class PDProbe:
         key = f"kvtier_pd_transfer_seconds_count{{role={role}}}"
         deadline = time.monotonic() + self.settle_s
         while True:
-            after = scrape_metrics(self.urls[role])
+            after = self.scrape(role)
             if after.get(key, 0.0) > before.get(key, 0.0) or time.monotonic() > deadline:
                 return after
             time.sleep(0.05)
@@ -433,6 +502,11 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-dummy", help="where the dummy model's config.json goes")
     ap.add_argument("--extra-args", default=DEFAULT_EXTRA, help=f"SGLang arguments for every server ({DEFAULT_EXTRA!r})")
     ap.add_argument("--colocated-gpu", type=int, default=0)
+    ap.add_argument("--colocated-args", default="",
+                    help="SGLang arguments for the colocated server only, e.g. '--tp-size 2 --dp-size 2'")
+    ap.add_argument("--cluster", default="", metavar="ARGS",
+                    help="run the PD workers as 'python -m launch.cluster ARGS' (e.g. '--prefill-gpus 0,1 "
+                         "--decode-gpus 2,3'); default: one prefill on --prefill-gpu, one decode on --decode-gpu")
     ap.add_argument("--prefill-gpu", type=int, default=0)
     ap.add_argument("--decode-gpu", type=int, default=1)
     ap.add_argument("--port", type=int, default=30000, help="colocated server port")
@@ -498,7 +572,8 @@ def main() -> None:
         report["configs"] = earlier_configs(out, report, configs)
         for name in configs:
             try:
-                wait_gpu_released(args.colocated_gpu if name == "colocated" else args.prefill_gpu)
+                for gpu in range(max(1, len(gpu_names()))):  # the other configuration may have used any
+                    wait_gpu_released(gpu)
                 run = run_colocated if name == "colocated" else run_pd
                 report["configs"][name] = {**run(args, model_dir, server_args, plan, shape, ports, log_dir),
                                            "measured": {k: report[k] for k in ("commit", "date", "command")}}
@@ -520,10 +595,11 @@ def main() -> None:
 def run_colocated(args: argparse.Namespace, model_dir: str, server_args: list[str], plan: Plan, shape: Mapping,
                   ports: PDPorts, log_dir: Path) -> dict:
     """One plain SGLang server on ``--colocated-gpu``, measured."""
-    cfg_args = [*server_args, "--base-gpu-id", str(args.colocated_gpu)]
+    cfg_args = [*server_args, "--base-gpu-id", str(args.colocated_gpu), *shlex.split(args.colocated_args)]
     with sglang_server(model_dir, args.port, cfg_args, {}, log_dir / "colocated.log", args.startup_timeout) as startup:
-        print(f"[colocated] server ready after {startup:.0f} s on GPU {args.colocated_gpu}", flush=True)
-        return {"startup_s": round(startup, 1), "gpu": args.colocated_gpu,
+        print(f"[colocated] server ready after {startup:.0f} s on GPU {args.colocated_gpu} "
+              f"{args.colocated_args}", flush=True)
+        return {"startup_s": round(startup, 1), "gpu": args.colocated_gpu, "colocated_args": args.colocated_args,
                 **measure("colocated", f"http://127.0.0.1:{args.port}/generate", plan)}
 
 
@@ -535,19 +611,32 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
            "KVTIER_PD_DIRECT_MAX_RUNS": str(args.pd_direct_max_runs),
            "KVTIER_PD_STAGE_SLOTS": str(args.pd_stage_slots), "KVTIER_PD_STAGE_SLOT_MB": f"{args.pd_stage_slot_mb:g}",
            "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
-    probe = PDProbe({"prefill": f"http://127.0.0.1:{ports.prefill_metrics}/metrics",
-                     "decode": f"http://127.0.0.1:{ports.decode_metrics}/metrics"},
+    metrics = {"prefill": [ports.prefill_metrics], "decode": [ports.decode_metrics]}
+    placement = {"prefill_gpu": args.prefill_gpu, "decode_gpu": args.decode_gpu}
+    if args.cluster:
+        if args.prefill_cache != "kvtier":
+            raise BenchError("--cluster starts launch.prefill workers, which run kvtier's cache: drop --prefill-cache")
+        argv, layout = cluster_layout(shlex.split(args.cluster), model_dir, server_args, ports,
+                                      len(gpu_names()), args.startup_timeout, log_dir / "pd-cluster")
+        metrics = {role: [p for w in workers for p in w.metrics_ports]
+                   for role, workers in (("prefill", layout.prefill), ("decode", layout.decode))}
+        placement = {"cluster_args": args.cluster, "placement": layout.placement()}
+        # launch.cluster hands each worker rank its own metrics port from this one on, as planned.
+        running = launched_cluster(argv, layout, {**env, "KVTIER_METRICS_PORT": str(ports.prefill_metrics)},
+                                   log_dir / "pd-cluster.log", args.startup_timeout)
+    else:
+        running = pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
+                             args.startup_timeout, args.prefill_cache)
+    probe = PDProbe({role: [f"http://127.0.0.1:{p}/metrics" for p in pages] for role, pages in metrics.items()},
                     args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s)
-    with pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
-                    args.startup_timeout, args.prefill_cache) as startup:
-        print(f"[pd] prefill GPU {args.prefill_gpu}, decode GPU {args.decode_gpu}, router ready after "
-              f"{startup:.0f} s", flush=True)
+    with running as startup:
+        print(f"[pd] {placement}, router ready after {startup:.0f} s", flush=True)
         before = probe.snapshot()
         measured = measure("pd", f"http://127.0.0.1:{ports.router}/generate", plan, probe)
         after = probe.snapshot()
     totals = {role: {k: v for k, v in counter_delta(before[role], after[role]).items() if k.startswith("kvtier_pd_")}
               for role in after}
-    return {"startup_s": round(startup, 1), "prefill_gpu": args.prefill_gpu, "decode_gpu": args.decode_gpu,
+    return {"startup_s": round(startup, 1), **placement, "metrics_ports": metrics,
             "prefill_cache": args.prefill_cache, "kvtier_env": env, **measured, "pd_metrics_delta": totals}
 
 

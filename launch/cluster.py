@@ -111,6 +111,9 @@ def arg_parser() -> argparse.ArgumentParser:
                     help=f"PD bootstrap ports of the prefill workers, as --prefill-port (default {DEFAULT_BOOTSTRAP_PORT})")
     ap.add_argument("--policy", default="cache_aware", choices=POLICIES,
                     help="router's prefill policy (default cache_aware)")
+    ap.add_argument("--health-interval", type=float, default=5.0,
+                    help="seconds between the router's health checks of each worker (default 5; SGLang answers "
+                         "/health with a one-token generation)")
     ap.add_argument("--run-dir", help="directory for the logs (default: a new kvtier-cluster-* in the temp dir)")
     ap.add_argument("--startup-timeout", type=float, default=900.0,
                     help="seconds each worker may take to become healthy (default 900: model load and warm-up)")
@@ -263,7 +266,8 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: in
     targets = [a for w in prefill for a in ("--prefill", w.service.url, str(w.bootstrap_port))]
     targets += [a for w in decode for a in ("--decode", w.service.url)]
     router = Service("router", [sys.executable, "-m", "kvtier.launch.router", *targets,
-                                "--host", args.host, "--port", str(args.port), "--policy", args.policy],
+                                "--host", args.host, "--port", str(args.port), "--policy", args.policy,
+                                "--health-interval", f"{args.health_interval:g}"],
                      f"http://{router_host}:{args.port}")
     metrics = [port for w in prefill + decode for port in w.metrics_ports]
     if set(metrics) & set(ports) or max(metrics, default=0) > 65535:

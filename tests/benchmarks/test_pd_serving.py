@@ -159,6 +159,55 @@ SIZES = ["--equality-lens", "20,300", "--equality-tokens", "5", "--probe-len", "
          "--metrics-settle-s", "0.2"]
 
 
+def free_block(n: int) -> int:
+    """The first of ``n`` consecutive ports free on loopback right now (launch.cluster counts up from one)."""
+    rng = np.random.default_rng()
+    while True:
+        base = int(rng.integers(20_000, 60_000))
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_the_pd_workers_can_be_a_launch_cluster_of_two_prefill_and_two_decode_workers(tmp_path):
+    """--cluster: the PD configuration is launch.cluster's 2P2D layout (stand-in workers on CPU), the
+    probe reads all four workers' metrics pages, the colocated server gets --colocated-args, and
+    the cluster and every worker are gone afterwards."""
+    base = free_block(40)
+    pd_ports = [base, base + 10, base + 20, base + 25, base + 30, base + 38]  # prefill, decode, router, bootstrap, metrics
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    env.pop("KVTIER_METRICS_PORT", None)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(base + 39),
+                        "--pd-ports", ",".join(map(str, pd_ports)), "--cluster", "--prefill-gpus 0,1 --decode-gpus 2,3",
+                        "--colocated-args", "--tp-size 2 --dp-size 2", "--log-dir", str(tmp_path),
+                        "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"), "--commit", "abc"],
+                       capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads((tmp_path / "pd.json").read_text())
+    pd, colocated = report["configs"]["pd"], report["configs"]["colocated"]
+    assert pd["placement"] == "prefill0 on GPU 0, prefill1 on GPU 1, decode0 on GPU 2, decode1 on GPU 3"
+    assert pd["metrics_ports"] == {"prefill": [base + 30, base + 31], "decode": [base + 32, base + 33]}
+    assert pd["mixed"]["prefill"]["requests"] == 2 and report["greedy_equality"]["all_equal"]
+    assert colocated["colocated_args"] == "--tp-size 2 --dp-size 2"
+    assert "--tp-size 2 --dp-size 2" in (tmp_path / "colocated.log").read_text().splitlines()[0]
+    cluster_log = (tmp_path / "pd-cluster.log").read_text()
+    assert "kvtier.launch.cluster" in cluster_log.splitlines()[0] and "kvtier cluster: stopped" in cluster_log
+    assert {p.name for p in (tmp_path / "pd-cluster").glob("*.log")} == {
+        "prefill0.log", "prefill1.log", "decode0.log", "decode1.log", "router.log"}
+    for port in [base, base + 1, base + 10, base + 11, base + 20, base + 30, base + 33]:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def run_script(tmp_path: Path, port: int, pd_ports: list[int]) -> subprocess.CompletedProcess:
     """The whole script with ``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server``
     (colocated) and the ``launch.prefill`` / ``launch.decode`` workers (which import it) become

@@ -70,7 +70,7 @@ def test_plan_places_workers_and_splits_one_gpu():
         "--bootstrap-port", "8998", "--base-gpu-id", "0", "--mem-fraction-static", "0.35", "--chunked-prefill-size", "4096"]
     assert one.router.argv[2:] == ["kvtier.launch.router", "--prefill", "http://127.0.0.1:30000", "8998",
                                    "--decode", "http://127.0.0.1:30100", "--host", "127.0.0.1", "--port", "8000",
-                                   "--policy", "cache_aware"]
+                                   "--policy", "cache_aware", "--health-interval", "5"]
     mine = plan(args, ["--mem-fraction-static=0.3"], gpus=1)  # the user's split wins
     assert mine.shared_mem_fraction is None and mine.prefill[0].service.argv[-1] == "--mem-fraction-static=0.3"
     with pytest.raises(ValueError, match="'--port' after -- would override"):

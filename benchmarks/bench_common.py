@@ -196,18 +196,20 @@ def metric_label(key: str, label: str) -> str:
 def kvtier_summary(delta: Mapping[str, float]) -> dict:
     """Chunks loaded per tier, chunks asked for but not delivered (``misses``, kvtier_misses_total:
     the radix hook asks only for chunks its match reported, so a cold prompt adds none), each tier's
-    share of the chunks asked for, GB moved per tier and direction, GPU copy times."""
+    share of the chunks asked for, GB moved per tier and direction, GPU copy times, and the time the
+    hook spent on SGLang's scheduler thread per operation (what kvtier adds to every request there)."""
     hits = {metric_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
     misses = sum(v for k, v in delta.items() if k.startswith("kvtier_misses_total{"))
     looked_up = sum(hits.values()) + misses
     moved = {f"{metric_label(k, 'tier')}_{metric_label(k, 'direction')}": round(v / 1e9, 3)
              for k, v in delta.items() if k.startswith("kvtier_bytes_total{")}
-    copies = {}
-    for op in ("load", "spill"):
-        key = f"{{op={op},tier=gpu}}"
-        count = delta.get(f"kvtier_op_seconds_count{key}", 0.0)
-        if count:
-            copies[op] = {"count": int(count), "mean_s": round(delta[f"kvtier_op_seconds_sum{key}"] / count, 4)}
+    timed: dict[str, dict[str, dict]] = {"gpu": {}, "hook": {}}
+    for k, count in delta.items():
+        tier, op = metric_label(k, "tier"), metric_label(k, "op")
+        if k.startswith("kvtier_op_seconds_count{") and tier in timed and count:
+            total = delta[f"kvtier_op_seconds_sum{{op={op},tier={tier}}}"]
+            timed[tier][op] = {"count": int(count), "mean_s": round(total / count, 4 if tier == "gpu" else 6),
+                               **({"total_s": round(total, 3)} if tier == "hook" else {})}
     return {
         "hits": {tier: int(v) for tier, v in sorted(hits.items())},
         "misses": int(misses),
@@ -215,7 +217,8 @@ def kvtier_summary(delta: Mapping[str, float]) -> dict:
         "gb_moved": dict(sorted(moved.items())),
         "demotions": int(sum(v for k, v in delta.items() if k.startswith("kvtier_demotions_total{"))),
         "dropped_puts": int(sum(v for k, v in delta.items() if k.startswith("kvtier_dropped_puts_total{"))),
-        "gpu_copies": copies,
+        "gpu_copies": dict(sorted(timed["gpu"].items())),
+        "hook_seconds": dict(sorted(timed["hook"].items())),
     }
 
 

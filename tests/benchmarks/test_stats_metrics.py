@@ -60,6 +60,9 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     m.demotions.inc(6)
     for t in (0.02, 0.04):
         m.latency.labels("gpu", "load").observe(t)
+    for t in (0.0001, 0.0003, 0.0002):
+        m.latency.labels("hook", "spill_ahead").observe(t)
+    m.latency.labels("store", "acquire").observe(0.5)  # neither a GPU copy nor the hook
     m.used.labels("cpu").set(999)
     delta = counter_delta(before, scrape_metrics(url))
     assert not any(k.startswith("kvtier_used_bytes") for k in delta)
@@ -70,6 +73,7 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     assert s["gb_moved"] == {"cpu_out": round(30 * chunk / 1e9, 3), "disk_in": round(6 * chunk / 1e9, 3)}
     assert s["demotions"] == 6 and s["dropped_puts"] == 0
     assert s["gpu_copies"] == {"load": {"count": 2, "mean_s": 0.03}}
+    assert s["hook_seconds"] == {"spill_ahead": {"count": 3, "mean_s": 0.0002, "total_s": 0.001}}
 
 
 def test_scrape_of_closed_port_fails_fast_with_the_fix():

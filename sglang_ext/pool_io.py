@@ -143,7 +143,7 @@ class PoolIO:
         Gathers the pool's padding row 0 (SGLang's sink for padded tokens) into the first slab
         chunk and scatters it back with every token skipped: nothing observable changes.
         """
-        view = self.slab[: self.slab.numel()]
+        view = self.slab[: self.chunk_bytes]  # one chunk: the staged path copies whole views
         rows = torch.zeros(self.chunk_tokens, dtype=torch.int64, device=self.device)
         self.to_host(rows, [view], lambda: None).wait()
         self.to_device([view], torch.full_like(rows, -1), lambda: None).wait()

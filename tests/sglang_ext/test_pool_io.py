@@ -134,6 +134,18 @@ def test_spill_then_load_round_trip_and_completions(groups, max_programs, stagin
         assert [op for op, _ in seen] == ["spill", "load"] and all(s > 0 for _, s in seen)
 
 
+@pytest.mark.parametrize("staging", [0, 2])
+def test_warm_up_changes_no_pool_row_with_or_without_a_staging_ring(staging):
+    """KVTierRadixCache warms up every PoolIO it makes: with a ring too (the staged path copies
+    whole views, so warm_up's view must be one chunk, not the whole slab)."""
+    pool, io, views, _ = make(layers=3, heads=2, dim=32, pool_tokens=1024, chunk_tokens=32, chunks=3,
+                              staging=staging)
+    before = [b.clone() for b in pool.k_buffer + pool.v_buffer]
+    io.warm_up()
+    assert all(torch.equal(a, b) for a, b in zip(before, pool.k_buffer + pool.v_buffer))
+    assert io._unguarded == []
+
+
 @pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
 @pytest.mark.parametrize("groups,max_programs", [(1, None), (4, None), (32, None), (4, 16)])
 def test_work_queued_after_a_load_sees_the_loaded_rows(groups, max_programs):

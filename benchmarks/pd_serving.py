@@ -406,12 +406,14 @@ def warm_up(url: str, plan: Plan) -> None:
 class PDProbe:
     """Reads the PD workers' metrics pages around one request and reports its KV transfer; ``urls``
     lists each role's pages (one per worker rank), whose counters are added up (with TP ranks the
-    transfer seconds add up too: GB/s is then per rank)."""
+    transfer seconds add up too: GB/s is then per rank). ``ranks``: each role's ranks per worker
+    (default 1), every one of which counts a request that its worker served."""
 
     def __init__(self, urls: Mapping[str, Sequence[str]], expected_bytes: int, link_gb_s: float,
-                 settle_s: float = 10.0):
+                 settle_s: float = 10.0, ranks: Optional[Mapping[str, int]] = None):
         self.urls = {role: list(pages) for role, pages in urls.items()}
         self.expected_bytes, self.link_gb_s, self.settle_s = expected_bytes, link_gb_s, settle_s
+        self.ranks = dict(ranks or {})
 
     def scrape(self, role: str) -> dict[str, float]:
         total: dict[str, float] = {}
@@ -428,13 +430,15 @@ class PDProbe:
                                       self.link_gb_s) for role in self.urls}
 
     def settle(self, role: str, before: Mapping[str, float]) -> dict[str, float]:
-        """Scrape until the transfer histogram counted one more request, at most ``settle_s`` (the
-        prefill observes it at the decode's last acknowledgement, which may come after the answer)."""
+        """Scrape until the transfer histogram counted one more request on every rank of a worker, at
+        most ``settle_s`` (the prefill observes it at the decode's last acknowledgement, which may
+        come after the answer; each TP rank observes its own share)."""
         key = f"kvtier_pd_transfer_seconds_count{{role={role}}}"
+        want = before.get(key, 0.0) + self.ranks.get(role, 1)
         deadline = time.monotonic() + self.settle_s
         while True:
             after = self.scrape(role)
-            if after.get(key, 0.0) > before.get(key, 0.0) or time.monotonic() > deadline:
+            if after.get(key, 0.0) >= want or time.monotonic() > deadline:
                 return after
             time.sleep(0.05)
 
@@ -613,6 +617,7 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
            "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
     metrics = {"prefill": [ports.prefill_metrics], "decode": [ports.decode_metrics]}
     placement = {"prefill_gpu": args.prefill_gpu, "decode_gpu": args.decode_gpu}
+    ranks = {"prefill": 1, "decode": 1}
     if args.cluster:
         if args.prefill_cache != "kvtier":
             raise BenchError("--cluster starts launch.prefill workers, which run kvtier's cache: drop --prefill-cache")
@@ -621,6 +626,7 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
         metrics = {role: [p for w in workers for p in w.metrics_ports]
                    for role, workers in (("prefill", layout.prefill), ("decode", layout.decode))}
         placement = {"cluster_args": args.cluster, "placement": layout.placement()}
+        ranks = {"prefill": len(layout.prefill[0].gpus), "decode": len(layout.decode[0].gpus)}  # one TP per role
         # launch.cluster hands each worker rank its own metrics port from this one on, as planned.
         running = launched_cluster(argv, layout, {**env, "KVTIER_METRICS_PORT": str(ports.prefill_metrics)},
                                    log_dir / "pd-cluster.log", args.startup_timeout)
@@ -628,7 +634,7 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
         running = pd_cluster(model_dir, server_args, env, ports, args.prefill_gpu, args.decode_gpu, log_dir,
                              args.startup_timeout, args.prefill_cache)
     probe = PDProbe({role: [f"http://127.0.0.1:{p}/metrics" for p in pages] for role, pages in metrics.items()},
-                    args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s)
+                    args.probe_len * shape["kv_bytes_per_token"], args.link_gb_s, args.metrics_settle_s, ranks)
     with running as startup:
         print(f"[pd] {placement}, router ready after {startup:.0f} s", flush=True)
         before = probe.snapshot()

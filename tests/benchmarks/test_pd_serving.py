@@ -23,6 +23,7 @@ from bench_common import LLAMA3_8B, REPO, scrape_metrics
 from long_doc import token_range
 from pd_serving import (
     MixedLoad,
+    PDProbe,
     StreamResult,
     class_report,
     earlier_configs,
@@ -117,6 +118,34 @@ def test_transfer_report_from_two_scrapes_of_a_pd_metrics_page():
     assert report["copy_s"] == 0.0025 and report["copy_gb_s"] == round(nbytes / 0.0025 / 1e9, 2)
     assert report["not_copy_s"] == 0.001
     assert not transfer_report(before, scrape_metrics(url), "prefill", nbytes + 1, 394.0)["bytes_match"]
+
+
+def test_pd_probe_adds_up_every_rank_page_and_waits_for_each_rank_of_the_worker():
+    """A TP-2 prefill worker: each rank serves its own page and counts its share of the request; the
+    probe adds both pages up and waits until both ranks counted it (the second one late here)."""
+    import threading
+
+    ports = [free_port(), free_port()]
+    ranks = [pd_metrics_on(p) for p in ports]
+    probe = PDProbe({"prefill": [f"http://127.0.0.1:{p}/metrics" for p in ports]}, 2000, 100.0, settle_s=10,
+                    ranks={"prefill": 2})
+    ranks[1].bytes.labels("prefill").inc(7)  # an earlier request on one rank only
+    before = probe.snapshot()
+    assert before["prefill"]["kvtier_pd_bytes_total{role=prefill}"] == 7
+
+    def rank(m, seconds: float) -> None:
+        m.bytes.labels("prefill").inc(1000)
+        m.transfer.labels("prefill").observe(seconds)
+
+    rank(ranks[0], 0.01)
+    late = threading.Timer(0.5, rank, (ranks[1], 0.03))
+    late.start()
+    try:
+        report = probe.report(before)["prefill"]
+    finally:
+        late.join()
+    assert report["bytes"] == 2000 and report["bytes_match"] and report["requests"] == 2
+    assert report["transfer_s"] == 0.04
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ from sglang_server import BASE_ARGS, port_in_use, sglang_server, wait_healthy
 
 from kvtier.launch.cluster import Plan as ClusterPlan
 from kvtier.launch.cluster import arg_parser as cluster_arg_parser
+from kvtier.launch.cluster import gpu_count
 from kvtier.launch.cluster import plan as cluster_plan
 
 DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
@@ -324,17 +325,18 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
 
 
 def cluster_layout(cluster_args: Sequence[str], model_dir: str, sglang_args: Sequence[str], ports: PDPorts,
-                   gpus: int, timeout_s: float, run_dir: Path) -> tuple[list[str], ClusterPlan]:
+                   timeout_s: float, run_dir: Path) -> tuple[list[str], ClusterPlan]:
     """``launch.cluster``'s command line for ``cluster_args`` (the workers' layout) with the ports of
     ``ports`` (consecutive from each; kvtier metrics from ``ports.prefill_metrics``), and the plan it
-    will run: the same ``plan()``, so the probe knows every worker's metrics ports."""
+    will run: the same ``plan()`` with the same GPU count, so the probe knows every worker's metrics
+    ports."""
     own = ["--model-path", model_dir, "--port", str(ports.router), "--prefill-port", str(ports.prefill),
            "--decode-port", str(ports.decode), "--bootstrap-port", str(ports.bootstrap), "--policy", "round_robin",
            # SGLang's /health runs a generation: keep the router's checks out of the measurement.
            "--health-interval", "60", "--startup-timeout", f"{timeout_s:g}", "--run-dir", str(run_dir),
            *cluster_args]
     try:
-        layout = cluster_plan(cluster_arg_parser().parse_args(own), [*BASE_ARGS, *sglang_args], gpus,
+        layout = cluster_plan(cluster_arg_parser().parse_args(own), [*BASE_ARGS, *sglang_args], gpu_count(),
                               ports.prefill_metrics)
     except (ValueError, SystemExit) as exc:
         raise BenchError(f"--cluster {shlex.join(cluster_args)!r}: {exc}") from exc
@@ -510,7 +512,8 @@ def main() -> None:
                     help="SGLang arguments for the colocated server only, e.g. '--tp-size 2 --dp-size 2'")
     ap.add_argument("--cluster", default="", metavar="ARGS",
                     help="run the PD workers as 'python -m launch.cluster ARGS' (e.g. '--prefill-gpus 0,1 "
-                         "--decode-gpus 2,3'); default: one prefill on --prefill-gpu, one decode on --decode-gpu")
+                         "--decode-gpus 2,3'; each role's ports count up from its --pd-ports one, so leave room); "
+                         "default: one prefill on --prefill-gpu, one decode on --decode-gpu")
     ap.add_argument("--prefill-gpu", type=int, default=0)
     ap.add_argument("--decode-gpu", type=int, default=1)
     ap.add_argument("--port", type=int, default=30000, help="colocated server port")
@@ -553,6 +556,14 @@ def main() -> None:
         ap.error(f"--configs takes colocated and/or pd, got {args.configs!r}")
     if args.link_gb_s <= 0:
         ap.error(f"--link-gb-s must be the link's measured GB/s (> 0), got {args.link_gb_s:g}")
+    for flag in ("--extra-args", "--colocated-args", "--cluster"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        try:
+            shlex.split(value)
+        except ValueError as exc:  # e.g. an unclosed quote
+            ap.error(f"{flag} {value!r}: {exc}")
+    if args.cluster and args.prefill_cache != "kvtier":
+        ap.error("--cluster starts launch.prefill workers, which run kvtier's cache: drop --prefill-cache")
     try:
         ports = PDPorts(*(int(p) for p in args.pd_ports.split(",")))
     except ValueError:
@@ -566,6 +577,9 @@ def main() -> None:
         shape = model_shape(config, source)
         plan = make_plan(args, config)
         server_args = [*load_args, *shlex.split(args.extra_args)]
+        if args.cluster and "pd" in configs:  # a bad layout or clashing ports fail now, not after colocated ran
+            cluster_layout(shlex.split(args.cluster), model_dir, server_args, ports, args.startup_timeout,
+                           log_dir / "pd-cluster")
         report: dict = {"benchmark": "pd_serving", **run_facts(args.commit), "gpus": gpu_names(), "model": shape,
                         "server_args": [*BASE_ARGS, *server_args], "link_gb_s": args.link_gb_s,
                         "workload": {"equality_lens": [len(p) for p in plan.equality_prompts],
@@ -618,11 +632,11 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
     metrics = {"prefill": [ports.prefill_metrics], "decode": [ports.decode_metrics]}
     placement = {"prefill_gpu": args.prefill_gpu, "decode_gpu": args.decode_gpu}
     ranks = {"prefill": 1, "decode": 1}
+    router = f"http://127.0.0.1:{ports.router}"
     if args.cluster:
-        if args.prefill_cache != "kvtier":
-            raise BenchError("--cluster starts launch.prefill workers, which run kvtier's cache: drop --prefill-cache")
         argv, layout = cluster_layout(shlex.split(args.cluster), model_dir, server_args, ports,
-                                      len(gpu_names()), args.startup_timeout, log_dir / "pd-cluster")
+                                      args.startup_timeout, log_dir / "pd-cluster")
+        router = layout.router.url  # ARGS may name another --port
         metrics = {role: [p for w in workers for p in w.metrics_ports]
                    for role, workers in (("prefill", layout.prefill), ("decode", layout.decode))}
         placement = {"cluster_args": args.cluster, "placement": layout.placement()}
@@ -638,7 +652,7 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
     with running as startup:
         print(f"[pd] {placement}, router ready after {startup:.0f} s", flush=True)
         before = probe.snapshot()
-        measured = measure("pd", f"http://127.0.0.1:{ports.router}/generate", plan, probe)
+        measured = measure("pd", f"{router}/generate", plan, probe)
         after = probe.snapshot()
     totals = {role: {k: v for k, v in counter_delta(before[role], after[role]).items() if k.startswith("kvtier_pd_")}
               for role in after}

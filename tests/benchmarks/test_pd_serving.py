@@ -209,14 +209,15 @@ def free_block(n: int) -> int:
 
 def test_the_pd_workers_can_be_a_launch_cluster_of_two_prefill_and_two_decode_workers(tmp_path):
     """--cluster: the PD configuration is launch.cluster's 2P2D layout (stand-in workers on CPU), the
-    probe reads all four workers' metrics pages, the colocated server gets --colocated-args, and
-    the cluster and every worker are gone afterwards."""
+    probe reads all four workers' metrics pages, requests go to the router ARGS names (its --port
+    over --pd-ports'), the colocated server gets --colocated-args, and the cluster and every worker
+    are gone afterwards."""
     base = free_block(40)
     pd_ports = [base, base + 10, base + 20, base + 25, base + 30, base + 38]  # prefill, decode, router, bootstrap, metrics
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
     env.pop("KVTIER_METRICS_PORT", None)
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(base + 39),
-                        "--pd-ports", ",".join(map(str, pd_ports)), "--cluster", "--prefill-gpus 0,1 --decode-gpus 2,3",
+                        "--pd-ports", ",".join(map(str, pd_ports)), "--cluster", f"--prefill-gpus 0,1 --decode-gpus 2,3 --port {base + 21}",
                         "--colocated-args", "--tp-size 2 --dp-size 2", "--log-dir", str(tmp_path),
                         "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"), "--commit", "abc"],
                        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
@@ -232,9 +233,27 @@ def test_the_pd_workers_can_be_a_launch_cluster_of_two_prefill_and_two_decode_wo
     assert "kvtier.launch.cluster" in cluster_log.splitlines()[0] and "kvtier cluster: stopped" in cluster_log
     assert {p.name for p in (tmp_path / "pd-cluster").glob("*.log")} == {
         "prefill0.log", "prefill1.log", "decode0.log", "decode1.log", "router.log"}
-    for port in [base, base + 1, base + 10, base + 11, base + 20, base + 30, base + 33]:
+    for port in [base, base + 1, base + 10, base + 11, base + 21, base + 30, base + 33]:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bad_cluster_or_server_arguments_are_refused_before_any_configuration_runs(tmp_path):
+    """The PD side runs second: a --cluster whose ports clash (each role counts up from its port, so
+    consecutive --pd-ports collide with two workers per role) must fail before the colocated run, and
+    an unclosed quote is a usage error, not a traceback."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    env.pop("KVTIER_METRICS_PORT", None)
+    base = free_block(8)
+    common = [sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(base + 7),
+              "--pd-ports", ",".join(str(base + i) for i in range(6)), "--log-dir", str(tmp_path),
+              "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"), "--commit", "abc"]
+    for extra, code, says in ((["--cluster", "--prefill-gpus 0,1 --decode-gpus 2,3"], 1, "ports must differ"),
+                              (["--colocated-args", "--tp-size '2"], 2, "--colocated-args"),
+                              (["--cluster", "--prefill-gpus 0", "--prefill-cache", "radix"], 2, "drop --prefill-cache")):
+        r = subprocess.run([*common, *extra], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+        assert r.returncode == code and says in r.stderr and "Traceback" not in r.stderr, r.stderr + r.stdout
+        assert not (tmp_path / "colocated.log").exists() and not (tmp_path / "pd.json").exists()
 
 
 def run_script(tmp_path: Path, port: int, pd_ports: list[int]) -> subprocess.CompletedProcess:

@@ -126,6 +126,9 @@ def test_spill_then_load_round_trip_and_completions(groups, max_programs, stagin
     done: list[str] = []
     io.to_host(src, views, lambda: done.append("spill")).wait()
     assert (io.ring is not None) == (staging > 0)
+    if staging:  # the spill went through the ring: it holds the last ring-full, starting with this chunk
+        last = (len(views) - 1) // staging * staging
+        assert torch.equal(io.ring[: io.chunk_bytes].cpu(), views[last])
     io.to_device(views, dst, lambda: done.append("load")).wait()
     assert done == ["spill", "load"]
     for buf, want in zip(pool.k_buffer + pool.v_buffer, reference):

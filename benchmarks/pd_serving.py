@@ -517,8 +517,9 @@ def main() -> None:
     ap.add_argument("--prefill-gpu", type=int, default=0)
     ap.add_argument("--decode-gpu", type=int, default=1)
     ap.add_argument("--port", type=int, default=30000, help="colocated server port")
-    ap.add_argument("--pd-ports", default="30100,30101,8100,8998,9400,9401",
-                    help="prefill, decode, router, bootstrap, prefill metrics, decode metrics")
+    ap.add_argument("--pd-ports", default="30100,30200,8100,8998,9400,9480",
+                    help="prefill, decode, router, bootstrap, prefill metrics, decode metrics (with --cluster the "
+                         "workers count up from the first of each, every rank's metrics from the prefill's)")
     ap.add_argument("--pd-transport", default="auto", help="kvtier pd_transport for the PD workers")
     ap.add_argument("--pd-direct", choices=("true", "false"), default="true", help="kvtier pd_direct")
     ap.add_argument("--pd-switch-interval-ms", type=float, default=0, help="kvtier pd_switch_interval_ms")

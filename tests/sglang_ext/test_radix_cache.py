@@ -83,7 +83,8 @@ def match_and_load(cache, req):
     return device_len, host_hit, rows, node
 
 
-@pytest.mark.parametrize("copy", [{}, {"load_layer_groups": 2, "spill_max_programs": 2, "load_max_programs": 3}], ids=["one_launch", "groups"])
+@pytest.mark.parametrize("copy", [{}, {"load_layer_groups": 2, "spill_max_programs": 2, "load_max_programs": 3},
+                                  {"spill_staging_chunks": 2}], ids=["one_launch", "groups", "staged_spill"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
     cache = make_cache(page_size, **copy)

@@ -190,8 +190,9 @@ def _ports(flag: str, ports: list[int], n: int) -> list[int]:
 
 
 def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: int = 0) -> Plan:
-    """The processes to start for ``args`` and extra SGLang arguments (``gpus``: GPUs on this host,
-    used only to place a default decode worker); ValueError on bad input. With kvtier's
+    """The processes to start for ``args`` and extra SGLang arguments (``gpus``: GPUs on this host, 0
+    if unknown: where a default decode worker goes, and which GPU ids are refused as missing);
+    ValueError on bad input. With kvtier's
     ``metrics_port`` set, each worker gets its own ports from it on (one per rank), where one
     shared config would have them all bind the same."""
     for dest in set(CLUSTER_FLAGS.values()):
@@ -211,6 +212,10 @@ def plan(args: argparse.Namespace, extra: list[str], gpus: int, metrics_port: in
         first = next((g for g in range(gpus - args.decode_tp + 1) if used.isdisjoint(range(g, g + args.decode_tp))),
                      prefill_groups[0][0])
         decode_groups = _groups("decode", list(range(first, first + args.decode_tp)), args.decode_tp)
+    missing = sorted({g for group in prefill_groups + decode_groups for g in group if gpus and g >= gpus})
+    if missing:
+        raise ValueError(f"GPU {', '.join(map(str, missing))} is not on this host, which shows {gpus} "
+                         "(CUDA_VISIBLE_DEVICES, else nvidia-smi -L); check --prefill-gpus/--decode-gpus and the TP sizes")
     n_prefill, n_decode = len(prefill_groups), len(decode_groups)
     prefill_ports = _ports("--prefill-port", args.prefill_port, n_prefill)
     decode_ports = _ports("--decode-port", args.decode_port, n_decode)
@@ -421,7 +426,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except LaunchError as exc:
         ap.error(str(exc))
     try:
-        p = plan(args, extra, gpu_count() if args.decode_gpus is None else 0,
+        p = plan(args, extra, gpu_count(),
                  load_config(args.kvtier_config, env=os.environ).metrics_port)
     except ValueError as exc:
         ap.error(str(exc))

@@ -134,6 +134,9 @@ def test_plan_gives_each_worker_rank_its_own_metrics_port():
 
 
 @pytest.mark.parametrize("argv,extra,message", [
+    (["--prefill-gpus", "0,1", "--prefill-tp", "2", "--decode-gpus", "4"], [],
+     "GPU 4 is not on this host, which shows 4"),
+    (["--prefill-gpus", "3,4", "--prefill-tp", "2", "--decode-gpus", "0"], [], "GPU 4 is not on this host"),
     (["--prefill-gpus", "0,2", "--prefill-tp", "2"], [], "a TP-2 prefill worker runs on consecutive GPUs"),
     (["--prefill-gpus", "0,1,2", "--prefill-tp", "2"], [], "--prefill-gpus lists 3 GPUs, not a multiple of --prefill-tp 2"),
     (["--decode-gpus", "1", "--decode-tp", "0"], [], "--decode-tp must be >= 1"),

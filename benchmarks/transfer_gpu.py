@@ -24,7 +24,8 @@ the median of ``--repeats``:
   end up adjacent on both sides merge: the JSON's ``launches_per_copy`` counts the memcpys).
 - ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
   (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
-  ``Packer.row_views``, ``Packer.copy_rows`` after a scheduler event (row tensors, the kernel, the
+  ``Packer.row_views`` (rebuilt only when the transport hands out other mappings, as PD keeps
+  them), ``Packer.copy_rows`` after a scheduler event (row tensors, the kernel, the
   stream sync, CUDA events timing the copy) and a ``K`` notification that B's transport
   acknowledges. Each step is timed; the copy's GPU time is what ``kvtier_pd_copy_seconds_total``
   counts in serving. Measured twice: with both processes idle, and with a Python thread spinning
@@ -309,6 +310,7 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                                                          "notify", "total")}
         with make_transport("cuda_ipc") as transport, spinning(spin):
             peer = transport.connect(descriptor, map_device=0)
+            views: list = []  # the regions last handed out and their row views, as _direct_rows keeps them
             note = json.dumps({"room": 1, "stage": "stage/bench", "slot": None, "start": 0, "n": tokens,
                                "heads": None, "direct": True}).encode()
 
@@ -318,7 +320,9 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                 t0 = time.perf_counter()
                 regions = transport.peer_regions(peer, names)
                 t1 = time.perf_counter()
-                dst = packer.row_views(regions)
+                if not views or any(a is not b for a, b in zip(views[0], regions)):
+                    views[:] = [regions, packer.row_views(regions)]
+                dst = views[1]
                 t2 = time.perf_counter()
                 gpu_s = packer.copy_rows(src_pages, dst, dst_pages, event)
                 t3 = time.perf_counter()

@@ -39,9 +39,10 @@ def start_cluster(spawn, tmp_path, free_ports):
                 "--decode-module", "standin_decode", *args]
         if workers == (1, 1):
             ports.update({role: ports[role][0] for role in ("prefill", "decode", "bootstrap")})
+        # No GPUs known (the stand-ins need none): the placement the tests assert is the same on a GPU
+        # host, where nvidia-smi's count would move a default decode and refuse GPUs it lacks.
         environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-                       STANDIN_CHILD="1", **env)
-        environ.pop("CUDA_VISIBLE_DEVICES", None)
+                       STANDIN_CHILD="1", CUDA_VISIBLE_DEVICES="", **env)
         return spawn.proc(argv, ready, env=environ, timeout=60), ports
 
     return start
@@ -282,7 +283,8 @@ def test_a_taken_kvtier_metrics_port_is_refused_before_anything_starts(tmp_path,
     metrics, *ports = free_ports(5)
     config = tmp_path / "kvtier.yaml"
     config.write_text(f"metrics_port: {metrics}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="")  # no GPU count: --decode-gpus 1 is not refused on a one-GPU host
     with socket.socket() as taken:
         taken.bind(("", metrics))
         out = subprocess.run([sys.executable, "-m", "kvtier.launch.cluster", "--model-path", "m", "--kvtier-config",

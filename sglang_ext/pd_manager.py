@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import requests
@@ -87,6 +87,16 @@ def done_message(head: dict, rows: list[torch.Tensor]) -> bytes:
     uint8 tensors) back to back."""
     body = json.dumps(head).encode()
     return b"".join([b"D", _DONE_HEAD.pack(len(body)), body, *(r.numpy().tobytes() for r in rows)])
+
+
+def metadata_rows(aux: list[torch.Tensor], item_lens: Sequence[int], index: int) -> list[torch.Tensor]:
+    """Row ``index`` of each metadata buffer (a request's row: what ``D`` carries), as views."""
+    return [t.view(-1, int(item))[index] for t, item in zip(aux, item_lens)]
+
+
+def direct_note(room: int, stage: str, start: int, n: int) -> dict:
+    """The ``K`` of a direct store: pages ``start .. start + n`` of the request are already in place."""
+    return {"room": room, "stage": stage, "slot": None, "start": start, "n": n, "heads": None, "direct": True}
 
 
 def parse_done(message: bytes) -> tuple[dict, memoryview]:
@@ -646,8 +656,7 @@ class KvtierKVManager(CommonKVManager):
         copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event,
                                        self.cfg.pd_direct_max_runs)
         self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
-        return {"room": room, "stage": peer.stage, "slot": None, "start": chunk.index_slice.start, "n": n,
-                "heads": None, "direct": True}
+        return direct_note(room, peer.stage, chunk.index_slice.start, n)
 
     def _direct_rows(self, peer: _DecodePeer) -> list[torch.Tensor]:
         """The decode's pool as row views. Asks the transport each time, which refuses a dead decode
@@ -669,7 +678,7 @@ class KvtierKVManager(CommonKVManager):
         chunk's ``K`` note ``kv``, if held back): one round trip where a write, a ``K`` and a ``D``
         took three."""
         peer = self.peers[dst.peer]
-        rows = [t.view(-1, item)[chunk.aux_index] for t, item in zip(self.aux, self.kv_args.aux_item_lens)]
+        rows = metadata_rows(self.aux, self.kv_args.aux_item_lens, chunk.aux_index)
         head = {"room": chunk.room, "stage": peer.stage, "aux_index": dst.aux_index}
         if kv is not None:
             head["kv"] = kv
@@ -810,8 +819,8 @@ class KvtierKVManager(CommonKVManager):
         if not 0 <= index < n_rows:
             raise ValueError(f"metadata row {index} is outside this decode's {n_rows} rows")
         offset = 0
-        for t, item in zip(self.aux, items):
-            t.view(-1, item)[index].numpy()[:] = np.frombuffer(rows, np.uint8, item, offset)
+        for row, item in zip(metadata_rows(self.aux, items, index), items):
+            row.numpy()[:] = np.frombuffer(rows, np.uint8, item, offset)
             offset += item
 
     def _all_prefill_ranks_done(self, room: int, stage: str) -> bool:

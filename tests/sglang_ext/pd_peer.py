@@ -160,17 +160,15 @@ class Instance:
                                         num_kv_tokens=cmd["tokens"])
             return "ok"
         if op == "done":  # a prefill's D as it would arrive: the rows of metadata row ``src`` (cut short with ``cut``)
-            from kvtier.sglang_ext.pd_manager import done_message, parse_done
+            from kvtier.sglang_ext.pd_manager import direct_note, done_message, metadata_rows, parse_done
 
             src = cmd["src"]
             self.meta.output_ids[src][0] = cmd["first_token"]
             self.meta.bootstrap_room[src, 0] = cmd["room"]
-            rows = [t.view(-1, item)[src] for t, item in zip(mgr.aux, mgr.kv_args.aux_item_lens)]
             head = {"room": cmd["room"], "stage": next(iter(mgr.stages)), "aux_index": cmd["aux_index"]}
             if cmd.get("kv") is not None:  # a direct path's last K (pages start..start+n), as _send_direct makes it
-                head["kv"] = {"room": cmd["room"], "stage": head["stage"], "slot": None, "start": cmd["kv"]["start"],
-                              "n": cmd["kv"]["n"], "heads": None, "direct": True}
-            message = done_message(head, rows)
+                head["kv"] = direct_note(cmd["room"], head["stage"], cmd["kv"]["start"], cmd["kv"]["n"])
+            message = done_message(head, metadata_rows(mgr.aux, mgr.kv_args.aux_item_lens, src))
             mgr._on_done(*parse_done(message[: len(message) - cmd.get("cut", 0)]))
             return "ok"
         if op == "aux":

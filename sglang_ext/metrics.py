@@ -32,7 +32,9 @@ class TierMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.hits = Counter("kvtier_hits", "Chunks found, by tier", ["tier"], registry=r)
-        self.misses = Counter("kvtier_misses", "Chunks a load asked for that no tier delivered (the radix hook asks only for chunks its match reported: these were evicted, corrupt or late in between, and are recomputed)", registry=r)
+        self.misses = Counter("kvtier_misses", "Chunks a load asked for that no tier delivered (the radix hook asks "
+                              "only for chunks its match reported: these were evicted, corrupt or late in between, "
+                              "and are recomputed)", registry=r)
         self.bytes = Counter("kvtier_bytes", "Bytes moved, by tier and direction", ["tier", "direction"], registry=r)
         self.latency = Histogram(
             "kvtier_op_seconds", "Latency of one batch operation", ["tier", "op"], buckets=_LATENCY_BUCKETS, registry=r

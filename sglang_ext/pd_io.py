@@ -189,7 +189,7 @@ class Packer:
             raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
         src_rows = torch.from_numpy(page_rows(pages, self.page_size))
         dst_rows = torch.from_numpy(page_rows(dst_pages, self.page_size))
-        copy = copy_kv_runs if 0 < page_runs(pages, dst_pages) <= max_runs else copy_kv_rows
+        copy = copy_kv_runs if max_runs and 0 < page_runs(pages, dst_pages) <= max_runs else copy_kv_rows
         with self._copying(wait) as timer:
             for (k_views, v_views, _), (ks, vs) in zip(self.groups, self.index_groups):
                 copy(k_views, v_views, [dst[i] for i in ks], [dst[i] for i in vs], src_rows, dst_rows)

@@ -260,6 +260,11 @@ def test_startup_deadline_and_sigterm_while_starting(start_cluster):
     cluster, _ = start_cluster("--startup-timeout", "2", ready=r"stopping: prefill not healthy", STANDIN_UNHEALTHY="1")
     assert "after 2 s (raise --startup-timeout" in cluster.match.string
     assert cluster.proc.wait(20) == 1
+    assert "started decode" not in cluster.output()  # one GPU: the decode waits for the prefill's share
+    cluster, _ = start_cluster("--decode-gpus", "1", "--startup-timeout", "2", ready=r"stopping: prefill not healthy",
+                               STANDIN_UNHEALTHY="1")
+    assert cluster.proc.wait(20) == 1
+    assert "started decode" in cluster.output()  # own GPUs: every worker loads at once
     cluster, _ = start_cluster(ready=r"started prefill", STANDIN_UNHEALTHY="1")
     pids = family(cluster.proc.pid)
     cluster.proc.send_signal(signal.SIGTERM)

@@ -347,12 +347,8 @@ def cluster_layout(cluster_args: Sequence[str], model_dir: str, sglang_args: Seq
 def launched_cluster(argv: Sequence[str], layout: ClusterPlan, env: Mapping[str, str], log: Path,
                      timeout_s: float) -> Iterator[float]:
     """Runs ``launch.cluster`` (``argv``) until the block ends; yields the seconds until its router
-    answered. Ctrl-C's path stops it: SIGINT, after which the cluster stops every worker itself."""
-    ports = [*(w.port for w in layout.workers), *(w.bootstrap_port for w in layout.prefill),
-             *(p for w in layout.workers for p in w.metrics_ports), int(layout.router.url.rsplit(":", 1)[1])]
-    for p in ports:
-        if port_in_use(p):
-            raise BenchError(f"port {p} is already in use (a server left running?); stop it or pick other ports")
+    answered. Ctrl-C's path stops it: SIGINT, after which the cluster stops every worker itself. A
+    port already taken: the cluster refuses it before starting anything, naming it and whose it is."""
     start = time.monotonic()
     with open(log, "w") as out:
         out.write(f"$ {shlex.join(argv)}\n")

@@ -256,6 +256,28 @@ def test_bad_cluster_or_server_arguments_are_refused_before_any_configuration_ru
         assert not (tmp_path / "colocated.log").exists() and not (tmp_path / "pd.json").exists()
 
 
+def test_a_cluster_port_already_taken_fails_the_pd_configuration_naming_it(tmp_path):
+    """launch.cluster refuses a taken port before it starts a worker; pd_serving records that as the
+    PD configuration's error with the cluster's message (which port, whose) and nothing is left running."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    env.pop("KVTIER_METRICS_PORT", None)
+    base = free_block(8)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 5))  # the decode's kvtier metrics port (every rank's count up from base + 4)
+        taken.listen()
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--configs", "pd",
+                            "--pd-ports", ",".join(str(base + i) for i in range(6)),
+                            "--cluster", "--prefill-gpus 0 --decode-gpus 1", "--log-dir", str(tmp_path),
+                            "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"),
+                            "--commit", "abc"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr + r.stdout
+    error = json.loads((tmp_path / "pd.json").read_text())["configs"]["pd"]["error"]
+    assert f"port {base + 5}" in error and "(decode's kvtier metrics port)" in error and "in use" in error, error
+    for port in [base, base + 1, base + 2, base + 3, base + 4]:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def run_script(tmp_path: Path, port: int, pd_ports: list[int]) -> subprocess.CompletedProcess:
     """The whole script with ``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server``
     (colocated) and the ``launch.prefill`` / ``launch.decode`` workers (which import it) become

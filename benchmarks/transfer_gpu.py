@@ -295,6 +295,7 @@ def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, 
 def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int, spin: bool,
                switch_s: Optional[float]) -> dict:
     from kvtier.sglang_ext.pd_io import Packer
+    from kvtier.sglang_ext.pd_manager import direct_note
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
     row = buffer_bytes // tokens
@@ -311,8 +312,7 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
         with make_transport("cuda_ipc") as transport, spinning(spin):
             peer = transport.connect(descriptor, map_device=0)
             views: list = []  # the regions last handed out and their row views, as _direct_rows keeps them
-            note = json.dumps({"room": 1, "stage": "stage/bench", "slot": None, "start": 0, "n": tokens,
-                               "heads": None, "direct": True}).encode()
+            note = json.dumps(direct_note(1, "stage/bench", 0, tokens)).encode()
 
             def chunk() -> None:
                 event = torch.cuda.Event()  # what KvtierKVSender.send records for the worker

@@ -284,20 +284,24 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
-def test_a_taken_kvtier_metrics_port_is_refused_before_anything_starts(tmp_path, free_ports):
-    metrics, *ports = free_ports(5)
+@pytest.mark.parametrize("taken,what", [("metrics", "prefill's kvtier metrics port"),
+                                         ("decode", "decode's port"), ("bootstrap", "prefill's bootstrap port")])
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path, free_ports, taken, what):
+    ports = dict(zip(("metrics", "router", "prefill", "decode", "bootstrap"), free_ports(5)))
     config = tmp_path / "kvtier.yaml"
-    config.write_text(f"metrics_port: {metrics}\n")
+    config.write_text(f"metrics_port: {ports['metrics']}\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="")  # no GPU count: --decode-gpus 1 is not refused on a one-GPU host
-    with socket.socket() as taken:
-        taken.bind(("", metrics))
+    with socket.socket() as busy:
+        busy.bind(("" if taken == "metrics" else "127.0.0.1", ports[taken]))
         out = subprocess.run([sys.executable, "-m", "kvtier.launch.cluster", "--model-path", "m", "--kvtier-config",
                               str(config), "--run-dir", str(tmp_path / "run"), "--decode-gpus", "1",
-                              *(a for flag, port in zip(("--port", "--prefill-port", "--decode-port", "--bootstrap-port"),
-                                                        ports) for a in (flag, str(port))),
+                              *(a for role, flag in (("router", "--port"), ("prefill", "--prefill-port"),
+                                                     ("decode", "--decode-port"), ("bootstrap", "--bootstrap-port"))
+                                for a in (flag, str(ports[role]))),
                               "--prefill-module", "standin_prefill", "--decode-module", "standin_decode"],
                              capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2, out.stderr
-    assert f"port {metrics} on every address (prefill's kvtier metrics port) is in use" in out.stderr
+    assert f"port {ports[taken]} on {'every address' if taken == 'metrics' else '127.0.0.1'} ({what}) is in use" \
+        in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()

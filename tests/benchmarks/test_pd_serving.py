@@ -188,6 +188,17 @@ SIZES = ["--equality-lens", "20,300", "--equality-tokens", "5", "--probe-len", "
          "--metrics-settle-s", "0.2"]
 
 
+def standin_env() -> dict[str, str]:
+    """The environment of a pd_serving run with stand-ins: ``tests/benchmarks/shim`` first on
+    ``PYTHONPATH``, no inherited kvtier metrics port, and ``CUDA_VISIBLE_DEVICES=''`` so that
+    launch.cluster's plan counts no GPUs and checks no GPU ids (on a host with GPUs it would refuse
+    the stand-ins' GPU 2 or 3 where nvidia-smi shows fewer)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("KVTIER_METRICS_PORT", None)
+    return env
+
+
 def free_block(n: int) -> int:
     """The first of ``n`` consecutive ports free on loopback right now (launch.cluster counts up from one)."""
     rng = np.random.default_rng()
@@ -214,8 +225,7 @@ def test_the_pd_workers_can_be_a_launch_cluster_of_two_prefill_and_two_decode_wo
     are gone afterwards."""
     base = free_block(40)
     pd_ports = [base, base + 10, base + 20, base + 25, base + 30, base + 38]  # prefill, decode, router, bootstrap, metrics
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-    env.pop("KVTIER_METRICS_PORT", None)
+    env = standin_env()
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(base + 39),
                         "--pd-ports", ",".join(map(str, pd_ports)), "--cluster", f"--prefill-gpus 0,1 --decode-gpus 2,3 --port {base + 21}",
                         "--colocated-args", "--tp-size 2 --dp-size 2", "--log-dir", str(tmp_path),
@@ -242,8 +252,7 @@ def test_bad_cluster_or_server_arguments_are_refused_before_any_configuration_ru
     """The PD side runs second: a --cluster whose ports clash (each role counts up from its port, so
     consecutive --pd-ports collide with two workers per role) must fail before the colocated run, and
     an unclosed quote is a usage error, not a traceback."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-    env.pop("KVTIER_METRICS_PORT", None)
+    env = standin_env()
     base = free_block(8)
     common = [sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(base + 7),
               "--pd-ports", ",".join(str(base + i) for i in range(6)), "--log-dir", str(tmp_path),
@@ -259,8 +268,7 @@ def test_bad_cluster_or_server_arguments_are_refused_before_any_configuration_ru
 def test_a_cluster_port_already_taken_fails_the_pd_configuration_naming_it(tmp_path):
     """launch.cluster refuses a taken port before it starts a worker; pd_serving records that as the
     PD configuration's error with the cluster's message (which port, whose) and nothing is left running."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-    env.pop("KVTIER_METRICS_PORT", None)
+    env = standin_env()
     base = free_block(8)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", base + 5))  # the decode's kvtier metrics port (every rank's count up from base + 4)
@@ -282,8 +290,7 @@ def run_script(tmp_path: Path, port: int, pd_ports: list[int]) -> subprocess.Com
     """The whole script with ``tests/benchmarks/shim`` first on ``PYTHONPATH``: ``sglang.launch_server``
     (colocated) and the ``launch.prefill`` / ``launch.decode`` workers (which import it) become
     stand-ins; the router is kvtier's own."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-    env.pop("KVTIER_METRICS_PORT", None)
+    env = standin_env()
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--port", str(port),
                            "--pd-ports", ",".join(map(str, pd_ports)), "--log-dir", str(tmp_path), "--model-dir",
                            str(tmp_path / "model"), "--out", str(tmp_path / "pd.json"), "--commit", "abc123"],
@@ -331,8 +338,7 @@ def test_a_failed_configuration_is_reported_and_the_other_still_measured(tmp_pat
 def test_two_invocations_of_one_configuration_each_merge_into_one_comparison(tmp_path):
     """The device runs the two configurations in two calls: the second keeps the first's result."""
     def one(config: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-        env.pop("KVTIER_METRICS_PORT", None)
+        env = standin_env()
         return subprocess.run([sys.executable, str(REPO / "benchmarks" / "pd_serving.py"), *SIZES, "--configs", config,
                                "--port", str(free_port()), "--pd-ports", ",".join(str(free_port()) for _ in range(6)),
                                "--log-dir", str(tmp_path), "--model-dir", str(tmp_path / "model"),

@@ -155,11 +155,17 @@ class Plan:
     decode: list[Worker]
     router: Service
     shared_mem_fraction: Optional[float]
-    """Set when one prefill and one decode worker share their GPUs: each worker's memory share."""
+    """Set when one prefill and one decode worker share their GPUs: each worker's memory share (None
+    where the extra SGLang arguments set --mem-fraction-static themselves)."""
 
     @property
     def workers(self) -> list[Worker]:
         return self.prefill + self.decode
+
+    @property
+    def shares_gpus(self) -> bool:
+        """One prefill and one decode worker on the same GPUs."""
+        return len(self.prefill) == len(self.decode) == 1 and self.prefill[0].gpus == self.decode[0].gpus
 
     def placement(self) -> str:
         shared = f" (one GPU: --mem-fraction-static {self.shared_mem_fraction} each)" if self.shared_mem_fraction else ""
@@ -447,9 +453,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     failure = None
     try:
         waiting = p.workers
-        if p.shared_mem_fraction:
+        if p.shares_gpus:
             # One GPU: SGLang sizes its pool from the memory that others leave free while it
-            # loads, so the decode starts once the prefill has taken its share.
+            # loads, so the decode starts once the prefill has taken its share (whoever set it).
             cluster.start(p.prefill[0].service)
             failure = cluster.wait_healthy(p.prefill[0].service, args.startup_timeout)
             waiting = p.decode

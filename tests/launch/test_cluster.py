@@ -74,6 +74,7 @@ def test_plan_places_workers_and_splits_one_gpu():
                                    "--policy", "cache_aware", "--health-interval", "5"]
     mine = plan(args, ["--mem-fraction-static=0.3"], gpus=1)  # the user's split wins
     assert mine.shared_mem_fraction is None and mine.prefill[0].service.argv[-1] == "--mem-fraction-static=0.3"
+    assert one.shares_gpus and mine.shares_gpus and not two.shares_gpus
     with pytest.raises(ValueError, match="'--port' after -- would override"):
         plan(args, ["--port", "1"], gpus=1)
     with pytest.raises(ValueError, match="ports must differ"):
@@ -261,6 +262,10 @@ def test_startup_deadline_and_sigterm_while_starting(start_cluster):
     assert "after 2 s (raise --startup-timeout" in cluster.match.string
     assert cluster.proc.wait(20) == 1
     assert "started decode" not in cluster.output()  # one GPU: the decode waits for the prefill's share
+    cluster, _ = start_cluster("--startup-timeout", "2", "--", "--mem-fraction-static", "0.3",
+                               ready=r"stopping: prefill not healthy", STANDIN_UNHEALTHY="1")
+    assert cluster.proc.wait(20) == 1
+    assert "started decode" not in cluster.output()  # also where the user's arguments split the GPU
     cluster, _ = start_cluster("--decode-gpus", "1", "--startup-timeout", "2", ready=r"stopping: prefill not healthy",
                                STANDIN_UNHEALTHY="1")
     assert cluster.proc.wait(20) == 1

@@ -158,6 +158,16 @@ def test_plan_refuses_layouts_it_cannot_start(argv, extra, message):
         plan(parsed(*argv), extra, gpus=4)
 
 
+@pytest.mark.parametrize("value,message", [("0,x", "expected integers separated by commas, got '0,x'"),
+                                           ("0,-1", "expected non-negative integers, got '0,-1'")])
+def test_gpu_and_port_lists_must_be_non_negative_integers(capsys, value, message):
+    for flag in ("--prefill-gpus", "--decode-port"):
+        with pytest.raises(SystemExit):
+            parsed(flag, value)
+        assert message in capsys.readouterr().err
+    assert parsed("--decode-gpus", "2,3", "--prefill-port", "7000").decode_gpus == [2, 3]
+
+
 def family(pid: int) -> list[int]:
     return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
 

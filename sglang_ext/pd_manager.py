@@ -450,7 +450,8 @@ class KvtierKVManager(CommonKVManager):
 
     def _reach_pool(self, descriptor: dict, names: list[str]) -> None:
         """Lets kernels on this prefill's GPU store into the GPUs holding the decode's KV buffers
-        ``names``: peer access, enabled before ``connect`` maps them."""
+        ``names`` (peer access). ``connect(map_device=...)`` would enable it too, but fails the whole
+        registration where it cannot; checked first, such a decode falls back to the staged path."""
         from kvtier.transfer.cuda_ipc import descriptor_devices, enable_peer_access
 
         for device in descriptor_devices(descriptor, names):

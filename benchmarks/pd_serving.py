@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -256,12 +256,15 @@ def run_requests(url: str, prompts: Sequence[list[int]], max_new_tokens: int, ti
 
 @dataclass(frozen=True)
 class PDPorts:
+    """The PD configuration's ports (``--pd-ports``); spaced so that ``--cluster`` layouts, which
+    count up from each, fit several workers per role."""
+
     prefill: int = 30100
-    decode: int = 30101
+    decode: int = 30200
     router: int = 8100
     bootstrap: int = 8998
     prefill_metrics: int = 9400
-    decode_metrics: int = 9401
+    decode_metrics: int = 9480
 
 
 @contextmanager
@@ -513,7 +516,7 @@ def main() -> None:
     ap.add_argument("--prefill-gpu", type=int, default=0)
     ap.add_argument("--decode-gpu", type=int, default=1)
     ap.add_argument("--port", type=int, default=30000, help="colocated server port")
-    ap.add_argument("--pd-ports", default="30100,30200,8100,8998,9400,9480",
+    ap.add_argument("--pd-ports", default=",".join(str(p) for p in astuple(PDPorts())),
                     help="prefill, decode, router, bootstrap, prefill metrics, decode metrics (with --cluster the "
                          "workers count up from the first of each, every rank's metrics from the prefill's)")
     ap.add_argument("--pd-transport", default="auto", help="kvtier pd_transport for the PD workers")

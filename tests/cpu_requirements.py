@@ -1,9 +1,9 @@
 """Print the requirements the CPU test environment installs, one per line.
 
 SGLang is installed with ``--no-deps``; this lists what it and kvtier require, with SGLang's own
-pins and environment markers, minus SGLang's GPU kernel packages (:data:`GPU_ONLY`): they only
-run on a GPU, and with them the environment is 9 GB instead of about 6, which has not fit on
-every CI machine. Everything SGLang imports on the CPU paths the tests use (torch at its exact
+pins and environment markers, minus :data:`GPU_ONLY`: SGLang's GPU kernel packages and the media
+and quantization extras (torchao, torchaudio, torchcodec) that no CPU test imports. With them the
+environment is 9 GB instead of about 6, which has not fit on every CI machine. Everything SGLang imports on the CPU paths the tests use (torch at its exact
 pin, triton, transformers, ...) is still installed.
 
 Usage: ``python tests/cpu_requirements.py EXTRA[,EXTRA...]`` inside the venv, after

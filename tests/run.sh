@@ -20,7 +20,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "kvtier: building $venv (sglang==0.5.17 and its pins, no GPU kernels: about 3 to 5 minutes, 6 GB)" >&2
   log=$(mktemp)
   reqs=$(mktemp)
-  sglang=$(grep -o '"sglang==[^"]*"' setup.py | tr -d '"')
+  if ! sglang=$(grep -o '"sglang==[^"]*"' setup.py | tr -d '"') || [ -z "$sglang" ]; then
+    echo "kvtier: setup.py has no \"sglang==VERSION\" requirement for tests/run.sh to pin" >&2
+    exit 1
+  fi
   pip=("$venv/bin/pip" install --no-cache-dir --progress-bar off)
   if ! { python3 -m venv "$venv" &&
       "${pip[@]}" --no-deps "$sglang" -e . packaging &&

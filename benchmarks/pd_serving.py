@@ -64,6 +64,7 @@ from kvtier.launch.cluster import Plan as ClusterPlan
 from kvtier.launch.cluster import arg_parser as cluster_arg_parser
 from kvtier.launch.cluster import gpu_count
 from kvtier.launch.cluster import plan as cluster_plan
+from kvtier.sglang_ext.config import KVTierConfig
 
 DEFAULT_EXTRA = "--enable-deterministic-inference --chunked-prefill-size 16384"
 
@@ -521,7 +522,8 @@ def main() -> None:
                          "workers count up from the first of each, every rank's metrics from the prefill's)")
     ap.add_argument("--pd-transport", default="auto", help="kvtier pd_transport for the PD workers")
     ap.add_argument("--pd-direct", choices=("true", "false"), default="true", help="kvtier pd_direct")
-    ap.add_argument("--pd-switch-interval-ms", type=float, default=0, help="kvtier pd_switch_interval_ms")
+    ap.add_argument("--pd-switch-interval-ms", type=float, default=KVTierConfig().pd_switch_interval_ms,
+                    help="kvtier pd_switch_interval_ms (default: kvtier's)")
     ap.add_argument("--pd-direct-max-runs", type=int, default=0, help="kvtier pd_direct_max_runs")
     ap.add_argument("--pd-stage-slots", type=int, default=4, help="kvtier pd_stage_slots")
     ap.add_argument("--pd-stage-slot-mb", type=float, default=128, help="kvtier pd_stage_slot_mb")

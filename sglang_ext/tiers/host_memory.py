@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import weakref
 
 import torch
 
@@ -41,6 +42,10 @@ class HostSlab:
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
             self.pinned = True
+            # A slab dropped without close() must still unpin: its mapping can be freed and the next
+            # mmap can get the same addresses, which CUDA would refuse to register again (error 712).
+            self._unpin = weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, self.tensor.data_ptr())
+            self._unpin.atexit = False  # at exit the process's memory goes anyway
         else:
             logger.info("kvtier: CUDA not available, host slab of %d bytes is not pinned", nbytes)
 
@@ -52,7 +57,7 @@ class HostSlab:
         if self._mmap.closed:
             return
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self._unpin()
             self.pinned = False
         del self.tensor
         try:

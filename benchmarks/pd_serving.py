@@ -524,7 +524,6 @@ def main() -> None:
     ap.add_argument("--pd-direct", choices=("true", "false"), default="true", help="kvtier pd_direct")
     ap.add_argument("--pd-switch-interval-ms", type=float, default=KVTierConfig().pd_switch_interval_ms,
                     help="kvtier pd_switch_interval_ms (default: kvtier's)")
-    ap.add_argument("--pd-direct-max-runs", type=int, default=0, help="kvtier pd_direct_max_runs")
     ap.add_argument("--pd-stage-slots", type=int, default=4, help="kvtier pd_stage_slots")
     ap.add_argument("--pd-stage-slot-mb", type=float, default=128, help="kvtier pd_stage_slot_mb")
     ap.add_argument("--prefill-cpu-gb", type=float, default=4, help="kvtier CPU tier of the PD prefill worker")
@@ -628,7 +627,6 @@ def run_pd(args: argparse.Namespace, model_dir: str, server_args: list[str], pla
     """The PD workers and router, measured, with the PD counters' totals over the whole run."""
     env = {"KVTIER_CONFIG": "", "KVTIER_PD_TRANSPORT": args.pd_transport, "KVTIER_PD_DIRECT": args.pd_direct,
            "KVTIER_PD_SWITCH_INTERVAL_MS": f"{args.pd_switch_interval_ms:g}",
-           "KVTIER_PD_DIRECT_MAX_RUNS": str(args.pd_direct_max_runs),
            "KVTIER_PD_STAGE_SLOTS": str(args.pd_stage_slots), "KVTIER_PD_STAGE_SLOT_MB": f"{args.pd_stage_slot_mb:g}",
            "KVTIER_CPU_SIZE_GB": f"{args.prefill_cpu_gb:g}"}
     metrics = {"prefill": [ports.prefill_metrics], "decode": [ports.decode_metrics]}

@@ -18,10 +18,6 @@ the median of ``--repeats``:
   ``direct_rows_align16`` tells the kernel the rows are 16-byte aligned (``align_hint``),
   ``direct_rows_ordered`` copies rows in order (as a fresh server's pages mostly are), and
   ``direct_rows_ordered_align16`` both: an A/B of the kernel's access width and of the row order.
-  ``direct_runs_1`` and ``direct_runs_16`` move the same rows with ``copy_kv_runs`` instead (one
-  copy-engine memcpy per buffer and run of consecutive rows: ``pd_direct_max_runs``), the rows in
-  order (one run) or in 16 blocks of 625 rows placed in another order on each side (blocks that
-  end up adjacent on both sides merge: the JSON's ``launches_per_copy`` counts the memcpys).
 - ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
   (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
   ``Packer.row_views`` (rebuilt only when the transport hands out other mappings, as PD keeps
@@ -222,20 +218,11 @@ def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: 
     }
 
 
-def runs_of_rows(tokens: int, runs: int, gen: torch.Generator) -> torch.Tensor:
-    """All ``tokens`` rows as ``runs`` equal runs of consecutive rows, the runs in random order."""
-    size = tokens // runs
-    order = torch.randperm(runs, generator=gen)
-    return (order[:, None] * size + torch.arange(size)).reshape(-1)
-
-
 def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int,
-                     align_hint: bool = False, ordered: bool = False, runs: int = 0) -> dict:
+                     align_hint: bool = False, ordered: bool = False) -> dict:
     """Pool rows on GPU 0 here into random rows (``ordered``: the same rows, in order, as a fresh
-    server's pages mostly are) of a pool that process B allocated on GPU 1 with ``copy_kv_rows``;
-    ``runs`` > 0: with ``copy_kv_runs``, the rows in that many runs placed in another order on
-    each side."""
-    from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_runs, row_runs
+    server's pages mostly are) of a pool that process B allocated on GPU 1."""
+    from kvtier.kernels.kv_pages import copy_kv_rows
     from kvtier.transfer.cuda_ipc import enable_peer_access
 
     row = buffer_bytes // tokens
@@ -248,31 +235,24 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
         src_rows, dst_rows = torch.randperm(tokens, generator=gen), torch.randperm(tokens, generator=gen)
         if ordered:
             src_rows = dst_rows = torch.arange(tokens)
-        if runs:
-            src_rows, dst_rows = runs_of_rows(tokens, runs, gen), runs_of_rows(tokens, runs, gen)
-            n_runs = len(row_runs(src_rows, dst_rows)[2])  # blocks adjacent on both sides merge
         enable_peer_access(0, 1)  # before mapping, as PD's prefill does
         with make_transport("cuda_ipc") as transport:
             peer = transport.connect(descriptor, map_device=0)  # opened where the kernel runs, as PD's prefill does
 
             def run() -> None:
                 dst = [t.view(tokens, row) for t in transport.peer_regions(peer, names)]
-                if runs:
-                    copy_kv_runs(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows)
-                else:
-                    copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows,
-                                 align_hint=align_hint)
+                copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows,
+                             align_hint=align_hint)
                 torch.cuda.synchronize(0)
 
             times = timed(run, warmup, repeats)
             exact = read_back_exact(transport, peer, names, buffer_bytes, src, src_rows, dst_rows)
     rates = gbps(buffer_bytes * count, times)
     return {
-        "path": (f"copy_kv_runs: {count} x {n_runs} copy-engine memcpys on GPU 0" if runs else "copy_kv_rows on GPU 0")
-        + " storing into process B's GPU 1 pool mapped by CUDA IPC",
+        "path": "copy_kv_rows on GPU 0 storing into process B's GPU 1 pool mapped by CUDA IPC",
         "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
-        "row_order": f"{runs} blocks" if runs else "in order" if ordered else "random", "align_hint": align_hint,
-        "row_bytes": row, "buffers": count, "launches_per_copy": count * n_runs if runs else 1,
+        "row_order": "in order" if ordered else "random", "align_hint": align_hint,
+        "row_bytes": row, "buffers": count, "launches_per_copy": 1,
         "GBps": rates, "GBps_median": statistics.median(rates),
         "ms_median": round(statistics.median(times) * 1e3, 3), "bit_exact": exact,
     }
@@ -384,8 +364,7 @@ def main() -> None:
         plain = cases["cuda_ipc_cross_gpu"]["plain_copy_GBps_median"]
         variants = {"direct_rows": {}, "direct_rows_align16": {"align_hint": True},
                     "direct_rows_ordered": {"ordered": True},
-                    "direct_rows_ordered_align16": {"ordered": True, "align_hint": True},
-                    "direct_runs_1": {"runs": 1}, "direct_runs_16": {"runs": 16}}
+                    "direct_rows_ordered_align16": {"ordered": True, "align_hint": True}}
         for name, kw in variants.items():
             result = direct_rows_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats, **kw)
             result["plain_copy_GBps_median"] = plain

@@ -5,10 +5,7 @@ them back, each in a single Triton launch covering every layer, K and V, and eve
 GPU reads and writes the pinned host memory directly, no staging copy); ``*_reference`` are the
 same operations in plain torch. ``copy_kv_rows`` copies rows from one pool straight into another
 pool's rows (every layer, K and V, one launch); on CUDA the destination may be another GPU's memory
-mapped into this process (CUDA IPC), which the kernel reaches with peer stores. ``copy_kv_runs``
-does the same with one plain copy per run of consecutive rows (``row_runs``) and buffer: on CUDA
-those are memcpys on the copy engine, which leave the SMs to the forward pass and reach a plain
-copy's bandwidth when the runs are long (a fresh server's pages mostly are consecutive).
+mapped into this process (CUDA IPC), which the kernel reaches with peer stores.
 
 Chunk layout (a contract other code relies on): a chunk holds ``T`` tokens (``chunk_tokens``) of
 all ``L`` layers, K then V, contiguous, in the pool's store dtype::
@@ -35,10 +32,8 @@ __all__ = [
     "chunk_nbytes",
     "copy_kv_rows",
     "copy_kv_rows_reference",
-    "copy_kv_runs",
     "gather_kv",
     "gather_kv_reference",
-    "row_runs",
     "scatter_kv",
     "scatter_kv_reference",
     "uses_triton",
@@ -575,45 +570,3 @@ def copy_kv_rows_reference(src_k: list[torch.Tensor], src_v: list[torch.Tensor],
     plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
     if plan.n_rows:
         _copy_rows_torch(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
-
-
-def row_runs(src_rows: torch.Tensor, dst_rows: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
-    """The maximal runs in which both row lists go up by one: ``(src_starts, dst_starts, lengths)``,
-    so that row ``src_starts[i] + j`` goes to ``dst_starts[i] + j`` for ``j < lengths[i]``.
-
-    Rows are CPU int64 tensors of equal length (``copy_kv_rows``'s ``src_rows``/``dst_rows``)."""
-    if src_rows.device.type != "cpu" or dst_rows.device.type != "cpu":
-        raise ValueError("row_runs reads the rows on the host: pass CPU tensors")
-    if src_rows.numel() != dst_rows.numel():
-        raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}")
-    n = src_rows.numel()
-    if n == 0:
-        return [], [], []
-    breaks = ((src_rows[1:] - src_rows[:-1] != 1) | (dst_rows[1:] - dst_rows[:-1] != 1)).nonzero().flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks])
-    lengths = torch.diff(starts, append=torch.tensor([n]))
-    return src_rows[starts].tolist(), dst_rows[starts].tolist(), lengths.tolist()
-
-
-def copy_kv_runs(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
-                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> int:
-    """:func:`copy_kv_rows` as one plain copy per run of consecutive rows (:func:`row_runs`) and
-    buffer; returns the number of runs.
-
-    Same arguments and checks as ``copy_kv_rows``, except that the rows must be on the CPU (the
-    runs are found there) and the two pools may be on any devices. On CUDA the copies are memcpys
-    on the current stream of the source pool's device, run by the copy engine (peer copies when
-    the destination is another GPU's memory): no SMs, but one copy per run and buffer, so it pays
-    where runs are few and long. Synchronize as for ``copy_kv_rows``.
-    """
-    plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
-    src_starts, dst_starts, lengths = row_runs(src_rows, dst_rows)
-    if not plan.n_rows:
-        return 0
-    # One copy_ each, not torch._foreach_copy_: on one device that launches a copy kernel on the
-    # SMs, while a contiguous copy_ is a cudaMemcpyAsync, which the copy engine runs.
-    for src, dst in zip((*src_k, *src_v), (*dst_k, *dst_v)):
-        src, dst = _byte_rows(src), _byte_rows(dst)
-        for s, d, n in zip(src_starts, dst_starts, lengths):
-            dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
-    return len(lengths)

@@ -89,11 +89,6 @@ class KVTierConfig:
     """With cuda_ipc and the same TP size on both sides, the prefill stores pages straight into the
     decode's pool (one kernel, peer stores) instead of staging them; false always stages (on 2x H200:
     141 GB/s direct vs 35 GB/s staged in serving, greedy tokens equal either way)."""
-    pd_direct_max_runs: int = 0
-    """On the direct path, copy a chunk with the copy engine (one memcpy per KV buffer and run of
-    pages consecutive on both sides) when its pages form at most this many runs, else with the
-    kernel; 0 always uses the kernel. Off until ``benchmarks/transfer_gpu.py``'s ``direct_runs``
-    case measures it against ``direct_rows`` on two GPUs."""
     pd_stage_slots: int = 4
     """Staging slots a decode rank keeps per prefill rank: KV writes in flight to it."""
     pd_stage_slot_mb: float = 32.0
@@ -236,8 +231,6 @@ def _validate(cfg: KVTierConfig) -> None:
             raise bad(key, "must be >= 0 (0: no limit)")
     if cfg.spill_staging_chunks < 0:
         raise bad("spill_staging_chunks", "must be >= 0 (0: spills gather straight into host memory)")
-    if cfg.pd_direct_max_runs < 0:
-        raise bad("pd_direct_max_runs", "must be >= 0 (0: always the kernel)")
     if cfg.pd_stage_slots < 1:
         raise bad("pd_stage_slots", "must be >= 1 (4 keeps writes and scatters overlapped)")
     if cfg.pd_stage_slot_mb <= 0:

@@ -8,9 +8,7 @@ buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in pag
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
 a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
-IPC) with ``copy_kv_rows``, one launch per buffer group, no staging, or with ``copy_kv_runs`` (copy
-engine memcpys) when the pages form at most ``max_runs`` runs of consecutive pages on both sides
-(``pd_direct_max_runs``). Each of these returns the
+IPC) with ``copy_kv_rows``, one launch per buffer group, no staging. Each of these returns the
 copy's own seconds: on a CUDA pool the GPU time between two CUDA events recorded around the
 launches on the Packer's stream (read after the stream sync the call ends with anyway), on a CPU
 pool the wall time of the torch copy; PD's ``kvtier_pd_copy_seconds_total`` adds them up, so the
@@ -32,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_runs, gather_kv, scatter_kv
+from kvtier.kernels.kv_pages import copy_kv_rows, gather_kv, scatter_kv
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
 from kvtier.transfer.pd_heads import slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows
@@ -86,13 +84,6 @@ def staging_buffer(nbytes: int, device: torch.device, on_device: bool) -> torch.
     if on_device:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-
-
-def page_runs(pages: np.ndarray, dst_pages: np.ndarray) -> int:
-    """How many runs of pages consecutive on both sides ``pages`` -> ``dst_pages`` form."""
-    if len(pages) == 0:
-        return 0
-    return 1 + int(np.count_nonzero((np.diff(pages) != 1) | (np.diff(dst_pages) != 1)))
 
 
 class Packer:
@@ -179,20 +170,18 @@ class Packer:
         return [r.view(-1, v.shape[1]) for r, v in zip(regions, self.views)]
 
     def copy_rows(self, pages: np.ndarray, dst: Sequence[torch.Tensor], dst_pages: np.ndarray,
-                  wait: Optional[object] = None, max_runs: int = 0) -> float:
+                  wait: Optional[object] = None) -> float:
         """Copy ``pages`` of this pool into ``dst_pages`` of the pool ``dst`` (``row_views``; on a
         CUDA pool they may be another GPU's buffers mapped into this process), every buffer, one
-        launch per buffer group on this pool's GPU, or one memcpy per buffer and run of consecutive
-        pages when they form at most ``max_runs`` runs (0: always the kernel); returns when the
-        bytes are there, with the copy's seconds. ``wait`` as in ``gather``."""
+        launch per buffer group on this pool's GPU; returns when the bytes are there, with the
+        copy's seconds. ``wait`` as in ``gather``."""
         if len(pages) != len(dst_pages):
             raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
         src_rows = torch.from_numpy(page_rows(pages, self.page_size))
         dst_rows = torch.from_numpy(page_rows(dst_pages, self.page_size))
-        copy = copy_kv_runs if max_runs and 0 < page_runs(pages, dst_pages) <= max_runs else copy_kv_rows
         with self._copying(wait) as timer:
             for (k_views, v_views, _), (ks, vs) in zip(self.groups, self.index_groups):
-                copy(k_views, v_views, [dst[i] for i in ks], [dst[i] for i in vs], src_rows, dst_rows)
+                copy_kv_rows(k_views, v_views, [dst[i] for i in ks], [dst[i] for i in vs], src_rows, dst_rows)
         return timer.seconds
 
     @contextlib.contextmanager

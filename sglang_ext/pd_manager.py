@@ -654,8 +654,7 @@ class KvtierKVManager(CommonKVManager):
         room, n = chunk.room, len(src)
         with self._timing_lock:
             self._started(room)
-        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event,
-                                       self.cfg.pd_direct_max_runs)
+        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event)
         self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
         return direct_note(room, peer.stage, chunk.index_slice.start, n)
 

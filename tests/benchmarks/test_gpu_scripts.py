@@ -29,18 +29,6 @@ def test_direct_packer_runs_each_mode_once_with_its_spin_and_switch_interval(mon
     assert case["busy_gil_switch"] == {"spin": True, "switch": 0.0005}
 
 
-def test_direct_runs_rows_cover_every_row_in_the_asked_runs():
-    import torch
-
-    from kvtier.kernels.kv_pages import row_runs
-
-    gen = torch.Generator().manual_seed(0)
-    src, dst = transfer_gpu.runs_of_rows(10_000, 16, gen), transfer_gpu.runs_of_rows(10_000, 16, gen)
-    assert torch.equal(src.sort().values, torch.arange(10_000)) and torch.equal(dst.sort().values, torch.arange(10_000))
-    # Blocks that land next to each other in the same order on both sides merge: at most 16 runs.
-    assert 12 <= len(row_runs(src, dst)[2]) <= 16 and len(row_runs(src, src)[2]) <= 16
-
-
 CPU_CASE = """
 import json, sys
 sys.path.insert(0, {benchmarks!r})

@@ -1,8 +1,7 @@
 """copy_kv_rows: the pool-to-pool row copy kernel against its torch reference, on SGLang's real
 MHATokenToKVPool (on CUDA where available, else on the CPU through Triton's interpreter, see
 conftest.py): random page layouts, page sizes 1 and 16, several dtypes, bit for bit, and that no
-other row of the destination changes. copy_kv_runs (one plain copy per run of consecutive rows)
-against the same reference on random layouts of runs, and row_runs against a loop."""
+other row of the destination changes."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels import kv_pages
-from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_rows_reference, copy_kv_runs, row_runs, uses_triton
+from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_rows_reference, uses_triton
 from kvtier.transfer.pd_layout import page_rows
 
 _spec = importlib.util.spec_from_file_location("kvtier_kernel_test_pools", Path(__file__).with_name("pools.py"))
@@ -28,32 +27,6 @@ seeded, make_pool, layer_bytes = _pools.seeded, _pools.make_pool, _pools.layer_b
 def random_pages(pool: MHATokenToKVPool, n: int, gen: torch.Generator) -> np.ndarray:
     """``n`` distinct random pages (page 0 is SGLang's padding page), in random order."""
     return (torch.randperm(pool.size // pool.page_size, generator=gen)[:n] + 1).numpy()
-
-
-def pages_in_runs(pool: MHATokenToKVPool, lengths: list[int], gen: torch.Generator) -> np.ndarray:
-    """Runs of consecutive pages of these lengths, in this order, laid out in the pool in a random
-    order with random gaps (how a server's allocator hands out pages once its free list is
-    fragmented)."""
-    free = pool.size // pool.page_size - sum(lengths)
-    assert free >= 0
-    gaps = torch.multinomial(torch.ones(len(lengths) + 1), free, replacement=True, generator=gen)
-    gaps = torch.bincount(gaps, minlength=len(lengths) + 1).tolist()
-    starts, at = {}, 1  # page 0 is SGLang's padding page
-    for gap, i in zip(gaps, torch.randperm(len(lengths), generator=gen).tolist()):
-        at += gap
-        starts[i] = at
-        at += lengths[i]
-    return np.concatenate([np.arange(starts[i], starts[i] + n) for i, n in enumerate(lengths)])
-
-
-def runs_by_loop(src: list[int], dst: list[int]) -> tuple[list[int], list[int], list[int]]:
-    out = ([], [], [])
-    for i, (s, d) in enumerate(zip(src, dst)):
-        if i and s == src[i - 1] + 1 and d == dst[i - 1] + 1:
-            out[2][-1] += 1
-        else:
-            out[0].append(s), out[1].append(d), out[2].append(1)
-    return out
 
 
 def check_copied(src: MHATokenToKVPool, dst: MHATokenToKVPool, src_rows: torch.Tensor,
@@ -122,8 +95,7 @@ def test_distinct_v_rows_narrow_words_and_many_tiles(head_dim, v_head_dim):
     check_copied(src, dst, src_rows, dst_rows, before)
 
 
-@pytest.mark.parametrize("copy", [copy_kv_rows, copy_kv_runs], ids=lambda f: f.__name__)
-def test_uint8_views_of_flat_regions_are_a_destination(copy):
+def test_uint8_views_of_flat_regions_are_a_destination():
     # PD's direct path: the destination is the other side's pool as flat byte regions.
     gen = seeded("flat")
     src = make_pool(torch.bfloat16, 4, 10, gen)
@@ -131,9 +103,9 @@ def test_uint8_views_of_flat_regions_are_a_destination(copy):
     before = [b.cpu().clone() for b in layer_bytes(dst)]
     row = src.k_buffer[0][0].numel() * 2
     views = [b.reshape(-1).view(-1, row) for b in layer_bytes(dst)]
-    src_rows = torch.from_numpy(page_rows(np.array([3, 4, 1, 7]), 4))  # copy_kv_runs: 3 runs
+    src_rows = torch.from_numpy(page_rows(np.array([3, 4, 1, 7]), 4))
     dst_rows = torch.from_numpy(page_rows(np.array([2, 3, 9, 5]), 4))
-    copy(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows)
+    copy_kv_rows(src.k_buffer, src.v_buffer, views[:LAYERS], views[LAYERS:], src_rows, dst_rows)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     check_copied(src, dst, src_rows, dst_rows, before)
@@ -173,41 +145,12 @@ def test_align_hint_is_claimed_only_where_every_address_is_16_byte_aligned(monke
         assert torch.equal(d[dst_rows].reshape(4, -1).cpu(), s[src_rows].reshape(4, -1).cpu())
 
 
-@pytest.mark.parametrize("copy", [copy_kv_rows, copy_kv_runs], ids=lambda f: f.__name__)
-def test_empty_is_a_no_op(copy):
+def test_empty_is_a_no_op():
     pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     other = make_pool(torch.bfloat16, 1, 8, None)
     none = torch.empty(0, dtype=torch.int64)
-    copy(pool.k_buffer, pool.v_buffer, other.k_buffer, other.v_buffer, none, none)
+    copy_kv_rows(pool.k_buffer, pool.v_buffer, other.k_buffer, other.v_buffer, none, none)
     assert not any(b.any() for b in layer_bytes(other))
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_row_runs_match_a_loop_on_random_rows(seed):
-    gen = torch.Generator().manual_seed(seed)
-    n = int(torch.randint(1, 60, (1,), generator=gen))
-    # Mostly consecutive rows with random breaks on either side, repeats and steps back included.
-    steps = [torch.where(torch.rand(n, generator=gen) < 0.8, 1, torch.randint(-3, 5, (n,), generator=gen))
-             for _ in range(2)]
-    src, dst = (torch.cumsum(step, 0) + 100 for step in steps)
-    assert row_runs(src, dst) == runs_by_loop(src.tolist(), dst.tolist())
-    assert row_runs(src[:0], dst[:0]) == ([], [], [])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
-@pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("seed", range(3))
-def test_runs_land_bit_exact_like_the_reference_and_nothing_else_moves(dtype, page_size, seed):
-    gen = seeded("runs", dtype, page_size, seed)
-    src, dst, ref, before = source_and_twin_destinations(dtype, page_size, gen)
-    lengths = torch.randint(1, 7, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen).tolist()
-    src_rows = torch.from_numpy(page_rows(pages_in_runs(src, lengths, gen), page_size))
-    dst_rows = torch.from_numpy(page_rows(pages_in_runs(dst, lengths, gen), page_size))
-    runs = copy_kv_runs(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
-    copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
-    # Runs that happen to continue each other on both sides merge; never more than were laid out.
-    assert runs == len(row_runs(src_rows, dst_rows)[2]) <= len(lengths)
-    check_like_reference(src, dst, ref, src_rows, dst_rows, before)
 
 
 def _bad(case: str):
@@ -245,15 +188,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-@pytest.mark.parametrize("fn", [copy_kv_rows, copy_kv_rows_reference, copy_kv_runs], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [copy_kv_rows, copy_kv_rows_reference], ids=lambda f: f.__name__)
 def test_bad_inputs_raise_naming_the_argument(fn, case):
     with pytest.raises(ValueError, match=BAD[case]):
         fn(*_bad(case))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("copy", ["kernel", "runs"])
-def test_gpu_rows_into_a_pool_on_another_gpu_by_peer_stores(copy):
+def test_gpu_rows_into_a_pool_on_another_gpu_by_peer_stores():
     if not torch.cuda.can_device_access_peer(0, 1):
         pytest.skip("GPU 0 cannot access GPU 1")
     from kvtier.transfer.cuda_ipc import enable_peer_access
@@ -263,17 +205,10 @@ def test_gpu_rows_into_a_pool_on_another_gpu_by_peer_stores(copy):
     src = make_pool(torch.bfloat16, 1, 4000, gen, head_num=8, head_dim=128, device=torch.device("cuda:0"))
     dst = make_pool(torch.bfloat16, 1, 4000, gen, head_num=8, head_dim=128, device=torch.device("cuda:1"))
     before = [b.cpu().clone() for b in layer_bytes(dst)]
-    if copy == "kernel":
-        src_rows = torch.from_numpy(page_rows(random_pages(src, 3000, gen), 1))
-        dst_rows = torch.from_numpy(page_rows(random_pages(dst, 3000, gen), 1))
-        with torch.cuda.device(0):
-            copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
-    else:  # peer memcpys on the copy engine
-        src_rows = torch.from_numpy(pages_in_runs(src, [1000, 1, 1500, 499], gen))
-        dst_rows = torch.from_numpy(pages_in_runs(dst, [1000, 1, 1500, 499], gen))
-        with torch.cuda.device(0):
-            runs = copy_kv_runs(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
-        assert runs == len(row_runs(src_rows, dst_rows)[2])
+    src_rows = torch.from_numpy(page_rows(random_pages(src, 3000, gen), 1))
+    dst_rows = torch.from_numpy(page_rows(random_pages(dst, 3000, gen), 1))
+    with torch.cuda.device(0):
+        copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
     torch.cuda.synchronize(0)
     torch.cuda.synchronize(1)
     check_copied(src, dst, src_rows, dst_rows, before)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kvtier.sglang_ext.config import ConfigError, load_config
-from kvtier.sglang_ext import pd_io
-from kvtier.sglang_ext.pd_io import Packer, page_runs, staging_buffer, transport_kind, wrap_memory
+from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -113,40 +112,6 @@ def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_siz
         sp.row_views(regions[:3])
     with pytest.raises(ValueError, match="2 source pages for 1 destination pages"):
         sp.copy_rows(src_pages[:2], sp.row_views(regions), dst_pages[:1])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("max_runs,src_pages,dst_pages,path", [
-    (0, [1, 2, 3, 4, 5], [9, 10, 11, 12, 13], "kernel"),  # 0: always the kernel
-    (1, [1, 2, 3, 4, 5], [9, 10, 11, 12, 13], "runs"),
-    (2, [1, 2, 3, 7, 8], [9, 10, 11, 4, 5], "runs"),
-    (2, [1, 2, 3, 7, 8], [9, 10, 12, 4, 5], "kernel"),  # a break on the destination side only
-    (4, [5, 1, 9, 3, 2], [1, 2, 3, 4, 5], "kernel"),
-])
-def test_copy_rows_takes_the_copy_engine_only_for_few_runs(monkeypatch, device, max_runs, src_pages, dst_pages,
-                                                            path):
-    """pd_direct_max_runs: copy_rows uses copy_kv_runs when the pages form at most max_runs runs
-    consecutive on both sides, else the kernel; the pages land bit for bit either way."""
-    src, dst = pool(device, 1, 4), pool(device, 2, 4)
-    sp = packer_of(src)
-    ptrs, lens, _ = dst.get_contiguous_buf_infos()
-    regions = sp.row_views([wrap_memory(p, n, torch.device(device)) for p, n in zip(ptrs, lens)])
-    used = []
-    for name in ("copy_kv_rows", "copy_kv_runs"):
-        real = getattr(pd_io, name)
-        monkeypatch.setattr(pd_io, name, lambda *a, _real=real, _name=name: (used.append(_name), _real(*a))[1])
-    src_pages, dst_pages = np.array(src_pages), np.array(dst_pages)
-    sp.copy_rows(src_pages, regions, dst_pages, max_runs=max_runs)
-    assert used == [{"kernel": "copy_kv_rows", "runs": "copy_kv_runs"}[path]]
-    rows = lambda pages: torch.from_numpy(pages * 4).repeat_interleave(4) + torch.arange(4).repeat(len(pages))  # noqa: E731
-    for a, b in zip(src.k_buffer + src.v_buffer, dst.k_buffer + dst.v_buffer):
-        assert torch.equal(a.view(torch.uint8)[rows(src_pages).to(device)], b.view(torch.uint8)[rows(dst_pages).to(device)])
-
-
-def test_page_runs_counts_breaks_on_either_side():
-    assert page_runs(np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == 0
-    assert page_runs(np.array([4]), np.array([7])) == 1
-    assert page_runs(np.array([1, 2, 3, 9]), np.array([5, 6, 8, 9])) == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -72,8 +72,9 @@ class KVTierConfig:
     """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
     Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy
     engine moves it to the host, so the SMs are busy for a fraction of a direct gather over PCIe.
-    0 gathers straight into host memory. Off until ``benchmarks/copy_interference.py
-    --staged-rings`` and ``offload_ttft.py`` measure it beside the forward pass."""
+    0 gathers straight into host memory. Off: on an H100 with 8 chunks cold TTFT was 1.023x radix-only
+    against 1.028x at 0 and a load beside a spill took 23.5 ms instead of 50, but warm TTFT was no
+    better (``benchmarks/results/ab/offload_ttft_staged8.json``)."""
     metrics_port: int = 0
     """Prometheus exposition port (TP rank r listens on port + r); 0 disables."""
     pin_timeout_s: float = 60.0
@@ -88,7 +89,7 @@ class KVTierConfig:
     pd_direct: bool = True
     """With cuda_ipc and the same TP size on both sides, the prefill stores pages straight into the
     decode's pool (one kernel, peer stores) instead of staging them; false always stages (on 2x H200:
-    141 GB/s direct vs 35 GB/s staged in serving, greedy tokens equal either way)."""
+    208 GB/s direct vs 35 GB/s staged in serving, greedy tokens equal either way)."""
     pd_stage_slots: int = 4
     """Staging slots a decode rank keeps per prefill rank: KV writes in flight to it."""
     pd_stage_slot_mb: float = 32.0

@@ -249,6 +249,7 @@ class RunOptions:
     request_timeout_s: float
     log_dir: str
     metrics_port: int
+    cuda_graph_max_bs: int = 0
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
@@ -284,9 +285,10 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
     log = Path(opts.log_dir) / f"server-{name}.log"
     other_ports = (opts.metrics_port,) if setup.is_kvtier else ()
     result: dict = {"description": setup.description, "pool_tokens": opts.pool_tokens, "server_args": args,
-                    "env": dict(setup.env), "passes": {}}
+                    "cuda_graph_max_bs": opts.cuda_graph_max_bs, "env": dict(setup.env), "passes": {}}
     try:
-        with sglang_server(model_dir, opts.port, args, dict(setup.env), log, other_ports=other_ports) as startup:
+        with sglang_server(model_dir, opts.port, args, dict(setup.env), log, other_ports=other_ports,
+                           cuda_graph_max_bs=opts.cuda_graph_max_bs) as startup:
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
             result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts)
@@ -333,10 +335,12 @@ def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> li
 
 
 def describe_workload(kind: str, args: argparse.Namespace, source: str, passes: Sequence[Pass]) -> dict:
-    """What a result file's runs must share: workload, sizes, seed, GPU pool, model, requests per pass."""
+    """What a result file's runs must share: workload, sizes, seed, GPU pool, model, requests per pass,
+    decode CUDA graphs."""
     workload = {"kind": kind, "docs": args.docs, "doc_len": args.doc_len, "concurrency": args.concurrency,
                 "output_len": args.output_len, "pool_tokens": args.pool_tokens, "seed": args.seed,
-                "model": source, "passes": {name: len(p) for name, p in passes}}
+                "model": source, "passes": {name: len(p) for name, p in passes},
+                "cuda_graph_max_bs": args.cuda_graph_max_bs}
     if kind == "chat":
         workload.update(users=args.users, turns=args.turns, turn_len=args.turn_len)
     return workload
@@ -375,11 +379,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--metrics-port", type=int, default=9400, help="kvtier's Prometheus port")
     ap.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"), help="server logs go here")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
+                    help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
+                         "as in the results before session 7)")
 
 
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
-                      args.log_dir, args.metrics_port)
+                      args.log_dir, args.metrics_port, args.cuda_graph_max_bs)
 
 
 def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:

@@ -97,13 +97,14 @@ def measure_pd(args: argparse.Namespace, passes, model_dir: str, load_args: list
     env = {"KVTIER_CPU_SIZE_GB": str(args.host_gb)}
     opts = replace(options(args), metrics_port=ports.prefill_metrics)
     with pd_cluster(model_dir, server_args, env, ports, prefill_gpu, decode_gpu, Path(opts.log_dir),
-                    timeout_s=900) as startup:
+                    timeout_s=900, cuda_graph_max_bs=opts.cuda_graph_max_bs) as startup:
         print(f"[kvtier_pd] cluster ready after {startup:.0f} s (prefill on GPU {prefill_gpu} with kvtier's "
               f"CPU tier, decode on GPU {decode_gpu}, router on port {ports.router})", flush=True)
         reports = measure_passes("kvtier_pd", f"http://127.0.0.1:{ports.router}/generate",
                                  f"http://127.0.0.1:{ports.prefill_metrics}/metrics", passes, opts)
     return {"description": "PD: launch.prefill (kvtier CPU tier) + launch.decode + launch.router",
-            "pool_tokens": args.pool_tokens, "server_args": server_args, "env": env, "startup_s": round(startup, 1),
+            "pool_tokens": args.pool_tokens, "server_args": server_args, "cuda_graph_max_bs": opts.cuda_graph_max_bs,
+            "env": env, "startup_s": round(startup, 1),
             "passes": reports}
 
 

@@ -7,7 +7,8 @@
   ``spill_ahead`` moves most write-back copies off the critical path: when a scheduled request
   would leave less than that fraction of the pool free, the nodes eviction would take first are
   copied out in the background (not guarded: their rows stay in the tree), so their eviction
-  finds the chunks stored and frees the rows at once.
+  finds the chunks stored and frees the rows at once. For a request with a host hit this walk
+  runs after its load is queued, so that the copies run after the load rather than beside it.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
   ``lower_tier_wait_s``). SGLang matches a prefix only when it schedules a request, so the plugin
@@ -186,6 +187,11 @@ class KVTierRadixCache(RadixCache):
         self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed,
                                     owner=owner))
 
+    def _timed_spill_ahead(self, incoming: int) -> None:
+        if self._spill_ahead_on:
+            with self.store.metrics.timed("hook", "spill_ahead"):
+                self._spill_ahead(incoming)
+
     def _spill_ahead(self, incoming: int) -> None:
         """write_back: copy out, in the background, the nodes that eviction would take first while
         the pool would keep less than ``spill_ahead`` of its rows free after ``incoming`` more
@@ -271,16 +277,24 @@ class KVTierRadixCache(RadixCache):
         key = params.key
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
             return result
-        T = self.chunk_tokens
         matched = len(result.device_indices)
-        if self._spill_ahead_on:
-            with self.store.metrics.timed("hook", "spill_ahead"):
-                self._spill_ahead(len(key) - matched)
+        host_hit = self._host_hit(key, matched)
+        if host_hit <= 0:
+            # With a host hit, init_load_back copies out ahead once the load is queued (pool_io
+            # orders spills behind loads): a spill ahead launched now would run beside the load.
+            self._timed_spill_ahead(len(key) - matched)
+            return result
+        return result._replace(host_hit_length=host_hit)
+
+    def _host_hit(self, key: RadixKey, matched: int) -> int:
+        """Tokens past the ``matched`` GPU prefix of ``key`` in CPU-tier chunks, after waiting up to
+        ``lower_tier_wait_s`` for the disk or remote tier to bring more there."""
+        T = self.chunk_tokens
         # The raw int64 array, not a list: hashing a 10K-token prompt takes 0.1 ms instead of 0.4.
         keys = self.namespace.chunk_keys(key.page_aligned(self.page_size).raw_token_ids(), key.extra_key)
         first = matched // T
         if first >= len(keys):
-            return result
+            return 0
         rest = keys[first:]
         hits = self._cpu_hits(rest)
         fetching = self._prefetch(rest[hits:])
@@ -288,10 +302,7 @@ class KVTierRadixCache(RadixCache):
             wait([fetching], timeout=self.cfg.lower_tier_wait_s)
             hits = self._cpu_hits(rest)
         hits = self._agree(hits)
-        host_hit = (first + hits) * T - matched
-        if host_hit <= 0:
-            return result
-        return result._replace(host_hit_length=host_hit)
+        return (first + hits) * T - matched
 
     def prefetch_on_arrival(self, req) -> None:
         """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
@@ -324,7 +335,11 @@ class KVTierRadixCache(RadixCache):
 
     def init_load_back(self, params: InitLoadBackParams):
         with self.store.metrics.timed("hook", "init_load_back"):
-            return self._load_back(params)
+            rows, node = self._load_back(params)
+        req = params.req
+        if req is not None:
+            self._timed_spill_ahead(len(req.origin_input_ids) + len(req.output_ids) - len(req.prefix_indices) - len(rows))
+        return rows, node
 
     def _load_back(self, params: InitLoadBackParams):
         node = params.best_match_node

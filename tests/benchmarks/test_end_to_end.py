@@ -52,6 +52,10 @@ def test_long_doc_runs_configs_in_turn_and_merges(tmp_path):
     assert "--config kvtier_disk" in kv["command"] and kv["model"]["kv_bytes_per_token"] == 131072
     assert kv["env"]["KVTIER_DISK_PATH"] == str(disk_root / "kvtier_disk") and not (disk_root / "kvtier_disk").exists()
     assert kv["server_args"][-2:] == ["--radix-cache-backend", "kvtier"]
+    # Decode CUDA graphs are on by default, for every configuration alike.
+    assert report["workload"]["cuda_graph_max_bs"] == 8 and kv["cuda_graph_max_bs"] == 8
+    launched = (tmp_path / "server-radix.log").read_text().splitlines()[0]
+    assert "--cuda-graph-max-bs 8" in launched and "--disable-cuda-graph" not in launched
     assert radix["passes"]["warm"]["kvtier"] == "n/a"
     cold, warm = kv["passes"]["cold"], kv["passes"]["warm"]
     assert cold["requests"] == warm["requests"] == 5 and warm["output_tokens"] == 20

@@ -196,3 +196,25 @@ def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
     assert spill.poll()
     assert all(torch.equal(pool.k_buffer[l][rows].view(torch.int16), e.view(torch.int16))
                for l, e in enumerate(expected))
+
+
+@pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
+@pytest.mark.parametrize("staging", [0, 4])
+def test_a_spill_starts_after_the_loads_launched_before_it(staging):
+    """A load in layer groups is not guarded (the forward pass waits per layer), so nothing but
+    PoolIO's ordering keeps a spill launched next from running beside it: the spill must start
+    after the load ended, and copy out the rows as loaded."""
+    layers, chunks, T = 32, 40, 256
+    pool, io, views, _ = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T,
+                              chunks=2 * chunks, groups=4, staging=staging)
+    src = torch.arange(16, 16 + chunks * T, device=DEVICE)
+    dst = src + chunks * T
+    io.to_host(src, views[:chunks], lambda: None).wait()
+    torch.cuda.synchronize()
+    load = io.to_device(views[:chunks], dst, lambda: None)
+    spill = io.to_host(dst, views[chunks:], lambda: None, guard=False)
+    spill.wait()
+    load.wait()
+    assert load.event.elapsed_time(spill.start) >= 0
+    for a, b in zip(views[:chunks], views[chunks:]):
+        assert torch.equal(a, b)

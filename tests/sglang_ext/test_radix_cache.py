@@ -222,6 +222,38 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs] == [3, 3, 3, 0]
 
 
+def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monkeypatch):
+    """The spill ahead of a request loading from the CPU tier is launched after its load (so that
+    on a GPU it runs behind the load, not beside it), and it still copies out what eviction takes
+    next; the loaded KV is bit-exact."""
+    from kvtier.sglang_ext.pool_io import PoolIO
+
+    T = CHUNK_TOKENS
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.4)  # ~6 chunks' rows ready
+    launched = []  # the copies in launch order, each as (op, chunks)
+    for op, method in (("spill", "to_host"), ("load", "to_device")):
+        real = getattr(PoolIO, method)
+        monkeypatch.setattr(cache.io, method, lambda *a, _real=real, _op=op, **k: (
+            launched.append((_op, len(a[1] if _op == "spill" else a[0]))), _real(cache.io, *a, **k))[1])
+    doc = list(range(10_000, 10_000 + 4 * T))
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)  # doc now only in the CPU tier
+    launched.clear()
+    others = [list(range(n, n + 3 * T)) for n in (20_000, 30_000, 40_000)] + [list(range(50_000, 50_000 + 4 * T))]
+    for other in others:
+        insert(cache, other)  # 13 of 16 chunks in use
+    req = make_req(doc + [1])
+    req.init_next_round_input(cache)
+    assert req.host_hit_length == 4 * T and launched == []  # matched: nothing copied yet
+    device_len, host_hit, loaded, _ = match_and_load(cache, req)
+    # SGLang's evict(256 tokens) takes the two oldest documents, copied as their rows are freed;
+    # then the load; then, ahead, the next document eviction would take.
+    assert launched == [("spill", 3), ("spill", 3), ("load", 4), ("spill", 3)]
+    assert same_kv(kv_rows(cache, loaded), expected)
+    keys = cache.namespace.chunk_keys
+    assert [cache.store.prefix_hits(keys(o)) for o in others] == [3, 3, 3, 0]
+
+
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
     cache = make_cache(16, pool_tokens=8 * CHUNK_TOKENS, spill_ahead=0)
     insert(cache, list(range(6 * CHUNK_TOKENS)))

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from bench_common import KVTIER_ARGS, parse_variant, run_facts, setups, write_dummy_model
-from sglang_server import generate, sglang_server
+from sglang_server import generate, sglang_server, warm_up_prefix_hits
 
 # The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
 _SETUPS = setups(host_gb=30, disk_root="/tmp", cpu_disk_cpu_gb=30, cpu_disk_gb=24, disk_cpu_gb=2, disk_gb=24)
@@ -69,12 +69,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         print(f"{name}: ready after {startup:.0f} s", flush=True)
         rnd = random.Random(0)
         prompts = [[rnd.randrange(1000, 120000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        # Warm-up off the record: a prompt, then twice again as a prefix hit, so that the kernels of a
-        # one-token extend over a cached prefix are compiled before the warm pass (its first request
-        # paid that compile: 0.146 s against 0.061 for the rest in radix_fit at 7e35a7d).
-        warm_up = [rnd.randrange(1000, 120000) for _ in range(256)]
-        for _ in range(3):
-            generate(args.port, warm_up)
+        warm_up_prefix_hits(args.port, rnd)
         result = {"pool_tokens": pool, "server_args": extra, "env": env, "startup_s": round(startup, 1)}
         for phase in ("cold", "warm"):
             ts = [generate(args.port, p)[0] for p in prompts]

@@ -1,45 +1,60 @@
 """Per-request TTFT of kvtier warm loads with the kvtier metric deltas of each request (GPU diagnostic).
 
 Starts one SGLang server (Llama-3-8B shape, dummy weights, 40K-token pool, --radix-cache-backend
-kvtier, 30 GB CPU tier), sends 8 x 10K-token prompts cold then warm, one at a time, and prints each
-request's time with the change of every ``kvtier_op_seconds`` series over it (GPU load and spill
-time, hook CPU time). Extra kvtier settings come from the environment (``KVTIER_*``).
+kvtier, 30 GB CPU tier), sends 8 x 10K-token prompts cold then warm, one at a time (offload_ttft's
+workload and warm-up), and prints each request's time with the change of every
+``kvtier_op_seconds`` series over it (GPU load and spill time, hook CPU time); with ``--out`` the
+same as JSON. Extra kvtier settings come from the environment (``KVTIER_*``), extra SGLang
+arguments after ``--``.
 
-    python benchmarks/warm_probe.py write_through
+    python benchmarks/warm_probe.py --policy write_through --out /tmp/probe.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 import tempfile
+from pathlib import Path
 
-from bench_common import KVTIER_ARGS, counter_delta, scrape_metrics, write_dummy_model
-from sglang_server import generate, sglang_server
-
-PORT, METRICS_PORT = 31000, 9400
+from bench_common import KVTIER_ARGS, counter_delta, run_facts, scrape_metrics, write_dummy_model
+from sglang_server import generate, sglang_server, warm_up_prefix_hits
 
 
 def main() -> None:
-    policy = sys.argv[1] if len(sys.argv) > 1 else "write_back"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", choices=["write_back", "write_through"], default="write_back")
+    ap.add_argument("--out", help="JSON file for the per-request records")
+    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
+    ap.add_argument("--port", type=int, default=31000)
+    ap.add_argument("--metrics-port", type=int, default=9400, help="kvtier's Prometheus port")
+    ap.add_argument("sglang_args", nargs="*", help="extra SGLang arguments (after --)")
+    args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kvtier-probe-")
     model = write_dummy_model(f"{work}/model")
-    env = {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": str(METRICS_PORT), "KVTIER_WRITE_POLICY": policy}
-    args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS, *sys.argv[2:]]
+    env = {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": str(args.metrics_port), "KVTIER_WRITE_POLICY": args.policy}
+    server_args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS, *args.sglang_args]
     rng = random.Random(0)
     docs = [[rng.randrange(1000, 120_000) for _ in range(10_000)] for _ in range(8)]
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-    with sglang_server(model, PORT, args, env, f"{work}/server.log", other_ports=(METRICS_PORT,)) as up:
+    url = f"http://127.0.0.1:{args.metrics_port}/metrics"
+    records = []
+    with sglang_server(model, args.port, server_args, env, f"{work}/server.log", other_ports=(args.metrics_port,)) as up:
         print(f"ready after {up:.0f} s", flush=True)
-        for name in ("cold", "warm"):
+        warm_up_prefix_hits(args.port, rng)
+        for phase in ("cold", "warm"):
             for i, doc in enumerate(docs):
                 before = scrape_metrics(url)
-                seconds, _ = generate(PORT, doc)
+                seconds, _ = generate(args.port, doc)
                 delta = {k.removeprefix("kvtier_op_seconds_"): round(v * 1e3, 2) if "_sum" in k else v
                          for k, v in counter_delta(before, scrape_metrics(url)).items()
                          if k.startswith("kvtier_op_seconds_") and v}
-                print(name, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), flush=True)
+                records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "op_ms": delta})
+                print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), flush=True)
+    if args.out:
+        report = {"benchmark": "warm_probe", "policy": args.policy, "env": env, "server_args": server_args,
+                  "requests": records, **run_facts(args.commit)}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

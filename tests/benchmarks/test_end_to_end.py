@@ -121,3 +121,36 @@ def test_parse_variant_maps_settings_to_kvtier_env_and_refuses_what_kvtier_would
                       ("lgx:load_layer_groups=four", "load_layer_groups")):
         with pytest.raises(BenchError, match=why):
             parse_variant(spec)
+
+
+def test_warm_probe_records_every_request_of_both_passes(tmp_path):
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "warm_probe.py"), "--policy", "write_through", "--out",
+                        str(out), "--port", str(free_port()), "--metrics-port", str(free_port()), "--commit", "abc"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads(out.read_text())
+    assert [(x["phase"], x["request"]) for x in report["requests"]] == [
+        (phase, i) for phase in ("cold", "warm") for i in range(8)]
+    assert report["env"]["KVTIER_WRITE_POLICY"] == "write_through" and report["commit"] == "abc"
+    assert all(x["ms"] > 0 for x in report["requests"])
+
+
+def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
+    out = tmp_path / "offload.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "offload_ttft.py"), "--config", "radix_fit",
+                        "--variant", "wt:write_policy=write_through", "--docs", "3", "--doc-len", "600",
+                        "--port", str(free_port()), "--model-dir", str(tmp_path / "model"), "--log-dir", str(tmp_path),
+                        "--out", str(out), "--commit", "abc"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads(out.read_text())
+    fit, wt = report["configs"]["radix_fit"], report["configs"]["wt"]
+    assert fit["pool_tokens"] == 200_000 and fit["server_args"] == [] and fit["commit"] == "abc"
+    assert wt["env"]["KVTIER_WRITE_POLICY"] == "write_through" and wt["server_args"] == ["--radix-cache-backend", "kvtier"]
+    for cfg in (fit, wt):
+        assert len(cfg["cold"]["all_s"]) == len(cfg["warm"]["all_s"]) == 3
+    # The stand-in serves kvtier's metrics registry: the variant's counters were read back.
+    assert "kvtier_misses_total" in wt["kvtier_metrics"] and "kvtier_metrics" not in fit

@@ -1,8 +1,9 @@
 """Chunk copies between the KV pool and CPU-tier slots, on side streams, with completions.
 
 Spills (device to host) and loads (host to device) run on streams of their own, so a load never
-queues behind a spill launched before it; a spill starts only after the loads launched before it,
-since beside one it halves the load's speed (the kernels share SMs and PCIe).
+queues behind a spill launched before it; a background (unguarded) spill starts only after the
+loads launched before it, since beside one it halves the load's speed (the kernels share SMs and
+PCIe).
 
 A copy to the host of rows the radix tree has just freed (a spill) is *guarded*: the stream that
 will next write those rows (SGLang runs its scheduler under a schedule stream that every forward
@@ -167,10 +168,11 @@ class PoolIO:
         stream = self.spill_stream if op == "spill" else self.stream
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
-        if op == "spill":
-            # Behind the loads already queued: in H100 runs where spills ran beside them, 10K-token
-            # loads averaged 50-54 ms of GPU time (offload_ttft*.json), against 26 ms for 1.31 GB at
-            # the kernel's 51 GB/s (kernel_bandwidth.json); a load is on a request's critical path.
+        if op == "spill" and not guard:
+            # A background spill goes behind the loads already queued: in H100 runs where spills ran
+            # beside them, 10K-token loads averaged 50-54 ms of GPU time (offload_ttft*.json) against
+            # 26 ms for 1.31 GB at the kernel's 51 GB/s (kernel_bandwidth.json). A guarded spill is
+            # not held back: the rows it frees are wanted now.
             stream.wait_stream(self.stream)
         with torch.cuda.stream(stream):
             for t in inputs:  # made on the current stream, read on ours: keep them alive until then

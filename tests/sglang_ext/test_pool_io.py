@@ -218,3 +218,22 @@ def test_a_spill_starts_after_the_loads_launched_before_it(staging):
     assert load.event.elapsed_time(spill.start) >= 0
     for a, b in zip(views[:chunks], views[chunks:]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
+def test_a_guarded_spill_does_not_wait_for_an_earlier_load():
+    """A spill of freed rows (guarded: the next writer waits for it) is wanted now: it may run
+    beside a load of other rows launched before it rather than after it."""
+    layers, chunks, T = 32, 40, 256
+    pool, io, views, _ = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T,
+                              chunks=2 * chunks, groups=4)  # in layer groups: the load is not guarded
+    loaded = torch.arange(16, 16 + chunks * T, device=DEVICE)
+    freed = loaded + chunks * T
+    io.to_host(loaded, views[:chunks], lambda: None).wait()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        load = io.to_device(views[:chunks], loaded, lambda: None, owner=object())
+        spill = io.to_host(freed, views[chunks:], lambda: None)
+    spill.wait()
+    load.wait()
+    assert spill.start.elapsed_time(load.event) > 0  # the spill started before the load ended

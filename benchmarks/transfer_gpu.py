@@ -15,9 +15,8 @@ the median of ``--repeats``:
   (``peer_regions``) and ``copy_kv_rows`` stores every row, in random order, into random rows of
   B's pool with one kernel launch on GPU 0 (rows handed over from host memory each time, as PD
   does per chunk); checked bit for bit by reading B's pool back. The bound is the plain peer copy.
-  ``direct_rows_align16`` tells the kernel the rows are 16-byte aligned (``align_hint``),
-  ``direct_rows_ordered`` copies rows in order (as a fresh server's pages mostly are), and
-  ``direct_rows_ordered_align16`` both: an A/B of the kernel's access width and of the row order.
+  ``direct_rows_ordered`` copies rows in order (as a fresh server's pages mostly are): an A/B of
+  the row order.
 - ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
   (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
   ``Packer.row_views`` (rebuilt only when the transport hands out other mappings, as PD keeps
@@ -219,7 +218,7 @@ def case(kind: str, src_device: str, dst_device: str, buffer_bytes: int, count: 
 
 
 def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats: int,
-                     align_hint: bool = False, ordered: bool = False) -> dict:
+                     ordered: bool = False) -> dict:
     """Pool rows on GPU 0 here into random rows (``ordered``: the same rows, in order, as a fresh
     server's pages mostly are) of a pool that process B allocated on GPU 1."""
     from kvtier.kernels.kv_pages import copy_kv_rows
@@ -241,8 +240,7 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
 
             def run() -> None:
                 dst = [t.view(tokens, row) for t in transport.peer_regions(peer, names)]
-                copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows,
-                             align_hint=align_hint)
+                copy_kv_rows(src[:layers], src[layers:], dst[:layers], dst[layers:], src_rows, dst_rows)
                 torch.cuda.synchronize(0)
 
             times = timed(run, warmup, repeats)
@@ -251,7 +249,7 @@ def direct_rows_case(buffer_bytes: int, count: int, tokens: int, warmup: int, re
     return {
         "path": "copy_kv_rows on GPU 0 storing into process B's GPU 1 pool mapped by CUDA IPC",
         "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
-        "row_order": "in order" if ordered else "random", "align_hint": align_hint,
+        "row_order": "in order" if ordered else "random",
         "row_bytes": row, "buffers": count, "launches_per_copy": 1,
         "GBps": rates, "GBps_median": statistics.median(rates),
         "ms_median": round(statistics.median(times) * 1e3, 3), "bit_exact": exact,
@@ -362,9 +360,7 @@ def main() -> None:
         print(json.dumps({name: result}), flush=True)
     if gpus >= 2:
         plain = cases["cuda_ipc_cross_gpu"]["plain_copy_GBps_median"]
-        variants = {"direct_rows": {}, "direct_rows_align16": {"align_hint": True},
-                    "direct_rows_ordered": {"ordered": True},
-                    "direct_rows_ordered_align16": {"ordered": True, "align_hint": True}}
+        variants = {"direct_rows": {}, "direct_rows_ordered": {"ordered": True}}
         for name, kw in variants.items():
             result = direct_rows_case(buffer_bytes, count, args.tokens, args.warmup, args.repeats, **kw)
             result["plain_copy_GBps_median"] = plain

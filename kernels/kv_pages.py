@@ -111,14 +111,9 @@ def _kv_copy_kernel(
 
 
 @triton.jit
-def _layer_ptr(table_entry, WORD: tl.constexpr, ALIGN: tl.constexpr):
-    """A layer's base address from the table as a typed pointer; ``ALIGN`` > 1 tells the compiler
-    the address is a multiple of that many bytes (loaded from memory, it cannot know), which lets
-    it vectorize the row accesses beyond one word."""
-    addr = tl.load(table_entry)
-    if ALIGN > 1:
-        addr = tl.multiple_of(addr, ALIGN)
-    return addr.to(tl.pointer_type(WORD))
+def _layer_ptr(table_entry, WORD: tl.constexpr):
+    """A layer's base address from the table as a typed pointer."""
+    return tl.load(table_entry).to(tl.pointer_type(WORD))
 
 
 @triton.jit
@@ -134,7 +129,6 @@ def _row_copy_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_KW: tl.constexpr,
     BLOCK_VW: tl.constexpr,
-    ALIGN: tl.constexpr,
 ):
     # Grid: (row tiles, layers); each program moves K and V of its rows of one layer.
     layer = tl.program_id(1).to(tl.int64)
@@ -143,11 +137,11 @@ def _row_copy_kernel(
     src = tl.load(src_rows + t, mask=t_mask, other=0)
     dst = tl.load(dst_rows + t, mask=t_mask, other=0)
     # A gather into "host rows" that are the destination pool's rows: the same inner loop.
-    k_src = _layer_ptr(src_ptrs + 2 * layer, WORD, ALIGN)
-    k_dst = _layer_ptr(dst_ptrs + 2 * layer, WORD, ALIGN)
+    k_src = _layer_ptr(src_ptrs + 2 * layer, WORD)
+    k_dst = _layer_ptr(dst_ptrs + 2 * layer, WORD)
     _copy_rows(k_src, src, k_dst + dst * K_WORDS, t_mask, K_WORDS, BLOCK_KW, True)
-    v_src = _layer_ptr(src_ptrs + 2 * layer + 1, WORD, ALIGN)
-    v_dst = _layer_ptr(dst_ptrs + 2 * layer + 1, WORD, ALIGN)
+    v_src = _layer_ptr(src_ptrs + 2 * layer + 1, WORD)
+    v_dst = _layer_ptr(dst_ptrs + 2 * layer + 1, WORD)
     _copy_rows(v_src, src, v_dst + dst * V_WORDS, t_mask, V_WORDS, BLOCK_VW, True)
 
 
@@ -453,8 +447,6 @@ class _RowPlan:
     v_row_bytes: int
     n_rows: int
     word_bytes: int
-    alignment: int
-    """Bytes that every row size and buffer address is a multiple of."""
     src_ptrs: tuple[int, ...]
     """The source's layer addresses as in ``_Plan.layer_ptrs``."""
     dst_ptrs: tuple[int, ...]
@@ -505,8 +497,8 @@ def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: lis
                          f"one destination row per source row")
     src_ptrs, dst_ptrs = _layer_addresses(src_k, src_v), _layer_addresses(dst_k, dst_v)
     alignment = math.gcd(k_row_bytes, v_row_bytes, *src_ptrs, *dst_ptrs)
-    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), _word_bytes(alignment), alignment,
-                    src_ptrs, dst_ptrs)
+    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), _word_bytes(alignment), src_ptrs,
+                    dst_ptrs)
 
 
 def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
@@ -519,8 +511,7 @@ def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k
 
 
 def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
-                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor,
-                 align_hint: bool = False) -> None:
+                 dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
     """Copy rows ``src_rows`` of one pool into rows ``dst_rows`` of another, every layer, K and V,
     in one kernel launch on the source pool's device.
 
@@ -533,9 +524,6 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
         src_rows, dst_rows: int64 ``[n]``, row ``src_rows[i]`` goes to ``dst_rows[i]`` (page_size
             > 1: the rows of the pages, ``pd_layout.page_rows``); on the CPU, where they are
             range-checked, or on the source pool's device. Destination rows should not repeat.
-        align_hint: tell the compiler that rows and buffers are 16-byte aligned (where they are),
-            so it may use 16-byte accesses; an A/B for ``benchmarks/transfer_gpu.py`` (case
-            ``direct_rows_align16``), off until it is measured faster on GPUs.
 
     Runs on the current stream of the source pool's device: synchronize before the destination's
     owner reads the rows.
@@ -560,7 +548,6 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
         src_table, dst_table, src_rows, dst_rows, plan.n_rows,
         K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[plan.word_bytes],
         BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
-        ALIGN=16 if align_hint and plan.alignment % 16 == 0 else 1,
     )
 
 

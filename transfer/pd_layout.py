@@ -174,6 +174,16 @@ def data_path(transport: Optional[str], offer: Optional[dict[str, Any]], n_buffe
     return DIRECT, "pages go straight into the decode's pool over CUDA IPC"
 
 
+def pages_outside(pages: np.ndarray, n_pages: int) -> Optional[str]:
+    """Why ``pages`` are not all page ids of a pool of ``n_pages`` pages, or None if they are."""
+    if not len(pages):
+        return None
+    low, high = int(np.min(pages)), int(np.max(pages))
+    if low < 0 or high >= n_pages:
+        return f"pages [{low}, {high}] outside a pool of {n_pages} pages"
+    return None
+
+
 def page_rows(pages: np.ndarray, page_size: int) -> np.ndarray:
     """The pool rows (token slots) of ``pages``, page after page: int64 ``[len(pages) * page_size]``."""
     pages = np.asarray(pages, dtype=np.int64)

@@ -17,6 +17,7 @@ from kvtier.transfer.pd_layout import (
     compare,
     kv_groups,
     page_rows,
+    pages_outside,
     slot_bytes_for,
     slot_chunks,
 )
@@ -86,6 +87,13 @@ def test_tp_sizes_that_do_not_map_are_refused_with_the_fix():
                   layout("prefill", "127.0.0.1:8998", tp_size=1, kv_item_lens=(512,) * 4, total_kv_heads=2))
     assert "the model's 2 KV heads do not split evenly over both (a KV head replicated on several ranks is not " \
            "supported); start both with --tp sizes that divide 2" in why
+
+
+def test_pages_outside_a_pool_are_named_with_the_pool_size():
+    assert pages_outside(np.array([0, 5, 9]), 10) is None
+    assert pages_outside(np.array([], dtype=np.int64), 0) is None
+    assert pages_outside(np.array([3, 10]), 10) == "pages [3, 10] outside a pool of 10 pages"
+    assert pages_outside(np.array([-1, 2]), 10) == "pages [-1, 2] outside a pool of 10 pages"
 
 
 def test_page_rows_expand_pages_in_order():

@@ -163,8 +163,14 @@ def test_another_namespace_shares_nothing(namespace, server, chunk_of):
     other_ns = dataclasses.replace(namespace, tp_rank=1, tp_size=2)
     reader = make_store(other_ns, server.url())
     assert reader.prefix_hits(other_ns.chunk_keys(list(range(2 * namespace.chunk_tokens)))) == 0
+    # Even the writer's own keys are not served across namespaces (Redis names carry the namespace)...
+    assert reader.prefix_hits(keys) == 0
+    # ...while a replica of the writer's namespace, with an empty CPU tier, finds both on the server.
+    same = make_store(namespace, server.url())
+    assert same.prefix_hits(keys) == 2
     writer.close()
     reader.close()
+    same.close()
 
 
 def test_a_wrong_password_reads_and_writes_nothing():

@@ -116,8 +116,15 @@ def test_another_model_never_reads_these_chunks(namespace, tmp_path, chunk_of):
     other = make_store(other_ns, tmp_path, cpu_slots=2, disk_slots=8)
     same_tokens = other_ns.chunk_keys(list(range(4 * namespace.chunk_tokens)))
     assert other.prefix_hits(same_tokens) == 0
+    # Asked for the very keys the first model stored (as a store sharing its slab would serve them):
+    # still nothing, since each namespace has its own slab file.
+    assert other.prefix_hits(keys) == 0
     assert other.disk.path != store.disk.path  # separate slab files per namespace
     other.close()
+    # The chunks are on disk for their own model: the misses above are the namespace's doing.
+    again = make_store(namespace, tmp_path, cpu_slots=2, disk_slots=8)
+    assert again.prefix_hits(keys) == 4
+    again.close()
 
 
 def test_put_async_completes_within_a_deadline(namespace, tmp_path, chunk_of):

@@ -127,10 +127,14 @@ def test_streaming_with_logprobs_merges_each_event(spawn):
 def test_round_robin_alternates(spawn):
     ps, ds = [spawn("prefill"), spawn("prefill")], [spawn("decode"), spawn("decode")]
     router = spawn.router(ps, ds, "--policy", "round_robin")
-    for i in range(6):
-        assert router.post("generate", {"text": "same prompt every time " * 50})[0] == 200
-    assert [len(w.records(3)) for w in ps + ds] == [3, 3, 3, 3]
+    prompts = ["same prompt every time " * 50 + str(i) for i in range(6)]  # one shared prefix: no cache affinity
+    for prompt in prompts:
+        assert router.post("generate", {"text": prompt})[0] == 200
     # Order: prefill 0, 1, 0, ...; decode (least loaded, ties in turn) likewise.
+    for w in ps + ds:
+        assert len(w.records(3)) == 3
+    assert [[r["prompt"] for r in w.records()] for w in ps] == [prompts[0::2], prompts[1::2]]
+    assert [[r["prompt"] for r in w.records()] for w in ds] == [prompts[0::2], prompts[1::2]]
     state = router.get("workers")[1]
     assert [w["requests"] for w in state["prefill"] + state["decode"]] == [3, 3, 3, 3]
 

@@ -302,9 +302,13 @@ def test_empty_batch_is_a_no_op():
     pool = make_pool(torch.bfloat16, 1, 8, seeded("empty"))
     slab = host_slab(ALIGN)
     none = torch.empty(0, dtype=torch.int64)
+    before = [buf.clone() for buf in layer_bytes(pool)]
     gather_kv(pool.k_buffer, pool.v_buffer, none.to(DEVICE), slab, none, 16)
-    scatter_kv(slab, none, none.to(DEVICE), pool.k_buffer, pool.v_buffer, 16)
     assert not slab.any()
+    slab.fill_(0xAB)  # a scatter that wrote anything would now change the pool
+    scatter_kv(slab, none, none.to(DEVICE), pool.k_buffer, pool.v_buffer, 16)
+    sync()
+    assert all(torch.equal(buf, old) for buf, old in zip(layer_bytes(pool), before))
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ def test_counters_move_by_the_exact_kv_a_request_moves_and_count_failures():
             p.kill()
 
 
-def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves():
+def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves(capfd):
     """launch.cluster gives both workers one config: a decode on the prefill's metrics port must
     not fail to start; it logs which setting to change and moves KV without counters."""
     with socket.socket() as taken:
@@ -175,7 +175,8 @@ def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves():
         taken.listen()
         base = peer_env()
         base.update(pd_conn_test.ENV)
-        env = {**base, "KVTIER_METRICS_PORT": str(taken.getsockname()[1])}
+        port = taken.getsockname()[1]
+        env = {**base, "KVTIER_METRICS_PORT": str(port)}
         procs = [Process(env), Process(env)]
         try:
             for p in procs:
@@ -194,3 +195,8 @@ def test_a_decode_whose_metrics_port_is_taken_warns_and_still_serves():
         finally:
             for p in procs:
                 p.kill()
+    # The peers' stderr is this process's file descriptor 2, which capfd holds: one warning per rank.
+    err = capfd.readouterr().err
+    warning = f"kvtier PD: no PD metrics: cannot serve them on port {port} "
+    assert err.count(warning) == 2, err[-3000:]
+    assert "give this server another metrics_port (KVTIER_METRICS_PORT)" in err

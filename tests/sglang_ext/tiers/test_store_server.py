@@ -143,8 +143,12 @@ def test_a_wrong_token_is_refused(namespace, store_server, chunk_of, metric):
     good.remote.flush(timeout_s=10)
     assert bad.prefix_hits(keys) == 0
     assert metric(bad.metrics, "kvtier_remote_errors_total") >= 1
+    # The chunks are on the server: another client with the right token (and an empty CPU tier) finds them.
+    other = client(namespace, server.port)
+    assert other.prefix_hits(keys) == 2
     good.close()
     bad.close()
+    other.close()
 
 
 def test_a_dead_store_is_a_fast_miss_and_a_restarted_one_is_found(namespace, store_server, chunk_of):

@@ -46,6 +46,15 @@ def same_kv(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(a, b))
 
 
+def clear_pool(cache) -> None:
+    """Zero every K and V row: what a load-back brings must come from the store. Eviction leaves a
+    row's bytes in place and the allocator may hand the same rows out again, so without this a
+    load that copied nothing could still compare equal."""
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf.zero_()
+
+
 def make_req(tokens: list[int], rid: str = "r0"):
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
@@ -95,8 +104,7 @@ def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
     keys = cache.namespace.chunk_keys(doc)
     assert cache.store.prefix_hits(keys) == 4  # whole chunks spilled; the partial tail is not stored
 
-    for buf in cache.token_to_kv_pool_allocator.get_kvcache().k_buffer:
-        buf.zero_()  # what comes back must come from the store
+    clear_pool(cache)
     req = make_req(doc + [7, 8, 9])
     device_len, host_hit, loaded, node = match_and_load(cache, req)
     assert (device_len, host_hit) == (0, 4 * CHUNK_TOKENS)
@@ -117,6 +125,7 @@ def test_load_continues_a_partial_gpu_match(make_cache, page_size):
     rows = insert(cache, doc)
     expected = kv_rows(cache, rows)
     evict_all(cache)
+    clear_pool(cache)
     # The first 96 tokens come back onto the GPU (recomputed, say): 1.5 chunks.
     head = insert(cache, doc[:96])
     pool = cache.token_to_kv_pool_allocator.get_kvcache()
@@ -179,9 +188,7 @@ def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
     assert spilled_bytes(cache) == 8 * cache.store.chunk_bytes
     assert [cache.store.cpu.contains(keys(doc)) for doc in newer] == [[False] * 4] * 2
 
-    pool = cache.token_to_kv_pool_allocator.get_kvcache()
-    for buf in pool.k_buffer + pool.v_buffer:
-        buf.zero_()  # what comes back must come from the store
+    clear_pool(cache)
     for doc in oldest:
         device_len, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1], f"back{doc[-1]}"))
         assert device_len + host_hit == 6 * T and host_hit >= 2 * T
@@ -242,6 +249,7 @@ def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monke
     others = [list(range(n, n + 3 * T)) for n in (20_000, 30_000, 40_000)] + [list(range(50_000, 50_000 + 4 * T))]
     for other in others:
         insert(cache, other)  # 13 of 16 chunks in use
+    clear_pool(cache)
     req = make_req(doc + [1])
     req.init_next_round_input(cache)
     assert req.host_hit_length == 4 * T and launched == []  # matched: nothing copied yet
@@ -388,6 +396,7 @@ def _disk_only_docs(cache) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         cache.store.disk.flush(timeout_s=10)  # let the early demotions land, as time would
     keys = cache.namespace.chunk_keys(docs[0])
     assert cache.store.cpu.contains(keys) == [False, False] and cache.store.disk.contains(keys) == [True, True]
+    clear_pool(cache)
     return docs, expected
 
 
@@ -498,6 +507,7 @@ def test_a_restarted_server_loads_what_it_spilled_to_disk(make_cache):
     first.store.close()  # the server stops; its CPU tier is gone, the disk slab stays
 
     again = make_cache(16, **settings)
+    clear_pool(again)  # its pool was filled from the same seed as the first one's
     req = make_req(doc + [1])
     req.init_next_round_input(again)  # disk only: prefetch starts
     deadline = time.monotonic() + 10

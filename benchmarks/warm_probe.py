@@ -5,7 +5,9 @@ kvtier, 30 GB CPU tier), sends 8 x 10K-token prompts cold then warm, one at a ti
 workload and warm-up), and prints each request's time with the change of every
 ``kvtier_op_seconds`` series over it (GPU load and spill time, hook CPU time); with ``--out`` the
 same as JSON. Extra kvtier settings come from the environment (``KVTIER_*``), extra SGLang
-arguments after ``--``.
+arguments after ``--``. ``--profile-warm I`` wraps warm request I in SGLang's ``/start_profile``
+and ``/stop_profile`` (torch profiler, CPU and GPU activity), whose trace shows every stream's
+kernels and copies: where a warm request waits.
 
     python benchmarks/warm_probe.py --policy write_through --out /tmp/probe.json
 """
@@ -16,10 +18,20 @@ import argparse
 import json
 import random
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from bench_common import KVTIER_ARGS, counter_delta, run_facts, scrape_metrics, write_dummy_model
 from sglang_server import generate, sglang_server, warm_up_prefix_hits
+
+
+def post(port: int, path: str, body: dict) -> str:
+    """POST ``body`` to SGLang's ``path`` (its profiler controls) and return the answer; an error
+    answer stops the probe."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode().strip()
 
 
 def main() -> None:
@@ -29,6 +41,11 @@ def main() -> None:
     ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
     ap.add_argument("--port", type=int, default=31000)
     ap.add_argument("--metrics-port", type=int, default=9400, help="kvtier's Prometheus port")
+    ap.add_argument("--profile-warm", type=int, action="append", default=[], metavar="I",
+                    help="record warm request I with SGLang's torch profiler (CPU and GPU activity; "
+                         "traces go to --profile-dir); may repeat. Writing the trace holds up the next "
+                         "request: take timings from a run without it")
+    ap.add_argument("--profile-dir", default="/tmp/kvtier-probe-traces")
     ap.add_argument("sglang_args", nargs="*", help="extra SGLang arguments (after --)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kvtier-probe-")
@@ -44,12 +61,19 @@ def main() -> None:
         warm_up_prefix_hits(args.port, rng)
         for phase in ("cold", "warm"):
             for i, doc in enumerate(docs):
+                profile = []  # the profiler's answers, when this request is recorded
+                if phase == "warm" and i in args.profile_warm:
+                    profile.append(post(args.port, "/start_profile", {
+                        "output_dir": args.profile_dir, "activities": ["CPU", "GPU"], "profile_prefix": f"warm{i}"}))
                 before = scrape_metrics(url)
                 seconds, _ = generate(args.port, doc)
+                if profile:
+                    profile.append(post(args.port, "/stop_profile", {}))
                 delta = {k.removeprefix("kvtier_op_seconds_"): round(v * 1e3, 2) if "_sum" in k else v
                          for k, v in counter_delta(before, scrape_metrics(url)).items()
                          if k.startswith("kvtier_op_seconds_") and v}
-                records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "op_ms": delta})
+                records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "op_ms": delta,
+                                "profile": profile})
                 print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), flush=True)
     if args.out:
         report = {"benchmark": "warm_probe", "policy": args.policy, "env": env, "server_args": server_args,

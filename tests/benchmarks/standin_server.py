@@ -7,6 +7,8 @@ then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cach
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
 returns the most requests it ever had in flight at once. ``--mode error`` streams SGLang's error
 event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
+``POST /start_profile`` and ``/stop_profile`` are recorded in ``/stats`` and answered with the path,
+the requests so far and the body's ``profile_prefix``.
 With a ``TierMetrics`` (the ``shim`` launcher passes one when ``KVTIER_METRICS_PORT`` is set) every
 request counts its cached whole 256-token chunks as CPU-tier hits and the rest as misses.
 """
@@ -76,12 +78,19 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(state)
 
+    async def profile(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        state.setdefault("profile_calls", []).append([request.path, body, state["requests"]])
+        return web.Response(text=f"{request.path} after {state['requests']} requests, prefix {body.get('profile_prefix')}")
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     app = web.Application()
     app.router.add_post("/generate", generate)
     app.router.add_get("/stats", stats)
+    app.router.add_post("/start_profile", profile)
+    app.router.add_post("/stop_profile", profile)
     app.router.add_get("/health", health)
     return app
 

@@ -460,6 +460,48 @@ def test_a_loaded_request_that_finishes_or_aborts_leaks_nothing(make_cache, is_i
     assert not cache.store.cpu._leases and cache.protected_size() == 0
 
 
+def test_a_loaded_request_retracted_in_decode_leaks_nothing_and_loads_again(make_cache, base_server_args):
+    """SGLang's own retraction (``schedule_batch.release_req``, what ``retract_decode`` runs for each
+    request it retracts) of a request whose prefix came back from the CPU tier, five tokens into its
+    decode: its rows and pins all come back, and when it is scheduled again its prefix is a hit
+    again, bit-exact."""
+    from sglang.srt.managers.schedule_batch import ReqKvInfo, release_req
+    from sglang.srt.runtime_context import publish
+
+    publish(base_server_args, role="test")  # the process-wide config a scheduler process publishes, read by release_req
+    cache = make_cache(1)
+    allocator = cache.token_to_kv_pool_allocator
+    free_at_start = allocator.available_size()
+    doc = list(range(3 * CHUNK_TOKENS))
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)
+    clear_pool(cache)
+    req = make_req(doc + list(range(9000, 9020)))
+    _, host_hit, loaded, node = match_and_load(cache, req)
+    assert host_hit == len(doc)
+    # What the prefill adder and the batch do next: lock, allocate the tail and five decode steps.
+    req.prefix_indices = torch.cat([req.prefix_indices, loaded])
+    req.last_node, req.cache_protected_len = node, len(req.prefix_indices)
+    cache.inc_lock_ref(node)
+    cache.req_to_token_pool.alloc([req])
+    committed = len(req.origin_input_ids) + 5
+    tail = allocator.alloc(committed - len(doc))
+    cache.req_to_token_pool.write((req.req_pool_idx, slice(0, committed)), torch.cat([req.prefix_indices, tail]))
+    req.output_ids.extend(range(6))  # the sixth token's KV is not computed yet
+    req.kv_committed_len, req.kv = committed, ReqKvInfo(kv_allocated_len=committed, swa_evicted_seqlen=0)
+
+    release_req(req=req, remaing_req_count=1, server_args=base_server_args, req_to_token_pool=cache.req_to_token_pool,
+                token_to_kv_pool_allocator=allocator, tree_cache=cache, hisparse_coordinator=None)
+    assert req.is_retracted and req.kv is None and req.req_pool_idx is None
+    assert not cache.store.cpu._leases and cache.protected_size() == 0
+    evict_all(cache)
+    assert allocator.available_size() == free_at_start
+
+    clear_pool(cache)
+    _, host_hit, loaded, _ = match_and_load(cache, req)  # scheduled again
+    assert host_hit == len(doc) and same_kv(kv_rows(cache, loaded), expected)
+
+
 def test_write_through_stores_each_chunked_prefill_step(make_cache):
     """Chunked prefill inserts the prompt piece by piece (cache_unfinished_req); each piece's
     whole chunks are stored as it lands, bit-exact, and finishing leaks nothing."""

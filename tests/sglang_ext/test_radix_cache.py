@@ -434,26 +434,35 @@ def test_with_a_wait_a_disk_only_prefix_is_a_hit_at_once(make_cache):
     assert cold.host_hit_length == 0 and not cache._prefetching
 
 
+def running_after_load(cache, doc: list[int], committed_extra: int):
+    """A request for ``doc`` + 20 tokens whose ``doc`` came back from the CPU tier (page_size 1),
+    taken as far as the prefill adder and the batch take it: node locked, rows for the KV of
+    ``committed_extra`` tokens past ``doc`` allocated, ``req_to_token`` filled. Returns the request,
+    the KV of ``doc`` as first inserted, and the rows committed."""
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)
+    clear_pool(cache)
+    req = make_req(doc + list(range(9000, 9020)))
+    _, host_hit, loaded, node = match_and_load(cache, req)
+    assert host_hit == len(doc) and same_kv(kv_rows(cache, loaded), expected)
+    req.prefix_indices = torch.cat([req.prefix_indices, loaded])
+    req.last_node, req.cache_protected_len = node, len(req.prefix_indices)
+    cache.inc_lock_ref(node)
+    cache.req_to_token_pool.alloc([req])
+    committed = len(doc) + committed_extra
+    tail = cache.token_to_kv_pool_allocator.alloc(committed_extra)
+    cache.req_to_token_pool.write((req.req_pool_idx, slice(0, committed)), torch.cat([req.prefix_indices, tail]))
+    return req, expected, committed
+
+
 @pytest.mark.parametrize("is_insert", [True, False], ids=["finished", "aborted"])
 def test_a_loaded_request_that_finishes_or_aborts_leaks_nothing(make_cache, is_insert):
     """Scheduler bookkeeping after a load-back: rows and pins all come back (page_size 1)."""
     cache = make_cache(1)
     allocator = cache.token_to_kv_pool_allocator
     free_at_start = allocator.available_size()
-    doc = list(range(3 * CHUNK_TOKENS))
-    insert(cache, doc)
-    evict_all(cache)
-    req = make_req(doc + list(range(9000, 9020)))
-    _, host_hit, loaded, node = match_and_load(cache, req)
-    assert host_hit == len(doc)
-    # What the prefill adder and the batch do next: lock, allocate the tail, fill req_to_token.
-    req.prefix_indices = torch.cat([req.prefix_indices, loaded])
-    req.last_node, req.cache_protected_len = node, len(req.prefix_indices)
-    cache.inc_lock_ref(node)
-    cache.req_to_token_pool.alloc([req])
-    tail = allocator.alloc(20)
-    cache.req_to_token_pool.write((req.req_pool_idx, slice(0, len(doc) + 20)), torch.cat([req.prefix_indices, tail]))
-    cache.cache_finished_req(req, is_insert=is_insert, kv_len_to_handle=len(doc) + 20)
+    req, _, committed = running_after_load(cache, list(range(3 * CHUNK_TOKENS)), 20)
+    cache.cache_finished_req(req, is_insert=is_insert, kv_len_to_handle=committed)
     cache.req_to_token_pool.free(req)
     evict_all(cache)
     assert allocator.available_size() == free_at_start
@@ -473,20 +482,7 @@ def test_a_loaded_request_retracted_in_decode_leaks_nothing_and_loads_again(make
     allocator = cache.token_to_kv_pool_allocator
     free_at_start = allocator.available_size()
     doc = list(range(3 * CHUNK_TOKENS))
-    expected = kv_rows(cache, insert(cache, doc))
-    evict_all(cache)
-    clear_pool(cache)
-    req = make_req(doc + list(range(9000, 9020)))
-    _, host_hit, loaded, node = match_and_load(cache, req)
-    assert host_hit == len(doc)
-    # What the prefill adder and the batch do next: lock, allocate the tail and five decode steps.
-    req.prefix_indices = torch.cat([req.prefix_indices, loaded])
-    req.last_node, req.cache_protected_len = node, len(req.prefix_indices)
-    cache.inc_lock_ref(node)
-    cache.req_to_token_pool.alloc([req])
-    committed = len(req.origin_input_ids) + 5
-    tail = allocator.alloc(committed - len(doc))
-    cache.req_to_token_pool.write((req.req_pool_idx, slice(0, committed)), torch.cat([req.prefix_indices, tail]))
+    req, expected, committed = running_after_load(cache, doc, 20 + 5)  # the prompt and five decode steps
     req.output_ids.extend(range(6))  # the sixth token's KV is not computed yet
     req.kv_committed_len, req.kv = committed, ReqKvInfo(kv_allocated_len=committed, swa_evicted_seqlen=0)
 

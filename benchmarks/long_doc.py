@@ -249,7 +249,7 @@ class RunOptions:
     request_timeout_s: float
     log_dir: str
     metrics_port: int
-    cuda_graph_max_bs: int = 0
+    cuda_graph_max_bs: int
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:

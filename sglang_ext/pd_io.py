@@ -33,7 +33,7 @@ import torch
 from kvtier.kernels.kv_pages import copy_kv_rows, gather_kv, scatter_kv
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
 from kvtier.transfer.pd_heads import slice_plan
-from kvtier.transfer.pd_layout import kv_groups, page_rows
+from kvtier.transfer.pd_layout import kv_groups, page_rows, pages_outside
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,10 @@ class Packer:
         copy's seconds. ``wait`` as in ``gather``."""
         if len(pages) != len(dst_pages):
             raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
+        for side, side_pages, views in (("source", pages, self.views), ("destination", dst_pages, dst)):
+            why = pages_outside(side_pages, views[0].shape[0] // self.page_size)
+            if why is not None:
+                raise ValueError(f"{side} {why}")
         rows = np.concatenate([page_rows(pages, self.page_size), page_rows(dst_pages, self.page_size)])
         with self._copying(wait) as timer:
             both = self._on_device(rows)
@@ -190,13 +194,11 @@ class Packer:
         """``rows`` on this pool's device, by one copy on the current stream from a pinned buffer
         reused across calls (each call ends with a stream sync, so the buffer is free again).
 
-        On a CUDA pool the rows reach the kernel unchecked and without a pageable copy: a copy
-        from pageable memory blocks the thread (the GIL is released, and in a server the
-        scheduler thread then keeps it for up to Python's switch interval: transfer_gpu.py's
-        direct_packer spent 0.6 ms around the copy idle, 6.6 ms beside a busy Python thread at a
-        0.5 ms interval), and a range check here would need the rows on the CPU. The caller
-        keeps the pages inside both pools (``KvtierKVManager`` checks a decode's pages when their
-        metadata arrives); a CPU pool's rows are still checked by ``copy_kv_rows``."""
+        Not a pageable copy per list: a copy from pageable memory blocks the thread, which then
+        waits for the GIL, kept by SGLang's scheduler loop for up to Python's switch interval
+        (transfer_gpu.py's direct_packer: 0.6 ms around the copy idle, 6.6 ms beside a busy
+        Python thread at a 0.5 ms interval). Device rows are not range-checked by
+        ``copy_kv_rows``: ``copy_rows`` checks the pages on the host first."""
         if self.stream is None:
             return torch.from_numpy(rows)
         if self._row_buffer is None or self._row_buffer.numel() < len(rows):

@@ -62,7 +62,6 @@ from kvtier.transfer.pd_layout import (
     SlotCredits,
     compare,
     data_path,
-    pages_outside,
     pool_regions,
     slot_bytes_for,
     slot_chunks,
@@ -478,23 +477,15 @@ class KvtierKVManager(CommonKVManager):
     def _on_metadata(self, frames: list[bytes]) -> None:
         msg = json.loads(frames[1])
         room, peer_id = int(msg["room"]), msg["peer"]
-        pages = np.frombuffer(frames[2], dtype=np.int32).astype(np.int64)
         why = self.refused.get(peer_id)
         if why is None and peer_id not in self.peers:
             why = f"kvtier PD: decode {peer_id} sent request {room} without registering its KV layout first"
-        peer = self.peers.get(peer_id)
-        if why is None and peer.rows is not None:
-            # The direct path's kernel stores at these pages unchecked (Packer._on_device); on the
-            # staged path the decode checks its own pages when it scatters.
-            why = pages_outside(pages, peer.rows[1][0].shape[0] // self.packer.page_size)
-            if why is not None:
-                why = f"kvtier PD: decode {peer_id} sent request {room} with destination {why}"
-                logger.error("%s", why)
         if why is not None:
             self._fail_early(room, why)
             endpoint = NetworkAddress(msg["ip"], int(msg["port"])).to_tcp()
             self.send_control(endpoint, control_message(FAIL, {"room": room, "reason": why}))
             return
+        pages = np.frombuffer(frames[2], dtype=np.int32).astype(np.int64)
         dsts = self.transfer_infos.setdefault(room, {})
         dsts[peer_id] = _Destination(peer_id, pages, int(msg["aux_index"]), int(msg.get("required_dst", 1)))
         if len(dsts) >= dsts[peer_id].required:

@@ -390,10 +390,13 @@ def test_direct_path_across_two_gpus_and_a_decode_killed_on_it():
         assert stats["peers"] == {"direct": 1} and stats["path_bytes"] == {"direct": stats["bytes"]}
         assert 0 < stats["copy_seconds"]["direct"] < stats["seconds"]
 
-        # Pages past the decode's pool (256 tokens + a padding page: 65 pages of 4) would be stored there
-        # unchecked: both sides fail.
+        # Pages past the decode's pool (256 tokens + a padding page: 65 pages of 4): the kernel would
+        # store there, so the copy is refused and both sides fail.
         bad = new_room(np.random.default_rng(20))
         assert bootstrap(prefill, decode, addr, bad, [1, 2, 1000], prefix_len=0) == WAITING
+        assert prefill.call("wait", room=bad, want=[WAITING], timeout_s=10)["status"] == WAITING
+        prefill.call("init", room=bad, prompt_len=12, aux_index=7, first_token=5)
+        prefill.call("send", room=bad, pages=[3, 4, 5], last=True, tokens=12)
         p, d = (r.call("wait", room=bad, want=[], timeout_s=10) for r in (prefill, decode))
         assert p["status"] == d["status"] == FAILED and "pages [1, 1000] outside a pool of 65 pages" in d["error"], d
 

@@ -112,6 +112,14 @@ def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_siz
         sp.row_views(regions[:3])
     with pytest.raises(ValueError, match="2 source pages for 1 destination pages"):
         sp.copy_rows(src_pages[:2], sp.row_views(regions), dst_pages[:1])
+    # Out-of-pool pages are refused before any byte moves (on a GPU the kernel would store there).
+    after = [b.view(torch.uint8).clone() for b in dst_bufs]
+    n_pages = 128 // page_size + 1  # 128 tokens and SGLang's padding page
+    with pytest.raises(ValueError, match=rf"^destination pages \[1, {n_pages}\] outside a pool of {n_pages} pages$"):
+        sp.copy_rows(np.array([1, 2]), sp.row_views(regions), np.array([1, n_pages]))
+    with pytest.raises(ValueError, match=rf"^source pages \[-1, 2\] outside a pool of {n_pages} pages$"):
+        sp.copy_rows(np.array([-1, 2]), sp.row_views(regions), np.array([1, 2]))
+    assert all(torch.equal(b.view(torch.uint8), a) for b, a in zip(dst_bufs, after))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import urllib.request
@@ -50,7 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kvtier-probe-")
     model = write_dummy_model(f"{work}/model")
-    env = {"KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": str(args.metrics_port), "KVTIER_WRITE_POLICY": args.policy}
+    # KVTIER_* settings of the caller's environment reach the server anyway; named here, the JSON records them.
+    env = {**{k: v for k, v in os.environ.items() if k.startswith("KVTIER_")},
+           "KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": str(args.metrics_port), "KVTIER_WRITE_POLICY": args.policy}
     server_args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS, *args.sglang_args]
     rng = random.Random(0)
     docs = [[rng.randrange(1000, 120_000) for _ in range(10_000)] for _ in range(8)]

@@ -8,6 +8,7 @@ alignment also makes every slot a valid O_DIRECT buffer for the disk tier.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import weakref
@@ -33,7 +34,10 @@ class HostSlab:
         # MAP_POPULATE faults every page in now: the tier is allocated once, at start, rather
         # than at 4 KiB a fault on the first copies (which ran at 0.6 GB/s here).
         self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        # The tensor and each view of it hold this buffer object, which holds the mapping: the memory
+        # lives, and stays pinned, as long as any view does, whether or not the slab object is kept.
+        memory = (ctypes.c_ubyte * nbytes).from_buffer(self._mmap)
+        self.tensor = torch.frombuffer(memory, dtype=torch.uint8)
         self.pinned = False
         if pin is None:
             pin = torch.cuda.is_available()
@@ -42,9 +46,10 @@ class HostSlab:
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
             self.pinned = True
-            # A slab dropped without close() must still unpin: its mapping can be freed and the next
-            # mmap can get the same addresses, which CUDA would refuse to register again (error 712).
-            self._unpin = weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, self.tensor.data_ptr())
+            # Unpinned when the last view goes (or at close), before the mapping is unmapped: a range
+            # unmapped still registered makes the next mmap at those addresses fail to register
+            # (error 712), and unpinning while a view lives made the kernels refuse it as pageable.
+            self._unpin = weakref.finalize(memory, torch.cuda.cudart().cudaHostUnregister, self.tensor.data_ptr())
             self._unpin.atexit = False  # at exit the process's memory goes anyway
         else:
             logger.info("kvtier: CUDA not available, host slab of %d bytes is not pinned", nbytes)
@@ -59,7 +64,8 @@ class HostSlab:
         if self.pinned:
             self._unpin()
             self.pinned = False
-        del self.tensor
+        if hasattr(self, "tensor"):  # a close that found views alive already dropped it
+            del self.tensor
         try:
             self._mmap.close()
         except BufferError:

@@ -24,6 +24,22 @@ def test_a_slab_is_page_aligned_exactly_sized_and_its_views_share_memory():
     slab.close()  # a second close is a no-op
 
 
+def test_a_view_outlives_its_dropped_or_closed_slab():
+    """PoolIO and the tier store keep views, not always the slab; the memory must stay theirs."""
+    for close in (False, True):
+        slab = HostSlab(2 * mmap.PAGESIZE, pin=CUDA)
+        view = slab.view(mmap.PAGESIZE, 16)
+        if close:
+            slab.close()  # views alive: the mapping stays until the last one goes
+            slab.close()
+        del slab
+        gc.collect()
+        view.fill_(5)
+        assert view.tolist() == [5] * 16
+        if CUDA and not close:
+            assert view.is_pinned(), "a dropped slab's live view was unpinned"
+
+
 def test_a_size_of_zero_is_refused():
     with pytest.raises(ValueError, match="positive"):
         HostSlab(0)
@@ -37,7 +53,12 @@ def test_slabs_made_again_and_again_are_pinned_each_time(close):
     for _ in range(4):
         slab = HostSlab(1 << 20)
         assert slab.pinned
+        view = slab.view(0, 4096)
         if close:
             slab.close()
         del slab
+        gc.collect()
+        if not close:
+            assert view.is_pinned()  # pinned while a view lives (unpinned early, PoolIO refused it)
+        del view
         gc.collect()

@@ -203,8 +203,9 @@ class KVTierRadixCache(RadixCache):
         if covered >= reserve or not self.evictable_leaves:
             return
         # A cache-aware schedule policy matches every waiting request each round: walk the tree
-        # again only once its sizes changed or for a request needing more than the last walk.
-        state = (free, self.evictable_size_)
+        # again only once it changed (sizes alone miss requests of one size: one node out, one in,
+        # same sizes) or for a request needing more than the last walk.
+        state = (free, self.evictable_size_, self._tree_version)
         last_state, last_incoming = self._ahead_walk
         if state == last_state and incoming <= last_incoming:
             return
@@ -235,12 +236,14 @@ class KVTierRadixCache(RadixCache):
             io.guard_pending()
         super().reset()
         self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction
-        self._ahead_walk: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (free, evictable), incoming of the last walk
+        self._tree_version = 0  # bumped by every insert and leaf deletion
+        self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
         self._spilled_ahead.discard(node.id)
+        self._tree_version += 1
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             tokens, rows, extra_key = self._path(node)
             self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=True)
@@ -253,6 +256,7 @@ class KVTierRadixCache(RadixCache):
 
     def insert(self, params: InsertParams) -> InsertResult:
         result = super().insert(params)
+        self._tree_version += 1
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)
             match = super().match_prefix(MatchPrefixParams(key=key))

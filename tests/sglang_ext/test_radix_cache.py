@@ -229,6 +229,34 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs] == [3, 3, 3, 0]
 
 
+def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache, monkeypatch):
+    """Requests of one size, one after another (offload_ttft's cold pass): once the pool is full each
+    leaves the free and evictable sizes as they were, yet the tree changed (a document out, one in),
+    so each must still get the next document in eviction order copied out ahead and no eviction
+    copies on the critical path. At 2e583df the walk was skipped as "same state" from the third such
+    request on, and on an H100 each later request waited ~25 ms for a write-back spill."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    T = CHUNK_TOKENS
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    guarded = []  # chunks copied as their rows were freed (at eviction), per request
+    real = cache.io.to_host
+    monkeypatch.setattr(cache.io, "to_host", lambda slots, views, on_done, guard=True, owner=None: (
+        guarded.__setitem__(-1, guarded[-1] + len(views) * guard), real(slots, views, on_done, guard, owner))[1])
+    docs = [list(range(n, n + 4 * T)) for n in range(10_000, 130_000, 10_000)]  # 12 documents of 4 chunks
+    for i, doc in enumerate(docs):
+        guarded.append(0)
+        make_req(doc, f"doc{i}").init_next_round_input(cache)  # matched: the spill-ahead walk
+        short = len(doc) - cache.token_to_kv_pool_allocator.available_size()
+        if short > 0:
+            cache.evict(EvictParams(num_tokens=short))
+        insert(cache, doc)
+        cache.flush()
+    assert guarded == [0] * len(docs)
+    # The pool holds at most four documents: the first eight were evicted, each after its copy.
+    assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs[:8]] == [4] * 8
+
+
 def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monkeypatch):
     """The spill ahead of a request loading from the CPU tier is launched after its load (so that
     on a GPU it runs behind the load, not beside it), and it still copies out what eviction takes

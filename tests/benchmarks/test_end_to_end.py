@@ -136,9 +136,9 @@ def test_warm_probe_records_every_request_of_both_passes(tmp_path):
         (phase, i) for phase in ("cold", "warm") for i in range(8)]
     assert report["env"]["KVTIER_WRITE_POLICY"] == "write_through" and report["commit"] == "abc"
     assert all(x["ms"] > 0 for x in report["requests"])
-    # Warm request 1 (the 12th: 3 warm-up, 8 cold, warm 0) alone is wrapped in the profiler's start and stop.
+    # Warm request 1 (the 13th: 4 warm-up, 8 cold, warm 0) alone is wrapped in the profiler's start and stop.
     assert [x["profile"] for x in report["requests"] if x["profile"]] == [
-        ["/start_profile after 12 requests, prefix warm1", "/stop_profile after 13 requests, prefix None"]]
+        ["/start_profile after 13 requests, prefix warm1", "/stop_profile after 14 requests, prefix None"]]
 
 
 def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):

@@ -230,7 +230,7 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
 
 
 def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache, monkeypatch):
-    """Requests of one size, one after another (offload_ttft's cold pass): once the pool is full each
+    """Requests of one size, one after another (offload_ttft's cold and warm passes): once the pool is full each
     leaves the free and evictable sizes as they were, yet the tree changed (a document out, one in),
     so each must still get the next document in eviction order copied out ahead and no eviction
     copies on the critical path. At 2e583df the walk was skipped as "same state" from the third such
@@ -255,6 +255,14 @@ def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache, monkeypatch)
     assert guarded == [0] * len(docs)
     # The pool holds at most four documents: the first eight were evicted, each after its copy.
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs[:8]] == [4] * 8
+
+    # The warm pass: the same documents again, each loaded back from the CPU tier (its spill ahead
+    # runs after the load), evicting what the cold pass left: still no copy at eviction.
+    for i, doc in enumerate(docs[:8]):
+        guarded.append(0)
+        device_len, host_hit, _, _ = match_and_load(cache, make_req(doc + [1], f"warm{i}"))
+        assert (device_len, host_hit) == (0, 4 * T)
+    assert guarded[len(docs):] == [0] * 8
 
 
 def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monkeypatch):

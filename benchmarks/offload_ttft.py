@@ -52,7 +52,7 @@ def kvtier_metrics(port: int) -> dict[str, float]:
     except OSError:
         return {}
     wanted = ("kvtier_hits_total", "kvtier_misses_total", "kvtier_bytes_total", "kvtier_dropped_puts_total",
-              "kvtier_demotions_total", "kvtier_op_seconds_sum", "kvtier_op_seconds_count")
+              "kvtier_demotions_total", "kvtier_spilled_chunks_total", "kvtier_op_seconds_sum", "kvtier_op_seconds_count")
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(wanted)}
 
 

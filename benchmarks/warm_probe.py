@@ -3,7 +3,8 @@
 Starts one SGLang server (Llama-3-8B shape, dummy weights, 40K-token pool, --radix-cache-backend
 kvtier, 30 GB CPU tier), sends 8 x 10K-token prompts cold then warm, one at a time (offload_ttft's
 workload and warm-up), and prints each request's time with the change of every
-``kvtier_op_seconds`` series over it (GPU load and spill time, hook CPU time); with ``--out`` the
+``kvtier_op_seconds`` series over it (GPU load and spill time, hook CPU time) and the chunks it copied
+out by what started the copy (``kvtier_spilled_chunks``); with ``--out`` the
 same as JSON. Extra kvtier settings come from the environment (``KVTIER_*``), extra SGLang
 arguments after ``--``. ``--profile-warm I`` wraps warm request I in SGLang's ``/start_profile``
 and ``/stop_profile`` (torch profiler, CPU and GPU activity), whose trace shows every stream's
@@ -22,7 +23,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench_common import KVTIER_ARGS, counter_delta, run_facts, scrape_metrics, write_dummy_model
+from bench_common import KVTIER_ARGS, counter_delta, metric_label, run_facts, scrape_metrics, write_dummy_model
 from sglang_server import generate, sglang_server, warm_up_prefix_hits
 
 
@@ -72,12 +73,14 @@ def main() -> None:
                 seconds, _ = generate(args.port, doc)
                 if profile:
                     profile.append(post(args.port, "/stop_profile", {}))
+                changed = counter_delta(before, scrape_metrics(url))
                 delta = {k.removeprefix("kvtier_op_seconds_"): round(v * 1e3, 2) if "_sum" in k else v
-                         for k, v in counter_delta(before, scrape_metrics(url)).items()
-                         if k.startswith("kvtier_op_seconds_") and v}
+                         for k, v in changed.items() if k.startswith("kvtier_op_seconds_") and v}
+                spilled = {metric_label(k, "when"): int(v) for k, v in changed.items()
+                           if k.startswith("kvtier_spilled_chunks_total{") and v}
                 records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "op_ms": delta,
-                                "profile": profile})
-                print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), flush=True)
+                                "spilled_chunks": spilled, "profile": profile})
+                print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), json.dumps(spilled), flush=True)
     if args.out:
         report = {"benchmark": "warm_probe", "policy": args.policy, "env": env, "server_args": server_args,
                   "requests": records, **run_facts(args.commit)}

@@ -43,6 +43,10 @@ class TierMetrics:
         self.capacity = Gauge("kvtier_capacity_bytes", "Capacity, by tier", ["tier"], registry=r)
         self.evictions = Counter("kvtier_evictions", "Chunks evicted, by tier", ["tier"], registry=r)
         self.demotions = Counter("kvtier_demotions", "Chunks written from CPU to disk on eviction", registry=r)
+        self.spills = Counter("kvtier_spilled_chunks", "Chunks copied out of the GPU pool by the radix hook, by what "
+                              "started the copy: eviction (write_back; the rows wait for it, on the request's path), "
+                              "ahead (write_back's spill ahead, in the background) or insert (write_through)",
+                              ["when"], registry=r)
         self.dropped = Counter("kvtier_dropped_puts", "Chunks not stored, by reason", ["reason"], registry=r)
         self.corrupt = Counter("kvtier_corrupt", "Chunks failing their checksum (served as misses)", ["tier"], registry=r)
         self.remote_errors = Counter("kvtier_remote_errors", "Remote tier calls that failed or timed out", registry=r)

@@ -30,7 +30,7 @@ import threading
 import weakref
 from array import array
 from concurrent.futures import Future, wait
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -168,12 +168,13 @@ class KVTierRadixCache(RadixCache):
         return tokens, rows, nodes[0].key.extra_key if nodes else None
 
     def _store_chunks(
-        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int, rows_freed: bool,
-        owner: Optional[TreeNode] = None,
+        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int,
+        when: Literal["eviction", "ahead", "insert"], owner: Optional[TreeNode] = None,
     ) -> None:
-        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet. Rows
-        still in the tree (not ``rows_freed``) belong to ``owner`` and its ancestors: ``owner``'s
-        deletion, which must come before theirs, waits for the copy."""
+        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet. At an
+        ``eviction`` the rows were just freed and wait for the copy; otherwise they are still in the
+        tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must come before
+        theirs, waits for the copy."""
         T = self.chunk_tokens
         keys = self.namespace.chunk_keys(tokens, extra_key)
         first = start // T
@@ -184,7 +185,8 @@ class KVTierRadixCache(RadixCache):
         if not lease.keys:
             return
         slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
-        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=rows_freed,
+        self.store.metrics.spills.labels(when).inc(len(lease.keys))
+        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=when == "eviction",
                                     owner=owner))
 
     def _timed_spill_ahead(self, incoming: int) -> None:
@@ -221,7 +223,7 @@ class KVTierRadixCache(RadixCache):
             if node.id not in self._spilled_ahead:
                 self._spilled_ahead.add(node.id)
                 tokens, rows, extra_key = self._path(node)
-                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=False,
+                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), when="ahead",
                                    owner=node)
             parent = node.parent
             if parent is not self.root_node and parent.lock_ref == 0:
@@ -246,7 +248,7 @@ class KVTierRadixCache(RadixCache):
         self._tree_version += 1
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             tokens, rows, extra_key = self._path(node)
-            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), rows_freed=True)
+            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), when="eviction")
         super()._delete_leaf(node)
 
     def evict(self, params: EvictParams):
@@ -262,7 +264,7 @@ class KVTierRadixCache(RadixCache):
             match = super().match_prefix(MatchPrefixParams(key=key))
             rows = match.device_indices
             self._store_chunks(key.raw_token_ids()[: len(rows)], rows, key.extra_key, start=result.prefix_len,
-                               rows_freed=False, owner=match.last_device_node)
+                               when="insert", owner=match.last_device_node)
         return result
 
     # -- load-back -----------------------------------------------------------------------------

@@ -148,6 +148,7 @@ def test_write_through_stores_on_insert(make_cache):
     # Eviction then needs no copy: the chunks are already there.
     evict_all(cache)
     assert cache.store.metrics.registry.get_sample_value("kvtier_bytes_total", {"tier": "cpu", "direction": "in"}) == 2 * cache.store.chunk_bytes
+    assert [spilled_chunks(cache, when) for when in ("insert", "ahead", "eviction")] == [2, 0, 0]
 
 
 def spilled_bytes(cache) -> float:
@@ -229,40 +230,43 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs] == [3, 3, 3, 0]
 
 
-def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache, monkeypatch):
+def spilled_chunks(cache, when: str) -> int:
+    return int(cache.store.metrics.registry.get_sample_value("kvtier_spilled_chunks_total", {"when": when}) or 0)
+
+
+def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache):
     """Requests of one size, one after another (offload_ttft's cold and warm passes): once the pool is full each
     leaves the free and evictable sizes as they were, yet the tree changed (a document out, one in),
     so each must still get the next document in eviction order copied out ahead and no eviction
-    copies on the critical path. At 2e583df the walk was skipped as "same state" from the third such
-    request on, and on an H100 each later request waited ~25 ms for a write-back spill."""
+    copies on the critical path (``kvtier_spilled_chunks_total{when="eviction"}`` stays 0). At
+    2e583df the walk was skipped as "same state" from the third such request on, and on an H100
+    each later request waited ~25 ms for a write-back spill."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     T = CHUNK_TOKENS
     cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
-    guarded = []  # chunks copied as their rows were freed (at eviction), per request
-    real = cache.io.to_host
-    monkeypatch.setattr(cache.io, "to_host", lambda slots, views, on_done, guard=True, owner=None: (
-        guarded.__setitem__(-1, guarded[-1] + len(views) * guard), real(slots, views, on_done, guard, owner))[1])
     docs = [list(range(n, n + 4 * T)) for n in range(10_000, 130_000, 10_000)]  # 12 documents of 4 chunks
+    at_eviction = []  # chunks copied as their rows were freed, per request
     for i, doc in enumerate(docs):
-        guarded.append(0)
         make_req(doc, f"doc{i}").init_next_round_input(cache)  # matched: the spill-ahead walk
         short = len(doc) - cache.token_to_kv_pool_allocator.available_size()
         if short > 0:
             cache.evict(EvictParams(num_tokens=short))
         insert(cache, doc)
         cache.flush()
-    assert guarded == [0] * len(docs)
+        at_eviction.append(spilled_chunks(cache, "eviction"))
+    assert at_eviction == [0] * len(docs)
     # The pool holds at most four documents: the first eight were evicted, each after its copy.
     assert [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs[:8]] == [4] * 8
+    assert spilled_chunks(cache, "ahead") >= 8 * 4 and spilled_chunks(cache, "insert") == 0
 
     # The warm pass: the same documents again, each loaded back from the CPU tier (its spill ahead
     # runs after the load), evicting what the cold pass left: still no copy at eviction.
     for i, doc in enumerate(docs[:8]):
-        guarded.append(0)
         device_len, host_hit, _, _ = match_and_load(cache, make_req(doc + [1], f"warm{i}"))
         assert (device_len, host_hit) == (0, 4 * T)
-    assert guarded[len(docs):] == [0] * 8
+        at_eviction.append(spilled_chunks(cache, "eviction"))
+    assert at_eviction == [0] * (len(docs) + 8)
 
 
 def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monkeypatch):
@@ -304,6 +308,8 @@ def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
     make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS))).init_next_round_input(cache)
     cache.flush()
     assert spilled_bytes(cache) == 0
+    evict_all(cache)  # every chunk is copied as its rows are freed, on the critical path
+    assert [spilled_chunks(cache, when) for when in ("insert", "ahead", "eviction")] == [0, 0, 6]
 
 
 class InFlight:

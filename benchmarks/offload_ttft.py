@@ -27,10 +27,11 @@ import json
 import os
 import random
 import statistics
-import urllib.request
 from pathlib import Path
 
-from bench_common import KVTIER_ARGS, parse_variant, run_facts, setups, write_dummy_model
+from bench_common import (KVTIER_ARGS, counter_delta, kvtier_summary, parse_variant, run_facts, scrape_metrics, setups,
+                          write_dummy_model)
+from kvtier.sglang_ext.config import KVTierConfig
 from sglang_server import generate, sglang_server, warm_up_prefix_hits
 
 # The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
@@ -46,16 +47,6 @@ CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
 }
 
 
-def kvtier_metrics(port: int) -> dict[str, float]:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return {}
-    wanted = ("kvtier_hits_total", "kvtier_misses_total", "kvtier_bytes_total", "kvtier_dropped_puts_total",
-              "kvtier_demotions_total", "kvtier_spilled_chunks_total", "kvtier_op_seconds_sum", "kvtier_op_seconds_count")
-    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith(wanted)}
-
-
 def summary(ts: list[float]) -> dict:
     return {"mean_s": round(statistics.mean(ts), 4), "p50_s": round(statistics.median(ts), 4), "all_s": [round(t, 4) for t in ts]}
 
@@ -69,14 +60,18 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         print(f"{name}: ready after {startup:.0f} s", flush=True)
         rnd = random.Random(0)
         prompts = [[rnd.randrange(1000, 120000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        warm_up_prefix_hits(args.port, rnd)
+        warm_up_prefix_hits(args.port, rnd, extend_tokens=args.doc_len % KVTierConfig.chunk_tokens)
         result = {"pool_tokens": pool, "server_args": extra, "env": env, "startup_s": round(startup, 1)}
+        url = f"http://127.0.0.1:{env['KVTIER_METRICS_PORT']}/metrics" if "KVTIER_METRICS_PORT" in env else None
+        before = scrape_metrics(url) if url else {}
         for phase in ("cold", "warm"):
             ts = [generate(args.port, p)[0] for p in prompts]
             result[phase] = summary(ts)
             print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s  {result[phase]['all_s']}", flush=True)
-        if "KVTIER_METRICS_PORT" in env:
-            result["kvtier_metrics"] = kvtier_metrics(int(env["KVTIER_METRICS_PORT"]))
+            if url:  # kvtier's counters over this pass alone
+                after = scrape_metrics(url)
+                result[phase]["kvtier"] = kvtier_summary(counter_delta(before, after))
+                before = after
         return result
 
 

@@ -102,15 +102,17 @@ def generate(port: int, ids: list[int], max_new_tokens: int = 1, return_logprob:
     return time.perf_counter() - start, out
 
 
-def warm_up_prefix_hits(port: int, rnd: random.Random) -> None:
+def warm_up_prefix_hits(port: int, rnd: random.Random, extend_tokens: int = 0) -> None:
     """Off the record: a short prompt, then twice again as a prefix hit, so that the kernels of a
     one-token extend over a cached prefix are compiled before anything is timed (the first such
     request paid that compile: 0.146 s against 0.061 for the rest in offload_ttft's radix_fit at 7e35a7d);
-    then a 16-token extend over it, what a 10,000-token prompt loaded back in 256-token chunks
-    computes. CUDA loads a kernel's module at its first launch and waits for the GPU to go idle
-    to do so: in a torch profile of kvtier's first warm request at 2e583df, the first matmul of
-    that shape started only once every copy in flight had finished (65 ms)."""
+    then, with ``extend_tokens`` > 1, an extend of that many tokens over it: what a prompt loaded
+    back in whole chunks leaves to compute (its length modulo kvtier's chunk_tokens). CUDA loads a
+    kernel's module at its first launch and waits for the GPU to go idle to do so: in a torch
+    profile of kvtier's first warm request at 2e583df (10,000 tokens: a 16-token extend), the first
+    matmul of that shape started only once every copy in flight had finished (65 ms)."""
     prompt = [rnd.randrange(1000, 120000) for _ in range(256)]
     for _ in range(3):
         generate(port, prompt)
-    generate(port, prompt + [rnd.randrange(1000, 120000) for _ in range(16)])
+    if extend_tokens > 1:
+        generate(port, prompt + [rnd.randrange(1000, 120000) for _ in range(extend_tokens)])

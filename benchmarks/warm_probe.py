@@ -2,10 +2,9 @@
 
 Starts one SGLang server (Llama-3-8B shape, dummy weights, 40K-token pool, --radix-cache-backend
 kvtier, 30 GB CPU tier), sends 8 x 10K-token prompts cold then warm, one at a time (offload_ttft's
-workload and warm-up), and prints each request's time with the change of every
-``kvtier_op_seconds`` series over it (GPU load and spill time, hook CPU time) and the chunks it copied
-out by what started the copy (``kvtier_spilled_chunks``); with ``--out`` the
-same as JSON. Extra kvtier settings come from the environment (``KVTIER_*``), extra SGLang
+workload and warm-up), and prints each request's time with kvtier's counters over it
+(``kvtier_summary``: chunks copied out by what started the copy, GPU copy times, hook CPU time);
+with ``--out`` the same as JSON. Extra kvtier settings come from the environment (``KVTIER_*``), extra SGLang
 arguments after ``--``. ``--profile-warm I`` wraps warm request I in SGLang's ``/start_profile``
 and ``/stop_profile`` (torch profiler, CPU and GPU activity), whose trace shows every stream's
 kernels and copies: where a warm request waits.
@@ -23,8 +22,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench_common import KVTIER_ARGS, counter_delta, metric_label, run_facts, scrape_metrics, write_dummy_model
+from bench_common import KVTIER_ARGS, counter_delta, kvtier_summary, run_facts, scrape_metrics, write_dummy_model
+from kvtier.sglang_ext.config import KVTierConfig
 from sglang_server import generate, sglang_server, warm_up_prefix_hits
+
+DOC_TOKENS = 10_000
 
 
 def post(port: int, path: str, body: dict) -> str:
@@ -57,12 +59,12 @@ def main() -> None:
            "KVTIER_CPU_SIZE_GB": "30", "KVTIER_METRICS_PORT": str(args.metrics_port), "KVTIER_WRITE_POLICY": args.policy}
     server_args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS, *args.sglang_args]
     rng = random.Random(0)
-    docs = [[rng.randrange(1000, 120_000) for _ in range(10_000)] for _ in range(8)]
+    docs = [[rng.randrange(1000, 120_000) for _ in range(DOC_TOKENS)] for _ in range(8)]
     url = f"http://127.0.0.1:{args.metrics_port}/metrics"
     records = []
     with sglang_server(model, args.port, server_args, env, f"{work}/server.log", other_ports=(args.metrics_port,)) as up:
         print(f"ready after {up:.0f} s", flush=True)
-        warm_up_prefix_hits(args.port, rng)
+        warm_up_prefix_hits(args.port, rng, extend_tokens=DOC_TOKENS % KVTierConfig.chunk_tokens)
         for phase in ("cold", "warm"):
             for i, doc in enumerate(docs):
                 profile = []  # the profiler's answers, when this request is recorded
@@ -73,14 +75,11 @@ def main() -> None:
                 seconds, _ = generate(args.port, doc)
                 if profile:
                     profile.append(post(args.port, "/stop_profile", {}))
-                changed = counter_delta(before, scrape_metrics(url))
-                delta = {k.removeprefix("kvtier_op_seconds_"): round(v * 1e3, 2) if "_sum" in k else v
-                         for k, v in changed.items() if k.startswith("kvtier_op_seconds_") and v}
-                spilled = {metric_label(k, "when"): int(v) for k, v in changed.items()
-                           if k.startswith("kvtier_spilled_chunks_total{") and v}
-                records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "op_ms": delta,
-                                "spilled_chunks": spilled, "profile": profile})
-                print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps(delta), json.dumps(spilled), flush=True)
+                kvtier = kvtier_summary(counter_delta(before, scrape_metrics(url)))
+                records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "kvtier": kvtier,
+                                "profile": profile})
+                print(phase, i, f"{seconds * 1e3:.1f} ms", json.dumps({k: kvtier[k] for k in (
+                    "spilled_chunks", "gpu_copies", "hook_seconds")}), flush=True)
     if args.out:
         report = {"benchmark": "warm_probe", "policy": args.policy, "env": env, "server_args": server_args,
                   "requests": records, **run_facts(args.commit)}

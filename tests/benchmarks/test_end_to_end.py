@@ -136,6 +136,8 @@ def test_warm_probe_records_every_request_of_both_passes(tmp_path):
         (phase, i) for phase in ("cold", "warm") for i in range(8)]
     assert report["env"]["KVTIER_WRITE_POLICY"] == "write_through" and report["commit"] == "abc"
     assert all(x["ms"] > 0 for x in report["requests"])
+    # kvtier's counters per request (the stand-in's hits: a warm prompt's 39 whole chunks, none cold).
+    assert [x["kvtier"]["hits"].get("cpu", 0) for x in report["requests"]] == [0] * 8 + [39] * 8
     # Warm request 1 (the 13th: 4 warm-up, 8 cold, warm 0) alone is wrapped in the profiler's start and stop.
     assert [x["profile"] for x in report["requests"] if x["profile"]] == [
         ["/start_profile after 13 requests, prefix warm1", "/stop_profile after 14 requests, prefix None"]]
@@ -156,5 +158,8 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     assert wt["env"]["KVTIER_WRITE_POLICY"] == "write_through" and wt["server_args"] == ["--radix-cache-backend", "kvtier"]
     for cfg in (fit, wt):
         assert len(cfg["cold"]["all_s"]) == len(cfg["warm"]["all_s"]) == 3
-    # The stand-in serves kvtier's metrics registry: the variant's counters were read back.
-    assert "kvtier_misses_total" in wt["kvtier_metrics"] and "kvtier_metrics" not in fit
+    # The stand-in serves kvtier's metrics registry and counts a prompt's cached whole chunks as
+    # CPU-tier hits: the cold pass (3 new prompts) has none, the warm pass finds each prompt's two
+    # whole 256-token chunks; radix_fit has no kvtier counters.
+    assert [wt[p]["kvtier"]["hits"].get("cpu", 0) for p in ("cold", "warm")] == [0, 6]
+    assert "kvtier" not in fit["cold"] and "kvtier" not in fit["warm"]

@@ -1,7 +1,7 @@
 """A stand-in for SGLang's streaming ``/generate`` (aiohttp), run as its own process by the client tests.
 
 It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-tokenizer-init``: without
-``stream`` one JSON object; with ``stream: true`` ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
+``stream`` one JSON object (its ``meta_info`` with the request's ``e2e_latency``); with ``stream: true`` ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
 carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 
 from aiohttp import web
 
@@ -49,8 +50,10 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
             metrics.misses.inc(len(ids) // CHUNK - cached // CHUNK)
         state["requests"] += 1
         if not body.get("stream"):  # one JSON answer with every output id, as SGLang without streaming
+            start = time.perf_counter()
             await asyncio.sleep(ttft_s + token_s * max(n_out - 1, 0))
-            meta = {"prompt_tokens": len(ids), "completion_tokens": n_out, "cached_tokens": cached}
+            meta = {"prompt_tokens": len(ids), "completion_tokens": n_out, "cached_tokens": cached,
+                    "e2e_latency": time.perf_counter() - start}
             return web.json_response({"text": "", "output_ids": list(range(n_out)), "meta_info": meta})
         state["in_flight"] += 1
         state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])

@@ -12,12 +12,18 @@ does every further warm pass (``--warm-passes``).
 
 Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
   radix_fit    radix cache only, 200,000-token pool: every warm prompt is a GPU hit
+  radix_fit_90k  the same with a 90,000-token pool, the smallest that holds the 8 prompts (whether
+               the pool's size moves a GPU hit's time)
   radix        radix cache only, 40,000-token pool
   hicache      SGLang HiCache, write_through, 30 GB host, 40,000-token pool
   kvtier_cpu   --radix-cache-backend kvtier, 30 GB CPU tier, 40,000-token pool (write_back)
   kvtier_cpu_wt  the same with write_policy write_through
   kvtier_disk  kvtier with a 2 GB CPU tier over a disk tier, 40,000-token pool
   --variant NAME:key=value,...  kvtier_cpu with kvtier settings changed (an A/B without code changes)
+``--server-arg`` adds an SGLang argument to every configuration (e.g.
+``--server-arg=--enable-request-time-stats-logging``: each request's queue and forward time in the
+server log); ``--profile-warm I`` records request I of the last warm pass with SGLang's torch
+profiler (traces in ``--profile-dir``), so the passes before it are timed without the profiler.
 Results of several invocations merge into one JSON file (one key per configuration).
 """
 
@@ -33,13 +39,14 @@ from pathlib import Path
 from bench_common import (KVTIER_ARGS, counter_delta, kvtier_summary, parse_variant, run_facts, scrape_metrics, setups,
                           write_dummy_model)
 from kvtier.sglang_ext.config import KVTierConfig
-from sglang_server import generate, sglang_server, warm_up_prefix_hits
+from sglang_server import generate, profiled, sglang_server, warm_up_prefix_hits
 
 # The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
 _SETUPS = setups(host_gb=30, disk_root="/tmp", cpu_disk_cpu_gb=30, cpu_disk_gb=24, disk_cpu_gb=2, disk_gb=24)
 
 CONFIGS: dict[str, tuple[int, list[str], dict[str, str]]] = {
     "radix_fit": (200_000, [], {}),
+    "radix_fit_90k": (90_000, [], {}),
     "radix": (40_000, [], {}),
     "hicache": (40_000, list(_SETUPS["hicache"].args), {}),
     "kvtier_cpu": (40_000, list(KVTIER_ARGS), dict(_SETUPS["kvtier_cpu"].env)),
@@ -58,6 +65,7 @@ def summary(ts: list[float], server_ts: list[float]) -> dict:
 
 def run_config(name: str, args: argparse.Namespace) -> dict:
     pool, extra, env = CONFIGS[name]
+    extra = [*extra, *args.server_arg]
     write_dummy_model(args.model_dir)
     server_args = ["--load-format", "dummy", "--max-total-tokens", str(pool), *extra]
     log = Path(args.log_dir) / f"server-{name}.log"
@@ -71,7 +79,14 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         before = scrape_metrics(url) if url else {}
         phases = ["cold", "warm"] + [f"warm{i}" for i in range(2, args.warm_passes + 1)]
         for phase in phases:
-            answers = [generate(args.port, p) for p in prompts]
+            answers = []
+            for i, prompt in enumerate(prompts):
+                if phase == phases[-1] and i in args.profile_warm:
+                    with profiled(args.port, args.profile_dir, f"{name}-{phase}-{i}") as answer:
+                        answers.append(generate(args.port, prompt))
+                    result.setdefault("profiled", []).append({"pass": phase, "request": i, "profiler": answer})
+                else:
+                    answers.append(generate(args.port, prompt))
             result[phase] = summary([t for t, _ in answers], [a["meta_info"]["e2e_latency"] for _, a in answers])
             print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s (server {result[phase]['server_mean_s']:.3f} s)  "
                   f"{result[phase]['all_s']}", flush=True)
@@ -92,6 +107,11 @@ def main() -> None:
     ap.add_argument("--doc-len", type=int, default=10_000)
     ap.add_argument("--warm-passes", type=int, default=1,
                     help="warm passes in the same order (each finds nothing on the GPU): more samples per server")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="an extra SGLang argument for every configuration (write --server-arg=--flag)")
+    ap.add_argument("--profile-warm", type=int, action="append", default=[], metavar="I",
+                    help="record request I of the last warm pass with SGLang's torch profiler; may repeat")
+    ap.add_argument("--profile-dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "traces"))
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-dummy")
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))

@@ -102,6 +102,28 @@ def generate(port: int, ids: list[int], max_new_tokens: int = 1, return_logprob:
     return time.perf_counter() - start, out
 
 
+def post(port: int, path: str, body: dict) -> str:
+    """POST ``body`` to SGLang's ``path`` (its profiler controls) and return the answer; an error
+    answer raises."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read().decode().strip()
+
+
+@contextmanager
+def profiled(port: int, output_dir: str, prefix: str) -> Iterator[list[str]]:
+    """Record what runs inside with SGLang's torch profiler (``/start_profile``, CPU and GPU
+    activity, a trace per process in ``output_dir`` named by ``prefix``); yields the list that gets
+    the profiler's two answers. Writing the trace holds up the next request."""
+    answers = [post(port, "/start_profile", {"output_dir": output_dir, "activities": ["CPU", "GPU"],
+                                              "profile_prefix": prefix})]
+    try:
+        yield answers
+    finally:
+        answers.append(post(port, "/stop_profile", {}))
+
+
 def warm_up_prefix_hits(port: int, rnd: random.Random, extend_tokens: int = 0) -> None:
     """Off the record: a short prompt, then twice again as a prefix hit, so that the kernels of a
     one-token extend over a cached prefix are compiled before anything is timed (the first such

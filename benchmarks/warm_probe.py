@@ -19,23 +19,13 @@ import json
 import os
 import random
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from bench_common import KVTIER_ARGS, counter_delta, kvtier_summary, run_facts, scrape_metrics, write_dummy_model
 from kvtier.sglang_ext.config import KVTierConfig
-from sglang_server import generate, sglang_server, warm_up_prefix_hits
+from sglang_server import generate, profiled, sglang_server, warm_up_prefix_hits
 
 DOC_TOKENS = 10_000
-
-
-def post(port: int, path: str, body: dict) -> str:
-    """POST ``body`` to SGLang's ``path`` (its profiler controls) and return the answer; an error
-    answer stops the probe."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return r.read().decode().strip()
 
 
 def main() -> None:
@@ -67,14 +57,13 @@ def main() -> None:
         warm_up_prefix_hits(args.port, rng, extend_tokens=DOC_TOKENS % KVTierConfig.chunk_tokens)
         for phase in ("cold", "warm"):
             for i, doc in enumerate(docs):
-                profile = []  # the profiler's answers, when this request is recorded
-                if phase == "warm" and i in args.profile_warm:
-                    profile.append(post(args.port, "/start_profile", {
-                        "output_dir": args.profile_dir, "activities": ["CPU", "GPU"], "profile_prefix": f"warm{i}"}))
                 before = scrape_metrics(url)
-                seconds, _ = generate(args.port, doc)
-                if profile:
-                    profile.append(post(args.port, "/stop_profile", {}))
+                profile: list[str] = []  # the profiler's answers, when this request is recorded
+                if phase == "warm" and i in args.profile_warm:
+                    with profiled(args.port, args.profile_dir, f"warm{i}") as profile:
+                        seconds, _ = generate(args.port, doc)
+                else:
+                    seconds, _ = generate(args.port, doc)
                 kvtier = kvtier_summary(counter_delta(before, scrape_metrics(url)))
                 records.append({"phase": phase, "request": i, "ms": round(seconds * 1e3, 1), "kvtier": kvtier,
                                 "profile": profile})

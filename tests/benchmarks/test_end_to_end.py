@@ -148,14 +148,22 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "offload_ttft.py"), "--config", "radix_fit",
                         "--variant", "wt:write_policy=write_through", "--docs", "3", "--doc-len", "600", "--warm-passes", "2",
+                        "--server-arg=--enable-request-time-stats-logging", "--profile-warm", "1",
+                        "--profile-dir", str(tmp_path / "traces"),
                         "--port", str(free_port()), "--model-dir", str(tmp_path / "model"), "--log-dir", str(tmp_path),
                         "--out", str(out), "--commit", "abc"],
                        capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr + r.stdout
     report = json.loads(out.read_text())
     fit, wt = report["configs"]["radix_fit"], report["configs"]["wt"]
-    assert fit["pool_tokens"] == 200_000 and fit["server_args"] == [] and fit["commit"] == "abc"
-    assert wt["env"]["KVTIER_WRITE_POLICY"] == "write_through" and wt["server_args"] == ["--radix-cache-backend", "kvtier"]
+    assert fit["pool_tokens"] == 200_000 and fit["commit"] == "abc"
+    assert fit["server_args"] == ["--enable-request-time-stats-logging"]
+    assert wt["env"]["KVTIER_WRITE_POLICY"] == "write_through"
+    assert wt["server_args"] == ["--radix-cache-backend", "kvtier", "--enable-request-time-stats-logging"]
+    # Request 1 of the last warm pass alone is profiled: the 12th request (4 warm-up, 3 cold, 3 warm, warm2 #0).
+    for cfg, name in ((fit, "radix_fit"), (wt, "wt")):
+        assert cfg["profiled"] == [{"pass": "warm2", "request": 1, "profiler": [
+            f"/start_profile after 11 requests, prefix {name}-warm2-1", "/stop_profile after 12 requests, prefix None"]}]
     for cfg in (fit, wt):
         for p in ("cold", "warm", "warm2"):
             client, server = cfg[p]["all_s"], cfg[p]["server_all_s"]

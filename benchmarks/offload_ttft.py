@@ -21,9 +21,10 @@ Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
   kvtier_disk  kvtier with a 2 GB CPU tier over a disk tier, 40,000-token pool
   --variant NAME:key=value,...  kvtier_cpu with kvtier settings changed (an A/B without code changes)
 ``--server-arg`` adds an SGLang argument to every configuration (e.g.
-``--server-arg=--enable-request-time-stats-logging``: each request's queue and forward time in the
-server log); ``--profile-warm I`` records request I of the last warm pass with SGLang's torch
-profiler (traces in ``--profile-dir``), so the passes before it are timed without the profiler.
+``--server-arg=--enable-request-time-stats-logging``: SGLang logs each request's queue and forward
+time, which land per pass in the result as ``server_stages_ms``); ``--profile-warm I`` records
+request I of the last warm pass with SGLang's torch profiler (traces in ``--profile-dir``), so the
+passes before it are timed without the profiler.
 Results of several invocations merge into one JSON file (one key per configuration).
 """
 
@@ -39,7 +40,7 @@ from pathlib import Path
 from bench_common import (KVTIER_ARGS, counter_delta, kvtier_summary, parse_variant, run_facts, scrape_metrics, setups,
                           write_dummy_model)
 from kvtier.sglang_ext.config import KVTierConfig
-from sglang_server import generate, profiled, sglang_server, warm_up_prefix_hits
+from sglang_server import generate, profiled, request_stages, sglang_server, warm_up_prefix_hits
 
 # The shared table with this benchmark's sizes (its kvtier_disk tier lives in /tmp/kvtier_disk).
 _SETUPS = setups(host_gb=30, disk_root="/tmp", cpu_disk_cpu_gb=30, cpu_disk_gb=24, disk_cpu_gb=2, disk_gb=24)
@@ -75,6 +76,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         prompts = [[rnd.randrange(1000, 120000) for _ in range(args.doc_len)] for _ in range(args.docs)]
         warm_up_prefix_hits(args.port, rnd, extend_tokens=args.doc_len % KVTierConfig.chunk_tokens)
         result = {"pool_tokens": pool, "server_args": extra, "env": env, "startup_s": round(startup, 1)}
+        rids: dict[str, list[str]] = {}
         url = f"http://127.0.0.1:{env['KVTIER_METRICS_PORT']}/metrics" if "KVTIER_METRICS_PORT" in env else None
         before = scrape_metrics(url) if url else {}
         phases = ["cold", "warm"] + [f"warm{i}" for i in range(2, args.warm_passes + 1)]
@@ -88,13 +90,18 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
                 else:
                     answers.append(generate(args.port, prompt))
             result[phase] = summary([t for t, _ in answers], [a["meta_info"]["e2e_latency"] for _, a in answers])
+            rids[phase] = [a["meta_info"]["id"] for _, a in answers]
             print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s (server {result[phase]['server_mean_s']:.3f} s)  "
                   f"{result[phase]['all_s']}", flush=True)
             if url:  # kvtier's counters over this pass alone
                 after = scrape_metrics(url)
                 result[phase]["kvtier"] = kvtier_summary(counter_delta(before, after))
                 before = after
-        return result
+    stages = request_stages(log.read_text(errors="replace"))  # the whole log, once the server has stopped
+    for phase, ids in rids.items():
+        if all(r in stages for r in ids):
+            result[phase]["server_stages_ms"] = {k: [stages[r][k] for r in ids] for k in ("queue", "forward")}
+    return result
 
 
 def main() -> None:

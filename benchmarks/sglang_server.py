@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -100,6 +101,17 @@ def generate(port: int, ids: list[int], max_new_tokens: int = 1, return_logprob:
     with urllib.request.urlopen(req, timeout=600) as r:
         out = json.loads(r.read())
     return time.perf_counter() - start, out
+
+
+# The line SGLang's scheduler logs per finished request with --enable-request-time-stats-logging.
+_STAGES = re.compile(r"ReqTimeStats\(rid=([^,)]+),.*?\): queue_duration=([\d.]+)ms, forward_duration=([\d.]+)ms")
+
+
+def request_stages(log_text: str) -> dict[str, dict[str, float]]:
+    """Per request id, the scheduler's own times in ms from a server log written with
+    ``--enable-request-time-stats-logging``: ``queue`` (entering the waiting queue to the forward pass
+    that runs it) and ``forward`` (from there until its result is processed)."""
+    return {m[1]: {"queue": float(m[2]), "forward": float(m[3])} for m in _STAGES.finditer(log_text)}
 
 
 def post(port: int, path: str, body: dict) -> str:

@@ -1,7 +1,8 @@
 """A stand-in for SGLang's streaming ``/generate`` (aiohttp), run as its own process by the client tests.
 
 It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-tokenizer-init``: without
-``stream`` one JSON object (its ``meta_info`` with the request's ``e2e_latency``); with ``stream: true`` ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
+``stream`` one JSON object (its ``meta_info`` with the request's ``id`` and ``e2e_latency``, and with
+``log_stages`` the ``ReqTimeStats`` line SGLang logs under ``--enable-request-time-stats-logging`` on stderr); with ``stream: true`` ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
 carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+import uuid
 
 from aiohttp import web
 
@@ -35,7 +38,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | None = None) -> web.Application:
+def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | None = None,
+             log_stages: bool = False) -> web.Application:
     seen: list[list[int]] = []
     state = {"in_flight": 0, "max_in_flight": 0, "requests": 0}
 
@@ -52,8 +56,13 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
         if not body.get("stream"):  # one JSON answer with every output id, as SGLang without streaming
             start = time.perf_counter()
             await asyncio.sleep(ttft_s + token_s * max(n_out - 1, 0))
-            meta = {"prompt_tokens": len(ids), "completion_tokens": n_out, "cached_tokens": cached,
+            rid = uuid.uuid4().hex
+            meta = {"id": rid, "prompt_tokens": len(ids), "completion_tokens": n_out, "cached_tokens": cached,
                     "e2e_latency": time.perf_counter() - start}
+            if log_stages:
+                print(f"ReqTimeStats(rid={rid}, input_len={len(ids)}, cached_input_len={cached}, output_len={n_out}, "
+                      f"attempts=1, type=unified): queue_duration=0.50ms, forward_duration={ttft_s * 1e3:.2f}ms, "
+                      f"entry_time={time.time():.3f}", file=sys.stderr, flush=True)
             return web.json_response({"text": "", "output_ids": list(range(n_out)), "meta_info": meta})
         state["in_flight"] += 1
         state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])

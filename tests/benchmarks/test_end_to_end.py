@@ -174,4 +174,8 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     # CPU-tier hits: the cold pass (3 new prompts) has none, the warm pass finds each prompt's two
     # whole 256-token chunks; radix_fit has no kvtier counters.
     assert [wt[p]["kvtier"]["hits"].get("cpu", 0) for p in ("cold", "warm", "warm2")] == [0, 6, 6]
+    # The scheduler's per-request times from the server log (the stand-in logs SGLang's line: forward = its TTFT).
+    for cfg in (fit, wt):
+        for p in ("cold", "warm", "warm2"):
+            assert cfg[p]["server_stages_ms"] == {"queue": [0.5] * 3, "forward": [20.0] * 3}
     assert not any("kvtier" in fit[p] for p in ("cold", "warm", "warm2"))

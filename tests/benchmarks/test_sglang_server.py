@@ -1,0 +1,32 @@
+"""The benchmarks' reading of SGLang's per-request time log, against the line SGLang 0.5.17's own ``Req`` writes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+
+from sglang_server import request_stages
+
+
+def test_request_stages_reads_the_line_sglang_logs(caplog):
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    lines = []
+    for rid, queue_s, forward_s in (("a1b2", 0.003, 0.047), ("c3", 0.0, 0.0125)):
+        req = Req(rid, "", array("q", [5, 6, 7]), SamplingParams(max_new_tokens=1))
+        stats, t = req.time_stats, time.perf_counter()
+        stats.disagg_mode = DisaggregationMode.NULL  # the scheduler sets it; a colocated server logs NULL's durations
+        stats.wait_queue_entry_time, stats.forward_entry_time = t, t + queue_s
+        stats.completion_time = t + queue_s + forward_s
+        with caplog.at_level(logging.INFO, logger="sglang.srt.managers.schedule_batch"):
+            req.log_time_stats()
+        lines.append(f"[2026-11-23 17:52:22] {caplog.records[-1].getMessage()}")
+    log = "\n".join(["[2026-11-23 17:52:21] Prefill batch, #new-seq: 1, #new-token: 1", *lines, "SIGTERM received."])
+    stages = request_stages(log)
+    assert set(stages) == {"a1b2", "c3"}
+    assert abs(stages["a1b2"]["queue"] - 3.0) < 0.01 and abs(stages["a1b2"]["forward"] - 47.0) < 0.01
+    assert stages["c3"]["queue"] == 0.0 and abs(stages["c3"]["forward"] - 12.5) < 0.01
+    assert request_stages("no such lines") == {}

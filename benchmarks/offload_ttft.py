@@ -101,6 +101,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     for phase, ids in rids.items():
         if all(r in stages for r in ids):
             result[phase]["server_stages_ms"] = {k: [stages[r][k] for r in ids] for k in ("queue", "forward")}
+            print(f"{name} {phase}: scheduler queue / forward, median ms: " + " / ".join(
+                f"{statistics.median(result[phase]['server_stages_ms'][k]):.1f}" for k in ("queue", "forward")), flush=True)
     return result
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,8 +54,17 @@ class PeerProcess:
         return self.reply()
 
     def pause(self) -> None:
-        """SIGSTOP: the process hangs with its sockets open, as a wedged peer does."""
+        """SIGSTOP: the process hangs with its sockets open, as a wedged peer does. Returns once the
+        kernel shows it stopped: a peer still running on another core for a moment after the signal
+        could otherwise answer the next request (seen once in CI)."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        deadline = time.monotonic() + 5
+        # The state is the field after the parenthesised command name.
+        while stat.read_text().rpartition(")")[2].split()[0] not in ("T", "t"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"peer {self.proc.pid} did not stop within 5 s of SIGSTOP")
+            time.sleep(0.001)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

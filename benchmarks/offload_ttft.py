@@ -24,7 +24,8 @@ Configurations (all with ``--attention-backend triton --disable-cuda-graph``):
 ``--server-arg=--enable-request-time-stats-logging``: SGLang logs each request's queue and forward
 time, which land per pass in the result as ``server_stages_ms``); ``--profile-warm I`` records
 request I of the last warm pass with SGLang's torch profiler (traces in ``--profile-dir``), so the
-passes before it are timed without the profiler.
+passes before it are timed without the profiler; ``--per-request`` records kvtier's counters over
+each request as well (``kvtier_per_request``: which request waited for which copy).
 Results of several invocations merge into one JSON file (one key per configuration).
 """
 
@@ -81,14 +82,17 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         before = scrape_metrics(url) if url else {}
         phases = ["cold", "warm"] + [f"warm{i}" for i in range(2, args.warm_passes + 1)]
         for phase in phases:
-            answers = []
+            answers, per_request = [], []
             for i, prompt in enumerate(prompts):
+                mark = scrape_metrics(url) if url and args.per_request else None
                 if phase == phases[-1] and i in args.profile_warm:
                     with profiled(args.port, args.profile_dir, f"{name}-{phase}-{i}") as answer:
                         answers.append(generate(args.port, prompt))
                     result.setdefault("profiled", []).append({"pass": phase, "request": i, "profiler": answer})
                 else:
                     answers.append(generate(args.port, prompt))
+                if mark is not None:
+                    per_request.append(kvtier_summary(counter_delta(mark, scrape_metrics(url))))
             result[phase] = summary([t for t, _ in answers], [a["meta_info"]["e2e_latency"] for _, a in answers])
             rids[phase] = [a["meta_info"]["id"] for _, a in answers]
             print(f"{name} {phase}: mean {result[phase]['mean_s']:.3f} s (server {result[phase]['server_mean_s']:.3f} s)  "
@@ -97,6 +101,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
                 after = scrape_metrics(url)
                 result[phase]["kvtier"] = kvtier_summary(counter_delta(before, after))
                 before = after
+            if per_request:
+                result[phase]["kvtier_per_request"] = per_request
     stages = request_stages(log.read_text(errors="replace"))  # the whole log, once the server has stopped
     for phase, ids in rids.items():
         if all(r in stages for r in ids):
@@ -118,6 +124,8 @@ def main() -> None:
                     help="warm passes in the same order (each finds nothing on the GPU): more samples per server")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="an extra SGLang argument for every configuration (write --server-arg=--flag)")
+    ap.add_argument("--per-request", action="store_true",
+                    help="also kvtier's counters over each request (kvtier configurations): which one copied what")
     ap.add_argument("--profile-warm", type=int, action="append", default=[], metavar="I",
                     help="record request I of the last warm pass with SGLang's torch profiler; may repeat")
     ap.add_argument("--profile-dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "traces"))

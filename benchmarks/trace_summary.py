@@ -1,9 +1,9 @@
 """What a torch profiler trace says about one request, as JSON: GPU time per stream, the GPU's idle gaps,
 the kernels that took longest, and the longest CPU spans (GPU diagnostic).
 
-Reads the Chrome-trace files that SGLang's ``/start_profile`` writes (``*.trace.json.gz``; ``offload_ttft.py
---profile-warm I`` and ``warm_probe.py --profile-warm I`` ask for them), so that traces too large to commit
-become a small file that is, and two servers' traces of the same request can be set side by side:
+Reads the Chrome-trace files that SGLang's ``/start_profile`` writes (``*.trace.json.gz``;
+``offload_ttft.py --profile-warm I`` asks for them), so that traces too large to commit become a
+small file that is, and two servers' traces of the same request can be set side by side:
 
     python benchmarks/trace_summary.py $OUT/traces/*.trace.json.gz --out summary.json
 """

@@ -123,32 +123,12 @@ def test_parse_variant_maps_settings_to_kvtier_env_and_refuses_what_kvtier_would
             parse_variant(spec)
 
 
-def test_warm_probe_records_every_request_of_both_passes(tmp_path):
-    out = tmp_path / "probe.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "warm_probe.py"), "--policy", "write_through", "--out",
-                        str(out), "--port", str(free_port()), "--metrics-port", str(free_port()), "--commit", "abc",
-                        "--profile-warm", "1"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    assert r.returncode == 0, r.stderr + r.stdout
-    report = json.loads(out.read_text())
-    assert [(x["phase"], x["request"]) for x in report["requests"]] == [
-        (phase, i) for phase in ("cold", "warm") for i in range(8)]
-    assert report["env"]["KVTIER_WRITE_POLICY"] == "write_through" and report["commit"] == "abc"
-    assert all(x["ms"] > 0 for x in report["requests"])
-    # kvtier's counters per request (the stand-in's hits: a warm prompt's 39 whole chunks, none cold).
-    assert [x["kvtier"]["hits"].get("cpu", 0) for x in report["requests"]] == [0] * 8 + [39] * 8
-    # Warm request 1 (the 13th: 4 warm-up, 8 cold, warm 0) alone is wrapped in the profiler's start and stop.
-    assert [x["profile"] for x in report["requests"] if x["profile"]] == [
-        ["/start_profile after 13 requests, prefix warm1", "/stop_profile after 14 requests, prefix None"]]
-
-
 def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     out = tmp_path / "offload.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "offload_ttft.py"), "--config", "radix_fit",
                         "--variant", "wt:write_policy=write_through", "--docs", "3", "--doc-len", "600", "--warm-passes", "2",
-                        "--server-arg=--enable-request-time-stats-logging", "--profile-warm", "1",
+                        "--server-arg=--enable-request-time-stats-logging", "--profile-warm", "1", "--per-request",
                         "--profile-dir", str(tmp_path / "traces"),
                         "--port", str(free_port()), "--model-dir", str(tmp_path / "model"), "--log-dir", str(tmp_path),
                         "--out", str(out), "--commit", "abc"],
@@ -174,8 +154,11 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     # CPU-tier hits: the cold pass (3 new prompts) has none, the warm pass finds each prompt's two
     # whole 256-token chunks; radix_fit has no kvtier counters.
     assert [wt[p]["kvtier"]["hits"].get("cpu", 0) for p in ("cold", "warm", "warm2")] == [0, 6, 6]
+    # --per-request: the same counters over each request, which add up to the pass's.
+    assert [[x["hits"].get("cpu", 0) for x in wt[p]["kvtier_per_request"]] for p in ("cold", "warm", "warm2")] == [
+        [0] * 3, [2] * 3, [2] * 3]
     # The scheduler's per-request times from the server log (the stand-in logs SGLang's line: forward = its TTFT).
     for cfg in (fit, wt):
         for p in ("cold", "warm", "warm2"):
             assert cfg[p]["server_stages_ms"] == {"queue": [0.5] * 3, "forward": [20.0] * 3}
-    assert not any("kvtier" in fit[p] for p in ("cold", "warm", "warm2"))
+    assert not any(k in fit[p] for p in ("cold", "warm", "warm2") for k in ("kvtier", "kvtier_per_request"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -278,7 +278,8 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
             slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int, gather: bool,
-            max_programs: Optional[int], layers: range) -> None:
+            max_programs: Optional[int], groups: Sequence[range],
+            on_launched: Optional[Callable[[range], None]] = None) -> None:
     device = k_buffers[0].device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
@@ -294,17 +295,22 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
     k_words, v_words, block_kw, block_vw, block_t = _blocks(plan.k_row_bytes, plan.v_row_bytes, plan.word_bytes)
     n_tokens = plan.offsets.numel() * chunk_tokens
     n_tiles = triton.cdiv(n_tokens, block_t)
-    n_items = n_tiles * len(layers)
-    grid = (min(n_items, max_programs or n_items),)
-    # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
-    # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
-    _kv_copy_kernel[grid](
-        table, slots, host, offsets, plan.num_layers * chunk_tokens * k_words, n_tokens, n_tiles, n_items,
-        layers.start,
-        CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
-        WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
-        BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
-    )
+    v_region_words = plan.num_layers * chunk_tokens * k_words
+    # Everything above is done once per call: a load issued as one launch per layer sits on the
+    # scheduler's critical path, so each further group costs only the launch itself.
+    for layers in groups:
+        n_items = n_tiles * len(layers)
+        grid = (min(n_items, max_programs or n_items),)
+        # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
+        # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
+        _kv_copy_kernel[grid](
+            table, slots, host, offsets, v_region_words, n_tokens, n_tiles, n_items, layers.start,
+            CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
+            WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
+            BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
+        )
+        if on_launched is not None:
+            on_launched(layers)
 
 
 def _check_programs(max_programs: Optional[int]) -> Optional[int]:
@@ -339,19 +345,23 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
 
 def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                   chunk_tokens: int, layers: range) -> None:
+                   chunk_tokens: int, groups: Sequence[range],
+                   on_launched: Optional[Callable[[range], None]] = None) -> None:
     device = k_buffers[0].device
     n_chunks = plan.offsets.numel()
     slots = slots.to(device)
     keep = slots >= 0
     chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets.tolist()]).to(device)
     k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
-    for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
-                                    (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes)):
-        per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
-        for layer in layers:
-            rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
-            _byte_rows(bufs[layer]).index_copy_(0, slots[keep], rows[keep])
+    regions = ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes), (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes))
+    for layers in groups:
+        for bufs, region, row_bytes in regions:
+            per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
+            for layer in layers:
+                rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
+                _byte_rows(bufs[layer]).index_copy_(0, slots[keep], rows[keep])
+        if on_launched is not None:
+            on_launched(layers)
 
 
 def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
@@ -381,7 +391,7 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
         return
     if uses_triton(k_buffers[0].device):
         _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
-                max_programs=_check_programs(max_programs), layers=range(plan.num_layers))
+                max_programs=_check_programs(max_programs), groups=[range(plan.num_layers)])
     else:
         _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
 
@@ -389,34 +399,41 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                chunk_tokens: int, max_programs: Optional[int] = None,
-               layers: Optional[range] = None) -> None:
+               groups: Optional[Sequence[range]] = None,
+               on_launched: Optional[Callable[[range], None]] = None) -> None:
     """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
     the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the
     start of a chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
-    ``layers`` (default: all) limits the copy to a range of the pool's layers, so a load can be
-    issued in groups of layers that the forward pass waits for one by one.
+    ``groups`` (default: one group of all layers) issues the copy as one launch per contiguous
+    range of layers, in order, and calls ``on_launched(layers)`` after each (to record an event
+    that the forward pass waits on before it reads those layers); the arguments are checked and
+    moved to the GPU once for all groups.
     Runs on the current stream for CUDA pools: leave ``src`` untouched until it has finished.
     """
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
-    layers = _layer_range(layers, plan.num_layers)
-    if not plan.offsets.numel() or not layers:
+    groups = _layer_groups(groups, plan.num_layers)
+    if not plan.offsets.numel():
         return
     if uses_triton(k_buffers[0].device):
         _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
-                max_programs=_check_programs(max_programs), layers=layers)
+                max_programs=_check_programs(max_programs), groups=groups, on_launched=on_launched)
     else:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, layers)
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, groups, on_launched)
 
 
-def _layer_range(layers: Optional[range], num_layers: int) -> range:
-    if layers is None:
-        return range(num_layers)
-    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 or layers.stop > num_layers:
-        raise ValueError(f"layers must be a contiguous range within range({num_layers}), got {layers!r}")
-    return layers
+def _layer_groups(groups: Optional[Sequence[range]], num_layers: int) -> list[range]:
+    if groups is None:
+        return [range(num_layers)]
+    groups = list(groups)
+    for layers in groups:
+        if (not isinstance(layers, range) or layers.step != 1 or layers.start < 0 or layers.stop > num_layers
+                or not layers):
+            raise ValueError(f"each layer group must be a non-empty contiguous range within range({num_layers}), "
+                             f"got {layers!r}")
+    return groups
 
 
 def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
@@ -431,13 +448,12 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
 
 def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                          k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                         chunk_tokens: int, layers: Optional[range] = None) -> None:
+                         chunk_tokens: int) -> None:
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
     plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
                   gather=False)
     if plan.offsets.numel():
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens,
-                       _layer_range(layers, plan.num_layers))
+        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, [range(plan.num_layers)])
 
 
 @dataclass(frozen=True)

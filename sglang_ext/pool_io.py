@@ -13,7 +13,8 @@ eviction) is not guarded, so the forward pass never waits for it; it names its *
 deepest tree node whose rows it touches, and ``guard_pending(owner)`` adds the wait when that node
 is deleted (before its ancestors, so before any row of the copy is freed). A copy to the device
 (load-back) is guarded too, so the forward pass reads the rows after they arrived; or, with
-``load_layer_groups`` > 1, it is issued as that many launches over groups of layers, unguarded and
+``load_layer_groups`` > 1, it is issued as that many launches over groups of layers (checked and
+moved to the GPU once, so each further launch costs the scheduler only itself), unguarded and
 named by its node, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
 (its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
 group only, so attention of the first layers overlaps the copy of the rest. (No gain measured on
@@ -261,14 +262,15 @@ class PoolIO:
             )
         events: list[torch.cuda.Event] = []
 
+        def launched(layers: range) -> None:
+            if self.stream is not None:
+                events.append(torch.cuda.Event())
+                events[-1].record(self.stream)
+                self.gate.record(layers, events[-1])
+
         def launch() -> None:
-            for layers in self.load_groups:
-                scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                           max_programs=self.load_max_programs, layers=layers)
-                if self.stream is not None:
-                    events.append(torch.cuda.Event())
-                    events[-1].record(self.stream)
-                    self.gate.record(layers, events[-1])
+            scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
+                       max_programs=self.load_max_programs, groups=self.load_groups, on_launched=launched)
 
         def done() -> None:
             self.gate.forget(events)

@@ -266,10 +266,12 @@ def test_scatter_skips_slots_of_minus_one():
 
 
 @pytest.mark.parametrize("max_programs", [None, 2])
-@pytest.mark.parametrize("groups", [[range(0, 1), range(1, LAYERS)], [range(LAYERS - 1, LAYERS), range(0, LAYERS - 1)]])
+@pytest.mark.parametrize("groups", [[range(0, 1), range(1, LAYERS)], [range(LAYERS - 1, LAYERS), range(0, LAYERS - 1)],
+                                    [range(layer, layer + 1) for layer in range(LAYERS)]])
 def test_scatter_by_layer_ranges_equals_one_scatter(monkeypatch, groups, max_programs):
     """A load issued as several launches over ranges of layers writes exactly what one launch does,
-    and a launch writes only its own layers."""
+    a launch writes only its own layers, and ``on_launched`` hears of each group, in order, once
+    its launch is issued."""
     monkeypatch.setattr(kv_pages, "_TILE_WORDS", 32)  # 8 tiles of 4 tokens per layer: a cap of 2 loops
     T = 16
     gen = seeded("layers", len(groups[0]))
@@ -281,21 +283,26 @@ def test_scatter_by_layer_ranges_equals_one_scatter(monkeypatch, groups, max_pro
     scatter_kv_reference(slab, offsets, dst_slots, ref_pool.k_buffer, ref_pool.v_buffer, T)
 
     before = [buf.clone() for buf in layer_bytes(dst_pool)]
-    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, layers=groups[0])
+    heard = []
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, groups=groups[:1],
+               on_launched=heard.append)
     sync()
+    assert heard == groups[:1]
     after = layer_bytes(dst_pool)
     for layer in range(LAYERS):
         for kv in (0, 1):
             i = kv * LAYERS + layer
             expected = layer_bytes(ref_pool)[i] if layer in groups[0] else before[i]
             assert torch.equal(after[i], expected), (layer, kv)
-    for layers in groups[1:]:
-        scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, layers=layers)
+    scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, max_programs, groups=groups[1:],
+               on_launched=heard.append)
     sync()
+    assert heard == groups
     for dst, ref in zip(layer_bytes(dst_pool), layer_bytes(ref_pool)):
         assert torch.equal(dst, ref)
-    with pytest.raises(ValueError, match="contiguous range"):
-        scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, layers=range(0, LAYERS + 1))
+    for bad in ([range(0, LAYERS + 1)], [range(0, 1), range(1, 1)], [range(0, LAYERS, 2)]):
+        with pytest.raises(ValueError, match="contiguous range"):
+            scatter_kv(slab, offsets, dst_slots, dst_pool.k_buffer, dst_pool.v_buffer, T, groups=bad)
 
 
 def test_empty_batch_is_a_no_op():

@@ -59,15 +59,20 @@ class KVTierConfig:
     pool free, the nodes eviction would take first (in its order: unlocked leaves, a parent once its
     children are counted) are copied out now, in the background, until that much is free or copied;
     their eviction then frees rows without a copy on the critical path. 0 copies only at eviction."""
-    load_layer_groups: int = 1
-    """A load-back is copied in this many groups of layers and the forward pass reads a layer as
-    soon as its group landed; 1 copies all layers before the forward pass (measured faster so far)."""
+    load_layer_groups: int = 32
+    """A load-back is copied in this many groups of layers (at most one per layer) and the forward
+    pass reads a layer as soon as its group landed, so the copy runs under the forward pass as
+    HiCache's does; 1 copies all layers before the forward pass. On an H100, p50 of 10K-token warm
+    hits per pass, one run: 32 groups 0.051-0.077 s (load kernels on 8, 32 or all SMs), one copy
+    0.088-0.097 s, HiCache 0.063-0.066 s (``benchmarks/results/ab/offload_ttft_layerwise.json``)."""
     spill_max_programs: int = 8
     """Thread blocks a spill kernel may use at most (0: one per 32 KiB tile, every SM it can get).
     Fewer leave SMs to the forward pass the copy runs beside: on an H100, 8 spill at 51.6 GB/s
     (uncapped 51.8) and slow matmuls beside them 1.32x instead of 1.74x."""
-    load_max_programs: int = 0
-    """The same for a load-back kernel."""
+    load_max_programs: int = 32
+    """The same for a load-back kernel: per-layer loads run beside the forward pass, which wants
+    the other SMs (32: p50 0.068 / 0.051 s in that run's two warm passes; 8: 0.058 / 0.077; no
+    limit: 0.066 / 0.064; noisy, 32 has the best second pass)."""
     spill_staging_chunks: int = 0
     """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
     Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy

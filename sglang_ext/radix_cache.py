@@ -15,7 +15,9 @@
   also starts that prefetch when the request is queued (``prefetch_on_arrival``): the fetch then
   overlaps the request's wait in the queue. The scheduler then calls
   ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
-  tree, returning the new rows as SGLang's HiCache does.
+  tree, returning the new rows as SGLang's HiCache does. The copy goes layer by layer and the
+  forward pass waits for each layer where attention asks the pool for it (the pool's
+  ``layer_transfer_counter``), except under a ``full`` prefill CUDA graph, which never asks.
 
 This module and ``plugin.py`` are the only ones that import SGLang; everything specific to SGLang
 0.5.17 (pool classes, build-context fields, which methods evict and load) is read here.
@@ -43,6 +45,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 from kvtier.sglang_ext.chunk_keys import ChunkKey, KVNamespace
@@ -110,11 +113,11 @@ class KVTierRadixCache(RadixCache):
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
             spill_max_programs=cfg.spill_max_programs or None,
             load_max_programs=cfg.load_max_programs or None,
-            load_layer_groups=cfg.load_layer_groups,
+            load_layer_groups=load_layer_groups(ctx, cfg),
             spill_staging_chunks=cfg.spill_staging_chunks,
         )
         self.io.warm_up()
-        if self.io.stream is not None and cfg.load_layer_groups > 1:
+        if self.io.stream is not None and len(self.io.load_groups) > 1:
             # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
             pool.register_layer_transfer_counter(self.io.gate)
         self._tp_group = ctx.params.tp_cache_group if ctx.tp_size > 1 else None
@@ -406,6 +409,21 @@ def _reap_until(cache_ref: "weakref.ref[KVTierRadixCache]", stop: threading.Even
 def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
     stop.set()
     thread.join(timeout=5)
+
+
+def load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
+    """``cfg.load_layer_groups``, or 1 where a prefill CUDA graph captures attention.
+
+    The forward pass waits for a layer's copy when attention asks the pool for that layer, from
+    Python. SGLang's breakable and tc_piecewise prefill graphs run attention eagerly, so that still
+    happens; a ``full`` prefill graph replays attention without asking, so it must wait for the
+    whole copy before it starts.
+    """
+    if cfg.load_layer_groups > 1 and ctx.server_args.cuda_graph_config.prefill.backend == Backend.FULL:
+        logger.info("kvtier: the full prefill CUDA graph replays attention without the layer gate; "
+                    "load-backs copy every layer before the forward pass (load_layer_groups 1)")
+        return 1
+    return cfg.load_layer_groups
 
 
 def build(ctx: TreeCacheBuildContext) -> KVTierRadixCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from typing import Optional
 
 import pytest
 import torch
@@ -19,8 +20,11 @@ def make_cache(make_build_context, monkeypatch, tmp_path):
 
     made = []
 
-    def make(page_size: int, pool_tokens: int = 2048, **cfg):
+    def make(page_size: int, pool_tokens: int = 2048, prefill_graph: Optional[str] = None, **cfg):
         ctx = make_build_context(page_size=page_size, pool_tokens=pool_tokens)
+        if prefill_graph is not None:
+            # What SGLang resolves on a GPU host; on CPU (torch-native attention) it turns graphs off.
+            ctx.server_args.cuda_graph_config.prefill.backend = prefill_graph
         pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
         gen = torch.Generator().manual_seed(page_size)
         for buf in pool.k_buffer + pool.v_buffer:
@@ -92,8 +96,9 @@ def match_and_load(cache, req):
     return device_len, host_hit, rows, node
 
 
-@pytest.mark.parametrize("copy", [{}, {"load_layer_groups": 2, "spill_max_programs": 2, "load_max_programs": 3},
-                                  {"spill_staging_chunks": 2}], ids=["one_launch", "groups", "staged_spill"])
+@pytest.mark.parametrize("copy", [{}, {"load_layer_groups": 1},
+                                  {"load_layer_groups": 2, "spill_max_programs": 2, "load_max_programs": 3},
+                                  {"spill_staging_chunks": 2}], ids=["defaults", "one_launch", "groups", "staged_spill"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
     cache = make_cache(page_size, **copy)
@@ -706,3 +711,19 @@ def test_a_failing_arrival_prefetch_still_queues_the_request(caplog):
     scheduler._add_request_to_queue(req)  # the real method, through the plugin's hook
     assert scheduler.waiting_queue == [req]
     assert "prefetching request r9 on arrival failed" in caplog.text
+
+
+@pytest.mark.parametrize("prefill_graph", ["breakable", "tc_piecewise", "full"])
+def test_loads_go_layer_by_layer_unless_a_full_prefill_graph_replays_attention(make_cache, prefill_graph):
+    """The layer gate is asked from attention in Python; a full prefill graph never asks, so its
+    loads must finish before the forward pass; a load-back still lands bit for bit either way."""
+    cache = make_cache(16, prefill_graph=prefill_graph)
+    layers = len(cache.token_to_kv_pool_allocator.get_kvcache().k_buffer)
+    assert cache.cfg.load_layer_groups == 32
+    assert len(cache.io.load_groups) == (1 if prefill_graph == "full" else layers)
+    doc = list(range(3000, 3000 + 2 * CHUNK_TOKENS))
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)
+    clear_pool(cache)
+    _, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1]))
+    assert host_hit == 2 * CHUNK_TOKENS and same_kv(kv_rows(cache, loaded), expected)

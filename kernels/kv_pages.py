@@ -1,8 +1,9 @@
 """Move KV between SGLang's paged GPU KV pool and chunk buffers in (pinned) host memory.
 
 ``gather_kv`` copies the pool rows of a batch of chunks into a host slab and ``scatter_kv`` copies
-them back, each in a single Triton launch covering every layer, K and V, and every chunk (the
-GPU reads and writes the pinned host memory directly, no staging copy); ``*_reference`` are the
+them back, each in a single Triton launch covering every layer, K and V, and every chunk (a
+scatter may be issued as one launch per group of layers instead; the GPU reads and writes the
+pinned host memory directly, no staging copy); ``*_reference`` are the
 same operations in plain torch. ``copy_kv_rows`` copies rows from one pool straight into another
 pool's rows (every layer, K and V, one launch); on CUDA the destination may be another GPU's memory
 mapped into this process (CUDA IPC), which the kernel reaches with peer stores.
@@ -401,7 +402,8 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
                chunk_tokens: int, max_programs: Optional[int] = None,
                groups: Optional[Sequence[range]] = None,
                on_launched: Optional[Callable[[range], None]] = None) -> None:
-    """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch.
+    """Copy ``n_chunks`` chunks from ``src`` into the pool rows ``slots``, in one kernel launch
+    (or one per group of layers).
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
     the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the

@@ -9,6 +9,7 @@ date, SGLang version) and the merge of several invocations into one JSON file.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -257,6 +258,12 @@ def sglang_version() -> str:
         return importlib.metadata.version("sglang")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def add_commit_option(ap: argparse.ArgumentParser) -> None:
+    """``--commit``, for ``run_facts``: needed where the tree's ``.git`` is not the code's commit, as in
+    the device tool's copy of a working tree (its ``.git`` is older; ``git_commit`` then says +dirty)."""
+    ap.add_argument("--commit", help="the git commit to record (default: the checkout's, +dirty if changed)")
 
 
 def run_facts(commit: str | None = None) -> dict[str, str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from bench_common import run_facts
+from bench_common import add_commit_option, run_facts
 from load_path import CHUNK, CHUNK_BYTES, DIM, HEADS, LAYERS, PAGE, staged_path, timed_on
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--staged-rings", type=int, nargs="*", default=[2, 8], help="ring sizes in chunks")
     ap.add_argument("--matmuls", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--commit", default="")
+    add_commit_option(ap)
     ap.add_argument("--out", default="benchmarks/results/ab/copy_interference.json")
     args = ap.parse_args()
 
@@ -125,7 +125,7 @@ def main() -> None:
     copy(False, args.max_programs[-1])()
     torch.cuda.synchronize()
     exact = all(torch.equal(b[rows], e) for b, e in zip(pool.k_buffer + pool.v_buffer, expected))
-    report = {**run_facts(args.commit or None), "benchmark": "copy_interference", "gpu": torch.cuda.get_device_name(), "sms":
+    report = {**run_facts(args.commit), "benchmark": "copy_interference", "gpu": torch.cuda.get_device_name(), "sms":
               torch.cuda.get_device_properties(0).multi_processor_count, "tokens": args.tokens, "bytes": nbytes,
               "bit_exact_at_smallest_cap": exact, "results": rows_out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

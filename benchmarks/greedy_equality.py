@@ -21,7 +21,7 @@ import random
 import shutil
 from pathlib import Path
 
-from bench_common import kvtier_summary, run_facts, scrape_metrics
+from bench_common import add_commit_option, kvtier_summary, run_facts, scrape_metrics
 from sglang_server import generate, sglang_server
 
 SMALL_LLAMA = dict(
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/greedy_equality.json")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"which kvtier servers, of {','.join(VARIANTS)}")
     ap.add_argument("--disk-root", type=Path, default=Path("/tmp/kvtier-greedy-disk"), help="disk variant's tier")
+    add_commit_option(ap)
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if not variants or not set(variants) <= set(VARIANTS):
@@ -118,7 +119,7 @@ def main() -> None:
         "results": results,
         "passed": all(r["identical_prompts"] == r["prompts"] and r["chunk_hits"][r["checked_tier"]] > 0
                       for r in results.values()),
-        **run_facts(),
+        **run_facts(args.commit),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import run_facts
+from bench_common import add_commit_option, run_facts
 import torch.multiprocessing as mp
 
 from kvtier.kernels.kv_pages import copy_kv_rows
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--map-on", choices=("owner", "local"), required=True)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--commit", default="")
+    add_commit_option(ap)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
@@ -83,7 +83,7 @@ def main() -> None:
     finally:
         done.set()
         proc.join(timeout=30)
-    report = {**run_facts(args.commit or None), "benchmark": "ipc_kernel_probe", "bytes": TOTAL,
+    report = {**run_facts(args.commit), "benchmark": "ipc_kernel_probe", "bytes": TOTAL,
               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], **result}
     print(json.dumps({k: v for k, v in report.items() if k != "GBps"}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

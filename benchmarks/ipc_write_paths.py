@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_common import run_facts
+from bench_common import add_commit_option, run_facts
 import torch.multiprocessing as mp
 
 from kvtier.transfer.cuda_ipc import cuda_runtime
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/ab/ipc_write_paths.json")
-    ap.add_argument("--commit", default="")
+    add_commit_option(ap)
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit("needs two GPUs")
@@ -133,7 +133,7 @@ def main() -> None:
         done.set()
         proc.join(timeout=30)
     report = {"benchmark": "ipc_write_paths", "bytes": TOTAL, "gpus": [torch.cuda.get_device_name(i) for i in range(2)],
-              "torch": torch.__version__, **run_facts(args.commit or None), "cases": cases}
+              "torch": torch.__version__, **run_facts(args.commit), "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -39,6 +39,7 @@ import aiohttp
 import numpy as np
 
 from bench_common import (
+    add_commit_option,
     LLAMA3_8B,
     BenchError,
     ServerSetup,
@@ -402,7 +403,7 @@ def main() -> None:
                     help="after the configs, kvtier_cpu with these kvtier settings changed, named NAME")
     ap.add_argument("--workload", choices=WORKLOADS, default="rag")
     ap.add_argument("--out", help="JSON file (default benchmarks/results/long_doc[_chat|_noreuse].json)")
-    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
+    add_commit_option(ap)
     add_arguments(ap)
     args = ap.parse_args()
     if not args.config and not args.variant:

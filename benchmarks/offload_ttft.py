@@ -38,8 +38,8 @@ import random
 import statistics
 from pathlib import Path
 
-from bench_common import (KVTIER_ARGS, counter_delta, kvtier_summary, parse_variant, run_facts, scrape_metrics, setups,
-                          write_dummy_model)
+from bench_common import (KVTIER_ARGS, add_commit_option, counter_delta, kvtier_summary, parse_variant, run_facts,
+                          scrape_metrics, setups, write_dummy_model)
 from kvtier.sglang_ext.config import KVTierConfig
 from sglang_server import generate, profiled, request_stages, sglang_server, warm_up_prefix_hits
 
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--config", action="append", choices=list(CONFIGS), default=[])
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                     help="after the configs, kvtier_cpu with these kvtier settings changed, named NAME")
-    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
+    add_commit_option(ap)
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--doc-len", type=int, default=10_000)
     ap.add_argument("--warm-passes", type=int, default=1,

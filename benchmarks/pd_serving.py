@@ -48,6 +48,7 @@ import aiohttp
 import numpy as np
 
 from bench_common import (
+    add_commit_option,
     BenchError,
     counter_delta,
     gpu_names,
@@ -550,7 +551,7 @@ def main() -> None:
     ap.add_argument("--startup-timeout", type=float, default=400)
     ap.add_argument("--configs", default="colocated,pd", help="which to run, in order")
     ap.add_argument("--out", default="benchmarks/results/pd_serving.json")
-    ap.add_argument("--commit", help="git commit to record where the checkout has no .git")
+    add_commit_option(ap)
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"), help="server logs go here")
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_common import BenchError, merge_result, model_shape, run_facts  # noqa: E402
+from bench_common import BenchError, add_commit_option, merge_result, model_shape, run_facts  # noqa: E402
 from long_doc import (  # noqa: E402
     add_arguments,
     build_passes,
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--out", help="also merge both results into this JSON file (plot it with benchmarks/plot_results.py)")
     ap.add_argument("--pd", action="store_true", help="also run the workload through a PD cluster on two GPUs")
     ap.add_argument("--pd-gpus", default="0,1", help="--pd: the prefill's and the decode's GPU (default 0,1)")
+    add_commit_option(ap)
     args = ap.parse_args()
     try:
         model_dir, config, load_args, source = load_model(args.model_path, args.model_dir)
@@ -72,7 +73,7 @@ def main() -> None:
         workload = describe_workload("rag", args, source, passes)
         results = {}
         for name in [*CONFIGS, *(["kvtier_pd"] if args.pd else [])]:
-            facts = run_facts()
+            facts = run_facts(args.commit)
             if name == "kvtier_pd":
                 results[name] = measure_pd(args, passes, model_dir, load_args)
             else:

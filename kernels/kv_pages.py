@@ -354,12 +354,13 @@ def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
     keep = slots >= 0
     chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets.tolist()]).to(device)
     k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
-    regions = ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes), (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes))
+    per_layer = [(bufs, region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes), row_bytes)
+                 for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
+                                                 (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes))]
     for layers in groups:
-        for bufs, region, row_bytes in regions:
-            per_layer = region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes)
+        for bufs, region, row_bytes in per_layer:
             for layer in layers:
-                rows = per_layer[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
+                rows = region[:, layer].reshape(n_chunks * chunk_tokens, row_bytes)
                 _byte_rows(bufs[layer]).index_copy_(0, slots[keep], rows[keep])
         if on_launched is not None:
             on_launched(layers)

@@ -18,8 +18,7 @@ moved to the GPU once, so each further launch costs the scheduler only itself), 
 named by its node, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
 (its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
 group only, so attention of the first layers overlaps the copy of the rest (the default, as
-HiCache loads: on the H100 a 10K-token warm hit took 0.051-0.077 s this way against 0.088-0.097 s
-with the forward pass waiting for one whole copy, ``benchmarks/results/ab/offload_ttft_layerwise.json``).
+HiCache loads; measured in ``KVTierConfig.load_layer_groups``).
 With ``spill_staging_chunks`` > 0 a spill goes through a GPU staging ring of that many chunks: the kernel gathers into the ring at
 device-memory speed, so it holds SMs for a small part of the time a gather over PCIe takes, and
 the copy engine moves each ring chunk to its host slot. On a CPU pool (tests) copies are
@@ -250,19 +249,11 @@ class PoolIO:
         """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
-        if len(self.load_groups) == 1:
-            return self._run(
-                "load",
-                lambda: scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                                   max_programs=self.load_max_programs),
-                on_done,
-                True,
-                slots,
-            )
+        gated = len(self.load_groups) > 1 and self.stream is not None
         events: list[torch.cuda.Event] = []
 
         def launched(layers: range) -> None:
-            if self.stream is not None:
+            if gated:
                 events.append(torch.cuda.Event())
                 events[-1].record(self.stream)
                 self.gate.record(layers, events[-1])
@@ -275,4 +266,4 @@ class PoolIO:
             self.gate.forget(events)
             on_done()
 
-        return self._run("load", launch, done, False, slots, owner=owner)
+        return self._run("load", launch, done, not gated, slots, owner=owner if gated else None)

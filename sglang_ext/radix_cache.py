@@ -45,8 +45,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
-from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+from sglang.srt.model_executor.cuda_graph_config import Backend
 
 from kvtier.sglang_ext.chunk_keys import ChunkKey, KVNamespace
 from kvtier.sglang_ext.config import KVTierConfig, check_page_size, load_config
@@ -113,7 +113,7 @@ class KVTierRadixCache(RadixCache):
             observe=lambda op, seconds: latency.labels("gpu", op).observe(seconds),
             spill_max_programs=cfg.spill_max_programs or None,
             load_max_programs=cfg.load_max_programs or None,
-            load_layer_groups=load_layer_groups(ctx, cfg),
+            load_layer_groups=_load_layer_groups(ctx, cfg),
             spill_staging_chunks=cfg.spill_staging_chunks,
         )
         self.io.warm_up()
@@ -411,7 +411,7 @@ def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
     thread.join(timeout=5)
 
 
-def load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
+def _load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
     """``cfg.load_layer_groups``, or 1 where a prefill CUDA graph captures attention.
 
     The forward pass waits for a layer's copy when attention asks the pool for that layer, from

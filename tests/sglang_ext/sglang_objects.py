@@ -1,4 +1,4 @@
-"""Real SGLang 0.5.17 objects on CPU for the tests: a tiny Llama config, ServerArgs, pools, a build context.
+"""Real SGLang 0.5.17 objects for the tests (on CPU) and benchmarks/hook_cost.py (on a GPU): a tiny Llama config, ServerArgs, pools, a build context.
 
 Shared by ``conftest.py`` (fixtures) and ``tp_rank.py`` (one TP rank in its own process).
 """
@@ -28,10 +28,10 @@ def tiny_llama(path: str) -> str:
     return path
 
 
-def server_args(model_dir: str):
+def server_args(model_dir: str, device: str = "cpu"):
     from sglang.srt.server_args import ServerArgs
 
-    return ServerArgs(model_path=model_dir, load_format="dummy", device="cpu", skip_tokenizer_init=True)
+    return ServerArgs(model_path=model_dir, load_format="dummy", device=device, skip_tokenizer_init=True)
 
 
 def build_context(
@@ -44,7 +44,8 @@ def build_context(
     tp_group: Optional[Any] = None,
     **server_changes,
 ):
-    """A ``TreeCacheBuildContext`` over real CPU pools, as SGLang's scheduler builds it."""
+    """A ``TreeCacheBuildContext`` over real pools on ``base_args.device`` (CPU in the tests), as
+    SGLang's scheduler builds it."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -52,6 +53,7 @@ def build_context(
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
     args = dataclasses.replace(base_args, page_size=page_size, **server_changes)
+    device = args.device
     model_config = ModelConfig.from_server_args(args)
     if kv_pool is None:
         kv_pool = MHATokenToKVPool(
@@ -61,16 +63,16 @@ def build_context(
             head_num=model_config.get_num_kv_heads(tp_size),
             head_dim=model_config.head_dim,
             layer_num=model_config.num_hidden_layers,
-            device="cpu",
+            device=device,
             enable_memory_saver=False,
         )
     if page_size == 1:
-        allocator = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, "cpu", kv_pool, need_sort=False)
+        allocator = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, device, kv_pool, need_sort=False)
     else:
-        allocator = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, "cpu", kv_pool, need_sort=False)
+        allocator = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, device, kv_pool, need_sort=False)
     params = CacheInitParams(
         disable=False,
-        req_to_token_pool=ReqToTokenPool(size=8, max_context_len=pool_tokens, device="cpu", enable_memory_saver=False),
+        req_to_token_pool=ReqToTokenPool(size=8, max_context_len=pool_tokens, device=device, enable_memory_saver=False),
         token_to_kv_pool_allocator=allocator,
         page_size=page_size,
         tp_cache_group=tp_group,

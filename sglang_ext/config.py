@@ -59,12 +59,17 @@ class KVTierConfig:
     pool free, the nodes eviction would take first (in its order: unlocked leaves, a parent once its
     children are counted) are copied out now, in the background, until that much is free or copied;
     their eviction then frees rows without a copy on the critical path. 0 copies only at eviction."""
-    load_layer_groups: int = 32
+    load_layer_groups: int = 0
     """A load-back is copied in this many groups of layers (at most one per layer) and the forward
     pass reads a layer as soon as its group landed, so the copy runs under the forward pass as
-    HiCache's does; 1 copies all layers before the forward pass. On an H100, p50 of 10K-token warm
-    hits per pass, one run: 32 groups 0.051-0.077 s (load kernels on 8, 32 or all SMs), one copy
-    0.088-0.097 s, HiCache 0.063-0.066 s (``benchmarks/results/ab/offload_ttft_layerwise.json``)."""
+    HiCache's does; 1 copies all layers before the forward pass. 0 (auto) picks by how SGLang runs
+    the prefill forward: 32 eagerly (its launches take longer than the copy, which hides under
+    them: on an H100, p50 of 10K-token warm hits per pass 0.051-0.077 s, one copy 0.088-0.097 s,
+    HiCache 0.063-0.066 s, ``benchmarks/results/ab/offload_ttft_layerwise.json``); 8 under a
+    breakable or tc_piecewise prefill CUDA graph (the forward pass is fast and waits for the copy
+    anyway, while each launch costs the scheduler's thread ~0.15 ms: a 10K-token load-back's
+    ``init_load_back`` 8.7 ms with 32 groups, 4.2 ms with 8, ``benchmarks/results/ab/hook_cost.json``);
+    1 under a full prefill graph, which replays attention without asking (also for any setting)."""
     spill_max_programs: int = 8
     """Thread blocks a spill kernel may use at most (0: one per 32 KiB tile, every SM it can get).
     Fewer leave SMs to the forward pass the copy runs beside: on an H100, 8 spill at 51.6 GB/s
@@ -228,8 +233,9 @@ def _validate(cfg: KVTierConfig) -> None:
         raise bad("lower_tier_wait_s", "must be >= 0 seconds (0: never wait for the disk or remote tier)")
     if cfg.pd_transport not in PD_TRANSPORTS:
         raise bad("pd_transport", f"must be one of {list(PD_TRANSPORTS)}")
-    if cfg.load_layer_groups < 1:
-        raise bad("load_layer_groups", "must be >= 1 (1 copies all layers before the forward pass)")
+    if cfg.load_layer_groups < 0:
+        raise bad("load_layer_groups", "must be >= 0 (0: chosen by the prefill CUDA graph; 1 copies all layers "
+                                       "before the forward pass)")
     if not 0 <= cfg.spill_ahead < 1:
         raise bad("spill_ahead", "must be a fraction of the GPU pool in [0, 1) (0: copy only at eviction)")
     for key in ("spill_max_programs", "load_max_programs"):

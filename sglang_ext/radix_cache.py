@@ -117,6 +117,9 @@ class KVTierRadixCache(RadixCache):
             spill_staging_chunks=cfg.spill_staging_chunks,
         )
         self.io.warm_up()
+        logger.info("kvtier: load-backs go in %d launch(es) over groups of layers (load_layer_groups %d, prefill "
+                    "CUDA graph %s)", len(self.io.load_groups), cfg.load_layer_groups,
+                    ctx.server_args.cuda_graph_config.prefill.backend)
         if self.io.stream is not None and len(self.io.load_groups) > 1:
             # SGLang's pool calls gate.wait_until(layer) before attention reads a layer.
             pool.register_layer_transfer_counter(self.io.gate)
@@ -411,19 +414,25 @@ def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
     thread.join(timeout=5)
 
 
+# load_layer_groups 0 (auto) by how SGLang 0.5.17 runs the prefill forward (see KVTierConfig).
+_AUTO_LOAD_LAYER_GROUPS = {Backend.DISABLED: 32, Backend.BREAKABLE: 8, Backend.TC_PIECEWISE: 8, Backend.FULL: 1}
+
+
 def _load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
-    """``cfg.load_layer_groups``, or 1 where a prefill CUDA graph captures attention.
+    """``cfg.load_layer_groups``, chosen by the prefill CUDA graph when 0, and 1 where the graph
+    captures attention.
 
     The forward pass waits for a layer's copy when attention asks the pool for that layer, from
     Python. SGLang's breakable and tc_piecewise prefill graphs run attention eagerly, so that still
     happens; a ``full`` prefill graph replays attention without asking, so it must wait for the
     whole copy before it starts.
     """
-    if cfg.load_layer_groups > 1 and ctx.server_args.cuda_graph_config.prefill.backend == Backend.FULL:
+    backend = ctx.server_args.cuda_graph_config.prefill.backend
+    if backend == Backend.FULL and cfg.load_layer_groups != 1:
         logger.info("kvtier: the full prefill CUDA graph replays attention without the layer gate; "
                     "load-backs copy every layer before the forward pass (load_layer_groups 1)")
         return 1
-    return cfg.load_layer_groups
+    return cfg.load_layer_groups or _AUTO_LOAD_LAYER_GROUPS.get(backend, 1)
 
 
 def build(ctx: TreeCacheBuildContext) -> KVTierRadixCache:

@@ -55,7 +55,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"pd_switch_interval_ms": -1}, "pd_switch_interval_ms"),
         ({"spill_ahead": -0.1}, "spill_ahead"),
         ({"load_max_programs": -2}, "load_max_programs"),
-        ({"load_layer_groups": 0}, "load_layer_groups"),
+        ({"load_layer_groups": -1}, "load_layer_groups"),
     ],
 )
 def test_invalid_values_name_the_key(changes, key):

@@ -719,7 +719,7 @@ def test_loads_go_layer_by_layer_unless_a_full_prefill_graph_replays_attention(m
     loads must finish before the forward pass; a load-back still lands bit for bit either way."""
     cache = make_cache(16, prefill_graph=prefill_graph)
     layers = len(cache.token_to_kv_pool_allocator.get_kvcache().k_buffer)
-    assert cache.cfg.load_layer_groups == 32
+    assert cache.cfg.load_layer_groups == 0  # auto: 8 under these graphs, at most one per layer
     assert len(cache.io.load_groups) == (1 if prefill_graph == "full" else layers)
     doc = list(range(3000, 3000 + 2 * CHUNK_TOKENS))
     expected = kv_rows(cache, insert(cache, doc))
@@ -727,3 +727,16 @@ def test_loads_go_layer_by_layer_unless_a_full_prefill_graph_replays_attention(m
     clear_pool(cache)
     _, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1]))
     assert host_hit == 2 * CHUNK_TOKENS and same_kv(kv_rows(cache, loaded), expected)
+
+
+@pytest.mark.parametrize("prefill_graph, auto", [("disabled", 32), ("breakable", 8), ("tc_piecewise", 8), ("full", 1)])
+def test_load_layer_groups_auto_follows_the_prefill_graph_and_a_setting_wins_unless_full(
+        make_build_context, prefill_graph, auto):
+    """0 (the default) picks the groups by how the prefill forward runs; a set value is kept,
+    except under a full graph, where attention never asks the gate."""
+    from kvtier.sglang_ext.radix_cache import _load_layer_groups
+
+    ctx = make_build_context(page_size=16)
+    ctx.server_args.cuda_graph_config.prefill.backend = prefill_graph
+    assert _load_layer_groups(ctx, load_config(env={})) == auto
+    assert _load_layer_groups(ctx, load_config(env={}, load_layer_groups=4)) == (1 if prefill_graph == "full" else 4)

@@ -32,7 +32,7 @@ import threading
 import weakref
 from array import array
 from concurrent.futures import Future, wait
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -160,37 +160,47 @@ class KVTierRadixCache(RadixCache):
 
     # -- spill -----------------------------------------------------------------------------------
 
-    def _path(self, node: TreeNode) -> tuple[array, torch.Tensor, Optional[str]]:
-        """Token ids and pool rows from the root to the end of ``node``."""
+    def _store_node(self, node: TreeNode, when: Literal["eviction", "ahead"], owner: Optional[TreeNode] = None) -> None:
+        """Copy the whole chunks that end inside ``node`` and no tier holds yet. The chunk keys of its
+        path are hashed once per node and kept (a split keeps a node's end, so they stay right):
+        spill ahead and eviction look at the same documents again and again, most of them already
+        stored, and hashing a 10K-token path costs the scheduler's thread ~0.2 ms each time."""
         nodes = []
         while node is not self.root_node:
             nodes.append(node)
             node = node.parent
         nodes.reverse()
-        tokens = array("q")
-        for n in nodes:
-            tokens.extend(n.key.raw_token_ids())
-        rows = torch.cat([n.value for n in nodes]) if nodes else torch.empty(0, dtype=torch.int64)
-        return tokens, rows, nodes[0].key.extra_key if nodes else None
+        length = sum(len(n.value) for n in nodes)
+        start = length - len(nodes[-1].value)
+        T = self.chunk_tokens
+        if length // T <= start // T:
+            return  # no whole chunk ends inside the node
+        keys = self._node_keys.get(nodes[-1].id)
+        if keys is None:
+            tokens = array("q")
+            for n in nodes:
+                tokens.extend(n.key.raw_token_ids())
+            keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, nodes[0].key.extra_key)
+        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes]), start, when, owner)
 
     def _store_chunks(
-        self, tokens: Sequence[int], rows: torch.Tensor, extra_key: Optional[str], start: int,
+        self, keys: list[ChunkKey], rows: Callable[[], torch.Tensor], start: int,
         when: Literal["eviction", "ahead", "insert"], owner: Optional[TreeNode] = None,
     ) -> None:
-        """Copy the whole chunks of ``tokens`` that end after ``start`` and no tier holds yet. At an
-        ``eviction`` the rows were just freed and wait for the copy; otherwise they are still in the
-        tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must come before
-        theirs, waits for the copy."""
+        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives) that
+        end after token ``start`` and no tier holds yet. At an ``eviction`` the rows were just freed
+        and wait for the copy; otherwise they are still in the tree, owned by ``owner`` and its
+        ancestors: ``owner``'s deletion, which must come before theirs, waits for the copy."""
         T = self.chunk_tokens
-        keys = self.namespace.chunk_keys(tokens, extra_key)
         first = start // T
         if first >= len(keys):
             return
-        index = {k: i for i, k in enumerate(keys[first:], start=first)}
         lease = self.store.reserve(keys[first:])
         if not lease.keys:
             return
-        slots = torch.cat([rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
+        index = {k: i for i, k in enumerate(keys[first:], start=first)}
+        path_rows = rows()
+        slots = torch.cat([path_rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
         self.store.metrics.spills.labels(when).inc(len(lease.keys))
         self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=when == "eviction",
                                     owner=owner))
@@ -228,9 +238,7 @@ class KVTierRadixCache(RadixCache):
             covered += len(node.value)
             if node.id not in self._spilled_ahead:
                 self._spilled_ahead.add(node.id)
-                tokens, rows, extra_key = self._path(node)
-                self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), when="ahead",
-                                   owner=node)
+                self._store_node(node, "ahead", owner=node)
             parent = node.parent
             if parent is not self.root_node and parent.lock_ref == 0:
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
@@ -244,6 +252,7 @@ class KVTierRadixCache(RadixCache):
             io.guard_pending()
         super().reset()
         self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction
+        self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_store_node)
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
 
@@ -253,8 +262,8 @@ class KVTierRadixCache(RadixCache):
         self._spilled_ahead.discard(node.id)
         self._tree_version += 1
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
-            tokens, rows, extra_key = self._path(node)
-            self._store_chunks(tokens, rows, extra_key, start=len(tokens) - len(node.value), when="eviction")
+            self._store_node(node, "eviction")
+        self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
     def evict(self, params: EvictParams):
@@ -269,8 +278,8 @@ class KVTierRadixCache(RadixCache):
             key = params.key.page_aligned(self.page_size)
             match = super().match_prefix(MatchPrefixParams(key=key))
             rows = match.device_indices
-            self._store_chunks(key.raw_token_ids()[: len(rows)], rows, key.extra_key, start=result.prefix_len,
-                               when="insert", owner=match.last_device_node)
+            keys = self.namespace.chunk_keys(key.raw_token_ids()[: len(rows)], key.extra_key)
+            self._store_chunks(keys, lambda: rows, result.prefix_len, "insert", owner=match.last_device_node)
         return result
 
     # -- load-back -----------------------------------------------------------------------------
@@ -380,6 +389,7 @@ class KVTierRadixCache(RadixCache):
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         ).last_device_node
+        self._node_keys[inserted.id] = keys[: first + got]  # its path ends at ``end``: no hashing again
         self._track(self.io.to_device(lease.views[:got], torch.cat([skip, rows]), lease.release, owner=inserted))
         return rows, inserted
 

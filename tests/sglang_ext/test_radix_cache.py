@@ -740,3 +740,43 @@ def test_load_layer_groups_auto_follows_the_prefill_graph_and_a_setting_wins_unl
     ctx.server_args.cuda_graph_config.prefill.backend = prefill_graph
     assert _load_layer_groups(ctx, load_config(env={})) == auto
     assert _load_layer_groups(ctx, load_config(env={}, load_layer_groups=4)) == (1 if prefill_graph == "full" else 4)
+
+
+def test_chunk_keys_kept_for_a_loaded_node_stay_right_after_it_is_split(make_cache):
+    """_store_node keeps a node's path keys instead of hashing the path again; a load-back records
+    them for the node it inserts. Splitting that node (another document sharing its first chunks)
+    must leave the kept keys equal to a fresh hash of the node's path, and eviction after the split
+    still brings both documents back bit for bit."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(1)
+    T = CHUNK_TOKENS
+    doc = list(range(5000, 5000 + 4 * T))
+    other = doc[: 2 * T] + list(range(9000, 9000 + 2 * T))
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)
+    clear_pool(cache)
+    _, host_hit, loaded, node = match_and_load(cache, make_req(doc + [1]))
+    assert host_hit == 4 * T and same_kv(kv_rows(cache, loaded), expected)
+    assert len(cache._node_keys[node.id]) == 4
+
+    tail = insert(cache, other)[2 * T:]  # splits the loaded node after 2 chunks
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf[tail] = torch.randn(buf[tail].shape).to(buf.dtype)  # the tail's KV, as a forward pass would write it
+    expected_other = kv_rows(cache, cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", other)))).device_indices)
+    assert node.parent is not cache.root_node and len(node.value) == 2 * T
+    path, n = [], node
+    while n is not cache.root_node:
+        path[:0] = n.key.raw_token_ids()
+        n = n.parent
+    assert cache._node_keys[node.id] == cache.namespace.chunk_keys(array("q", path))
+
+    evict_all(cache)
+    assert not cache._node_keys
+    for tokens, kv in ((doc, expected), (other, expected_other)):
+        clear_pool(cache)
+        _, host_hit, loaded, _ = match_and_load(cache, make_req(tokens + [1]))
+        assert host_hit == 4 * T and same_kv(kv_rows(cache, loaded), kv)
+        evict_all(cache)

@@ -168,6 +168,11 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
         text = urllib.request.urlopen(url, timeout=timeout_s).read().decode()
     except OSError as exc:
         raise BenchError(f"cannot read metrics at {url} ({exc}); is KVTIER_METRICS_PORT set and free?") from exc
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of Prometheus exposition ``text`` as ``{'name{label=value,...}': value}``."""
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

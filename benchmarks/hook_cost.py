@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                     help="kvtier settings of one run, e.g. lg8:load_layer_groups=8 (default: the defaults, "
-                         "load_layer_groups 8, load_layer_groups 1)")
+                         "load_layer_groups 32, load_layer_groups 1)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (no launches)")
     ap.add_argument("--profile-top", type=int, default=30)
     ap.add_argument("--layers", type=int, default=32,
@@ -182,8 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hook_cost.py times kernel launches of the load path: it needs a CUDA GPU")
-    specs = args.variant or ["defaults:", "lg8:load_layer_groups=8", "lg1:load_layer_groups=1"]
-    variants = dict(parse_variant(spec) if not spec.endswith(":") else (spec[:-1], {}) for spec in specs)
+    variants = dict(parse_variant(spec) for spec in args.variant) or {
+        "defaults": {}, **dict(parse_variant(spec) for spec in ("lg32:load_layer_groups=32", "lg1:load_layer_groups=1"))}
 
     objects = _sglang_objects()
     model = {**LLAMA3_8B, "num_hidden_layers": args.layers}

@@ -117,7 +117,7 @@ def test_parse_variant_maps_settings_to_kvtier_env_and_refuses_what_kvtier_would
         "lg4", {"KVTIER_LOAD_LAYER_GROUPS": "4", "KVTIER_LOAD_MAX_PROGRAMS": "32"})
     for spec, why in (("lg4", "expected NAME:key=value"), (":load_layer_groups=4", "expected NAME:key=value"),
                       ("lg4:", "expected NAME:key=value"), ("lg4:load_layer_groups", "is not key=value"),
-                      ("lg4:=4", "is not key=value"), ("lg0:load_layer_groups=0", "load_layer_groups"),
+                      ("lg4:=4", "is not key=value"), ("lgneg:load_layer_groups=-1", "load_layer_groups"),
                       ("lgx:load_layer_groups=four", "load_layer_groups")):
         with pytest.raises(BenchError, match=why):
             parse_variant(spec)

@@ -50,3 +50,29 @@ def test_a_transport_case_runs_process_b_moves_the_bytes_and_ends_it(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["bit_exact"] is True and result["ops_per_batch"] == 3
     assert len(result["write_GBps"]) == len(result["read_GBps"]) == 2
+
+
+def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tmp_path):
+    """hook_cost.py on CPU (copies in torch): the warm pass loads documents back from the CPU tier
+    through the real KVTierRadixCache, and each variant reports its own load groups and kvtier's
+    timers for the hooks the scheduler would call."""
+    out = tmp_path / "hook_cost.json"
+    done = subprocess.run(
+        [sys.executable, str(Path(transfer_gpu.__file__).with_name("hook_cost.py")), "--device", "cpu", "--layers", "2",
+         "--docs", "3", "--doc-len", "1000", "--pool-tokens", "1500", "--cpu-gb", "0.2", "--profile-top", "3",
+         "--model-dir", str(tmp_path / "model"), "--variant", "lg1:load_layer_groups=1",
+         "--variant", "lg2:load_layer_groups=2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"lg1", "lg2"} and report["workload"]["docs"] == 3
+    for name, groups in (("lg1", 1), ("lg2", 2)):
+        v = report["variants"][name]
+        assert v["load_layer_groups"] == groups
+        assert v["warm_loaded_tokens"] >= 2 * 256  # whole 256-token chunks of documents evicted in the cold pass
+        assert v["warm_ms"]["init_load_back"]["mean"] > 0
+        # kvtier's own timer runs inside each call the replay timed (the call adds the spill ahead)
+        assert v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
+        assert v["warm_hook_seconds"]["init_load_back"]["mean_s"] * 1e3 <= v["warm_ms"]["init_load_back"]["mean"] + 0.01
+    assert report["variants"]["lg1"]["warm_profile_by_own_time"]  # the first variant only is profiled
+    assert "warm_profile_by_own_time" not in report["variants"]["lg2"]

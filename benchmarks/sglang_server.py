@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -53,7 +54,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: str | Path, timeout
         try:
             urllib.request.urlopen(f"{url}/health", timeout=5)
             return time.monotonic() - start
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet, or a TCP self-connect (see launch.cluster)
             pass
         if time.monotonic() - start > timeout_s:
             sys.exit(f"{url} not healthy after {timeout_s:g} s; {log_path} ends with:\n{_log_tail(log_path)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import http.client
 import os
 import shlex
 import signal
@@ -360,7 +361,9 @@ class Cluster:
                     if resp.status == 200:
                         self.say(f"{svc.name} is healthy at {svc.url} after {time.monotonic() - started:.0f} s")
                         return None
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                # HTTPException: not HTTP yet, e.g. a connection to a port in the ephemeral range that
+                # nothing listens on yet can land on itself (TCP self-connect) and read back the request.
                 pass
             now = time.monotonic()
             if now - started > deadline_s:

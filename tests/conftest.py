@@ -1,6 +1,10 @@
-"""Shared fixtures: a namespace, deterministic chunk contents, and a fresh metrics registry."""
+"""Shared fixtures: a namespace, deterministic chunk contents, a fresh metrics registry, and an
+HTTP port that answers health polls with garbage first."""
 
 from __future__ import annotations
+
+import socket
+import threading
 
 import pytest
 import torch
@@ -46,3 +50,35 @@ def sample(metrics: TierMetrics, name: str, **labels: str) -> float:
 @pytest.fixture
 def metric():
     return sample
+
+
+@pytest.fixture
+def echo_then_ok_server():
+    """A local HTTP port whose first ``n`` connections get their own request line back as the
+    "status line" (what a TCP connection to itself reads: a health poll that lands on its own
+    ephemeral port), and every later one a 200. Yields ``start(n) -> url``."""
+    servers = []
+
+    def start(n: int) -> str:
+        sock = socket.create_server(("127.0.0.1", 0))
+        servers.append(sock)
+
+        def serve() -> None:
+            served = 0
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                with conn:
+                    request_line = conn.recv(65536).split(b"\r\n", 1)[0]
+                    conn.sendall(request_line + b"\r\n" if served < n else
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                served += 1
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for sock in servers:
+        sock.close()

@@ -30,3 +30,18 @@ def test_request_stages_reads_the_line_sglang_logs(caplog):
     assert abs(stages["a1b2"]["queue"] - 3.0) < 0.01 and abs(stages["a1b2"]["forward"] - 47.0) < 0.01
     assert stages["c3"]["queue"] == 0.0 and abs(stages["c3"]["forward"] - 12.5) < 0.01
     assert request_stages("no such lines") == {}
+
+
+def test_wait_healthy_reads_garbage_as_not_up_yet(tmp_path, echo_then_ok_server):
+    """The benchmarks' server start treats a garbled answer (TCP self-connect) as not up yet."""
+    import subprocess
+    import sys
+
+    from sglang_server import wait_healthy
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert wait_healthy(echo_then_ok_server(1), proc, tmp_path / "log", timeout_s=20) >= 0
+    finally:
+        proc.kill()
+        proc.wait()

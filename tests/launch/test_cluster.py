@@ -320,3 +320,14 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path, free_ports, ta
     assert f"port {ports[taken]} on {'every address' if taken == 'metrics' else '127.0.0.1'} ({what}) is in use" \
         in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_health_poll_that_reads_garbage_keeps_waiting(tmp_path, echo_then_ok_server):
+    """A poll that reads back its own request line (a TCP self-connect to a port nothing listens on
+    yet, seen once in CI as ``BadStatusLine: GET /health HTTP/1.1``) is "not healthy yet", not a crash."""
+    from kvtier.launch.cluster import Cluster, Service
+
+    cluster = Cluster(tmp_path, stop_timeout=1.0)
+    svc = Service("worker", ["true"], echo_then_ok_server(2))
+    cluster.started[svc.name] = time.monotonic()
+    assert cluster.wait_healthy(svc, deadline_s=20, progress_s=60) is None

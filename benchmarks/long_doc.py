@@ -14,7 +14,9 @@ shape unless ``--model-path``), streams ``/generate`` with ``input_ids`` (TTFT =
 chunk), and records per pass TTFT and latency mean/p50/p99, output tokens/s, the prompt tokens
 SGLang reports as cached on the GPU (``device``) or loaded from host or storage, and for kvtier the
 delta of its Prometheus counters (chunk hits per tier, GB moved). Results of several invocations
-merge into one JSON file, with every configuration's ratios to ``radix`` recomputed each time:
+merge into one JSON file, with every configuration's ratios to ``radix`` recomputed each time.
+``--profile-requests N`` then sends the warm pass's first N prompts again under SGLang's torch
+profiler (traces for ``trace_summary.py``), apart from the measured passes:
 
     python benchmarks/long_doc.py --config radix
     python benchmarks/long_doc.py --config kvtier_cpu          # and hicache, kvtier_cpu_disk, ...
@@ -54,7 +56,7 @@ from bench_common import (
     summarize,
     write_dummy_model,
 )
-from sglang_server import sglang_server
+from sglang_server import profiled, sglang_server
 
 Pass = tuple[str, list[list[int]]]
 WORKLOADS = ("rag", "chat", "noreuse")
@@ -251,6 +253,8 @@ class RunOptions:
     log_dir: str
     metrics_port: int
     cuda_graph_max_bs: int
+    profile_requests: int = 0
+    profile_dir: str = ""
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
@@ -293,6 +297,8 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
             result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts)
+            if opts.profile_requests:
+                result["profiled"] = profile_pass(name, url, passes[-1][1][: opts.profile_requests], opts)
     finally:
         if setup.disk_dir:
             shutil.rmtree(setup.disk_dir, ignore_errors=True)
@@ -315,6 +321,19 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
         reports[pass_name] = report
         print(f"[{name}] {pass_name}: {describe_pass(report)}", flush=True)
     return reports
+
+
+def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOptions) -> dict:
+    """Send ``prompts`` once more under SGLang's torch profiler (CPU and GPU, traces in
+    ``opts.profile_dir``), after the measured passes so that their times carry no profiler. With the
+    first prompts of the warm pass, which its later ones pushed out of the GPU, these are tier hits
+    again: a round of ``--concurrency`` users shows the request scheduled alone and the batch after it."""
+    with profiled(opts.port, opts.profile_dir, f"{name}-profiled") as answers:
+        results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len, opts.request_timeout_s))
+    report = pass_report(results, wall)
+    print(f"[{name}] profiled ({len(prompts)} requests, traces in {opts.profile_dir}): {describe_pass(report)}",
+          flush=True)
+    return {"requests": len(prompts), "trace_dir": opts.profile_dir, "profiler": answers, "report": report}
 
 
 def describe_pass(p: Mapping) -> str:
@@ -380,6 +399,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--metrics-port", type=int, default=9400, help="kvtier's Prometheus port")
     ap.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"), help="server logs go here")
+    ap.add_argument("--profile-requests", type=int, default=0, metavar="N",
+                    help="after the passes, send the last pass's first N prompts again under SGLang's torch "
+                         "profiler (e.g. 8: two rounds of 4 users); the measured passes run without it")
+    ap.add_argument("--profile-dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "traces"))
     ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
@@ -387,7 +410,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
-                      args.log_dir, args.metrics_port, args.cuda_graph_max_bs)
+                      args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir)
 
 
 def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:

@@ -162,3 +162,19 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
         for p in ("cold", "warm", "warm2"):
             assert cfg[p]["server_stages_ms"] == {"queue": [0.5] * 3, "forward": [20.0] * 3}
     assert not any(k in fit[p] for p in ("cold", "warm", "warm2") for k in ("kvtier", "kvtier_per_request"))
+
+
+def test_long_doc_profiles_extra_requests_after_the_measured_passes(tmp_path):
+    """--profile-requests N: the measured passes run without the profiler, then the warm pass's first
+    N prompts go again between /start_profile and /stop_profile and are reported apart."""
+    out = tmp_path / "r.json"
+    r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--profile-requests", "2", "--profile-dir",
+            str(tmp_path / "traces"), "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    radix = json.loads(out.read_text())["configs"]["radix"]
+    # 2 warm-up, 5 cold and 5 warm requests came before the profiler started.
+    assert radix["profiled"]["profiler"] == ["/start_profile after 12 requests, prefix radix-profiled",
+                                             "/stop_profile after 14 requests, prefix None"]
+    assert radix["profiled"]["requests"] == 2 and radix["profiled"]["report"]["requests"] == 2
+    assert radix["profiled"]["trace_dir"] == str(tmp_path / "traces")
+    assert set(radix["passes"]) == {"cold", "warm"} and "[radix] profiled (2 requests" in r.stdout

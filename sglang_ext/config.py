@@ -68,7 +68,8 @@ class KVTierConfig:
     HiCache 0.063-0.066 s, ``benchmarks/results/ab/offload_ttft_layerwise.json``); 8 under a
     breakable or tc_piecewise prefill CUDA graph (the forward pass is fast and waits for the copy
     anyway, while each launch costs the scheduler's thread ~0.15 ms: a 10K-token load-back's
-    ``init_load_back`` 8.7 ms with 32 groups, 4.2 ms with 8, ``benchmarks/results/ab/hook_cost.json``);
+    ``init_load_back`` 8.7 ms with 32 groups, 4.2 ms with 8, ``benchmarks/results/ab/hook_cost.json``; in
+    long_doc's server 5.4 -> 4.4 ms with warm TTFT unchanged, ``ab/long_doc_lg8_9992635.json``);
     1 under a full prefill graph, which replays attention without asking (also for any setting)."""
     spill_max_programs: int = 8
     """Thread blocks a spill kernel may use at most (0: one per 32 KiB tile, every SM it can get).

@@ -6,6 +6,10 @@ Reads the Chrome-trace files that SGLang's ``/start_profile`` writes (``*.trace.
 small file that is, and two servers' traces of the same request can be set side by side:
 
     python benchmarks/trace_summary.py $OUT/traces/*.trace.json.gz --out summary.json
+
+``--timeline NAME`` (repeatable) adds every span whose name contains one of the NAMEs, CPU or GPU,
+in the order they started, so one round of requests can be read as a schedule (e.g. ``--timeline
+init_load_back --timeline run_batch --timeline process_batch_result --timeline _kv_copy_kernel``).
 """
 
 from __future__ import annotations
@@ -72,13 +76,34 @@ def summarize(events: list[dict], top: int = 15) -> dict:
     }
 
 
+def timeline(events: list[dict], names: Iterable[str], limit: int = 2000) -> list[dict]:
+    """The spans whose name contains any of ``names``, by start, in ms from the trace's start, with
+    their thread (CPU) or stream (GPU); at most ``limit``."""
+    names = list(names)
+    if not events or not names:
+        return []
+    t0 = min(e["ts"] for e in events)
+    picked = sorted((e for e in events if any(n in e["name"] for n in names)), key=lambda e: e["ts"])[:limit]
+    return [{"name": e["name"][:120], "cat": e.get("cat"), "at_ms": round((e["ts"] - t0) / 1e3, 3),
+             "ms": round(e["dur"] / 1e3, 3),
+             "where": (f"stream {e.get('args', {}).get('stream', e.get('tid'))}" if e.get("cat") in GPU_CATEGORIES
+                       else f"tid {e.get('tid')}")} for e in picked]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("traces", nargs="+", type=Path)
     ap.add_argument("--top", type=int, default=15, help="rows of each ranking")
     ap.add_argument("--out", type=Path, help="JSON file (default: print)")
+    ap.add_argument("--timeline", action="append", default=[], metavar="NAME",
+                    help="also list every span whose name contains NAME, in time order (repeatable)")
     args = ap.parse_args()
-    report = {p.name: summarize(load_events(p), args.top) for p in args.traces}
+    report = {}
+    for path in args.traces:
+        events = load_events(path)
+        report[path.name] = summarize(events, args.top)
+        if args.timeline:
+            report[path.name]["timeline"] = timeline(events, args.timeline)
     text = json.dumps(report, indent=2) + "\n"
     if args.out:
         args.out.write_text(text)

@@ -57,6 +57,13 @@ def test_gpu_time_is_the_union_of_streams_and_gaps_are_where_no_stream_runs(tmp_
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text()) == {"t.json": report}
+    # --timeline: the named spans, CPU and GPU, by start.
+    r = subprocess.run([sys.executable, str(BENCHMARKS_DIR / "trace_summary.py"), str(path), "--out", str(out),
+                        "--timeline", "scatter", "--timeline", "run_batch"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["t.json"]["timeline"] == [
+        {"name": "run_batch", "cat": "python_function", "at_ms": 0, "ms": 52, "where": "tid 1"},
+        {"name": "scatter_kv", "cat": "kernel", "at_ms": 8, "ms": 4, "where": "stream 20"}]
 
 
 def test_union_merges_touching_and_nested_spans():

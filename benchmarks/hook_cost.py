@@ -1,16 +1,16 @@
 """Scheduler-thread time of kvtier's hooks per request, on a GPU, without a server.
 
-In long_doc's warm pass a request scheduled alone waited ~30 ms longer for its first token with
-kvtier than with HiCache (0.08 s against 0.05 s) while a batch of three was faster: under SGLang's
-overlap schedule a batch's first tokens go out only after the next batch was scheduled, and
-scheduling a request with a host hit runs ``match_prefix`` and ``init_load_back`` on the
-scheduler's thread. This measures that thread's time per hook on the real ``KVTierRadixCache``
+In long_doc's warm pass a request scheduled alone waited 20-40 ms longer for its first token with
+kvtier than with HiCache while a batch of three was faster. One suspect: under SGLang's overlap
+schedule a batch's first tokens go out only after the next batch was scheduled, and scheduling a
+request with a host hit runs ``match_prefix`` and ``init_load_back`` on the scheduler's thread
+(cutting that by 1 ms per request did not move TTFT: ``ab/long_doc_lg8_9992635.json``). This measures that thread's time per hook on the real ``KVTierRadixCache``
 over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workload's pattern:
 ``--docs`` documents of ``--doc-len`` tokens + a question + decoded tokens, cold, then warm in
 another order through a pool that holds few of them, so each warm request loads a whole document
 and evicts another. The GPU is synchronized before each request so that a hook's time is its own
 (launches, not waits behind earlier work). Each ``--variant`` (kvtier settings) gets its own cache;
-the first is also profiled (cProfile, top functions by own time). On CPU (``--device cpu``,
+the first is also profiled (cProfile, top functions by cumulative time). On CPU (``--device cpu``,
 copies in torch) the tree and store work still shows in kvtier's own timers (``warm_hook_seconds``).
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
@@ -154,8 +154,8 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
         }
         if profiler:
             out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile_top)
-            result["warm_profile_by_own_time"] = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.profile_top)
+            result["warm_profile_by_cumulative_time"] = [line.rstrip() for line in out.getvalue().splitlines() if line.strip()]
         return result
     finally:
         cache.flush()

@@ -10,7 +10,8 @@ over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workloa
 another order through a pool that holds few of them, so each warm request loads a whole document
 and evicts another. The GPU is synchronized before each request so that a hook's time is its own
 (launches, not waits behind earlier work). Each ``--variant`` (kvtier settings) gets its own cache;
-the first is also profiled (cProfile, top functions by cumulative time). On CPU (``--device cpu``,
+the first is also profiled (cProfile, top functions by cumulative time). On CUDA every call inside a
+hook that makes the CPU wait for the GPU is listed (``warm_syncs``, torch's sync debug mode). On CPU (``--device cpu``,
 copies in torch) the tree and store work still shows in kvtier's own timers (``warm_hook_seconds``).
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
@@ -28,8 +29,11 @@ import json
 import pstats
 import random
 import time
+import warnings
 from array import array
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from bench_common import (
@@ -80,18 +84,38 @@ def _synchronize(cache: KVTierRadixCache) -> None:
         torch.cuda.synchronize(cache.io.device)
 
 
+@contextmanager
+def _watching_syncs(found: set[str], hook: str, device: torch.device) -> Iterator[None]:
+    """Add to ``found`` each CUDA call inside that makes the CPU wait for the GPU (torch's sync debug
+    mode warns on those), as ``hook: file:line: message``."""
+    if device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found.update(f"{hook}: {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+                 if "synchroniz" in str(w.message))
+
+
 class Replay:
     """The scheduler's calls for one request at a time, timed per hook."""
 
     def __init__(self, cache: KVTierRadixCache, rnd: random.Random) -> None:
         self.cache, self.rnd = cache, rnd
         self.times: dict[str, list[float]] = {}
+        self.syncs: set[str] = set()
         self.loaded_tokens = 0
 
     def _timed(self, name: str, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        self.times.setdefault(name, []).append(time.perf_counter() - start)
+        with _watching_syncs(self.syncs, name, self.cache.io.device):
+            start = time.perf_counter()
+            out = fn(*args)
+            self.times.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
     def serve(self, doc: list[int], rid: str) -> None:
@@ -131,6 +155,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
         for i, doc in enumerate(docs):
             replay.serve(doc, f"cold{i}")
         replay.times.clear()
+        replay.syncs.clear()
         before = _counters(cache)
         order = list(range(args.docs))
         rnd.shuffle(order)
@@ -147,6 +172,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
             "load_layer_groups": len(cache.io.load_groups),
             "warm_loaded_tokens": replay.loaded_tokens,
             "warm_ms": {hook: _ms(t) for hook, t in replay.times.items()},
+            "warm_syncs": sorted(replay.syncs),  # CUDA only
             # kvtier's own timers over the warm pass, as the servers report them (long_doc's hook_seconds)
             "warm_hook_seconds": summary["hook_seconds"],
             "warm_gpu_copies": summary["gpu_copies"],

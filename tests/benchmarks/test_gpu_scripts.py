@@ -71,6 +71,7 @@ def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tm
         assert v["load_layer_groups"] == groups
         assert v["warm_loaded_tokens"] >= 2 * 256  # whole 256-token chunks of documents evicted in the cold pass
         assert v["warm_ms"]["init_load_back"]["mean"] > 0
+        assert v["warm_syncs"] == []  # watched on CUDA only
         # kvtier's own timer runs inside each call the replay timed (the call adds the spill ahead)
         assert v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
         assert v["warm_hook_seconds"]["init_load_back"]["mean_s"] * 1e3 <= v["warm_ms"]["init_load_back"]["mean"] + 0.01

@@ -25,7 +25,8 @@ class TierMetrics:
     """The store's counters; ``tier`` labels are ``cpu`` and ``disk``.
 
     ``kvtier_op_seconds`` also times the tree hook: ``tier="gpu"`` the GPU time of each spill and
-    load copy (CUDA events), ``tier="hook"`` the scheduler-thread time of evict / init_load_back.
+    load copy (CUDA events), ``tier="hook"`` the scheduler-thread time of match_prefix / evict /
+    init_load_back / spill_ahead / arrival.
     """
 
     def __init__(self) -> None:

@@ -293,6 +293,10 @@ class KVTierRadixCache(RadixCache):
         return int(t.item())
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        with self.store.metrics.timed("hook", "match_prefix"):  # SGLang's own tree walk included
+            return self._match_prefix(params)
+
+    def _match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self._reap()
         result = super().match_prefix(params)
         key = params.key

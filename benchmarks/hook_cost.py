@@ -10,9 +10,10 @@ over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workloa
 another order through a pool that holds few of them, so each warm request loads a whole document
 and evicts another. The GPU is synchronized before each request so that a hook's time is its own
 (launches, not waits behind earlier work). Each ``--variant`` (kvtier settings) gets its own cache;
-the first is also profiled (cProfile, top functions by cumulative time). On CUDA every call inside a
-hook that makes the CPU wait for the GPU is listed (``warm_syncs``, torch's sync debug mode). On CPU (``--device cpu``,
-copies in torch) the tree and store work still shows in kvtier's own timers (``warm_hook_seconds``).
+the first is also profiled (cProfile, top functions by cumulative time). On CUDA every call inside
+a hook that makes the CPU wait for the GPU is listed (``warm_syncs``, torch's sync debug mode). On
+CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
+(``warm_hook_seconds``).
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
     python benchmarks/hook_cost.py --device cpu --layers 2 --docs 46 --pool-tokens 100000 --cpu-gb 4 \
@@ -49,7 +50,6 @@ from bench_common import (
     run_facts,
     write_dummy_model,
 )
-from prometheus_client import generate_latest
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -76,7 +76,7 @@ def _ms(seconds: list[float]) -> dict[str, float]:
 
 
 def _counters(cache: KVTierRadixCache) -> dict[str, float]:
-    return parse_metrics(generate_latest(cache.store.metrics.registry).decode())
+    return parse_metrics(cache.store.metrics.exposition().decode())
 
 
 def _synchronize(cache: KVTierRadixCache) -> None:

@@ -253,14 +253,14 @@ class PoolIO:
         events: list[torch.cuda.Event] = []
 
         def launched(layers: range) -> None:
-            if gated:
-                events.append(torch.cuda.Event())
-                events[-1].record(self.stream)
-                self.gate.record(layers, events[-1])
+            events.append(torch.cuda.Event())
+            events[-1].record(self.stream)
+            self.gate.record(layers, events[-1])
 
         def launch() -> None:
             scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                       max_programs=self.load_max_programs, groups=self.load_groups, on_launched=launched)
+                       max_programs=self.load_max_programs, groups=self.load_groups,
+                       on_launched=launched if gated else None)
 
         def done() -> None:
             self.gate.forget(events)

@@ -429,7 +429,7 @@ def _stop_thread(stop: threading.Event, thread: threading.Thread) -> None:
 
 
 # load_layer_groups 0 (auto) by how SGLang 0.5.17 runs the prefill forward (see KVTierConfig).
-_AUTO_LOAD_LAYER_GROUPS = {Backend.DISABLED: 32, Backend.BREAKABLE: 8, Backend.TC_PIECEWISE: 8, Backend.FULL: 1}
+_AUTO_LOAD_LAYER_GROUPS = {Backend.DISABLED: 32, Backend.BREAKABLE: 8, Backend.TC_PIECEWISE: 8}
 
 
 def _load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
@@ -439,12 +439,10 @@ def _load_layer_groups(ctx: TreeCacheBuildContext, cfg: KVTierConfig) -> int:
     The forward pass waits for a layer's copy when attention asks the pool for that layer, from
     Python. SGLang's breakable and tc_piecewise prefill graphs run attention eagerly, so that still
     happens; a ``full`` prefill graph replays attention without asking, so it must wait for the
-    whole copy before it starts.
+    whole copy before it starts. (The start-up log line names the count and the graph.)
     """
     backend = ctx.server_args.cuda_graph_config.prefill.backend
-    if backend == Backend.FULL and cfg.load_layer_groups != 1:
-        logger.info("kvtier: the full prefill CUDA graph replays attention without the layer gate; "
-                    "load-backs copy every layer before the forward pass (load_layer_groups 1)")
+    if backend == Backend.FULL:
         return 1
     return cfg.load_layer_groups or _AUTO_LOAD_LAYER_GROUPS.get(backend, 1)
 

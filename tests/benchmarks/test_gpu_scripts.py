@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import transfer_gpu
 
 
@@ -71,10 +73,23 @@ def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tm
         assert v["load_layer_groups"] == groups
         assert v["warm_loaded_tokens"] >= 2 * 256  # whole 256-token chunks of documents evicted in the cold pass
         assert v["warm_ms"]["init_load_back"]["mean"] > 0
-        assert v["warm_syncs"] == []  # watched on CUDA only
         # kvtier's own timer runs inside each call the replay timed (the call adds the spill ahead)
         assert v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
         assert v["warm_hook_seconds"]["match_prefix"]["count"] == 3  # once per warm request, as the scheduler does
         assert v["warm_hook_seconds"]["init_load_back"]["mean_s"] * 1e3 <= v["warm_ms"]["init_load_back"]["mean"] + 0.01
     assert report["variants"]["lg1"]["warm_profile_by_cumulative_time"]  # the first variant only is profiled
     assert "warm_profile_by_cumulative_time" not in report["variants"]["lg2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode watches CUDA calls")
+def test_hook_cost_names_a_call_that_waits_for_the_gpu_and_not_one_that_does_not():
+    import hook_cost
+
+    found: set[str] = set()
+    x = torch.ones(4, device="cuda")
+    with hook_cost._watching_syncs(found, "queued", x.device):
+        y = x * 2  # queued on the stream: no wait
+    assert found == set()
+    with hook_cost._watching_syncs(found, "waits", x.device):
+        y.sum().item()  # the CPU reads a GPU result: a sync
+    assert len(found) == 1 and next(iter(found)).startswith("waits: ") and "test_gpu_scripts.py" in next(iter(found))

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 import zmq.utils.garbage
 
@@ -58,10 +59,9 @@ class PeerProcess:
         kernel shows it stopped: a peer still running on another core for a moment after the signal
         could otherwise answer the next request (seen once in CI)."""
         os.kill(self.proc.pid, signal.SIGSTOP)
-        stat = Path(f"/proc/{self.proc.pid}/stat")
+        proc = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 5
-        # The state is the field after the parenthesised command name.
-        while stat.read_text().rpartition(")")[2].split()[0] not in ("T", "t"):
+        while proc.status() != psutil.STATUS_STOPPED:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"peer {self.proc.pid} did not stop within 5 s of SIGSTOP")
             time.sleep(0.001)

@@ -6,7 +6,9 @@
   enum, and ``get_kv_class`` is wrapped (an AROUND hook) to return kvtier's classes for it.
 
 A BEFORE hook on the scheduler's ``_add_request_to_queue`` lets the kvtier radix cache start
-fetching a queued request's disk or remote chunks right away, not when the request is scheduled.
+fetching a queued request's disk or remote chunks right away, not when the request is scheduled;
+an AFTER hook on its ``get_next_batch_to_run`` launches the spill-ahead copies the cache held
+back while a load ran (so they run in the decode steps between loads).
 
 SGLang calls ``register`` in its main process and again in every scheduler process it spawns.
 """
@@ -21,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 BACKEND = "kvtier"
 _pd_registered = False
-_queue_hook_registered = False
+_scheduler_hooks_registered = False
 QUEUE_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
+STEP_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
 
 
 def _build(ctx):  # imported lazily: torch-heavy modules stay out of processes that never build one
@@ -41,14 +44,25 @@ def _prefetch_on_arrival(scheduler, req, *args, **kwargs) -> None:
         logger.exception("kvtier: prefetching request %s on arrival failed", getattr(req, "rid", "?"))
 
 
-def _register_queue_hook() -> None:
-    global _queue_hook_registered
-    if _queue_hook_registered:
+def _spill_deferred(plan, scheduler, *args, **kwargs) -> None:
+    spill = getattr(getattr(scheduler, "tree_cache", None), "spill_deferred", None)
+    if spill is None:
+        return
+    try:
+        spill()
+    except Exception:  # eviction still copies what was not copied ahead: log, keep scheduling
+        logger.exception("kvtier: launching the spill-ahead copies held back failed")
+
+
+def _register_scheduler_hooks() -> None:
+    global _scheduler_hooks_registered
+    if _scheduler_hooks_registered:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(QUEUE_HOOK_TARGET, _prefetch_on_arrival, HookType.BEFORE)
-    _queue_hook_registered = True
+    HookRegistry.register(STEP_HOOK_TARGET, _spill_deferred, HookType.AFTER)
+    _scheduler_hooks_registered = True
 
 
 def _get_kv_class(original, transfer_backend, class_type):
@@ -100,7 +114,7 @@ def _register_pd() -> None:
 def register() -> None:
     if get_radix_cache_factory(BACKEND) is None:
         register_radix_cache_backend(BACKEND, _build)
-    _register_queue_hook()
+    _register_scheduler_hooks()
     try:
         _register_pd()
     except Exception:

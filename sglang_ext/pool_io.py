@@ -133,6 +133,7 @@ class PoolIO:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._unguarded: list[tuple[Completion, Optional[Hashable]]] = []
+        self._last_load: Optional[Completion] = None
         self.chunk_bytes = chunk_nbytes(k_buffers, v_buffers, chunk_tokens)
         # Allocated now, so that a ring the GPU cannot hold fails at start, not in a request.
         self.ring = (torch.empty(spill_staging_chunks * self.chunk_bytes, dtype=torch.uint8, device=self.device)
@@ -183,11 +184,19 @@ class PoolIO:
             event.record(stream)
         observe = None if self.observe is None else (lambda seconds: self.observe(op, seconds))
         done = Completion(event, on_done, start, observe)
+        if op == "load":
+            self._last_load = done
         if guard:
             current.wait_event(event)
         else:
             self._unguarded.append((done, owner))
         return done
+
+    def loads_running(self) -> bool:
+        """Whether the GPU may still be copying a load (loads run in order: the latest one's event
+        covers the others); never on a CPU pool, where copies are synchronous."""
+        last = self._last_load
+        return last is not None and last.event is not None and not last.event.query()
 
     def guard_pending(self, owner: Optional[Hashable] = None) -> None:
         """Make the current stream wait for the unguarded copies still reading or writing pool rows

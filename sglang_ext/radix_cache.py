@@ -7,8 +7,11 @@
   ``spill_ahead`` moves most write-back copies off the critical path: when a scheduled request
   would leave less than that fraction of the pool free, the nodes eviction would take first are
   copied out in the background (not guarded: their rows stay in the tree), so their eviction
-  finds the chunks stored and frees the rows at once. For a request with a host hit this walk
-  runs after its load is queued, so that the copies run after the load rather than beside it.
+  finds the chunks stored and frees the rows at once. These copies are held back while a load
+  runs on the GPU (beside one they share PCIe and halve its speed) and launched once none does:
+  by the next walk, match or eviction, or at the scheduler's next step (``spill_deferred``,
+  called by the plugin after every ``get_next_batch_to_run``), so they run in the decode steps
+  between loads. A node evicted before its copy was launched is copied at its eviction.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
   ``lower_tier_wait_s``). SGLang matches a prefix only when it schedules a request, so the plugin
@@ -238,12 +241,22 @@ class KVTierRadixCache(RadixCache):
             covered += len(node.value)
             if node.id not in self._spilled_ahead:
                 self._spilled_ahead.add(node.id)
-                self._store_node(node, "ahead", owner=node)
+                self._deferred[node.id] = node
             parent = node.parent
             if parent is not self.root_node and parent.lock_ref == 0:
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
                 if children_left[parent.id] == 0:
                     heapq.heappush(heap, (priority(parent), parent))
+        self.spill_deferred()
+
+    def spill_deferred(self) -> None:
+        """Launch the spill-ahead copies held back, unless a load still runs on the GPU. Cheap when
+        there are none: the plugin calls it at every step of the scheduler."""
+        if not self._deferred or self.io.loads_running():
+            return
+        nodes, self._deferred = list(self._deferred.values()), {}
+        for node in nodes:  # in eviction order
+            self._store_node(node, "ahead", owner=node)
 
     def reset(self) -> None:
         io = getattr(self, "io", None)  # RadixCache.__init__ resets before the copies exist
@@ -251,7 +264,8 @@ class KVTierRadixCache(RadixCache):
             # Every row is freed at once: nothing may overwrite rows that copies still read or write.
             io.guard_pending()
         super().reset()
-        self._spilled_ahead: set[int] = set()  # ids of nodes copied out ahead of eviction
+        self._spilled_ahead: set[int] = set()  # ids of nodes copied out (or due to be) ahead of eviction
+        self._deferred: dict[int, TreeNode] = {}  # spill-ahead nodes whose copy waits for the loads, in order
         self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_store_node)
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
@@ -260,6 +274,7 @@ class KVTierRadixCache(RadixCache):
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
         self._spilled_ahead.discard(node.id)
+        self._deferred.pop(node.id, None)  # copied below, as any node evicted before it was stored
         self._tree_version += 1
         if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
             self._store_node(node, "eviction")
@@ -268,6 +283,7 @@ class KVTierRadixCache(RadixCache):
 
     def evict(self, params: EvictParams):
         self._reap()
+        self.spill_deferred()
         with self.store.metrics.timed("hook", "evict"):
             return super().evict(params)
 
@@ -298,6 +314,7 @@ class KVTierRadixCache(RadixCache):
 
     def _match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self._reap()
+        self.spill_deferred()
         result = super().match_prefix(params)
         key = params.key
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
@@ -305,8 +322,8 @@ class KVTierRadixCache(RadixCache):
         matched = len(result.device_indices)
         host_hit = self._host_hit(key, matched)
         if host_hit <= 0:
-            # With a host hit, init_load_back copies out ahead once the load is queued (pool_io
-            # orders spills behind loads): a spill ahead launched now would run beside the load.
+            # With a host hit, init_load_back walks once the load is queued, so that the walk's
+            # copies wait for it (spill_deferred) instead of starting beside it now.
             self._timed_spill_ahead(len(key) - matched)
             return result
         return result._replace(host_hit_length=host_hit)

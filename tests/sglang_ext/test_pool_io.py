@@ -237,3 +237,19 @@ def test_a_guarded_spill_does_not_wait_for_an_earlier_load():
     spill.wait()
     load.wait()
     assert spill.start.elapsed_time(load.event) > 0  # the spill started before the load ended
+
+
+@pytest.mark.skipif(not CUDA, reason="a load runs on the GPU's side stream on CUDA only; on CPU it is done at once")
+def test_loads_running_while_the_gpu_copies_a_load():
+    """What the tree hook asks before launching spills ahead: true from a load's launch until the GPU
+    finished it (40 chunks of 8 MiB: several ms, so still running right after the launch)."""
+    layers, chunks, T = 32, 40, 256
+    pool, io, views, _ = make(layers=layers, heads=8, dim=128, pool_tokens=2 * chunks * T, chunk_tokens=T,
+                              chunks=chunks, groups=4)
+    rows = torch.arange(16, 16 + chunks * T, device=DEVICE)
+    io.to_host(rows, views, lambda: None).wait()
+    assert not io.loads_running()  # none launched yet
+    load = io.to_device(views, rows, lambda: None, owner=object())
+    assert io.loads_running()
+    load.wait()
+    assert not io.loads_running()

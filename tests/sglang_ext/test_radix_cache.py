@@ -307,6 +307,69 @@ def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monke
     assert [cache.store.prefix_hits(keys(o)) for o in others] == [3, 3, 3, 0]
 
 
+class Flag:
+    """Stands in for a copy's CUDA event on a CPU pool, where copies finish at once: running until
+    the test sets ``done``."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_spill_ahead_waits_until_no_load_runs(make_cache):
+    """While a load runs on the GPU the walk's copies are held back (beside a load they share PCIe),
+    and launched at the scheduler's next step once it finished, through the plugin's hook; a held
+    node evicted before that is copied at its eviction, once."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    from kvtier.sglang_ext import plugin
+    from kvtier.sglang_ext.pool_io import Completion
+
+    T = CHUNK_TOKENS
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    docs = [list(range(n, n + 3 * T)) for n in (10_000, 20_000, 30_000, 40_000)]
+    for doc in docs[:3]:
+        insert(cache, doc)  # 9 of 16 chunks in use
+    load = Flag()
+    cache.io._last_load = Completion(load, lambda: None)  # the latest load, still copying
+    assert cache.io.loads_running()
+    scheduler = _hooked_scheduler(cache)
+
+    stored = lambda: [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs]  # noqa: E731
+    make_req(list(range(90_000, 90_000 + 4 * T)), "incoming").init_next_round_input(cache)  # the oldest goes
+    plugin._spill_deferred(None, scheduler)  # a scheduler step during the load
+    cache.flush()
+    assert stored() == [0, 0, 0, 0] and spilled_chunks(cache, "ahead") == 0
+    load.done = True
+    plugin._spill_deferred(None, scheduler)  # the next step
+    cache.flush()
+    assert stored() == [3, 0, 0, 0] and spilled_chunks(cache, "ahead") == 3
+
+    load.done = False
+    insert(cache, docs[3])  # fuller: the next walk takes the second document
+    make_req(list(range(95_000, 95_000 + 4 * T)), "incoming2").init_next_round_input(cache)
+    cache.evict(EvictParams(num_tokens=6 * T))  # the first two documents, before the held copy launched
+    cache.flush()
+    assert stored() == [3, 3, 0, 0] and spilled_chunks(cache, "eviction") == 3
+    load.done = True
+    plugin._spill_deferred(None, scheduler)
+    cache.flush()
+    assert spilled_chunks(cache, "ahead") == 3 and spilled_chunks(cache, "eviction") == 3
+
+
+def test_the_plugin_hooks_the_scheduler_step():
+    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from kvtier.sglang_ext import plugin
+
+    plugin.register()
+    hooks = HookRegistry._hooks[plugin.STEP_HOOK_TARGET]
+    assert [(t, f) for t, f, _ in hooks if f is plugin._spill_deferred] == [(HookType.AFTER, plugin._spill_deferred)]
+
+
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
     cache = make_cache(16, pool_tokens=8 * CHUNK_TOKENS, spill_ahead=0)
     insert(cache, list(range(6 * CHUNK_TOKENS)))
@@ -639,13 +702,6 @@ def test_finished_copies_are_published_without_another_call_into_the_cache(make_
     import time
 
     from kvtier.sglang_ext.pool_io import Completion
-
-    class Flag:
-        def __init__(self) -> None:
-            self.done = False
-
-        def query(self) -> bool:
-            return self.done
 
     cache = make_cache(16)
     flag, published = Flag(), threading.Event()

@@ -54,11 +54,14 @@ class KVTierConfig:
     new chunks are not written to the remote tier (counted as dropped puts, reason remote_busy)."""
     write_policy: str = "write_back"
     """write_back: copy KV out when the radix tree evicts it; write_through: on insert."""
-    spill_ahead: float = 0.25
+    spill_ahead: float = 0.75
     """write_back: when a request is scheduled and would leave less than this fraction of the GPU
     pool free, the nodes eviction would take first (in its order: unlocked leaves, a parent once its
-    children are counted) are copied out now, in the background, until that much is free or copied;
-    their eviction then frees rows without a copy on the critical path. 0 copies only at eviction."""
+    children are counted) are copied out in the background, once no load runs, until that much is
+    free or copied; their eviction then frees rows without a copy on the critical path. 0 copies
+    only at eviction. H100 long_doc at f560139 (copies held back during loads): 0.75 left no
+    eviction copy and the warm pass's first 3-request batch at 0.155 s, 0.25 copied 151 chunks at
+    eviction (rounds up to 0.181 s); ``ab/long_doc_spill_ahead.json``."""
     load_layer_groups: int = 0
     """A load-back is copied in this many groups of layers (at most one per layer) and the forward
     pass reads a layer as soon as its group landed, so the copy runs under the forward pass as

@@ -255,6 +255,7 @@ class RunOptions:
     cuda_graph_max_bs: int
     profile_requests: int = 0
     profile_dir: str = ""
+    profile_stack: bool = False
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
@@ -328,7 +329,7 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
     ``opts.profile_dir``), after the measured passes so that their times carry no profiler. With the
     first prompts of the warm pass, which its later ones pushed out of the GPU, these are tier hits
     again: a round of ``--concurrency`` users shows the request scheduled alone and the batch after it."""
-    with profiled(opts.port, opts.profile_dir, f"{name}-profiled") as answers:
+    with profiled(opts.port, opts.profile_dir, f"{name}-profiled", with_stack=opts.profile_stack) as answers:
         results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len, opts.request_timeout_s))
     report = pass_report(results, wall)
     print(f"[{name}] profiled ({len(prompts)} requests, traces in {opts.profile_dir}): {describe_pass(report)}",
@@ -403,6 +404,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="after the passes, send the last pass's first N prompts again under SGLang's torch "
                          "profiler (e.g. 8: two rounds of 4 users); the measured passes run without it")
     ap.add_argument("--profile-dir", default=os.path.join(os.environ.get("OUT", "/tmp"), "traces"))
+    ap.add_argument("--profile-stack", action="store_true",
+                    help="record Python stacks too (at 55e2843 they slowed the profiled scheduler: extend launches "
+                         "took 24 ms of CPU; without them kvtier's hooks are still kvtier.<op> spans)")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
@@ -410,7 +414,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
-                      args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir)
+                      args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir,
+                      args.profile_stack)
 
 
 def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:

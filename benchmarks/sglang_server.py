@@ -125,12 +125,14 @@ def post(port: int, path: str, body: dict) -> str:
 
 
 @contextmanager
-def profiled(port: int, output_dir: str, prefix: str) -> Iterator[list[str]]:
+def profiled(port: int, output_dir: str, prefix: str, with_stack: bool = True) -> Iterator[list[str]]:
     """Record what runs inside with SGLang's torch profiler (``/start_profile``, CPU and GPU
     activity, a trace per process in ``output_dir`` named by ``prefix``); yields the list that gets
-    the profiler's two answers. Writing the trace holds up the next request."""
+    the profiler's two answers. Writing the trace holds up the next request. ``with_stack=False``
+    drops the Python call stacks: the scheduler then runs near its unprofiled speed, and SGLang's
+    own spans and kvtier's ``kvtier.<hook>`` spans still mark what ran when."""
     answers = [post(port, "/start_profile", {"output_dir": output_dir, "activities": ["CPU", "GPU"],
-                                              "profile_prefix": prefix})]
+                                              "profile_prefix": prefix, "with_stack": with_stack})]
     try:
         yield answers
     finally:

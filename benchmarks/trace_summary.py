@@ -9,7 +9,8 @@ small file that is, and two servers' traces of the same request can be set side 
 
 ``--timeline NAME`` (repeatable) adds every span whose name contains one of the NAMEs, CPU or GPU,
 in the order they started, so one round of requests can be read as a schedule (e.g. ``--timeline
-init_load_back --timeline run_batch --timeline process_batch_result --timeline _kv_copy_kernel``).
+kvtier. --timeline scheduler. --timeline step[ --timeline _kv_copy_kernel``: kvtier's hooks, SGLang's
+scheduler steps and batches, the copies; these spans are there also in traces without stacks).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ class TierMetrics:
 
     ``kvtier_op_seconds`` also times the tree hook: ``tier="gpu"`` the GPU time of each spill and
     load copy (CUDA events), ``tier="hook"`` the scheduler-thread time of match_prefix / evict /
-    init_load_back / spill_ahead / arrival.
+    init_load_back / spill_ahead / arrival / spill_deferred (a scheduler step launching held
+    spill-ahead copies).
     """
 
     def __init__(self) -> None:

@@ -35,7 +35,8 @@ import threading
 import weakref
 from array import array
 from concurrent.futures import Future, wait
-from typing import Callable, Literal, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -143,6 +144,13 @@ class KVTierRadixCache(RadixCache):
         self._prefetching: dict[ChunkKey, Future] = {}
         self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
 
+    @contextmanager
+    def _hook(self, op: str) -> Iterator[None]:
+        """Time a hook on the scheduler's thread (``kvtier_op_seconds{tier="hook",op=...}``) and name it
+        ``kvtier.<op>`` in torch profiler traces (SGLang's ``/start_profile``), stacks recorded or not."""
+        with self.store.metrics.timed("hook", op), torch.profiler.record_function(f"kvtier.{op}"):
+            yield
+
     # -- completions ---------------------------------------------------------------------------
 
     def _reap(self) -> None:
@@ -210,7 +218,7 @@ class KVTierRadixCache(RadixCache):
 
     def _timed_spill_ahead(self, incoming: int) -> None:
         if self._spill_ahead_on:
-            with self.store.metrics.timed("hook", "spill_ahead"):
+            with self._hook("spill_ahead"):
                 self._spill_ahead(incoming)
 
     def _spill_ahead(self, incoming: int) -> None:
@@ -247,11 +255,17 @@ class KVTierRadixCache(RadixCache):
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
                 if children_left[parent.id] == 0:
                     heapq.heappush(heap, (priority(parent), parent))
-        self.spill_deferred()
+        self._spill_deferred()
 
     def spill_deferred(self) -> None:
-        """Launch the spill-ahead copies held back, unless a load still runs on the GPU. Cheap when
-        there are none: the plugin calls it at every step of the scheduler."""
+        """Launch the spill-ahead copies held back, unless a load still runs on the GPU; timed as hook
+        ``spill_deferred`` when it launches. Cheap when there are none: the plugin calls it at every
+        step of the scheduler."""
+        if self._deferred and not self.io.loads_running():
+            with self._hook("spill_deferred"):
+                self._spill_deferred()
+
+    def _spill_deferred(self) -> None:
         if not self._deferred or self.io.loads_running():
             return
         nodes, self._deferred = list(self._deferred.values()), {}
@@ -283,8 +297,8 @@ class KVTierRadixCache(RadixCache):
 
     def evict(self, params: EvictParams):
         self._reap()
-        self.spill_deferred()
-        with self.store.metrics.timed("hook", "evict"):
+        with self._hook("evict"):
+            self._spill_deferred()
             return super().evict(params)
 
     def insert(self, params: InsertParams) -> InsertResult:
@@ -309,12 +323,12 @@ class KVTierRadixCache(RadixCache):
         return int(t.item())
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
-        with self.store.metrics.timed("hook", "match_prefix"):  # SGLang's own tree walk included
+        with self._hook("match_prefix"):  # SGLang's own tree walk included
             return self._match_prefix(params)
 
     def _match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self._reap()
-        self.spill_deferred()
+        self._spill_deferred()
         result = super().match_prefix(params)
         key = params.key
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
@@ -351,7 +365,7 @@ class KVTierRadixCache(RadixCache):
         (called by the plugin's hook on the scheduler's ``_add_request_to_queue``)."""
         if self.disable or not self._report_host_hits or (self.store.disk is None and self.store.remote is None):
             return
-        with self.store.metrics.timed("hook", "arrival"):
+        with self._hook("arrival"):
             # Whole chunks are whole pages (check_page_size): no page alignment needed first.
             keys = self.namespace.chunk_keys(array("q", req.origin_input_ids), req.extra_key)
             self._prefetch(keys[self._cpu_hits(keys):])
@@ -376,7 +390,7 @@ class KVTierRadixCache(RadixCache):
         return future
 
     def init_load_back(self, params: InitLoadBackParams):
-        with self.store.metrics.timed("hook", "init_load_back"):
+        with self._hook("init_load_back"):
             rows, node = self._load_back(params)
         req = params.req
         if req is not None:

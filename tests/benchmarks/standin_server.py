@@ -9,7 +9,7 @@ longest common prefix with an earlier prompt, reported as GPU (``device``) token
 returns the most requests it ever had in flight at once. ``--mode error`` streams SGLang's error
 event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
 ``POST /start_profile`` and ``/stop_profile`` are recorded in ``/stats`` and answered with the path,
-the requests so far and the body's ``profile_prefix``.
+the requests so far, the body's ``profile_prefix`` and its ``with_stack`` when given.
 With a ``TierMetrics`` (the ``shim`` launcher passes one when ``KVTIER_METRICS_PORT`` is set) every
 request counts its cached whole 256-token chunks as CPU-tier hits and the rest as misses.
 """
@@ -93,7 +93,9 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
     async def profile(request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else {}
         state.setdefault("profile_calls", []).append([request.path, body, state["requests"]])
-        return web.Response(text=f"{request.path} after {state['requests']} requests, prefix {body.get('profile_prefix')}")
+        stack = f", stack {body['with_stack']}" if "with_stack" in body else ""
+        return web.Response(text=f"{request.path} after {state['requests']} requests, prefix {body.get('profile_prefix')}"
+                                 f"{stack}")
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -143,7 +143,8 @@ def test_offload_ttft_runs_a_config_and_a_variant_into_one_file(tmp_path):
     # Request 1 of the last warm pass alone is profiled: the 12th request (4 warm-up, 3 cold, 3 warm, warm2 #0).
     for cfg, name in ((fit, "radix_fit"), (wt, "wt")):
         assert cfg["profiled"] == [{"pass": "warm2", "request": 1, "profiler": [
-            f"/start_profile after 11 requests, prefix {name}-warm2-1", "/stop_profile after 12 requests, prefix None"]}]
+            f"/start_profile after 11 requests, prefix {name}-warm2-1, stack True",
+            "/stop_profile after 12 requests, prefix None"]}]
     for cfg in (fit, wt):
         for p in ("cold", "warm", "warm2"):
             client, server = cfg[p]["all_s"], cfg[p]["server_all_s"]
@@ -172,8 +173,8 @@ def test_long_doc_profiles_extra_requests_after_the_measured_passes(tmp_path):
             str(tmp_path / "traces"), "--out", str(out), tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
     radix = json.loads(out.read_text())["configs"]["radix"]
-    # 2 warm-up, 5 cold and 5 warm requests came before the profiler started.
-    assert radix["profiled"]["profiler"] == ["/start_profile after 12 requests, prefix radix-profiled",
+    # 2 warm-up, 5 cold and 5 warm requests came before the profiler started; no Python stacks by default.
+    assert radix["profiled"]["profiler"] == ["/start_profile after 12 requests, prefix radix-profiled, stack False",
                                              "/stop_profile after 14 requests, prefix None"]
     assert radix["profiled"]["requests"] == 2 and radix["profiled"]["report"]["requests"] == 2
     assert radix["profiled"]["trace_dir"] == str(tmp_path / "traces")

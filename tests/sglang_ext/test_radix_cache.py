@@ -346,6 +346,8 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
     plugin._spill_deferred(None, scheduler)  # the next step
     cache.flush()
     assert stored() == [3, 0, 0, 0] and spilled_chunks(cache, "ahead") == 3
+    steps = cache.store.metrics.registry.get_sample_value("kvtier_op_seconds_count", {"tier": "hook", "op": "spill_deferred"})
+    assert steps == 1  # timed as a hook when a step launched copies, not at the steps that had none
 
     load.done = False
     insert(cache, docs[3])  # fuller: the next walk takes the second document
@@ -357,6 +359,20 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
     plugin._spill_deferred(None, scheduler)
     cache.flush()
     assert spilled_chunks(cache, "ahead") == 3 and spilled_chunks(cache, "eviction") == 3
+
+
+def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
+    """What SGLang's ``/start_profile`` records, without Python stacks: ``kvtier.<op>`` spans."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = make_cache(16)
+    doc = list(range(5000, 5000 + 2 * CHUNK_TOKENS))
+    insert(cache, doc)
+    evict_all(cache)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+        match_and_load(cache, make_req(doc + [1]))
+    names = {e.name for e in prof.events()}
+    assert {"kvtier.match_prefix", "kvtier.init_load_back"} <= names
 
 
 def test_the_plugin_hooks_the_scheduler_step():

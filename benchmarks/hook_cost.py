@@ -17,7 +17,7 @@ CPU (``--device cpu``, copies in torch) the tree and store work still shows in k
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
     python benchmarks/hook_cost.py --device cpu --layers 2 --docs 46 --pool-tokens 100000 --cpu-gb 4 \
-        --variant defaults:spill_ahead=0.25 --out /tmp/hook_cost_cpu.json
+        --variant sa25:spill_ahead=0.25 --out /tmp/hook_cost_cpu.json
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ class Replay:
             self.loaded_tokens += len(rows)
             req.prefix_indices = torch.cat([req.prefix_indices, rows])
         _synchronize(cache)
+        # The scheduler's next step (the plugin's hook): the load is done, the walk's held copies launch.
+        self._timed("spill_deferred", cache.spill_deferred)
         # The request's own KV (prompt past the prefix, decoded tokens), then SGLang's insert at finish.
         new = len(prompt) + OUTPUT_TOKENS - len(req.prefix_indices)
         rows = allocator.alloc(new)

@@ -26,8 +26,8 @@ class TierMetrics:
 
     ``kvtier_op_seconds`` also times the tree hook: ``tier="gpu"`` the GPU time of each spill and
     load copy (CUDA events), ``tier="hook"`` the scheduler-thread time of match_prefix / evict /
-    init_load_back / spill_ahead / arrival / spill_deferred (a scheduler step launching held
-    spill-ahead copies).
+    init_load_back / spill_ahead / arrival / spill_deferred (launching held spill-ahead copies; from
+    inside a match or walk it also counts in theirs).
     """
 
     def __init__(self) -> None:

@@ -195,8 +195,7 @@ class PoolIO:
     def loads_running(self) -> bool:
         """Whether the GPU may still be copying a load (loads run in order: the latest one's event
         covers the others); never on a CPU pool, where copies are synchronous."""
-        last = self._last_load
-        return last is not None and last.event is not None and not last.event.query()
+        return self._last_load is not None and not self._last_load.event.query()
 
     def guard_pending(self, owner: Optional[Hashable] = None) -> None:
         """Make the current stream wait for the unguarded copies still reading or writing pool rows

@@ -9,7 +9,7 @@
   copied out in the background (not guarded: their rows stay in the tree), so their eviction
   finds the chunks stored and frees the rows at once. These copies are held back while a load
   runs on the GPU (beside one they share PCIe and halve its speed) and launched once none does:
-  by the next walk, match or eviction, or at the scheduler's next step (``spill_deferred``,
+  by the next walk or match, or at the scheduler's next step (``spill_deferred``,
   called by the plugin after every ``get_next_batch_to_run``), so they run in the decode steps
   between loads. A node evicted before its copy was launched is copied at its eviction.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
@@ -255,22 +255,18 @@ class KVTierRadixCache(RadixCache):
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
                 if children_left[parent.id] == 0:
                     heapq.heappush(heap, (priority(parent), parent))
-        self._spill_deferred()
+        self.spill_deferred()
 
     def spill_deferred(self) -> None:
         """Launch the spill-ahead copies held back, unless a load still runs on the GPU; timed as hook
-        ``spill_deferred`` when it launches. Cheap when there are none: the plugin calls it at every
-        step of the scheduler."""
-        if self._deferred and not self.io.loads_running():
-            with self._hook("spill_deferred"):
-                self._spill_deferred()
-
-    def _spill_deferred(self) -> None:
+        ``spill_deferred`` when it launches (inside match_prefix's or spill_ahead's time when called
+        from them). Cheap when there are none: the plugin calls it at every step of the scheduler."""
         if not self._deferred or self.io.loads_running():
             return
-        nodes, self._deferred = list(self._deferred.values()), {}
-        for node in nodes:  # in eviction order
-            self._store_node(node, "ahead", owner=node)
+        with self._hook("spill_deferred"):
+            nodes, self._deferred = list(self._deferred.values()), {}
+            for node in nodes:  # in eviction order
+                self._store_node(node, "ahead", owner=node)
 
     def reset(self) -> None:
         io = getattr(self, "io", None)  # RadixCache.__init__ resets before the copies exist
@@ -298,7 +294,6 @@ class KVTierRadixCache(RadixCache):
     def evict(self, params: EvictParams):
         self._reap()
         with self._hook("evict"):
-            self._spill_deferred()
             return super().evict(params)
 
     def insert(self, params: InsertParams) -> InsertResult:
@@ -328,7 +323,7 @@ class KVTierRadixCache(RadixCache):
 
     def _match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         self._reap()
-        self._spill_deferred()
+        self.spill_deferred()  # also where no step hook runs (SGLang's PD loops schedule with other methods)
         result = super().match_prefix(params)
         key = params.key
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:

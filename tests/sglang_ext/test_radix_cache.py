@@ -376,7 +376,10 @@ def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
 
 
 def test_the_plugin_hooks_the_scheduler_step():
-    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler."""
+    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler: the hook is
+    registered on a method SGLang 0.5.17 has (a renamed method would leave it silently unapplied)."""
+    import importlib
+
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from kvtier.sglang_ext import plugin
@@ -384,6 +387,8 @@ def test_the_plugin_hooks_the_scheduler_step():
     plugin.register()
     hooks = HookRegistry._hooks[plugin.STEP_HOOK_TARGET]
     assert [(t, f) for t, f, _ in hooks if f is plugin._spill_deferred] == [(HookType.AFTER, plugin._spill_deferred)]
+    module, cls, method = plugin.STEP_HOOK_TARGET.rsplit(".", 2)
+    assert callable(getattr(getattr(importlib.import_module(module), cls), method))
 
 
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):

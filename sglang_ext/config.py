@@ -62,12 +62,6 @@ class KVTierConfig:
     only at eviction. H100 long_doc at f560139 (copies held back during loads): 0.75 left no
     eviction copy and the warm pass's first 3-request batch at 0.155 s, 0.25 copied 151 chunks at
     eviction (rounds up to 0.181 s); ``ab/long_doc_spill_ahead.json``."""
-    load_ahead: float = 0.25
-    """Start copying a queued request's CPU-tier prefix into the GPU pool when it arrives, and keep
-    it out of prefill batches until the copy landed, while the running requests go on decoding (a
-    load when the request is scheduled stops them for the whole copy). The fraction of the GPU pool
-    such copies may hold at once; a request beyond it loads when scheduled. 0 disables. Only where
-    SGLang serves whole requests (not on PD prefill or decode servers)."""
     load_layer_groups: int = 0
     """A load-back is copied in this many groups of layers (at most one per layer) and the forward
     pass reads a layer as soon as its group landed, so the copy runs under the forward pass as
@@ -246,8 +240,6 @@ def _validate(cfg: KVTierConfig) -> None:
     if cfg.load_layer_groups < 0:
         raise bad("load_layer_groups", "must be >= 0 (0: chosen by the prefill CUDA graph; 1 copies all layers "
                                        "before the forward pass)")
-    if not 0 <= cfg.load_ahead < 1:
-        raise bad("load_ahead", "must be a fraction of the GPU pool in [0, 1) (0: load when a request is scheduled)")
     if not 0 <= cfg.spill_ahead < 1:
         raise bad("spill_ahead", "must be a fraction of the GPU pool in [0, 1) (0: copy only at eviction)")
     for key in ("spill_max_programs", "load_max_programs"):

@@ -49,9 +49,6 @@ class TierMetrics:
                               "started the copy: eviction (write_back; the rows wait for it, on the request's path), "
                               "ahead (write_back's spill ahead, in the background) or insert (write_through)",
                               ["when"], registry=r)
-        self.loads = Counter("kvtier_loaded_chunks", "Chunks copied into the GPU pool by the radix hook, by when the "
-                             "copy started: scheduled (the request's prefill waits for it) or arrival (load ahead: "
-                             "the request waits in the queue while the running requests decode)", ["when"], registry=r)
         self.dropped = Counter("kvtier_dropped_puts", "Chunks not stored, by reason", ["reason"], registry=r)
         self.corrupt = Counter("kvtier_corrupt", "Chunks failing their checksum (served as misses)", ["tier"], registry=r)
         self.remote_errors = Counter("kvtier_remote_errors", "Remote tier calls that failed or timed out", registry=r)

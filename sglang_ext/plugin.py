@@ -6,12 +6,9 @@
   enum, and ``get_kv_class`` is wrapped (an AROUND hook) to return kvtier's classes for it.
 
 A BEFORE hook on the scheduler's ``_add_request_to_queue`` lets the kvtier radix cache start
-fetching a queued request's disk or remote chunks, and loading its CPU-tier chunks into the GPU
-pool, right away, not when the request is scheduled; an AROUND hook on ``get_new_batch_prefill``
-keeps the requests whose load is still running out of the waiting queue while the batch is
-formed (they stay queued otherwise: aborts and queue metrics see them); an AFTER hook on
-``get_next_batch_to_run`` launches the spill-ahead copies the cache held back while a load ran
-(so they run in the decode steps between loads).
+fetching a queued request's disk or remote chunks right away, not when the request is scheduled;
+an AFTER hook on its ``get_next_batch_to_run`` launches the spill-ahead copies the cache held
+back while a load ran (so they run in the decode steps between loads).
 
 SGLang calls ``register`` in its main process and again in every scheduler process it spawns.
 """
@@ -29,7 +26,6 @@ _pd_registered = False
 _scheduler_hooks_registered = False
 QUEUE_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
 STEP_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
-PREFILL_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 
 
 def _build(ctx):  # imported lazily: torch-heavy modules stay out of processes that never build one
@@ -46,27 +42,6 @@ def _prefetch_on_arrival(scheduler, req, *args, **kwargs) -> None:
         prefetch(req)
     except Exception:  # a prefetch is an optimization: the request must still be queued
         logger.exception("kvtier: prefetching request %s on arrival failed", getattr(req, "rid", "?"))
-
-
-def _hold_loading_ahead(original, scheduler, *args, **kwargs):
-    loading = getattr(getattr(scheduler, "tree_cache", None), "loading_ahead", None)
-    try:
-        held = loading() if loading is not None else set()
-    except Exception:  # a held request scheduled early waits for its copy in the forward pass: still right
-        logger.exception("kvtier: checking the loads ahead failed; scheduling without holding requests")
-        held = set()
-    if not held:
-        return original(scheduler, *args, **kwargs)
-    queue = scheduler.waiting_queue
-    scheduler.waiting_queue = [r for r in queue if r.rid not in held]
-    try:
-        return original(scheduler, *args, **kwargs)
-    finally:
-        # Back in their places; requests the batch took are gone, ones it queued (preempted) stay last.
-        left = {id(r) for r in scheduler.waiting_queue}
-        before = {id(r) for r in queue}
-        scheduler.waiting_queue = ([r for r in queue if r.rid in held or id(r) in left]
-                                   + [r for r in scheduler.waiting_queue if id(r) not in before])
 
 
 def _spill_deferred(plan, scheduler, *args, **kwargs) -> None:
@@ -86,7 +61,6 @@ def _register_scheduler_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(QUEUE_HOOK_TARGET, _prefetch_on_arrival, HookType.BEFORE)
-    HookRegistry.register(PREFILL_HOOK_TARGET, _hold_loading_ahead, HookType.AROUND)
     HookRegistry.register(STEP_HOOK_TARGET, _spill_deferred, HookType.AFTER)
     _scheduler_hooks_registered = True
 

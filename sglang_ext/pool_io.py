@@ -247,22 +247,16 @@ class PoolIO:
 
     def to_device(
         self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None],
-        owner: Optional[Hashable] = None, ahead: bool = False,
+        owner: Optional[Hashable] = None,
     ) -> Completion:
         """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
 
         One group of layers: the forward pass waits for the whole copy. Several: readers of a layer
         through the pool wait for its group via ``gate``; rows freed later wait via
-        ``guard_pending(owner)``. ``ahead``: no forward pass reads the rows before the caller saw
-        the copy finish (``Completion.poll``), so nothing waits for it (one launch, no gate) but
-        the freeing of ``owner``'s rows.
+        ``guard_pending(owner)``.
         """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
-        if ahead:
-            launch = partial(scatter_kv, self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                             max_programs=self.load_max_programs)
-            return self._run("load", launch, on_done, False, slots, owner=owner)
         gated = len(self.load_groups) > 1 and self.stream is not None
         events: list[torch.cuda.Event] = []
 

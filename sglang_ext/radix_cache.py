@@ -21,10 +21,6 @@
   tree, returning the new rows as SGLang's HiCache does. The copy goes layer by layer and the
   forward pass waits for each layer where attention asks the pool for it (the pool's
   ``layer_transfer_counter``), except under a ``full`` prefill CUDA graph, which never asks.
-- Load ahead (``load_ahead``): at arrival the same copy starts at once, into rows inserted and
-  locked in the tree, and the plugin keeps the request out of prefill batches until it finished
-  (``loading_ahead``), so the running requests decode beside the copy instead of waiting for it
-  in the request's prefill; the request then matches its whole prefix on the GPU.
 
 This module and ``plugin.py`` are the only ones that import SGLang; everything specific to SGLang
 0.5.17 (pool classes, build-context fields, which methods evict and load) is read here.
@@ -40,7 +36,6 @@ import weakref
 from array import array
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
@@ -89,16 +84,6 @@ def model_identity(ctx: TreeCacheBuildContext) -> str:
     args = ctx.server_args
     mc = ctx.model_config
     return f"{mc.model_path}@{mc.revision or ''}|q={mc.quantization or ''}|load={args.load_format}"
-
-
-@dataclass
-class _Held:
-    """A queued request kept out of prefill batches until ``copy`` (a load ahead) finished; it locks
-    ``node``, the end of the prefix the copy brings, so the rows stay until the request matches them."""
-
-    node: TreeNode
-    copy: Completion
-    tokens: int  # pool rows the copy took for this request (0: it waits for another request's load)
 
 
 class KVTierRadixCache(RadixCache):
@@ -158,9 +143,6 @@ class KVTierRadixCache(RadixCache):
         atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
         self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
-        # A PD server's requests wait in SGLang's PD queues, not its waiting queue, where a load
-        # ahead would keep them (see plugin._hold_loading_ahead).
-        self._load_ahead_on = cfg.load_ahead > 0 and ctx.server_args.disaggregation_mode == "null"
 
     @contextmanager
     def _hook(self, op: str) -> Iterator[None]:
@@ -297,8 +279,6 @@ class KVTierRadixCache(RadixCache):
         self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_store_node)
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
-        self._held: dict[str, _Held] = {}  # rid -> the load ahead a queued request waits for, in arrival order
-        self._loading_nodes: dict[int, Completion] = {}  # node id -> load ahead still writing its rows
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
@@ -310,13 +290,6 @@ class KVTierRadixCache(RadixCache):
             self._store_node(node, "eviction")
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
-
-    def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
-        parent = super()._split_node(key, child, split_len)
-        copy = self._loading_nodes.get(child.id)
-        if copy is not None:  # the new parent holds the first rows of the child's load
-            self._loading_nodes[parent.id] = copy
-        return parent
 
     def evict(self, params: EvictParams):
         self._reap()
@@ -338,15 +311,11 @@ class KVTierRadixCache(RadixCache):
 
     def _agree(self, n: int) -> int:
         """The smallest ``n`` over the TP group: every rank must load the same chunks."""
-        return self._agree_min([n])[0]
-
-    def _agree_min(self, values: list[int]) -> list[int]:
-        """Each value's minimum over the TP group (one all-reduce for all of them)."""
         if self._tp_group is None:
-            return values
-        t = torch.tensor(values, dtype=torch.int64)
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self._tp_group)
-        return t.tolist()
+        return int(t.item())
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         with self._hook("match_prefix"):  # SGLang's own tree walk included
@@ -356,8 +325,6 @@ class KVTierRadixCache(RadixCache):
         self._reap()
         self.spill_deferred()  # also where no step hook runs (SGLang's PD loops schedule with other methods)
         result = super().match_prefix(params)
-        if self._loading_nodes:
-            self._wait_for_loads_ahead(result.last_device_node)
         key = params.key
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
             return result
@@ -389,92 +356,14 @@ class KVTierRadixCache(RadixCache):
         return (first + hits) * T - matched
 
     def prefetch_on_arrival(self, req) -> None:
-        """Called by the plugin's hook on the scheduler's ``_add_request_to_queue``: start fetching the
-        disk- or remote-tier chunks of a request just queued into the CPU tier, and start loading
-        its CPU-tier chunks into the GPU pool (``load_ahead``), so both overlap its wait in the queue."""
-        if self.disable or not self._report_host_hits:
-            return
-        lower = self.store.disk is not None or self.store.remote is not None
-        if not lower and not self._load_ahead_on:
+        """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
+        (called by the plugin's hook on the scheduler's ``_add_request_to_queue``)."""
+        if self.disable or not self._report_host_hits or (self.store.disk is None and self.store.remote is None):
             return
         with self._hook("arrival"):
-            tokens = array("q", req.origin_input_ids)
-            tokens.extend(req.output_ids)  # a retracted request comes back with them
-            keys = self.namespace.chunk_keys(tokens, req.extra_key)
-            if lower:
-                self._prefetch(keys[self._cpu_hits(keys):])
-            if self._load_ahead_on:
-                self._load_ahead(req, tokens)
-
-    def _load_ahead(self, req, tokens: array) -> None:
-        """Copy the CPU-tier chunks of a queued request's prompt past its GPU match into the pool now,
-        and hold the request out of prefill batches until they landed (``loading_ahead``): the
-        running requests decode meanwhile, where a load at scheduling time stops them for its
-        whole copy. A request whose prefix another load ahead still writes waits for that one."""
-        if req.rid in self._held:
-            return
-        # SGLang computes at least the last prompt token: match and load no further.
-        key = RadixKey(tokens[: len(tokens) - 1], req.extra_key).page_aligned(self.page_size)
-        match = super().match_prefix(MatchPrefixParams(key=key))
-        prefix, node = match.device_indices, match.last_device_node
-        T = self.chunk_tokens
-        keys = self.namespace.chunk_keys(key.raw_token_ids(), req.extra_key)
-        first = len(prefix) // T
-        hits = self._agree(self._cpu_hits(keys[first:]))
-        room = int(self.cfg.load_ahead * self.token_to_kv_pool_allocator.size) - sum(h.tokens for h in self._held.values())
-        loaded = None
-        if hits and (first + hits) * T - len(prefix) <= room:
-            self.inc_lock_ref(node)  # the rows' allocation may evict: not the prefix the load extends
-            try:
-                loaded = self._load(key.raw_token_ids(), req.extra_key, prefix, keys[: first + hits], ahead=True)
-            finally:
-                self.dec_lock_ref(node)
-        if loaded is not None:
-            rows, node, copy = loaded
-            held = _Held(node, copy, len(rows))
-            self._loading_nodes[node.id] = copy
-        else:
-            # Only nodes whose copy all ranks agreed is done leave _loading_nodes: the same on every rank.
-            copy = self._load_ahead_on_path(node)
-            if copy is None:
-                return
-            held = _Held(node, copy, 0)
-        self.inc_lock_ref(held.node)
-        self._held[req.rid] = held
-
-    def _load_ahead_on_path(self, node: TreeNode) -> Optional[Completion]:
-        """The load ahead that still writes rows of ``node`` or an ancestor (the latest, if several:
-        loads run in order), or None."""
-        while node is not self.root_node:
-            copy = self._loading_nodes.get(node.id)
-            if copy is not None:
-                return copy
-            node = node.parent
-        return None
-
-    def _wait_for_loads_ahead(self, node: TreeNode) -> None:
-        """A request matched rows that a load ahead may still write (a request arriving after the
-        one it loads for, or scheduled before its hold was agreed): its forward pass waits for it."""
-        copy = self._load_ahead_on_path(node)
-        if copy is not None and not copy.poll():
-            torch.cuda.current_stream(self.io.device).wait_event(copy.event)
-
-    def loading_ahead(self) -> set[str]:
-        """The ids of queued requests whose load ahead still runs, agreed over the TP group; the
-        others' nodes are unlocked (their rows are now the tree's, as any load-back's). Called by the
-        plugin before each prefill batch is formed."""
-        if not self._held:
-            return set()
-        with self._hook("loading_ahead"):
-            copies = {id(h.copy): h.copy for h in self._held.values()}
-            done = dict(zip(copies, map(bool, self._agree_min([int(c.poll()) for c in copies.values()]))))
-            for rid, held in list(self._held.items()):
-                if done[id(held.copy)]:
-                    del self._held[rid]
-                    self.dec_lock_ref(held.node)
-            finished = {i for i, d in done.items() if d}
-            self._loading_nodes = {n: c for n, c in self._loading_nodes.items() if id(c) not in finished}
-            return set(self._held)
+            # Whole chunks are whole pages (check_page_size): no page alignment needed first.
+            keys = self.namespace.chunk_keys(array("q", req.origin_input_ids), req.extra_key)
+            self._prefetch(keys[self._cpu_hits(keys):])
 
     def _cpu_hits(self, keys: list[ChunkKey]) -> int:
         in_cpu = self.store.cpu.contains(keys)
@@ -509,43 +398,30 @@ class KVTierRadixCache(RadixCache):
         empty = self._empty_match_result.device_indices
         if req is None or params.host_hit_length <= 0:
             return empty, node
-        end = len(req.prefix_indices) + params.host_hit_length
+        T = self.chunk_tokens
+        matched = len(req.prefix_indices)
+        end = matched + params.host_hit_length
         tokens = array("q", req.origin_input_ids)
         tokens.extend(req.output_ids)
         tokens = tokens[:end]
-        loaded = self._load(tokens, req.extra_key, req.prefix_indices, self.namespace.chunk_keys(tokens, req.extra_key))
-        if loaded is None:
-            return empty, node
-        rows, inserted, _ = loaded
-        return rows, inserted
-
-    def _load(
-        self, tokens: array, extra_key: Optional[str], prefix: torch.Tensor, keys: list[ChunkKey], ahead: bool = False,
-    ) -> Optional[tuple[torch.Tensor, TreeNode, Completion]]:
-        """Copy the chunks ``keys`` of ``tokens`` past the GPU ``prefix`` that the CPU tier holds into
-        new pool rows and insert them into the tree: the rows, the node holding them and the copy, or
-        None where the tier has none of them now or the pool has no room (the caller recomputes)."""
-        T = self.chunk_tokens
-        matched = len(prefix)
+        keys = self.namespace.chunk_keys(tokens, req.extra_key)
         first = matched // T
-        # The caller's match saw CPU-resident chunks only: never read disk or network here.
+        # match_prefix promised CPU-resident chunks only: never read disk or network here.
         lease = self.store.acquire(keys[first:], wait_s=0.0, lower=False)
         got = self._agree(len(lease.keys))
         end = (first + got) * T
         rows = self._alloc(end - matched) if end > matched else None
         if rows is None:
             lease.release()
-            return None
+            return empty, node
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
         inserted = super().insert(
-            InsertParams(key=RadixKey(tokens[:end], extra_key), value=torch.cat([prefix.to(rows.device), rows]))
+            InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         ).last_device_node
         self._node_keys[inserted.id] = keys[: first + got]  # its path ends at ``end``: no hashing again
-        copy = self.io.to_device(lease.views[:got], torch.cat([skip, rows]), lease.release, owner=inserted, ahead=ahead)
-        self._track(copy)
-        self.store.metrics.loads.labels("arrival" if ahead else "scheduled").inc(got)
-        return rows, inserted, copy
+        self._track(self.io.to_device(lease.views[:got], torch.cat([skip, rows]), lease.release, owner=inserted))
+        return rows, inserted
 
     def _alloc(self, n: int) -> Optional[torch.Tensor]:
         allocator = self.token_to_kv_pool_allocator

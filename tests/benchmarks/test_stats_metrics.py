@@ -60,8 +60,6 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     m.demotions.inc(6)
     m.spills.labels("ahead").inc(8)
     m.spills.labels("eviction").inc(2)
-    m.loads.labels("arrival").inc(5)
-    m.loads.labels("scheduled").inc(1)
     for t in (0.02, 0.04):
         m.latency.labels("gpu", "load").observe(t)
     for t in (0.0001, 0.0003, 0.0002):
@@ -77,7 +75,6 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     assert s["gb_moved"] == {"cpu_out": round(30 * chunk / 1e9, 3), "disk_in": round(6 * chunk / 1e9, 3)}
     assert s["demotions"] == 6 and s["dropped_puts"] == 0
     assert s["spilled_chunks"] == {"ahead": 8, "eviction": 2}
-    assert s["loaded_chunks"] == {"arrival": 5, "scheduled": 1}
     assert s["gpu_copies"] == {"load": {"count": 2, "mean_s": 0.03}}
     assert s["hook_seconds"] == {"spill_ahead": {"count": 3, "mean_s": 0.0002, "total_s": 0.001}}
 

@@ -54,7 +54,6 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"spill_ahead": 1.0}, "spill_ahead"),
         ({"pd_switch_interval_ms": -1}, "pd_switch_interval_ms"),
         ({"spill_ahead": -0.1}, "spill_ahead"),
-        ({"load_ahead": 1.0}, "load_ahead"),
         ({"load_max_programs": -2}, "load_max_programs"),
         ({"load_layer_groups": -1}, "load_layer_groups"),
     ],

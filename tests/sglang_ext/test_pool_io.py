@@ -253,32 +253,3 @@ def test_loads_running_while_the_gpu_copies_a_load():
     assert io.loads_running()
     load.wait()
     assert not io.loads_running()
-
-
-@pytest.mark.parametrize("groups", [1, 4])
-def test_a_load_ahead_lands_bit_exact_and_holds_up_no_reader(groups):
-    """A load ahead (its request is scheduled only once the copy finished) records no layer event and
-    is not guarded: work queued next, such as another batch's attention reading a layer through the
-    pool, does not wait for it (on CUDA: it finishes while the 1.3 GB copy still runs)."""
-    layers, chunks, T = (32, 40, 256) if CUDA else (3, 3, 32)
-    pool, io, views, _ = make(layers=layers, heads=8 if CUDA else 2, dim=128 if CUDA else 32,
-                              pool_tokens=3 * chunks * T, chunk_tokens=T, chunks=chunks, groups=groups)
-    src = torch.arange(16, 16 + chunks * T, device=DEVICE)
-    dst = src + chunks * T
-    expected = [b[src].clone() for b in pool.k_buffer + pool.v_buffer]
-    io.to_host(src, views, lambda: None).wait()
-    if CUDA:
-        torch.cuda.synchronize()
-    done: list[int] = []
-    load = io.to_device(views, dst, lambda: done.append(1), owner=object(), ahead=True)
-    if CUDA:
-        other = pool.get_key_buffer(layers - 1)[src[:T]].sum()  # another batch reading the last layer
-        marker = torch.cuda.Event()
-        marker.record()
-        marker.synchronize()
-        assert io.loads_running() and not load.event.query()
-        del other
-    load.wait()
-    assert done == [1] and not io.loads_running()
-    assert all(torch.equal(b[dst].view(torch.int16), e.view(torch.int16))
-               for b, e in zip(pool.k_buffer + pool.v_buffer, expected))

@@ -376,9 +376,8 @@ def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
 
 
 def test_the_plugin_hooks_the_scheduler_step():
-    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler, and the hold
-    of requests loading ahead around every ``get_new_batch_prefill``: the hooks are registered on
-    methods SGLang 0.5.17 has (a renamed method would leave them silently unapplied)."""
+    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler: the hook is
+    registered on a method SGLang 0.5.17 has (a renamed method would leave it silently unapplied)."""
     import importlib
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -386,11 +385,10 @@ def test_the_plugin_hooks_the_scheduler_step():
     from kvtier.sglang_ext import plugin
 
     plugin.register()
-    for target, kind, hook in ((plugin.STEP_HOOK_TARGET, HookType.AFTER, plugin._spill_deferred),
-                               (plugin.PREFILL_HOOK_TARGET, HookType.AROUND, plugin._hold_loading_ahead)):
-        assert [(t, f) for t, f, _ in HookRegistry._hooks[target] if f is hook] == [(kind, hook)]
-        module, cls, method = target.rsplit(".", 2)
-        assert callable(getattr(getattr(importlib.import_module(module), cls), method))
+    hooks = HookRegistry._hooks[plugin.STEP_HOOK_TARGET]
+    assert [(t, f) for t, f, _ in hooks if f is plugin._spill_deferred] == [(HookType.AFTER, plugin._spill_deferred)]
+    module, cls, method = plugin.STEP_HOOK_TARGET.rsplit(".", 2)
+    assert callable(getattr(getattr(importlib.import_module(module), cls), method))
 
 
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
@@ -431,10 +429,10 @@ class InFlight:
                 track("spill", owner, slots)
             return to_host(slots, views, on_done, guard=guard, owner=owner)
 
-        def on_device(views, slots, on_done, owner=None, ahead=False):
-            if ahead or len(io.load_groups) > 1:
+        def on_device(views, slots, on_done, owner=None):
+            if len(io.load_groups) > 1:
                 track("load", owner, slots)
-            return to_device(views, slots, on_done, owner=owner, ahead=ahead)
+            return to_device(views, slots, on_done, owner=owner)
 
         def guarded(owner=None):
             self.running = [(o, r) for o, r in self.running if not (owner is None or o is None or o is owner)]
@@ -778,126 +776,6 @@ def _hooked_scheduler(tree_cache):
                               enable_priority_scheduling=False, abort_on_priority_when_disabled=False,
                               max_queued_requests=None, enable_hicache_storage=False)
     return scheduler
-
-
-def loaded_chunks(cache, when: str) -> int:
-    return int(cache.store.metrics.registry.get_sample_value("kvtier_loaded_chunks_total", {"when": when}) or 0)
-
-
-class LoadsAhead:
-    """Loads ahead on a CPU pool, where copies finish at once: each is taken to run until the test
-    sets its ``Flag`` (the rows are already written; only the completion waits)."""
-
-    def __init__(self, cache, monkeypatch):
-        from kvtier.sglang_ext.pool_io import Completion
-
-        self.flags: list[Flag] = []
-        to_device = cache.io.to_device
-
-        def on_device(views, slots, on_done, owner=None, ahead=False):
-            done = to_device(views, slots, on_done, owner=owner, ahead=ahead)
-            if not ahead:
-                return done
-            self.flags.append(Flag())
-            return Completion(self.flags[-1], lambda: None)
-
-        monkeypatch.setattr(cache.io, "to_device", on_device)
-
-
-def form_batch(scheduler, take: int) -> list:
-    """The plugin's hook around SGLang's ``get_new_batch_prefill``, around a batch former that takes
-    the first ``take`` requests it is shown out of the waiting queue (as the real one updates it);
-    returns the requests it was shown."""
-    from kvtier.sglang_ext import plugin
-
-    shown = []
-
-    def batch_former(sched, running_batch):
-        shown.extend(sched.waiting_queue)
-        sched.waiting_queue = sched.waiting_queue[take:]
-
-    plugin._hold_loading_ahead(batch_former, scheduler, None)
-    return shown
-
-
-def test_a_queued_request_loads_ahead_and_waits_in_the_queue_until_its_load_landed(make_cache, monkeypatch):
-    """Queuing a request whose prefix the CPU tier holds starts its load into the pool at once; the
-    plugin keeps it out of prefill batches until the load finished (others go first), and keeps it
-    queued meanwhile, in its place. A request sharing that prefix waits for the same load; a
-    request over the ``load_ahead`` budget loads when scheduled, as before. Once released, each
-    matches its whole prefix on the GPU, bit-exact, and no row stays locked."""
-    T = CHUNK_TOKENS
-    cache = make_cache(16, pool_tokens=32 * T, load_ahead=0.25)  # room for 8 chunks of loads ahead
-    docs = [list(range(n, n + 3 * T)) for n in (10_000, 20_000, 30_000)]
-    expected = [kv_rows(cache, insert(cache, doc)) for doc in docs]
-    evict_all(cache)
-    clear_pool(cache)
-    loads = LoadsAhead(cache, monkeypatch)
-    scheduler = _hooked_scheduler(cache)
-
-    a, b = make_req(docs[0] + [1], "a"), make_req(docs[1] + [2], "b")
-    shares_a = make_req(docs[0][: 2 * T] + [7] * T + [3], "shares_a")  # a's first two chunks
-    over = make_req(docs[2] + [4], "over")  # a third load of 3 chunks would pass 8
-    cold = make_req(list(range(90_000, 90_000 + 2 * T)) + [5], "cold")
-    for req in (a, b, shares_a, over, cold):
-        scheduler._add_request_to_queue(req)
-    assert len(loads.flags) == 2 and loaded_chunks(cache, "arrival") == 6
-    assert cache.protected_size() == 6 * T  # the loaded rows stay until their requests match them
-    assert form_batch(scheduler, take=1) == [over, cold]  # the held three are not shown
-    assert scheduler.waiting_queue == [a, b, shares_a, cold]
-
-    loads.flags[0].done = True  # a's load landed; b's still runs
-    assert form_batch(scheduler, take=2) == [a, shares_a, cold]
-    assert scheduler.waiting_queue == [b, cold]
-    for req, doc, kv in ((a, docs[0], expected[0]), (shares_a, docs[0][: 2 * T], [e[: 2 * T] for e in expected[0]])):
-        req.init_next_round_input(cache)
-        assert len(req.prefix_indices) == len(doc) and req.host_hit_length == 0
-        assert same_kv(kv_rows(cache, req.prefix_indices), kv)
-    loads.flags[1].done = True
-    assert form_batch(scheduler, take=2) == [b, cold] and scheduler.waiting_queue == []
-    b.init_next_round_input(cache)
-    assert len(b.prefix_indices) == 3 * T and same_kv(kv_rows(cache, b.prefix_indices), expected[1])
-    assert cache.protected_size() == 0 and not cache._loading_nodes
-
-    _, host_hit, loaded, _ = match_and_load(cache, over)  # scheduled: loads then, as without load_ahead
-    assert host_hit == 3 * T and same_kv(kv_rows(cache, loaded), expected[2])
-    assert loaded_chunks(cache, "arrival") == 6 and loaded_chunks(cache, "scheduled") == 3
-
-
-def test_a_request_aborted_while_its_load_ahead_runs_leaks_nothing(make_cache, monkeypatch):
-    """SGLang drops an aborted request from the waiting queue; its load ahead still finishes, and its
-    rows are unlocked (cached, evictable) at the next batch."""
-    T = CHUNK_TOKENS
-    cache = make_cache(16)
-    allocator = cache.token_to_kv_pool_allocator
-    doc = list(range(10_000, 10_000 + 3 * T))
-    insert(cache, doc)
-    evict_all(cache)
-    free_at_start = allocator.available_size()
-    loads = LoadsAhead(cache, monkeypatch)
-    scheduler = _hooked_scheduler(cache)
-    scheduler._add_request_to_queue(make_req(doc + [1], "gone"))
-    scheduler.waiting_queue.clear()  # aborted
-    assert form_batch(scheduler, take=1) == [] and cache.protected_size() == 3 * T
-    loads.flags[0].done = True
-    form_batch(scheduler, take=1)
-    assert cache.protected_size() == 0 and cache.evictable_size() == 3 * T
-    evict_all(cache)
-    assert allocator.available_size() == free_at_start and not cache.store.cpu._leases
-
-
-def test_without_load_ahead_a_queued_request_loads_when_scheduled(make_cache):
-    cache = make_cache(16, load_ahead=0)
-    doc = list(range(10_000, 10_000 + 3 * CHUNK_TOKENS))
-    expected = kv_rows(cache, insert(cache, doc))
-    evict_all(cache)
-    clear_pool(cache)
-    scheduler = _hooked_scheduler(cache)
-    req = make_req(doc + [1])
-    scheduler._add_request_to_queue(req)
-    assert form_batch(scheduler, take=1) == [req] and loaded_chunks(cache, "arrival") == 0
-    _, host_hit, loaded, _ = match_and_load(cache, req)
-    assert host_hit == 3 * CHUNK_TOKENS and same_kv(kv_rows(cache, loaded), expected)
 
 
 def test_a_failing_arrival_prefetch_still_queues_the_request(caplog):

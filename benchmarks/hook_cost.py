@@ -98,8 +98,9 @@ def _watching_syncs(found: set[str], hook: str, device: torch.device) -> Iterato
             yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # Only the warnings of synchronizing calls: turning the mode on also warns, once, that it is a prototype.
     found.update(f"{hook}: {w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
-                 if "synchroniz" in str(w.message))
+                 if "called a synchronizing CUDA operation" in str(w.message))
 
 
 class Replay:

@@ -256,6 +256,7 @@ class RunOptions:
     profile_requests: int = 0
     profile_dir: str = ""
     profile_stack: bool = False
+    attention_backend: str = "triton"
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
@@ -294,7 +295,7 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
                     "cuda_graph_max_bs": opts.cuda_graph_max_bs, "env": dict(setup.env), "passes": {}}
     try:
         with sglang_server(model_dir, opts.port, args, dict(setup.env), log, other_ports=other_ports,
-                           cuda_graph_max_bs=opts.cuda_graph_max_bs) as startup:
+                           cuda_graph_max_bs=opts.cuda_graph_max_bs, attention_backend=opts.attention_backend) as startup:
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
             result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts)
@@ -364,6 +365,8 @@ def describe_workload(kind: str, args: argparse.Namespace, source: str, passes: 
                 "cuda_graph_max_bs": args.cuda_graph_max_bs}
     if kind == "chat":
         workload.update(users=args.users, turns=args.turns, turn_len=args.turn_len)
+    if args.attention_backend != "triton":  # results of other backends never merge into a triton file
+        workload["attention_backend"] = args.attention_backend
     return workload
 
 
@@ -410,12 +413,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
+    ap.add_argument("--attention-backend", default="triton", choices=["triton", "flashinfer", "fa3"],
+                    help="SGLang's attention backend for every config (triton: what the carried GPU bundle has always "
+                         "run; flashinfer JIT-compiles its kernels at the first start, needs nvcc)")
 
 
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
                       args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir,
-                      args.profile_stack)
+                      args.profile_stack, args.attention_backend)
 
 
 def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:

@@ -272,7 +272,7 @@ class PDPorts:
 @contextmanager
 def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], ports: PDPorts, prefill_gpu: int,
                decode_gpu: int, log_dir: Path, timeout_s: float, prefill_cache: str = "kvtier",
-               cuda_graph_max_bs: int = 0) -> Iterator[float]:
+               cuda_graph_max_bs: int = 0, attention_backend: str = "triton") -> Iterator[float]:
     """``launch.prefill`` and ``launch.decode`` (started together: different GPUs), then the router;
     yields the seconds until all three were healthy, and stops every process group at the end.
     ``prefill_cache="radix"`` starts the prefill with ``sglang.launch_server`` and SGLang's radix
@@ -280,7 +280,7 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
     for p in (ports.prefill, ports.decode, ports.router, ports.bootstrap, ports.prefill_metrics, ports.decode_metrics):
         if port_in_use(p):
             raise BenchError(f"port {p} is already in use (a server left running?); stop it or pick other ports")
-    sglang = ["--model-path", model_dir, "--host", "127.0.0.1", *base_args(cuda_graph_max_bs), *args]
+    sglang = ["--model-path", model_dir, "--host", "127.0.0.1", *base_args(cuda_graph_max_bs, attention_backend), *args]
     bootstrap = ["--bootstrap-port", str(ports.bootstrap)]
     prefill = (["-m", "kvtier.launch.prefill", *bootstrap] if prefill_cache == "kvtier" else
                ["-m", "sglang.launch_server", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",

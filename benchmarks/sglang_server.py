@@ -23,11 +23,13 @@ BASE_ARGS = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampli
              "--disable-cuda-graph", "--grammar-backend", "none"]
 
 
-def base_args(cuda_graph_max_bs: int = 0) -> list[str]:
-    """``BASE_ARGS``, with decode CUDA graphs captured up to that batch size instead when it is > 0."""
+def base_args(cuda_graph_max_bs: int = 0, attention_backend: str = "triton") -> list[str]:
+    """``BASE_ARGS``, with decode CUDA graphs captured up to that batch size instead when it is > 0,
+    and another ``--attention-backend`` when asked."""
+    args = [attention_backend if a == "triton" else a for a in BASE_ARGS]
     if cuda_graph_max_bs <= 0:
-        return list(BASE_ARGS)
-    return [a for a in BASE_ARGS if a != "--disable-cuda-graph"] + ["--cuda-graph-max-bs", str(cuda_graph_max_bs)]
+        return args
+    return [a for a in args if a != "--disable-cuda-graph"] + ["--cuda-graph-max-bs", str(cuda_graph_max_bs)]
 
 
 def port_in_use(port: int) -> bool:
@@ -64,7 +66,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: str | Path, timeout
 @contextmanager
 def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
                   log_path: str | Path, ready_timeout_s: float = 400,
-                  other_ports: tuple[int, ...] = (), cuda_graph_max_bs: int = 0) -> Iterator[float]:
+                  other_ports: tuple[int, ...] = (), cuda_graph_max_bs: int = 0,
+                  attention_backend: str = "triton") -> Iterator[float]:
     """Runs ``sglang.launch_server`` until the block ends; yields its start-up time in seconds.
 
     Refuses to start when ``port`` or one of ``other_ports`` (e.g. kvtier's metrics port) is taken,
@@ -74,7 +77,7 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
         if port_in_use(p):
             sys.exit(f"port {p} is already in use (a server left running?); stop it or pick another port")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port),
-           *base_args(cuda_graph_max_bs), *server_args]
+           *base_args(cuda_graph_max_bs, attention_backend), *server_args]
     with open(log_path, "w") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()

@@ -98,7 +98,8 @@ def measure_pd(args: argparse.Namespace, passes, model_dir: str, load_args: list
     env = {"KVTIER_CPU_SIZE_GB": str(args.host_gb)}
     opts = replace(options(args), metrics_port=ports.prefill_metrics)
     with pd_cluster(model_dir, server_args, env, ports, prefill_gpu, decode_gpu, Path(opts.log_dir),
-                    timeout_s=900, cuda_graph_max_bs=opts.cuda_graph_max_bs) as startup:
+                    timeout_s=900, cuda_graph_max_bs=opts.cuda_graph_max_bs,
+                    attention_backend=opts.attention_backend) as startup:
         print(f"[kvtier_pd] cluster ready after {startup:.0f} s (prefill on GPU {prefill_gpu} with kvtier's "
               f"CPU tier, decode on GPU {decode_gpu}, router on port {ports.router})", flush=True)
         reports = measure_passes("kvtier_pd", f"http://127.0.0.1:{ports.router}/generate",

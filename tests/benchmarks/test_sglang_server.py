@@ -45,3 +45,12 @@ def test_wait_healthy_reads_garbage_as_not_up_yet(tmp_path, echo_then_ok_server)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_base_args_swap_the_attention_backend_and_turn_on_decode_graphs():
+    from sglang_server import BASE_ARGS, base_args
+
+    assert base_args() == BASE_ARGS
+    args = base_args(8, "flashinfer")
+    assert args[args.index("--attention-backend") + 1] == "flashinfer" and "triton" not in args
+    assert "--disable-cuda-graph" not in args and args[-2:] == ["--cuda-graph-max-bs", "8"]

@@ -26,7 +26,8 @@ BASE_ARGS = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampli
 def base_args(cuda_graph_max_bs: int = 0, attention_backend: str = "triton") -> list[str]:
     """``BASE_ARGS``, with decode CUDA graphs captured up to that batch size instead when it is > 0,
     and another ``--attention-backend`` when asked."""
-    args = [attention_backend if a == "triton" else a for a in BASE_ARGS]
+    args = list(BASE_ARGS)
+    args[args.index("--attention-backend") + 1] = attention_backend
     if cuda_graph_max_bs <= 0:
         return args
     return [a for a in args if a != "--disable-cuda-graph"] + ["--cuda-graph-max-bs", str(cuda_graph_max_bs)]

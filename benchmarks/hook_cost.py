@@ -1,10 +1,10 @@
 """Scheduler-thread time of kvtier's hooks per request, on a GPU, without a server.
 
-In long_doc's warm pass a request scheduled alone waited 20-40 ms longer for its first token with
-kvtier than with HiCache while a batch of three was faster. One suspect: under SGLang's overlap
-schedule a batch's first tokens go out only after the next batch was scheduled, and scheduling a
-request with a host hit runs ``match_prefix`` and ``init_load_back`` on the scheduler's thread
-(cutting that by 1 ms per request did not move TTFT: ``ab/long_doc_lg8_9992635.json``). This measures that thread's time per hook on the real ``KVTierRadixCache``
+Scheduling a request with a host hit runs ``match_prefix`` and ``init_load_back`` on SGLang's
+scheduler thread, and under the overlap schedule a batch is launched only once that work is done.
+(It was suspected of a lone-request TTFT gap against HiCache that profiles later showed to be a
+misreading: ``ab/long_doc_profiled24_63ef699.json``; cutting it by 1 ms per request did not move
+TTFT, ``ab/long_doc_lg8_9992635.json``.) This measures that thread's time per hook on the real ``KVTierRadixCache``
 over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workload's pattern:
 ``--docs`` documents of ``--doc-len`` tokens + a question + decoded tokens, cold, then warm in
 another order through a pool that holds few of them, so each warm request loads a whole document

@@ -66,6 +66,18 @@ def test_long_doc_runs_configs_in_turn_and_merges(tmp_path):
     assert set(kv["vs_radix"]) == {"cold", "warm"}
 
 
+def test_another_attention_backend_reaches_the_server_and_never_merges_into_a_triton_file(tmp_path):
+    out = tmp_path / "r.json"
+    first = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--attention-backend", "flashinfer", "--out",
+                str(out), tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    launched = (tmp_path / "server-radix.log").read_text().splitlines()[0]
+    assert "--attention-backend flashinfer" in launched and "triton" not in launched
+    assert json.loads(out.read_text())["workload"]["attention_backend"] == "flashinfer"
+    second = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--out", str(out), tmp_path=tmp_path)
+    assert second.returncode != 0 and "holds results of another workload" in second.stderr
+
+
 def test_long_doc_refuses_a_disk_tier_larger_than_the_disk(tmp_path):
     r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "kvtier_disk", "--out", str(tmp_path / "r.json"),
             "--disk-root", str(tmp_path), "--disk-gb", "1e9", tmp_path=tmp_path)

@@ -318,17 +318,36 @@ class Flag:
         return self.done
 
 
+def scheduler_step():
+    """``Scheduler.get_next_batch_to_run`` as the plugin's AFTER hook makes it, built by SGLang's own
+    hook wrapper around a step that schedules nothing (the real one needs a whole running scheduler):
+    the hook must take what the wrapper passes and leave the step's plan alone."""
+    from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+
+    from kvtier.sglang_ext import plugin
+
+    def schedules_nothing(scheduler, running_batch=None, last_batch=None):
+        return "plan"
+
+    wrapped = _wrap_fn(schedules_nothing, plugin._spill_deferred, HookType.AFTER)
+
+    def step(scheduler):
+        assert wrapped(scheduler, running_batch=None, last_batch=None) == "plan"
+
+    return step
+
+
 def test_spill_ahead_waits_until_no_load_runs(make_cache):
     """While a load runs on the GPU the walk's copies are held back (beside a load they share PCIe),
     and launched at the scheduler's next step once it finished, through the plugin's hook; a held
     node evicted before that is copied at its eviction, once."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    from kvtier.sglang_ext import plugin
     from kvtier.sglang_ext.pool_io import Completion
 
     T = CHUNK_TOKENS
     cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    step = scheduler_step()
     docs = [list(range(n, n + 3 * T)) for n in (10_000, 20_000, 30_000, 40_000)]
     for doc in docs[:3]:
         insert(cache, doc)  # 9 of 16 chunks in use
@@ -339,11 +358,11 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
 
     stored = lambda: [cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) for doc in docs]  # noqa: E731
     make_req(list(range(90_000, 90_000 + 4 * T)), "incoming").init_next_round_input(cache)  # the oldest goes
-    plugin._spill_deferred(None, scheduler)  # a scheduler step during the load
+    step(scheduler)  # a scheduler step during the load
     cache.flush()
     assert stored() == [0, 0, 0, 0] and spilled_chunks(cache, "ahead") == 0
     load.done = True
-    plugin._spill_deferred(None, scheduler)  # the next step
+    step(scheduler)  # the next step
     cache.flush()
     assert stored() == [3, 0, 0, 0] and spilled_chunks(cache, "ahead") == 3
     steps = cache.store.metrics.registry.get_sample_value("kvtier_op_seconds_count", {"tier": "hook", "op": "spill_deferred"})
@@ -356,7 +375,7 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
     cache.flush()
     assert stored() == [3, 3, 0, 0] and spilled_chunks(cache, "eviction") == 3
     load.done = True
-    plugin._spill_deferred(None, scheduler)
+    step(scheduler)
     cache.flush()
     assert spilled_chunks(cache, "ahead") == 3 and spilled_chunks(cache, "eviction") == 3
 

@@ -53,8 +53,10 @@ from bench_common import (
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+from kvtier.sglang_ext import plugin
 from kvtier.sglang_ext.config import load_config
 from kvtier.sglang_ext.radix_cache import KVTierRadixCache
 
@@ -131,8 +133,10 @@ class Replay:
                 best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
             self.loaded_tokens += len(rows)
             req.prefix_indices = torch.cat([req.prefix_indices, rows])
+        # The batch is formed (the plugin's hook on get_new_batch_prefill): its loads launch as one copy.
+        self._timed("launch_loads", cache.launch_loads)
         _synchronize(cache)
-        # The scheduler's next step (the plugin's hook): the load is done, the walk's held copies launch.
+        # The scheduler's next step (the same hook): the load is done, the walk's held copies launch.
         self._timed("spill_deferred", cache.spill_deferred)
         # The request's own KV (prompt past the prefix, decoded tokens), then SGLang's insert at finish.
         new = len(prompt) + OUTPUT_TOKENS - len(req.prefix_indices)
@@ -149,6 +153,8 @@ class Replay:
 
 
 def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespace, profile: bool) -> dict:
+    plugin.register()  # as every SGLang scheduler process does before it builds the cache
+    HookRegistry.apply_hooks()
     ctx = objects.build_context(base_args, page_size=1, pool_tokens=args.pool_tokens)
     cache = KVTierRadixCache(ctx, load_config(env=env, cpu_size_gb=args.cpu_gb))
     try:

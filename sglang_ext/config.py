@@ -82,6 +82,12 @@ class KVTierConfig:
     """The same for a load-back kernel: per-layer loads run beside the forward pass, which wants
     the other SMs (32: p50 0.068 / 0.051 s in that run's two warm passes; 8: 0.058 / 0.077; no
     limit: 0.066 / 0.064; noisy, 32 has the best second pass)."""
+    batch_loads: bool = True
+    """The load-backs of one prefill batch are queued while SGLang's scheduler forms it and launched
+    as one copy once it is formed (as HiCache's ``ready_to_load_host_cache`` does), layer group by
+    layer group across all its requests, so the forward pass starts once every request's first group
+    landed; false launches each request's load when it is scheduled, request after request, so the
+    first layers wait for the last request's load to reach them."""
     spill_staging_chunks: int = 0
     """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
     Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy

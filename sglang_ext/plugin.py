@@ -7,8 +7,9 @@
 
 A BEFORE hook on the scheduler's ``_add_request_to_queue`` lets the kvtier radix cache start
 fetching a queued request's disk or remote chunks right away, not when the request is scheduled;
-an AFTER hook on its ``get_next_batch_to_run`` launches the spill-ahead copies the cache held
-back while a load ran (so they run in the decode steps between loads).
+an AFTER hook on its ``get_new_batch_prefill`` (called at every step, also by SGLang's PD prefill
+loop) launches the loads the cache queued while the batch formed, as one copy, and the spill-ahead
+copies it held back while a load ran (so they run in the decode steps between loads).
 
 SGLang calls ``register`` in its main process and again in every scheduler process it spawns.
 """
@@ -25,7 +26,7 @@ BACKEND = "kvtier"
 _pd_registered = False
 _scheduler_hooks_registered = False
 QUEUE_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
-STEP_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
+STEP_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 
 
 def _build(ctx):  # imported lazily: torch-heavy modules stay out of processes that never build one
@@ -44,14 +45,25 @@ def _prefetch_on_arrival(scheduler, req, *args, **kwargs) -> None:
         logger.exception("kvtier: prefetching request %s on arrival failed", getattr(req, "rid", "?"))
 
 
-def _spill_deferred(plan, scheduler, *args, **kwargs) -> None:
-    spill = getattr(getattr(scheduler, "tree_cache", None), "spill_deferred", None)
-    if spill is None:
+def _after_prefill_scheduled(plan, scheduler, *args, **kwargs) -> None:
+    cache = getattr(scheduler, "tree_cache", None)
+    launch_loads = getattr(cache, "launch_loads", None)
+    if launch_loads is None:
         return
+    # Not caught: the batch's forward pass would read rows that never arrived; the step must fail.
+    launch_loads()
     try:
-        spill()
+        cache.spill_deferred()
     except Exception:  # eviction still copies what was not copied ahead: log, keep scheduling
         logger.exception("kvtier: launching the spill-ahead copies held back failed")
+
+
+def step_hook_applied() -> bool:
+    """Whether SGLang patched its scheduler with the step hook (it logs and skips a target it cannot
+    resolve, as a renamed method would be): the radix cache queues loads for the hook only then."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return STEP_HOOK_TARGET in HookRegistry._patched
 
 
 def _register_scheduler_hooks() -> None:
@@ -61,7 +73,7 @@ def _register_scheduler_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(QUEUE_HOOK_TARGET, _prefetch_on_arrival, HookType.BEFORE)
-    HookRegistry.register(STEP_HOOK_TARGET, _spill_deferred, HookType.AFTER)
+    HookRegistry.register(STEP_HOOK_TARGET, _after_prefill_scheduled, HookType.AFTER)
     _scheduler_hooks_registered = True
 
 

@@ -9,13 +9,13 @@ A copy to the host of rows the radix tree has just freed (a spill) is *guarded*:
 will next write those rows (SGLang runs its scheduler under a schedule stream that every forward
 stream waits on) waits on the copy's event, so no CPU thread blocks and no row is overwritten
 before it was read. A copy of rows the tree still owns (write-through, a spill ahead of
-eviction) is not guarded, so the forward pass never waits for it; it names its *owner*, the
-deepest tree node whose rows it touches, and ``guard_pending(owner)`` adds the wait when that node
-is deleted (before its ancestors, so before any row of the copy is freed). A copy to the device
-(load-back) is guarded too, so the forward pass reads the rows after they arrived; or, with
-``load_layer_groups`` > 1, it is issued as that many launches over groups of layers (checked and
-moved to the GPU once, so each further launch costs the scheduler only itself), unguarded and
-named by its node, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
+eviction) is not guarded, so the forward pass never waits for it; it names its *owners*, the
+deepest tree nodes whose rows it touches, and ``guard_pending(owner)`` adds the wait when one of
+them is deleted (before its ancestors, so before any row of the copy is freed). A copy to the
+device (load-back; one for all requests of a prefill batch) is guarded too, so the forward pass
+reads the rows after they arrived; or, with ``load_layer_groups`` > 1, it is issued as that many
+launches over groups of layers (checked and moved to the GPU once, so each further launch costs the
+scheduler only itself), unguarded and named by its nodes, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
 (its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
 group only, so attention of the first layers overlaps the copy of the rest (the default, as
 HiCache loads; measured in ``KVTierConfig.load_layer_groups``).
@@ -132,7 +132,7 @@ class PoolIO:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._unguarded: list[tuple[Completion, Optional[Hashable]]] = []
+        self._unguarded: list[tuple[Completion, tuple[Hashable, ...]]] = []
         self._last_load: Optional[Completion] = None
         self.chunk_bytes = chunk_nbytes(k_buffers, v_buffers, chunk_tokens)
         # Allocated now, so that a ring the GPU cannot hold fails at start, not in a request.
@@ -158,7 +158,7 @@ class PoolIO:
 
     def _run(
         self, op: str, launch: Callable[[], None], on_done: Callable[[], None], guard: bool, *inputs: torch.Tensor,
-        owner: Optional[Hashable] = None,
+        owners: tuple[Hashable, ...] = (),
     ) -> Completion:
         if self.stream is None:
             launch()
@@ -189,7 +189,7 @@ class PoolIO:
         if guard:
             current.wait_event(event)
         else:
-            self._unguarded.append((done, owner))
+            self._unguarded.append((done, owners))
         return done
 
     def loads_running(self) -> bool:
@@ -206,13 +206,13 @@ class PoolIO:
         """
         current = torch.cuda.current_stream(self.device) if self.stream is not None else None
         kept = []
-        for c, o in self._unguarded:
+        for c, owners in self._unguarded:
             if c.poll():
                 continue
-            if owner is None or o is None or o is owner:
+            if owner is None or not owners or any(o is owner for o in owners):
                 current.wait_event(c.event)
             else:
-                kept.append((c, o))
+                kept.append((c, owners))
         self._unguarded = kept
 
     def to_host(
@@ -230,7 +230,7 @@ class PoolIO:
                              self.chunk_tokens, max_programs=self.spill_max_programs)
         else:
             launch = partial(self._spill_staged, slots, views)
-        return self._run("spill", launch, on_done, guard, slots, owner=owner)
+        return self._run("spill", launch, on_done, guard, slots, owners=() if owner is None else (owner,))
 
     def _spill_staged(self, slots: torch.Tensor, views: Sequence[torch.Tensor]) -> None:
         """Gather ring-fulls of chunks into the ring, then copy each to its host view. One stream
@@ -247,13 +247,14 @@ class PoolIO:
 
     def to_device(
         self, views: Sequence[torch.Tensor], slots: torch.Tensor, on_done: Callable[[], None],
-        owner: Optional[Hashable] = None,
+        owners: Sequence[Hashable] = (),
     ) -> Completion:
-        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token.
+        """Copy chunk ``views`` into the pool rows ``slots``; a slot of -1 skips that token. No
+        two views may write one row: the chunks are copied in parallel.
 
         One group of layers: the forward pass waits for the whole copy. Several: readers of a layer
         through the pool wait for its group via ``gate``; rows freed later wait via
-        ``guard_pending(owner)``.
+        ``guard_pending(owner)`` of any of ``owners``.
         """
         offsets = self._offsets(views)
         slots = slots.to(self.device, non_blocking=True)
@@ -274,4 +275,4 @@ class PoolIO:
             self.gate.forget(events)
             on_done()
 
-        return self._run("load", launch, done, not gated, slots, owner=owner if gated else None)
+        return self._run("load", launch, done, not gated, slots, owners=tuple(owners) if gated else ())

@@ -10,7 +10,7 @@
   finds the chunks stored and frees the rows at once. These copies are held back while a load
   runs on the GPU (beside one they share PCIe and halve its speed) and launched once none does:
   by the next walk or match, or at the scheduler's next step (``spill_deferred``,
-  called by the plugin after every ``get_next_batch_to_run``), so they run in the decode steps
+  called by the plugin after every ``get_new_batch_prefill``), so they run in the decode steps
   between loads. A node evicted before its copy was launched is copied at its eviction.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
@@ -18,9 +18,13 @@
   also starts that prefetch when the request is queued (``prefetch_on_arrival``): the fetch then
   overlaps the request's wait in the queue. The scheduler then calls
   ``init_load_back``, which allocates pool rows, copies the chunks in and inserts them into the
-  tree, returning the new rows as SGLang's HiCache does. The copy goes layer by layer and the
+  tree, returning the new rows as SGLang's HiCache does. The copies of one prefill batch are
+  queued while the scheduler forms it and launched as one (``launch_loads``, called by the plugin
+  after ``get_new_batch_prefill``), layer group after layer group across the batch's requests; the
   forward pass waits for each layer where attention asks the pool for it (the pool's
-  ``layer_transfer_counter``), except under a ``full`` prefill CUDA graph, which never asks.
+  ``layer_transfer_counter``), except under a ``full`` prefill CUDA graph, which never asks. Until
+  the launch, a queued load's rows are only promised: a node made while the batch formed that is
+  deleted launches the queue first, and spills held back wait for it.
 
 This module and ``plugin.py`` are the only ones that import SGLang; everything specific to SGLang
 0.5.17 (pool classes, build-context fields, which methods evict and load) is read here.
@@ -36,7 +40,8 @@ import weakref
 from array import array
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal, Optional
+from functools import partial
+from typing import Callable, Iterator, Literal, NamedTuple, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -54,7 +59,9 @@ from sglang.srt.model_executor.cuda_graph_config import Backend
 
 from kvtier.sglang_ext.chunk_keys import ChunkKey, KVNamespace
 from kvtier.sglang_ext.config import KVTierConfig, check_page_size, load_config
+from kvtier.sglang_ext.plugin import STEP_HOOK_TARGET, step_hook_applied
 from kvtier.sglang_ext.pool_io import Completion, PoolIO
+from kvtier.sglang_ext.tiers.cpu import Lease
 from kvtier.sglang_ext.tiers.store import TierStore
 
 logger = logging.getLogger(__name__)
@@ -143,6 +150,10 @@ class KVTierRadixCache(RadixCache):
         atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
         self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
+        self._batch_loads = cfg.batch_loads and step_hook_applied()
+        if cfg.batch_loads and not self._batch_loads:
+            logger.warning("kvtier: SGLang did not apply kvtier's hook on %s, so each load-back is launched when its "
+                           "request is scheduled (batch_loads needs the hook)", STEP_HOOK_TARGET)
 
     @contextmanager
     def _hook(self, op: str) -> Iterator[None]:
@@ -163,7 +174,8 @@ class KVTierRadixCache(RadixCache):
             self._inflight.append(copy)
 
     def flush(self) -> None:
-        """Wait for every copy in flight (tests, shutdown)."""
+        """Launch the queued loads and wait for every copy in flight (tests, shutdown)."""
+        self.launch_loads()
         with self._inflight_lock:
             for c in self._inflight:
                 c.wait()
@@ -261,7 +273,7 @@ class KVTierRadixCache(RadixCache):
         """Launch the spill-ahead copies held back, unless a load still runs on the GPU; timed as hook
         ``spill_deferred`` when it launches (inside match_prefix's or spill_ahead's time when called
         from them). Cheap when there are none: the plugin calls it at every step of the scheduler."""
-        if not self._deferred or self.io.loads_running():
+        if not self._deferred or self._queued or self.io.loads_running():
             return
         with self._hook("spill_deferred"):
             nodes, self._deferred = list(self._deferred.values()), {}
@@ -272,6 +284,7 @@ class KVTierRadixCache(RadixCache):
         io = getattr(self, "io", None)  # RadixCache.__init__ resets before the copies exist
         if io is not None:
             # Every row is freed at once: nothing may overwrite rows that copies still read or write.
+            self.launch_loads()
             io.guard_pending()
         super().reset()
         self._spilled_ahead: set[int] = set()  # ids of nodes copied out (or due to be) ahead of eviction
@@ -279,8 +292,14 @@ class KVTierRadixCache(RadixCache):
         self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_store_node)
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
+        self._queued: list[_QueuedLoad] = []  # loads of the prefill batch being formed (launch_loads)
+        self._queued_since = 0  # TreeNode.counter when the first of them was queued
 
     def _delete_leaf(self, node: TreeNode) -> None:
+        if self._queued and node.id >= self._queued_since:
+            # Made while this batch formed (a request that was then not scheduled): its rows may be
+            # a queued load's, which must run before they are read or handed out again.
+            self.launch_loads()
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
         self._spilled_ahead.discard(node.id)
@@ -416,12 +435,30 @@ class KVTierRadixCache(RadixCache):
             return empty, node
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
+        if not self._queued:
+            self._queued_since = TreeNode.counter
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         ).last_device_node
         self._node_keys[inserted.id] = keys[: first + got]  # its path ends at ``end``: no hashing again
-        self._track(self.io.to_device(lease.views[:got], torch.cat([skip, rows]), lease.release, owner=inserted))
+        self._queued.append(_QueuedLoad(lease, lease.views[:got], torch.cat([skip, rows]), inserted))
+        if not self._batch_loads:
+            self.launch_loads()
         return rows, inserted
+
+    def launch_loads(self) -> None:
+        """Launch the loads queued while a prefill batch formed, as one copy: layer group after layer
+        group across all its requests, so the forward pass starts once every request's first group
+        landed (launched one by one, the first layers would wait for the last request's load).
+        Called by the plugin after every ``get_new_batch_prefill``; cheap when none are queued."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        with self._hook("launch_loads"):
+            views = [view for q in queued for view in q.views]
+            slots = torch.cat([q.slots for q in queued])
+            self._track(self.io.to_device(views, slots, partial(_release_all, queued),
+                                          owners=[q.owner for q in queued]))
 
     def _alloc(self, n: int) -> Optional[torch.Tensor]:
         allocator = self.token_to_kv_pool_allocator
@@ -432,6 +469,21 @@ class KVTierRadixCache(RadixCache):
         if rows is None:
             logger.debug("kvtier: no room for %d loaded tokens; recomputing them", n)
         return rows
+
+
+class _QueuedLoad(NamedTuple):
+    """A load-back waiting for its prefill batch to be formed: CPU-tier chunks pinned by ``lease``
+    (its ``views``) for the pool rows ``slots`` (-1: skip), which the tree node ``owner`` holds."""
+
+    lease: Lease
+    views: list[torch.Tensor]
+    slots: torch.Tensor
+    owner: TreeNode
+
+
+def _release_all(queued: list[_QueuedLoad]) -> None:
+    for q in queued:
+        q.lease.release()
 
 
 def _reap_until(cache_ref: "weakref.ref[KVTierRadixCache]", stop: threading.Event) -> None:

@@ -232,7 +232,7 @@ def test_a_guarded_spill_does_not_wait_for_an_earlier_load():
     io.to_host(loaded, views[:chunks], lambda: None).wait()
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
-        load = io.to_device(views[:chunks], loaded, lambda: None, owner=object())
+        load = io.to_device(views[:chunks], loaded, lambda: None, owners=[object()])
         spill = io.to_host(freed, views[chunks:], lambda: None)
     spill.wait()
     load.wait()
@@ -249,7 +249,7 @@ def test_loads_running_while_the_gpu_copies_a_load():
     rows = torch.arange(16, 16 + chunks * T, device=DEVICE)
     io.to_host(rows, views, lambda: None).wait()
     assert not io.loads_running()  # none launched yet
-    load = io.to_device(views, rows, lambda: None, owner=object())
+    load = io.to_device(views, rows, lambda: None, owners=[object()])
     assert io.loads_running()
     load.wait()
     assert not io.loads_running()

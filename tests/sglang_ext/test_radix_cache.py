@@ -15,8 +15,15 @@ CHUNK_TOKENS = 64
 
 @pytest.fixture
 def make_cache(make_build_context, monkeypatch, tmp_path):
-    """A KVTierRadixCache over a real CPU pool whose K/V buffers hold random data."""
+    """A KVTierRadixCache over a real CPU pool whose K/V buffers hold random data, in a process whose
+    SGLang applied kvtier's plugin hooks (as every scheduler process does at start)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvtier.sglang_ext import plugin
     from kvtier.sglang_ext.radix_cache import KVTierRadixCache
+
+    plugin.register()
+    HookRegistry.apply_hooks()
 
     made = []
 
@@ -276,8 +283,10 @@ def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache):
 
 def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monkeypatch):
     """The spill ahead of a request loading from the CPU tier is launched after its load (so that
-    on a GPU it runs behind the load, not beside it), and it still copies out what eviction takes
-    next; the loaded KV is bit-exact."""
+    on a GPU it runs behind the load, not beside it), both from the plugin's hook once the batch is
+    formed, and it still copies out what eviction takes next; the loaded KV is bit-exact."""
+    from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
+
     from kvtier.sglang_ext.pool_io import PoolIO
 
     T = CHUNK_TOKENS
@@ -298,9 +307,14 @@ def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monke
     req = make_req(doc + [1])
     req.init_next_round_input(cache)
     assert req.host_hit_length == 4 * T and launched == []  # matched: nothing copied yet
-    device_len, host_hit, loaded, _ = match_and_load(cache, req)
-    # SGLang's evict(256 tokens) takes the two oldest documents, copied as their rows are freed;
-    # then the load; then, ahead, the next document eviction would take.
+    loaded, _ = cache.init_load_back(
+        InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
+    )
+    # SGLang's evict(256 tokens) takes the two oldest documents, copied as their rows are freed; the
+    # load waits for the batch to be formed, and the spill ahead for the load.
+    assert launched == [("spill", 3), ("spill", 3)]
+    scheduler_step()(_hooked_scheduler(cache))  # the batch is formed: the load, then, ahead, the next
+    cache.flush()                               # document eviction would take
     assert launched == [("spill", 3), ("spill", 3), ("load", 4), ("spill", 3)]
     assert same_kv(kv_rows(cache, loaded), expected)
     keys = cache.namespace.chunk_keys
@@ -318,21 +332,23 @@ class Flag:
         return self.done
 
 
-def scheduler_step():
-    """``Scheduler.get_next_batch_to_run`` as the plugin's AFTER hook makes it, built by SGLang's own
-    hook wrapper around a step that schedules nothing (the real one needs a whole running scheduler):
-    the hook must take what the wrapper passes and leave the step's plan alone."""
+def scheduler_step(form_batch=None):
+    """``Scheduler.get_new_batch_prefill`` as the plugin's AFTER hook makes it, built by SGLang's own
+    hook wrapper around ``form_batch(scheduler)`` (default: schedule nothing; the real method needs a
+    whole running scheduler): the hook must take what the wrapper passes and leave the plan alone."""
     from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
 
     from kvtier.sglang_ext import plugin
 
-    def schedules_nothing(scheduler, running_batch=None, last_batch=None):
+    def get_new_batch_prefill(scheduler, running_batch):
+        if form_batch is not None:
+            form_batch(scheduler)
         return "plan"
 
-    wrapped = _wrap_fn(schedules_nothing, plugin._spill_deferred, HookType.AFTER)
+    wrapped = _wrap_fn(get_new_batch_prefill, plugin._after_prefill_scheduled, HookType.AFTER)
 
     def step(scheduler):
-        assert wrapped(scheduler, running_batch=None, last_batch=None) == "plan"
+        assert wrapped(scheduler, running_batch=None) == "plan"
 
     return step
 
@@ -395,19 +411,29 @@ def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
 
 
 def test_the_plugin_hooks_the_scheduler_step():
-    """``spill_deferred`` runs after every ``get_next_batch_to_run`` of SGLang's scheduler: the hook is
-    registered on a method SGLang 0.5.17 has (a renamed method would leave it silently unapplied)."""
+    """``launch_loads`` and ``spill_deferred`` run after every ``get_new_batch_prefill`` of SGLang's
+    scheduler, which its normal and PD prefill loops both call: the hook is applied to the method
+    SGLang 0.5.17 has (a renamed method would leave it silently unapplied)."""
     import importlib
+    import inspect
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from kvtier.sglang_ext import plugin
 
+    hook = plugin._after_prefill_scheduled
     plugin.register()
+    HookRegistry.apply_hooks()
     hooks = HookRegistry._hooks[plugin.STEP_HOOK_TARGET]
-    assert [(t, f) for t, f, _ in hooks if f is plugin._spill_deferred] == [(HookType.AFTER, plugin._spill_deferred)]
+    assert [(t, f) for t, f, _ in hooks if f is hook] == [(HookType.AFTER, hook)]
     module, cls, method = plugin.STEP_HOOK_TARGET.rsplit(".", 2)
-    assert callable(getattr(getattr(importlib.import_module(module), cls), method))
+    applied = getattr(getattr(importlib.import_module(module), cls), method)
+    assert hasattr(applied, "__wrapped__") and hook in inspect.getclosurevars(applied).nonlocals.values()
+    from sglang.srt.disaggregation.prefill import SchedulerDisaggregationPrefillMixin
+    from sglang.srt.managers.scheduler import Scheduler
+
+    for loop in (Scheduler.get_next_batch_to_run, SchedulerDisaggregationPrefillMixin.get_next_disagg_prefill_batch_to_run):
+        assert "self.get_new_batch_prefill(" in inspect.getsource(loop)
 
 
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
@@ -437,24 +463,25 @@ class InFlight:
         self.races: list[tuple[object, int]] = []
         to_host, to_device, guard, alloc = io.to_host, io.to_device, io.guard_pending, allocator.alloc
 
-        def track(kind, owner, slots):
+        def track(kind, owners, slots):
             rows = set(slots.tolist()) - {-1}
-            self.running.append((owner, rows))
+            self.running.append((tuple(owners), rows))
             self.touched |= rows
             self.copies.append(kind)
 
         def on_host(slots, views, on_done, guard=True, owner=None):
             if not guard:
-                track("spill", owner, slots)
+                track("spill", () if owner is None else (owner,), slots)
             return to_host(slots, views, on_done, guard=guard, owner=owner)
 
-        def on_device(views, slots, on_done, owner=None):
+        def on_device(views, slots, on_done, owners=()):
             if len(io.load_groups) > 1:
-                track("load", owner, slots)
-            return to_device(views, slots, on_done, owner=owner)
+                track("load", owners, slots)
+            return to_device(views, slots, on_done, owners=owners)
 
         def guarded(owner=None):
-            self.running = [(o, r) for o, r in self.running if not (owner is None or o is None or o is owner)]
+            self.running = [(os, r) for os, r in self.running
+                            if not (owner is None or not os or any(o is owner for o in os))]
             return guard(owner)
 
         def allocated(n):
@@ -876,3 +903,94 @@ def test_chunk_keys_kept_for_a_loaded_node_stay_right_after_it_is_split(make_cac
         _, host_hit, loaded, _ = match_and_load(cache, make_req(tokens + [1]))
         assert host_hit == 4 * T and same_kv(kv_rows(cache, loaded), kv)
         evict_all(cache)
+
+
+def _adder(cache, server_args, rem_chunk_tokens: Optional[int] = None):
+    """SGLang's own PrefillAdder, as ``get_new_batch_prefill`` makes it, in a process that published its
+    config as a scheduler process does (the adder reads it)."""
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.runtime_context import publish
+
+    publish(server_args, role="test")
+
+    return PrefillAdder(cache.page_size, cache, cache.token_to_kv_pool_allocator, None, new_token_ratio=0.5,
+                        rem_input_tokens=10**6, rem_chunk_tokens=rem_chunk_tokens)
+
+
+def _spilled_docs(cache, n: int, chunks: int = 3) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    T = CHUNK_TOKENS
+    docs = [list(range(10_000 * (i + 1), 10_000 * (i + 1) + chunks * T)) for i in range(n)]
+    kv = [kv_rows(cache, insert(cache, doc)) for doc in docs]
+    evict_all(cache)
+    clear_pool(cache)
+    return docs, kv
+
+
+@pytest.mark.parametrize("batch_loads", [True, False])
+def test_a_prefill_batch_s_loads_go_as_one_copy_once_it_is_formed(make_cache, monkeypatch, base_server_args,
+                                                                  batch_loads):
+    """SGLang's PrefillAdder calls init_load_back per request; the loads wait until the batch is
+    formed and go as one copy (one launch per layer group across all requests) from the plugin's
+    hook on get_new_batch_prefill, and bring every request's KV back bit-exact. With
+    ``batch_loads: false`` each goes when its request is added."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    cache = make_cache(16, pool_tokens=16 * CHUNK_TOKENS, load_layer_groups=2, batch_loads=batch_loads)
+    docs, kv = _spilled_docs(cache, 3)
+    copies = []
+    to_device = cache.io.to_device
+    monkeypatch.setattr(cache.io, "to_device", lambda views, slots, *a, **k: copies.append(len(views)) or
+                        to_device(views, slots, *a, **k))
+    reqs = [make_req(doc + [1], f"r{i}") for i, doc in enumerate(docs)]
+    adder = _adder(cache, base_server_args)
+
+    def form_batch(scheduler):
+        for i, req in enumerate(reqs):
+            req.init_next_round_input(cache)
+            assert req.host_hit_length == len(docs[i])
+            assert adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None) == AddReqResult.CONTINUE
+            assert copies == ([] if batch_loads else [3] * (i + 1))
+        assert not batch_loads or all(torch.count_nonzero(t) == 0 for t in kv_rows(cache, reqs[0].prefix_indices))
+
+    scheduler_step(form_batch)(_hooked_scheduler(cache))
+    assert copies == ([9] if batch_loads else [3, 3, 3])
+    cache.flush()
+    for req, doc_kv in zip(reqs, kv):
+        assert same_kv(kv_rows(cache, req.prefix_indices), doc_kv)
+    assert not cache.store.cpu._leases  # load-back pins released
+
+
+def test_a_node_loaded_for_a_request_then_refused_is_copied_before_its_rows_go_again(make_cache, monkeypatch,
+                                                                                    base_server_args):
+    """A request whose load was queued but that the adder then refused leaves an unlocked node;
+    evicting it in the same batch launches the queued loads first, so the copy lands before its
+    rows are handed out again; the accepted request's KV still arrives bit-exact."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    cache = make_cache(16, pool_tokens=16 * CHUNK_TOKENS, load_layer_groups=2)
+    docs, kv = _spilled_docs(cache, 2)
+    launched = []
+    to_device = cache.io.to_device
+    monkeypatch.setattr(cache.io, "to_device", lambda views, slots, *a, **k: launched.append(set(slots.tolist()))
+                        or to_device(views, slots, *a, **k))
+    accepted, refused = make_req(docs[0] + [1], "accepted"), make_req(docs[1] + [1], "refused")
+    # Chunked prefill with room for one page of question tokens and half of another: the second
+    # request is loaded, then refused (no whole page left for its chunk).
+    adder = _adder(cache, base_server_args, rem_chunk_tokens=16 + 8)
+
+    def form_batch(scheduler):
+        for req, result in ((accepted, AddReqResult.CONTINUE), (refused, AddReqResult.OTHER)):
+            req.init_next_round_input(cache)
+            assert adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None) == result
+        assert adder.can_run_list == [accepted]
+        assert launched == [] and len(refused.prefix_indices) == len(docs[1])
+        freed = set(refused.prefix_indices.tolist())
+        cache.evict(EvictParams(num_tokens=10**9))  # only the refused request's node is unlocked
+        assert len(launched) == 1 and freed <= launched[0]
+        assert freed <= set(cache.token_to_kv_pool_allocator.alloc(len(docs[1])).tolist())
+
+    scheduler_step(form_batch)(_hooked_scheduler(cache))
+    assert len(launched) == 1  # nothing left for the hook
+    cache.flush()
+    assert same_kv(kv_rows(cache, accepted.prefix_indices), kv[0])

@@ -4,7 +4,8 @@ Both servers run SGLang 0.5.17 with ``--enable-deterministic-inference`` (triton
 small Llama whose weights are random but not flat (transformers' default init, saved once). The
 reference server has a pool large enough that the second pass is a GPU radix hit; the kvtier
 server's pool is too small, so its second pass loads every prompt's prefix back from the CPU tier
-(checked in its metrics). Passes when every token and every logprob is identical. Variants:
+(checked in its metrics); a third pass sends ``--concurrency`` prompts at once, so that one prefill
+batch loads several together. Passes when every token and every logprob is identical. Variants:
 ``write_back`` and ``write_through`` (an 8 GB CPU tier) and ``disk``: a 0.1 GB CPU tier (one
 prompt's KV) over a disk tier, with ``lower_tier_wait_s`` so the second pass waits for its chunks
 to come back from disk instead of recomputing them (checked: disk hits > 0).
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_common import add_commit_option, kvtier_summary, run_facts, scrape_metrics
@@ -56,10 +58,17 @@ def greedy(port: int, ids: list[int], n: int) -> dict:
     return {"tokens": [p[1] for p in pairs], "logprobs": [p[0] for p in pairs]}
 
 
-def two_passes(port: int, prompts: list[list[int]], n: int) -> list[dict]:
+def passes(port: int, prompts: list[list[int]], n: int, concurrency: int) -> list[dict]:
+    """A first pass that fills the cache; the outputs of a second pass one prompt at a time, then of a
+    third with ``concurrency`` prompts sent at once (one prefill batch loads them all together)."""
     for p in prompts:
         greedy(port, p, n)
-    return [greedy(port, p, n) for p in prompts]
+    second = [greedy(port, p, n) for p in prompts]
+    with ThreadPoolExecutor(concurrency) as pool:
+        third = []
+        for i in range(0, len(prompts), concurrency):
+            third += pool.map(lambda p: greedy(port, p, n), prompts[i : i + concurrency])
+    return second + third
 
 
 def serve(name: str, args, pool: int, extra: list[str], env: dict[str, str]):
@@ -72,6 +81,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--prompt-len", type=int, default=8016)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=2, help="prompts sent at once in the third pass")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/small-llama-random"))
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
@@ -89,7 +99,7 @@ def main() -> None:
     small_pool = 2 * args.prompt_len + 2000  # holds two prompts: the second pass finds none on the GPU
 
     with serve("reference", args, 200_000, [], {}):
-        expected = two_passes(args.port, prompts, args.new_tokens)
+        expected = passes(args.port, prompts, args.new_tokens, args.concurrency)
     results = {}
     for variant in variants:
         env, tier = dict(VARIANTS[variant]), "disk" if variant == "disk" else "cpu"
@@ -97,13 +107,13 @@ def main() -> None:
             shutil.rmtree(args.disk_root, ignore_errors=True)
             env["KVTIER_DISK_PATH"] = str(args.disk_root)
         with serve(f"kvtier-{variant}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
-            got = two_passes(args.port, prompts, args.new_tokens)
+            got = passes(args.port, prompts, args.new_tokens, args.concurrency)
             found = kvtier_summary(scrape_metrics("http://127.0.0.1:9400/metrics"))["hits"]
             hits = {t: found.get(t, 0) for t in ("cpu", "disk")}
         same = [g == e for g, e in zip(got, expected)]
         results[variant] = {
             "identical_prompts": sum(same),
-            "prompts": len(prompts),
+            "prompts": len(expected),
             "chunk_hits": hits,
             "checked_tier": tier,
             "kvtier_env": env,
@@ -114,6 +124,8 @@ def main() -> None:
         "benchmark": "greedy_equality",
         "model": SMALL_LLAMA,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "passes": "fill, then one at a time, then --concurrency at once; the last two compared",
+        "concurrency": args.concurrency,
         "reference": "radix-only, 200,000-token pool (second pass = GPU hit)",
         "kvtier_pool_tokens": small_pool,
         "results": results,

@@ -4,8 +4,9 @@ Both servers run SGLang 0.5.17 with ``--enable-deterministic-inference`` (triton
 small Llama whose weights are random but not flat (transformers' default init, saved once). The
 reference server has a pool large enough that the second pass is a GPU radix hit; the kvtier
 server's pool is too small, so its second pass loads every prompt's prefix back from the CPU tier
-(checked in its metrics); a third pass sends ``--concurrency`` prompts at once, so that one prefill
-batch loads several together. Passes when every token and every logprob is identical. Variants:
+(checked in its metrics); a third pass sends ``--batch`` prompts per request, so that one prefill
+batch loads several together (checked in the server log). Passes when every token and every
+logprob is identical. Variants:
 ``write_back`` and ``write_through`` (an 8 GB CPU tier) and ``disk``: a 0.1 GB CPU tier (one
 prompt's KV) over a disk tier, with ``lower_tier_wait_s`` so the second pass waits for its chunks
 to come back from disk instead of recomputing them (checked: disk hits > 0).
@@ -19,8 +20,8 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_common import add_commit_option, kvtier_summary, run_facts, scrape_metrics
@@ -53,21 +54,30 @@ VARIANTS = {
 }
 
 
-def greedy(port: int, ids: list[int], n: int) -> dict:
-    pairs = generate(port, ids, n, return_logprob=True)[1]["meta_info"]["output_token_logprobs"]
+def _greedy_output(response: dict) -> dict:
+    pairs = response["meta_info"]["output_token_logprobs"]
     return {"tokens": [p[1] for p in pairs], "logprobs": [p[0] for p in pairs]}
 
 
-def passes(port: int, prompts: list[list[int]], n: int, concurrency: int) -> list[dict]:
+def greedy(port: int, ids: list[int], n: int) -> dict:
+    return _greedy_output(generate(port, ids, n, return_logprob=True)[1])
+
+
+def largest_hit_batch(log_text: str) -> int:
+    """The most requests in one prefill batch that reused cached tokens, from SGLang's log lines."""
+    return max((int(m[1]) for m in re.finditer(r"#new-seq: (\d+), #new-token: \d+, #cached-token: ([1-9]\d*)", log_text)),
+               default=0)
+
+
+def passes(port: int, prompts: list[list[int]], n: int, batch: int) -> list[dict]:
     """A first pass that fills the cache; the outputs of a second pass one prompt at a time, then of a
-    third with ``concurrency`` prompts sent at once (one prefill batch loads them all together)."""
+    third in batch requests of ``batch`` prompts (sent apart, concurrent requests reach the scheduler
+    a little apart, and it prefills the first alone: one batch request lands in one prefill batch)."""
     for p in prompts:
         greedy(port, p, n)
     second = [greedy(port, p, n) for p in prompts]
-    with ThreadPoolExecutor(concurrency) as pool:
-        third = []
-        for i in range(0, len(prompts), concurrency):
-            third += pool.map(lambda p: greedy(port, p, n), prompts[i : i + concurrency])
+    third = [_greedy_output(r) for i in range(0, len(prompts), batch)
+             for r in generate(port, prompts[i : i + batch], n, return_logprob=True)[1]]
     return second + third
 
 
@@ -81,7 +91,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--prompt-len", type=int, default=8016)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=2, help="prompts sent at once in the third pass")
+    ap.add_argument("--batch", type=int, default=2, help="prompts per request in the third pass")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/small-llama-random"))
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
@@ -99,7 +109,7 @@ def main() -> None:
     small_pool = 2 * args.prompt_len + 2000  # holds two prompts: the second pass finds none on the GPU
 
     with serve("reference", args, 200_000, [], {}):
-        expected = passes(args.port, prompts, args.new_tokens, args.concurrency)
+        expected = passes(args.port, prompts, args.new_tokens, args.batch)
     results = {}
     for variant in variants:
         env, tier = dict(VARIANTS[variant]), "disk" if variant == "disk" else "cpu"
@@ -107,15 +117,17 @@ def main() -> None:
             shutil.rmtree(args.disk_root, ignore_errors=True)
             env["KVTIER_DISK_PATH"] = str(args.disk_root)
         with serve(f"kvtier-{variant}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
-            got = passes(args.port, prompts, args.new_tokens, args.concurrency)
+            got = passes(args.port, prompts, args.new_tokens, args.batch)
             found = kvtier_summary(scrape_metrics("http://127.0.0.1:9400/metrics"))["hits"]
             hits = {t: found.get(t, 0) for t in ("cpu", "disk")}
+        log = (Path(args.log_dir) / f"server-kvtier-{variant}.log").read_text(errors="replace")
         same = [g == e for g, e in zip(got, expected)]
         results[variant] = {
             "identical_prompts": sum(same),
             "prompts": len(expected),
             "chunk_hits": hits,
             "checked_tier": tier,
+            "largest_prefill_batch_with_hits": largest_hit_batch(log),
             "kvtier_env": env,
             "first_difference": next(({"prompt": i, "expected": e, "got": g} for i, (g, e) in enumerate(zip(got, expected)) if g != e), None),
         }
@@ -124,12 +136,13 @@ def main() -> None:
         "benchmark": "greedy_equality",
         "model": SMALL_LLAMA,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "passes": "fill, then one at a time, then --concurrency at once; the last two compared",
-        "concurrency": args.concurrency,
+        "passes": "fill, then one prompt per request, then --batch per request; the last two compared",
+        "batch": args.batch,
         "reference": "radix-only, 200,000-token pool (second pass = GPU hit)",
         "kvtier_pool_tokens": small_pool,
         "results": results,
         "passed": all(r["identical_prompts"] == r["prompts"] and r["chunk_hits"][r["checked_tier"]] > 0
+                      and r["largest_prefill_batch_with_hits"] >= min(args.batch, args.prompts)
                       for r in results.values()),
         **run_facts(args.commit),
     }

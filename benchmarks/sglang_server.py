@@ -94,8 +94,10 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def generate(port: int, ids: list[int], max_new_tokens: int = 1, return_logprob: bool = False) -> tuple[float, dict]:
-    """Greedy ``/generate`` of ``ids``; returns (seconds for the whole request, response)."""
+def generate(port: int, ids: list[int] | list[list[int]], max_new_tokens: int = 1,
+             return_logprob: bool = False) -> tuple[float, dict | list[dict]]:
+    """Greedy ``/generate`` of ``ids``; returns (seconds for the whole request, response). A list of
+    prompts is one batch request, which reaches the scheduler at once; its response is a list."""
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}}
     if return_logprob:
         body["return_logprob"] = True

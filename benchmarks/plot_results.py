@@ -146,9 +146,14 @@ def markdown(report: dict) -> str:
                 f"| {name} | {p} | {t['mean_s']:.3f} / {t['p50_s']:.3f} / {t['p99_s']:.3f} s "
                 f"| {lat['mean_s']:.2f} / {lat['p50_s']:.2f} / {lat['p99_s']:.2f} s | {run['throughput_tok_s']:.0f} "
                 f"| {h['gpu']:.0%} / {h['host']:.0%} / {h['storage']:.0%} | {chunks} "
-                f"| {r.get('ttft_mean', float('nan')):.2f}x | {r.get('latency_mean', float('nan')):.2f}x |"
+                f"| {_ratio(r, 'ttft_mean')} | {_ratio(r, 'latency_mean')} |"
             )
     return "\n".join(lines)
+
+
+def _ratio(vs_radix: dict, key: str) -> str:
+    """A ratio to radix-only, or n/a where the file has no radix-only run to compare with."""
+    return f"{vs_radix[key]:.2f}x" if key in vs_radix else "n/a"
 
 
 def main() -> None:

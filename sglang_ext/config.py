@@ -87,7 +87,10 @@ class KVTierConfig:
     as one copy once it is formed (as HiCache's ``ready_to_load_host_cache`` does), layer group by
     layer group across all its requests, so the forward pass starts once every request's first group
     landed; false launches each request's load when it is scheduled, request after request, so the
-    first layers wait for the last request's load to reach them."""
+    first layers wait for the last request's load to reach them. H100 at 11262ca, one run each way:
+    chat turns 2-4 latency 1.40-1.56 s against 1.45-1.62 s, TTFT p50 0.337-0.427 against
+    0.374-0.476 s (``benchmarks/results/ab/long_doc_chat_batch_loads.json``); rag unchanged, its
+    batches paced by their loads (``ab/long_doc_batch_loads.json``)."""
     spill_staging_chunks: int = 0
     """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
     Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy

@@ -81,6 +81,14 @@ def test_plot_script_writes_pngs_and_prints_the_table(tmp_path):
     assert "cpu 20, disk 3, not delivered 5" in rows[-1] and "n/a" in rows[2]
 
 
+def test_a_file_without_radix_only_has_no_ratios_in_its_table():
+    from plot_results import markdown
+
+    report = {"workload": WORKLOAD, "configs": {"kvtier_cpu": config_result("kvtier_cpu", 0.25, 0.97, True)}}
+    rows = [line for line in markdown(report).splitlines() if line.startswith("| kvtier_cpu")]
+    assert len(rows) == 2 and all(r.endswith("| n/a | n/a |") for r in rows)
+
+
 def test_plot_script_refuses_other_files(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"benchmark": "offload_ttft", "configs": {}}))

@@ -14,11 +14,12 @@ deepest tree nodes whose rows it touches, and ``guard_pending(owner)`` adds the 
 them is deleted (before its ancestors, so before any row of the copy is freed). A copy to the
 device (load-back; one for all requests of a prefill batch) is guarded too, so the forward pass
 reads the rows after they arrived; or, with ``load_layer_groups`` > 1, it is issued as that many
-launches over groups of layers (checked and moved to the GPU once, so each further launch costs the
-scheduler only itself), unguarded and named by its nodes, and a ``LayerGate`` that SGLang's pool consults before attention reads a layer
-(its ``layer_transfer_counter``, as HiCache uses) makes the forward pass wait for that layer's
-group only, so attention of the first layers overlaps the copy of the rest (the default, as
-HiCache loads; measured in ``KVTierConfig.load_layer_groups``).
+launches over groups of layers (checked and moved to the GPU once, so each further launch costs
+the scheduler only itself), unguarded and named by its nodes, and a ``LayerGate`` that SGLang's
+pool consults before attention reads a layer (its ``layer_transfer_counter``, as HiCache uses)
+makes the forward pass wait for that layer's group only, so attention of the first layers
+overlaps the copy of the rest (the default, as HiCache loads; measured in
+``KVTierConfig.load_layer_groups``).
 With ``spill_staging_chunks`` > 0 a spill goes through a GPU staging ring of that many chunks: the kernel gathers into the ring at
 device-memory speed, so it holds SMs for a small part of the time a gather over PCIe takes, and
 the copy engine moves each ring chunk to its host slot. On a CPU pool (tests) copies are

@@ -90,8 +90,9 @@ def evict_all(cache) -> None:
     assert cache.total_size() == 0
 
 
-def match_and_load(cache, req):
-    """What the scheduler does: ``init_next_round_input`` matches, the prefill adder loads back."""
+def match_and_load(cache, req, flush: bool = True):
+    """What the scheduler does: ``init_next_round_input`` matches, the prefill adder loads back; then
+    (``flush``) the queued loads launch and every copy is waited for."""
     from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
 
     req.init_next_round_input(cache)
@@ -99,7 +100,8 @@ def match_and_load(cache, req):
     rows, node = cache.init_load_back(
         InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=host_hit, req=req)
     )
-    cache.flush()
+    if flush:
+        cache.flush()
     return device_len, host_hit, rows, node
 
 
@@ -994,3 +996,24 @@ def test_a_node_loaded_for_a_request_then_refused_is_copied_before_its_rows_go_a
     assert len(launched) == 1  # nothing left for the hook
     cache.flush()
     assert same_kv(kv_rows(cache, accepted.prefix_indices), kv[0])
+
+
+def test_without_the_step_hook_applied_each_load_goes_when_queued(make_cache, monkeypatch, caplog):
+    """SGLang logs and skips a hook target it cannot resolve (a renamed method): then nothing would
+    launch queued loads, so the cache says so at start and launches each load in init_load_back."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from kvtier.sglang_ext import plugin
+
+    make_cache(16)  # registers and applies the plugin's hooks, as a scheduler process does
+    monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {plugin.STEP_HOOK_TARGET})
+    with caplog.at_level("WARNING", logger="kvtier.sglang_ext.radix_cache"):
+        cache = make_cache(16, load_layer_groups=2)
+    assert "did not apply kvtier's hook" in caplog.text
+    docs, kv = _spilled_docs(cache, 1)
+    req = make_req(docs[0] + [1])
+    _, host_hit, rows, _ = match_and_load(cache, req, flush=False)
+    assert host_hit == len(docs[0]) and not cache._queued  # launched, not waiting for a hook
+    cache.flush()
+    assert same_kv(kv_rows(cache, rows), kv[0])
+

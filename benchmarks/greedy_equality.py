@@ -20,12 +20,11 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 from bench_common import add_commit_option, kvtier_summary, run_facts, scrape_metrics
-from sglang_server import generate, sglang_server
+from sglang_server import generate, prefill_batches, sglang_server
 
 SMALL_LLAMA = dict(
     architectures=["LlamaForCausalLM"], hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -61,12 +60,6 @@ def _greedy_output(response: dict) -> dict:
 
 def greedy(port: int, ids: list[int], n: int) -> dict:
     return _greedy_output(generate(port, ids, n, return_logprob=True)[1])
-
-
-def largest_hit_batch(log_text: str) -> int:
-    """The most requests in one prefill batch that reused cached tokens, from SGLang's log lines."""
-    return max((int(m[1]) for m in re.finditer(r"#new-seq: (\d+), #new-token: \d+, #cached-token: ([1-9]\d*)", log_text)),
-               default=0)
 
 
 def passes(port: int, prompts: list[list[int]], n: int, batch: int) -> list[dict]:
@@ -127,7 +120,7 @@ def main() -> None:
             "prompts": len(expected),
             "chunk_hits": hits,
             "checked_tier": tier,
-            "largest_prefill_batch_with_hits": largest_hit_batch(log),
+            "largest_prefill_batch_with_hits": max(map(int, prefill_batches(log, hits_only=True)), default=0),
             "kvtier_env": env,
             "first_difference": next(({"prompt": i, "expected": e, "got": g} for i, (g, e) in enumerate(zip(got, expected)) if g != e), None),
         }

@@ -56,7 +56,7 @@ from bench_common import (
     summarize,
     write_dummy_model,
 )
-from sglang_server import profiled, sglang_server
+from sglang_server import prefill_batches, profiled, sglang_server
 
 Pass = tuple[str, list[list[int]]]
 WORKLOADS = ("rag", "chat", "noreuse")
@@ -298,7 +298,7 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
                            cuda_graph_max_bs=opts.cuda_graph_max_bs, attention_backend=opts.attention_backend) as startup:
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
-            result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts)
+            result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts, log)
             if opts.profile_requests:
                 result["profiled"] = profile_pass(name, url, passes[-1][1][: opts.profile_requests], opts)
     finally:
@@ -307,19 +307,27 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
     return result
 
 
-def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequence[Pass], opts: RunOptions) -> dict:
+def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequence[Pass], opts: RunOptions,
+                   server_log: Path | None = None) -> dict:
     """Warm the server at ``url`` up off the record, then run every pass; kvtier's counters come from
-    ``metrics_url`` when given. Returns the report of each pass by name."""
+    ``metrics_url`` and the sizes of SGLang's prefill batches from ``server_log`` when given. Returns
+    the report of each pass by name."""
     rng = np.random.default_rng(12345)
     warmup = [rng.integers(1000, 2000, size=1000).tolist() for _ in range(opts.concurrency)]
     asyncio.run(run_pass(url, warmup, opts.concurrency, 8, opts.request_timeout_s))
     reports = {}
     for pass_name, prompts in passes:
         before = scrape_metrics(metrics_url) if metrics_url else None
+        log_start = server_log.stat().st_size if server_log else 0
         results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
                                              opts.request_timeout_s, _progress(name, pass_name)))
         report = pass_report(results, wall)
         report["kvtier"] = kvtier_summary(counter_delta(before, scrape_metrics(metrics_url))) if before is not None else "n/a"
+        if server_log:
+            # How the scheduler grouped the pass's requests: rounds split over batches move TTFT.
+            with open(server_log, "rb") as f:
+                f.seek(log_start)
+                report["prefill_batches"] = prefill_batches(f.read().decode(errors="replace"))
         reports[pass_name] = report
         print(f"[{name}] {pass_name}: {describe_pass(report)}", flush=True)
     return reports
@@ -339,11 +347,13 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
 
 
 def describe_pass(p: Mapping) -> str:
-    """One line: TTFT and latency mean/p50/p99, throughput, hit shares."""
+    """One line: TTFT and latency mean/p50/p99, throughput, hit shares, prefill batch sizes if known."""
     t, lat, h = p["ttft"], p["latency"], p["hit_rate"]
+    batches = p.get("prefill_batches")
     return (f"TTFT {t['mean_s']:.3f}/{t['p50_s']:.3f}/{t['p99_s']:.3f} s, latency {lat['mean_s']:.2f}/"
             f"{lat['p50_s']:.2f}/{lat['p99_s']:.2f} s (mean/p50/p99), {p['throughput_tok_s']:.0f} out tok/s, "
-            f"cached gpu {h['gpu']:.0%} host {h['host']:.0%} storage {h['storage']:.0%}")
+            f"cached gpu {h['gpu']:.0%} host {h['host']:.0%} storage {h['storage']:.0%}"
+            + (", prefill batches by size " + " ".join(f"{k}x{v}" for k, v in batches.items()) if batches else ""))
 
 
 def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> list[Pass]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -119,6 +120,17 @@ def request_stages(log_text: str) -> dict[str, dict[str, float]]:
     ``--enable-request-time-stats-logging``: ``queue`` (entering the waiting queue to the forward pass
     that runs it) and ``forward`` (from there until its result is processed)."""
     return {m[1]: {"queue": float(m[2]), "forward": float(m[3])} for m in _STAGES.finditer(log_text)}
+
+
+# The line SGLang's scheduler logs for each prefill batch it runs.
+_PREFILL = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: \d+, #cached-token: (\d+)")
+
+
+def prefill_batches(log_text: str, hits_only: bool = False) -> dict[str, int]:
+    """How many prefill batches of each size (requests in the batch) SGLang's scheduler logged in
+    ``log_text``, by size; with ``hits_only`` only those that reused cached tokens."""
+    sizes = Counter(int(m[1]) for m in _PREFILL.finditer(log_text) if not hits_only or int(m[2]) > 0)
+    return {str(size): sizes[size] for size in sorted(sizes)}
 
 
 def post(port: int, path: str, body: dict) -> str:

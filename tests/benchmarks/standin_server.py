@@ -6,8 +6,9 @@ It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-token
 carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
-returns the most requests it ever had in flight at once. ``--mode error`` streams SGLang's error
-event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
+returns the most requests it ever had in flight at once. Each request is logged on stderr as
+SGLang's scheduler logs a prefill batch (one request per batch here). ``--mode error`` streams
+SGLang's error event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
 ``POST /start_profile`` and ``/stop_profile`` are recorded in ``/stats`` and answered with the path,
 the requests so far, the body's ``profile_prefix`` and its ``with_stack`` when given.
 With a ``TierMetrics`` (the ``shim`` launcher passes one when ``KVTIER_METRICS_PORT`` is set) every
@@ -49,6 +50,9 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
         n_out = body["sampling_params"]["max_new_tokens"]
         cached = max((common_prefix(ids, s) for s in seen), default=0)
         seen.append(ids)
+        # SGLang's scheduler logs each prefill batch; the stand-in runs every request as its own.
+        print(f"Prefill batch, #new-seq: 1, #new-token: {len(ids) - cached}, #cached-token: {cached}, token usage: 0.00",
+              file=sys.stderr, flush=True)
         if metrics is not None:
             metrics.hits.labels("cpu").inc(cached // CHUNK)
             metrics.misses.inc(len(ids) // CHUNK - cached // CHUNK)

@@ -63,6 +63,9 @@ def test_long_doc_runs_configs_in_turn_and_merges(tmp_path):
     assert warm["hit_rate"]["gpu"] > 0.9 and cold["hit_rate"]["gpu"] < 0.01
     assert warm["kvtier"]["hits"] == {"cpu": 10} and warm["kvtier"]["misses"] == 0
     assert cold["kvtier"]["hits"].get("cpu", 0) == 0 and cold["kvtier"]["misses"] == 10
+    # SGLang's prefill batches of each pass, from the server's log: the stand-in runs one request per batch.
+    assert cold["prefill_batches"] == warm["prefill_batches"] == {"1": 5}
+    assert "prefill batches by size 1x5" in first.stdout
     assert set(kv["vs_radix"]) == {"cold", "warm"}
 
 

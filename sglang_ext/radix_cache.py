@@ -23,8 +23,8 @@
   after ``get_new_batch_prefill``), layer group after layer group across the batch's requests; the
   forward pass waits for each layer where attention asks the pool for it (the pool's
   ``layer_transfer_counter``), except under a ``full`` prefill CUDA graph, which never asks. Until
-  the launch, a queued load's rows are only promised: a node made while the batch formed that is
-  deleted launches the queue first, and spills held back wait for it.
+  the launch, a queued load's rows are only promised: deleting the node that holds them launches
+  the queue first, and spills held back wait for it.
 
 This module and ``plugin.py`` are the only ones that import SGLang; everything specific to SGLang
 0.5.17 (pool classes, build-context fields, which methods evict and load) is read here.
@@ -293,12 +293,12 @@ class KVTierRadixCache(RadixCache):
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
         self._queued: list[_QueuedLoad] = []  # loads of the prefill batch being formed (launch_loads)
-        self._queued_since = 0  # TreeNode.counter when the first of them was queued
 
     def _delete_leaf(self, node: TreeNode) -> None:
-        if self._queued and node.id >= self._queued_since:
-            # Made while this batch formed (a request that was then not scheduled): its rows may be
-            # a queued load's, which must run before they are read or handed out again.
+        if any(q.owner is node for q in self._queued):
+            # A request loaded while this batch formed and then not scheduled: its queued load must
+            # run before these rows are read or handed out again. (A split keeps the owner as the
+            # deeper part, so the owner goes before any node holding the rest of its rows.)
             self.launch_loads()
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
@@ -435,8 +435,6 @@ class KVTierRadixCache(RadixCache):
             return empty, node
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
-        if not self._queued:
-            self._queued_since = TreeNode.counter
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
         ).last_device_node

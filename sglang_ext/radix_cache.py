@@ -423,26 +423,48 @@ class KVTierRadixCache(RadixCache):
         tokens = array("q", req.origin_input_ids)
         tokens.extend(req.output_ids)
         tokens = tokens[:end]
+        present, node = self._gained_since_match(node, tokens, matched, req.extra_key)
+        prefix = torch.cat([req.prefix_indices.to(present.device), present])
+        matched = len(prefix)
+        if matched >= end:
+            return present, node
         keys = self.namespace.chunk_keys(tokens, req.extra_key)
         first = matched // T
         # match_prefix promised CPU-resident chunks only: never read disk or network here.
         lease = self.store.acquire(keys[first:], wait_s=0.0, lower=False)
         got = self._agree(len(lease.keys))
         end = (first + got) * T
+        self.inc_lock_ref(node)  # the rows gained since the match are this request's now: not evictable
         rows = self._alloc(end - matched) if end > matched else None
+        self.dec_lock_ref(node)
         if rows is None:
             lease.release()
-            return empty, node
+            return present, node
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
         inserted = super().insert(
-            InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([req.prefix_indices.to(rows.device), rows]))
+            InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([prefix.to(rows.device), rows]))
         ).last_device_node
         self._node_keys[inserted.id] = keys[: first + got]  # its path ends at ``end``: no hashing again
         self._queued.append(_QueuedLoad(lease, lease.views[:got], torch.cat([skip, rows]), inserted))
         if not self._batch_loads:
             self.launch_loads()
-        return rows, inserted
+        return torch.cat([present.to(rows.device), rows]), inserted
+
+    def _gained_since_match(
+        self, node: TreeNode, tokens: array, matched: int, extra_key: Optional[str]
+    ) -> tuple[torch.Tensor, TreeNode]:
+        """The GPU rows the tree got for ``tokens`` past the ``matched`` ones ending at ``node`` since
+        the request was matched, and the node where they end. The scheduler matches every waiting
+        request before it adds any to the batch, so an earlier request of the batch may have loaded
+        (part of) the same prefix since: loading it again would put it in rows outside the tree, which
+        SGLang never frees (it leaves a request's protected prefix to the tree). One dict lookup
+        when nothing was inserted there."""
+        empty = self._empty_match_result.device_indices
+        if RadixKey(tokens[matched : matched + self.page_size], extra_key).child_key(self.page_size) not in node.children:
+            return empty, node
+        found = super().match_prefix(MatchPrefixParams(key=RadixKey(tokens, extra_key)))
+        return found.device_indices[matched:], found.last_device_node
 
     def launch_loads(self) -> None:
         """Launch the loads queued while a prefill batch formed, as one copy: layer group after layer

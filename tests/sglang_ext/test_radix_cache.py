@@ -1017,3 +1017,47 @@ def test_without_the_step_hook_applied_each_load_goes_when_queued(make_cache, mo
     cache.flush()
     assert same_kv(kv_rows(cache, rows), kv[0])
 
+
+
+def test_two_requests_for_one_prefix_in_a_batch_load_it_once_and_leak_nothing(make_cache, monkeypatch,
+                                                                               base_server_args):
+    """The scheduler matches every waiting request before it adds any, so two requests for one
+    evicted prefix both report it as a host hit. The second to be added finds it in the tree
+    already (the first's load, queued): it shares those rows, nothing is loaded twice, and once
+    both finished every row is back (rows loaded outside the tree would never be freed: SGLang
+    leaves a request's protected prefix to the tree)."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    cache = make_cache(1, pool_tokens=16 * CHUNK_TOKENS, load_layer_groups=2)
+    allocator = cache.token_to_kv_pool_allocator
+    docs, kv = _spilled_docs(cache, 1)
+    free_at_start = allocator.available_size()
+    copies = []
+    to_device = cache.io.to_device
+    monkeypatch.setattr(cache.io, "to_device", lambda views, slots, *a, **k: copies.append(len(views)) or
+                        to_device(views, slots, *a, **k))
+    reqs = [make_req(docs[0] + [n], f"r{n}") for n in (1, 2)]
+    adder = _adder(cache, base_server_args)
+
+    def form_batch(scheduler):
+        for req in reqs:
+            req.init_next_round_input(cache)
+            assert req.host_hit_length == len(docs[0])
+        for req in reqs:
+            assert adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None) == AddReqResult.CONTINUE
+
+    scheduler_step(form_batch)(_hooked_scheduler(cache))
+    cache.flush()
+    assert copies == [3]  # three chunks, once
+    assert torch.equal(reqs[0].prefix_indices, reqs[1].prefix_indices)
+    assert same_kv(kv_rows(cache, reqs[1].prefix_indices), kv[0])
+    for req in reqs:  # both finish, as the scheduler's batch and cache_finished_req take them
+        n = len(req.origin_input_ids)
+        cache.req_to_token_pool.alloc([req])
+        tail = allocator.alloc(n - len(req.prefix_indices))
+        cache.req_to_token_pool.write((req.req_pool_idx, slice(0, n)), torch.cat([req.prefix_indices, tail]))
+        cache.cache_finished_req(req, is_insert=True, kv_len_to_handle=n)
+        cache.req_to_token_pool.free(req)
+    evict_all(cache)
+    assert allocator.available_size() == free_at_start
+    assert not cache.store.cpu._leases and cache.protected_size() == 0

@@ -199,6 +199,35 @@ def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
 
 
 @pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
+def test_a_load_for_several_requests_is_waited_for_when_any_of_its_owners_is_freed():
+    """A prefill batch's loads go as one copy naming each request's node: freeing another node's rows
+    does not wait for it, freeing any of its nodes' rows does, and the rows then hold the KV loaded."""
+    layers, chunks, T = 32, 40, 256
+    pool, io, views, _ = make(layers=layers, heads=8, dim=128, pool_tokens=3 * chunks * T, chunk_tokens=T,
+                              chunks=chunks, groups=4)
+    rows = torch.arange(16, 16 + chunks * T, device=DEVICE)
+    expected = [pool.k_buffer[l][rows].clone() for l in range(layers)]
+    io.to_host(rows, views, lambda: None).wait()
+    for l in range(layers):
+        pool.k_buffer[l][rows] = 0
+    torch.cuda.synchronize()
+    first, second, other = object(), object(), object()
+    load = io.to_device(views, rows, lambda: None, owners=[first, second])
+    io.guard_pending(other)
+    other_freed = torch.cuda.Event()
+    other_freed.record()
+    other_freed.synchronize()
+    assert not load.event.query()  # the 1.3 GB load is still running: nothing waited for it
+    io.guard_pending(second)
+    second_freed = torch.cuda.Event()
+    second_freed.record()
+    second_freed.synchronize()
+    assert load.poll()  # the stream that frees the rows waited for the whole copy
+    assert all(torch.equal(pool.k_buffer[l][rows].view(torch.int16), e.view(torch.int16))
+               for l, e in enumerate(expected))
+
+
+@pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
 @pytest.mark.parametrize("staging", [0, 4])
 def test_a_spill_starts_after_the_loads_launched_before_it(staging):
     """A load in layer groups is not guarded (the forward pass waits per layer), so nothing but

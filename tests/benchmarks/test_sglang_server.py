@@ -54,3 +54,19 @@ def test_base_args_swap_the_attention_backend_and_turn_on_decode_graphs():
     args = base_args(8, "flashinfer")
     assert args[args.index("--attention-backend") + 1] == "flashinfer" and "triton" not in args
     assert "--disable-cuda-graph" not in args and args[-2:] == ["--cuda-graph-max-bs", "8"]
+
+
+def test_prefill_batches_reads_sglangs_own_log_lines():
+    """Lines as SGLang 0.5.17's scheduler wrote them on the H100 (greedy_equality at 29d9357)."""
+    from sglang_server import prefill_batches
+
+    log = "\n".join([
+        "[2026-11-24 02:49:15] Prefill batch, #new-seq: 1, #new-token: 3, #cached-token: 0, token usage: 0.00, "
+        "#running-req: 0, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 2.07",
+        "[2026-11-24 02:49:20] Prefill batch, #new-seq: 2, #new-token: 160, #cached-token: 15872, token usage: 0.89, "
+        "#running-req: 0, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 622.62",
+        "[2026-11-24 02:49:20] Decode batch, #running-req: 2, #token: 16192, token usage: 0.90, cuda graph: False",
+    ])
+    assert prefill_batches(log) == {"1": 1, "2": 1}
+    assert prefill_batches(log, hits_only=True) == {"2": 1}
+    assert prefill_batches("") == {}

@@ -424,7 +424,7 @@ class KVTierRadixCache(RadixCache):
         tokens.extend(req.output_ids)
         tokens = tokens[:end]
         present, node = self._gained_since_match(node, tokens, matched, req.extra_key)
-        prefix = torch.cat([req.prefix_indices.to(present.device), present])
+        prefix = torch.cat([req.prefix_indices.to(present.device), present]) if len(present) else req.prefix_indices
         matched = len(prefix)
         if matched >= end:
             return present, node
@@ -449,7 +449,7 @@ class KVTierRadixCache(RadixCache):
         self._queued.append(_QueuedLoad(lease, lease.views[:got], torch.cat([skip, rows]), inserted))
         if not self._batch_loads:
             self.launch_loads()
-        return torch.cat([present.to(rows.device), rows]), inserted
+        return (torch.cat([present.to(rows.device), rows]) if len(present) else rows), inserted
 
     def _gained_since_match(
         self, node: TreeNode, tokens: array, matched: int, extra_key: Optional[str]

@@ -172,6 +172,15 @@ def test_work_queued_after_a_load_sees_the_loaded_rows(groups, max_programs):
     assert all(torch.equal(g.view(torch.int16), e.view(torch.int16)) for g, e in zip(got, expected))
 
 
+def free_rows_of(io: PoolIO, owner: object) -> None:
+    """What the cache does before freeing ``owner``'s rows (``guard_pending``), then the current
+    stream reaching that point."""
+    io.guard_pending(owner)
+    freed = torch.cuda.Event()
+    freed.record()
+    freed.synchronize()
+
+
 @pytest.mark.skipif(not CUDA, reason="stream ordering exists on CUDA only; on CPU copies are synchronous")
 def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
     """A background spill of rows the tree still owns must finish before those rows are freed,
@@ -184,10 +193,7 @@ def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
     owner, other = object(), object()
     torch.cuda.synchronize()
     spill = io.to_host(rows, views, lambda: None, guard=False, owner=owner)
-    io.guard_pending(other)
-    other_freed = torch.cuda.Event()
-    other_freed.record()
-    other_freed.synchronize()
+    free_rows_of(io, other)
     assert not spill.event.query()  # the 1.3 GB spill is still running: nothing waited for it
     io.guard_pending(owner)
     for l in range(layers):  # the next user of the owner's rows overwrites them
@@ -213,15 +219,9 @@ def test_a_load_for_several_requests_is_waited_for_when_any_of_its_owners_is_fre
     torch.cuda.synchronize()
     first, second, other = object(), object(), object()
     load = io.to_device(views, rows, lambda: None, owners=[first, second])
-    io.guard_pending(other)
-    other_freed = torch.cuda.Event()
-    other_freed.record()
-    other_freed.synchronize()
+    free_rows_of(io, other)
     assert not load.event.query()  # the 1.3 GB load is still running: nothing waited for it
-    io.guard_pending(second)
-    second_freed = torch.cuda.Event()
-    second_freed.record()
-    second_freed.synchronize()
+    free_rows_of(io, second)
     assert load.poll()  # the stream that frees the rows waited for the whole copy
     assert all(torch.equal(pool.k_buffer[l][rows].view(torch.int16), e.view(torch.int16))
                for l, e in enumerate(expected))

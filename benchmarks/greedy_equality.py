@@ -5,8 +5,9 @@ small Llama whose weights are random but not flat (transformers' default init, s
 reference server has a pool large enough that the second pass is a GPU radix hit; the kvtier
 server's pool is too small, so its second pass loads every prompt's prefix back from the CPU tier
 (checked in its metrics); a third pass sends ``--batch`` prompts per request, so that one prefill
-batch loads several together (checked in the server log). Passes when every token and every
-logprob is identical. Variants:
+batch loads several together (checked in the server log), and a fourth sends each prompt twice in
+one request (one evicted prefix wanted twice in one batch). Passes when every token and every
+logprob is identical and SGLang's idle check found no leaked KV rows. Variants:
 ``write_back`` and ``write_through`` (an 8 GB CPU tier) and ``disk``: a 0.1 GB CPU tier (one
 prompt's KV) over a disk tier, with ``lower_tier_wait_s`` so the second pass waits for its chunks
 to come back from disk instead of recomputing them (checked: disk hits > 0).
@@ -62,16 +63,22 @@ def greedy(port: int, ids: list[int], n: int) -> dict:
     return _greedy_output(generate(port, ids, n, return_logprob=True)[1])
 
 
+def _batched(port: int, requests: list[list[list[int]]], n: int) -> list[dict]:
+    return [_greedy_output(r) for prompts in requests for r in generate(port, prompts, n, return_logprob=True)[1]]
+
+
 def passes(port: int, prompts: list[list[int]], n: int, batch: int) -> list[dict]:
-    """A first pass that fills the cache; the outputs of a second pass one prompt at a time, then of a
+    """A first pass that fills the cache; the outputs of a second pass one prompt at a time, of a
     third in batch requests of ``batch`` prompts (sent apart, concurrent requests reach the scheduler
-    a little apart, and it prefills the first alone: one batch request lands in one prefill batch)."""
+    a little apart, and it prefills the first alone: one batch request lands in one prefill batch),
+    and of a fourth that sends each prompt twice in one request (two requests of one prefill batch
+    hitting the same evicted prefix: the second must share the first's rows, not load them again)."""
     for p in prompts:
         greedy(port, p, n)
     second = [greedy(port, p, n) for p in prompts]
-    third = [_greedy_output(r) for i in range(0, len(prompts), batch)
-             for r in generate(port, prompts[i : i + batch], n, return_logprob=True)[1]]
-    return second + third
+    third = _batched(port, [prompts[i : i + batch] for i in range(0, len(prompts), batch)], n)
+    fourth = _batched(port, [[p, p] for p in prompts], n)
+    return second + third + fourth
 
 
 def serve(name: str, args, pool: int, extra: list[str], env: dict[str, str]):
@@ -121,6 +128,7 @@ def main() -> None:
             "chunk_hits": hits,
             "checked_tier": tier,
             "largest_prefill_batch_with_hits": max(map(int, prefill_batches(log, hits_only=True)), default=0),
+            "memory_leak_reports": log.count("memory leak detected"),  # SGLang's idle check of the pools
             "kvtier_env": env,
             "first_difference": next(({"output": i, "expected": e, "got": g} for i, (g, e) in enumerate(zip(got, expected)) if g != e), None),
         }
@@ -129,13 +137,15 @@ def main() -> None:
         "benchmark": "greedy_equality",
         "model": SMALL_LLAMA,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "passes": "fill, then one prompt per request, then --batch per request; the last two compared",
+        "passes": "fill, then one prompt per request, then --batch per request, then each prompt twice in one "
+                  "request; the last three compared",
         "batch": args.batch,
         "reference": "radix-only, 200,000-token pool (second pass = GPU hit)",
         "kvtier_pool_tokens": small_pool,
         "results": results,
         "passed": all(r["identical_outputs"] == r["outputs"] and r["chunk_hits"][r["checked_tier"]] > 0
                       and r["largest_prefill_batch_with_hits"] >= min(args.batch, args.prompts)
+                      and r["memory_leak_reports"] == 0
                       for r in results.values()),
         **run_facts(args.commit),
     }

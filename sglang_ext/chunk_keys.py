@@ -7,17 +7,19 @@ prefix up to the end of its chunk, is the same in every process and on every hos
 chunk size, TP rank/size or the request's cache salt / LoRA key differ: KV is never reused across
 models or tenants by mistake.
 
-Partial last chunk: only whole chunks get keys and are stored. A trailing partial chunk would be
-keyed by a prefix that the next request extending it never asks for again (its own key covers
-more tokens), so storing it would fill the tiers with single-use entries; the tail costs at most
-``chunk_tokens - 1`` tokens of recompute, and while the prefix is on the GPU the radix tree
-serves it anyway.
+Partial last chunk (a *tail*): the tokens after a sequence's last whole chunk, cut to a multiple of
+``TAIL_GRANULE`` tokens (and of the page size), are keyed ``BLAKE2b-256(h_last || int64-LE(tail))``
+under a separate personalization, so no tail key equals a chunk key. A request continuing the
+sequence (a chat turn: the previous prompt and answer, then a new message) asks for a tail by
+trying each granule length after the last whole chunk it found, longest first (``tail_keys``):
+without it, up to ``chunk_tokens - 1`` tokens of every turn were recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -25,6 +27,11 @@ import numpy as np
 
 KEY_BYTES = 32
 _VERSION = b"kvtier-chunk-v1"
+_TAIL = b"kvtier-tail"  # BLAKE2b personalization of tail keys
+TAIL_GRANULE = 16
+"""Tails are stored and looked up in multiples of this many tokens: a lookup hashes at most
+``chunk_tokens / TAIL_GRANULE`` candidate lengths (16 for 256-token chunks, ~0.04 ms), and at most
+15 tokens of a continued sequence are recomputed."""
 
 ChunkKey = bytes
 """A 32-byte digest; ``key.hex()`` is its printable form."""
@@ -49,15 +56,23 @@ class KVNamespace:
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.blake2b(_VERSION + canonical, digest_size=KEY_BYTES).digest()
 
-    def chunk_keys(self, token_ids: Sequence[int], extra_key: Optional[str] = None) -> list[ChunkKey]:
-        """Keys of the whole chunks of ``token_ids``; a trailing partial chunk gets none."""
-        tokens = np.asarray(token_ids, dtype="<i8")
+    @property
+    def tail_granule(self) -> int:
+        """Tail lengths are multiples of this (``TAIL_GRANULE`` and the page size)."""
+        return math.lcm(TAIL_GRANULE, self.page_size)
+
+    def _seed(self, extra_key: Optional[str]) -> bytes:
         seed = hashlib.blake2b(self.digest(), digest_size=KEY_BYTES)
         # Length-prefix the extra key so that None, "" and any string hash apart.
         if extra_key is not None:
             raw = extra_key.encode()
             seed.update(len(raw).to_bytes(8, "little") + raw)
-        prev = seed.digest()
+        return seed.digest()
+
+    def chunk_keys(self, token_ids: Sequence[int], extra_key: Optional[str] = None) -> list[ChunkKey]:
+        """Keys of the whole chunks of ``token_ids``; a trailing partial chunk gets none."""
+        tokens = np.asarray(token_ids, dtype="<i8")
+        prev = self._seed(extra_key)
         keys = []
         for start in range(0, len(tokens) - self.chunk_tokens + 1, self.chunk_tokens):
             h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
@@ -65,3 +80,20 @@ class KVNamespace:
             prev = h.digest()
             keys.append(prev)
         return keys
+
+    def tail_keys(
+        self, token_ids: Sequence[int], keys: Sequence[ChunkKey], extra_key: Optional[str] = None
+    ) -> list[ChunkKey]:
+        """Keys of the tails after the leading whole chunks of ``token_ids`` that have ``keys`` (from
+        ``chunk_keys``, all of them or a prefix): element ``j`` names the first ``(j + 1) *
+        tail_granule`` tokens after them, up to ``chunk_tokens - 1`` tokens."""
+        g, start = self.tail_granule, len(keys) * self.chunk_tokens
+        tail = np.asarray(token_ids[start : start + self.chunk_tokens - 1], dtype="<i8")
+        if len(tail) < g:
+            return []
+        h = hashlib.blake2b(keys[-1] if keys else self._seed(extra_key), digest_size=KEY_BYTES, person=_TAIL)
+        out = []
+        for end in range(g, len(tail) + 1, g):
+            h.update(tail[end - g : end].tobytes())
+            out.append(h.copy().digest())
+        return out

@@ -49,6 +49,9 @@ class TierMetrics:
                               "started the copy: eviction (write_back; the rows wait for it, on the request's path), "
                               "ahead (write_back's spill ahead, in the background) or insert (write_through)",
                               ["when"], registry=r)
+        self.tail_tokens = Counter("kvtier_tail_tokens", "Tokens the radix hook loaded back in tails (a sequence's "
+                                   "partial last chunk, see tail_chunks; the tail's chunk is also in kvtier_hits)",
+                                   registry=r)
         self.dropped = Counter("kvtier_dropped_puts", "Chunks not stored, by reason", ["reason"], registry=r)
         self.corrupt = Counter("kvtier_corrupt", "Chunks failing their checksum (served as misses)", ["tier"], registry=r)
         self.remote_errors = Counter("kvtier_remote_errors", "Remote tier calls that failed or timed out", registry=r)

@@ -41,7 +41,7 @@ from array import array
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Iterator, Literal, NamedTuple, Optional
+from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -183,8 +183,12 @@ class KVTierRadixCache(RadixCache):
 
     # -- spill -----------------------------------------------------------------------------------
 
-    def _store_node(self, node: TreeNode, when: Literal["eviction", "ahead"], owner: Optional[TreeNode] = None) -> None:
-        """Copy the whole chunks that end inside ``node`` and no tier holds yet. The chunk keys of its
+    def _store_node(
+        self, node: TreeNode, when: Literal["eviction", "ahead"], owner: Optional[TreeNode] = None,
+        tail_only: bool = False,
+    ) -> None:
+        """Copy the chunks that end inside ``node`` and no tier holds yet: its whole chunks (unless
+        ``tail_only``) and, with ``tail_chunks``, the tail ending its path. The chunk keys of its
         path are hashed once per node and kept (a split keeps a node's end, so they stay right):
         spill ahead and eviction look at the same documents again and again, most of them already
         stored, and hashing a 10K-token path costs the scheduler's thread ~0.2 ms each time."""
@@ -196,24 +200,39 @@ class KVTierRadixCache(RadixCache):
         length = sum(len(n.value) for n in nodes)
         start = length - len(nodes[-1].value)
         T = self.chunk_tokens
-        if length // T <= start // T:
-            return  # no whole chunk ends inside the node
-        keys = self._node_keys.get(nodes[-1].id)
-        if keys is None:
+        whole = length // T * T
+        if tail_only:
+            start = max(start, whole)
+        granule = self.namespace.tail_granule
+        tail = (length - whole) // granule * granule if self.cfg.tail_chunks else 0
+        if whole <= start // T * T and whole + tail <= start:
+            return  # no whole chunk and no tail ends inside the node
+
+        def path_tokens() -> array:
             tokens = array("q")
             for n in nodes:
                 tokens.extend(n.key.raw_token_ids())
-            keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, nodes[0].key.extra_key)
-        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes]), start, when, owner)
+            return tokens
+
+        tokens, extra_key = None, nodes[0].key.extra_key
+        keys = self._node_keys.get(nodes[-1].id)
+        if keys is None:
+            tokens = path_tokens()
+            keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, extra_key)
+        if whole + tail > start and tail:
+            tokens = path_tokens() if tokens is None else tokens
+            keys = [*keys, self.namespace.tail_keys(tokens, keys, extra_key)[-1]]
+        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes])[: whole + tail], start, when, owner)
 
     def _store_chunks(
         self, keys: list[ChunkKey], rows: Callable[[], torch.Tensor], start: int,
         when: Literal["eviction", "ahead", "insert"], owner: Optional[TreeNode] = None,
     ) -> None:
-        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives) that
-        end after token ``start`` and no tier holds yet. At an ``eviction`` the rows were just freed
-        and wait for the copy; otherwise they are still in the tree, owned by ``owner`` and its
-        ancestors: ``owner``'s deletion, which must come before theirs, waits for the copy."""
+        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives; the
+        last may be a tail, shorter than a chunk) that end after token ``start`` and no tier holds
+        yet. At an ``eviction`` the rows were just freed and wait for the copy; otherwise they are
+        still in the tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must
+        come before theirs, waits for the copy."""
         T = self.chunk_tokens
         first = start // T
         if first >= len(keys):
@@ -223,7 +242,14 @@ class KVTierRadixCache(RadixCache):
             return
         index = {k: i for i, k in enumerate(keys[first:], start=first)}
         path_rows = rows()
-        slots = torch.cat([path_rows[index[k] * T : (index[k] + 1) * T] for k in lease.keys])
+
+        def chunk_rows(i: int) -> torch.Tensor:
+            part = path_rows[i * T : (i + 1) * T]
+            # A tail's slot is filled up with copies of its last row: the copy moves whole slots,
+            # and a load of the tail skips those rows.
+            return part if len(part) == T else torch.cat([part, part[-1:].expand(T - len(part))])
+
+        slots = torch.cat([chunk_rows(index[k]) for k in lease.keys])
         self.store.metrics.spills.labels(when).inc(len(lease.keys))
         self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=when == "eviction",
                                     owner=owner))
@@ -305,8 +331,11 @@ class KVTierRadixCache(RadixCache):
         self._spilled_ahead.discard(node.id)
         self._deferred.pop(node.id, None)  # copied below, as any node evicted before it was stored
         self._tree_version += 1
-        if self.cfg.write_policy == "write_back" and node.value is not None and len(node.value):
-            self._store_node(node, "eviction")
+        if node.value is not None and len(node.value):
+            if self.cfg.write_policy == "write_back":
+                self._store_node(node, "eviction")
+            elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
+                self._store_node(node, "eviction", tail_only=True)
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
@@ -357,22 +386,40 @@ class KVTierRadixCache(RadixCache):
         return result._replace(host_hit_length=host_hit)
 
     def _host_hit(self, key: RadixKey, matched: int) -> int:
-        """Tokens past the ``matched`` GPU prefix of ``key`` in CPU-tier chunks, after waiting up to
-        ``lower_tier_wait_s`` for the disk or remote tier to bring more there."""
+        """Tokens past the ``matched`` GPU prefix of ``key`` in CPU-tier chunks (and a tail after the
+        last whole one), after waiting up to ``lower_tier_wait_s`` for the disk or remote tier to
+        bring more whole chunks there."""
         T = self.chunk_tokens
         # The raw int64 array, not a list: hashing a 10K-token prompt takes 0.1 ms instead of 0.4.
-        keys = self.namespace.chunk_keys(key.page_aligned(self.page_size).raw_token_ids(), key.extra_key)
-        first = matched // T
-        if first >= len(keys):
-            return 0
-        rest = keys[first:]
-        hits = self._cpu_hits(rest)
-        fetching = self._prefetch(rest[hits:])
-        if fetching is not None and self.cfg.lower_tier_wait_s > 0:
-            wait([fetching], timeout=self.cfg.lower_tier_wait_s)
+        tokens = key.page_aligned(self.page_size).raw_token_ids()
+        keys = self.namespace.chunk_keys(tokens, key.extra_key)
+        first, hits = matched // T, 0
+        if first < len(keys):
+            rest = keys[first:]
             hits = self._cpu_hits(rest)
-        hits = self._agree(hits)
-        return (first + hits) * T - matched
+            fetching = self._prefetch(rest[hits:])
+            if fetching is not None and self.cfg.lower_tier_wait_s > 0:
+                wait([fetching], timeout=self.cfg.lower_tier_wait_s)
+                hits = self._cpu_hits(rest)
+            hits = self._agree(hits)
+        end = (first + hits) * T
+        if self.cfg.tail_chunks:  # a chat turn: the last turn's tail, then the new message
+            end += self._tail_hit(tokens, keys[: first + hits], key.extra_key, matched)
+        return max(end - matched, 0)
+
+    def _tail_hit(self, tokens: Sequence[int], keys: list[ChunkKey], extra_key: Optional[str], matched: int) -> int:
+        """Tokens of the longest CPU-tier tail after the leading whole chunks ``keys`` of ``tokens``
+        that reaches past the ``matched`` GPU prefix, the same on every TP rank; 0 if none."""
+        tails = self.namespace.tail_keys(tokens, keys, extra_key)
+        held = self.store.cpu.contains(tails)
+        granule, whole = self.namespace.tail_granule, len(keys) * self.chunk_tokens
+        n = next((j + 1 for j in reversed(range(len(tails))) if held[j]), 0)
+        tail = n * granule if whole + n * granule > matched else 0
+        if self._tp_group is not None:
+            # Each rank holds the tails it spilled; agree on a length that every one holds.
+            tail = self._agree(tail)
+            tail = self._agree(tail if tail == 0 or held[tail // granule - 1] else 0)
+        return tail
 
     def prefetch_on_arrival(self, req) -> None:
         """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
@@ -429,24 +476,33 @@ class KVTierRadixCache(RadixCache):
         if matched >= end:
             return present, node
         keys = self.namespace.chunk_keys(tokens, req.extra_key)
-        first = matched // T
+        first, whole = matched // T, len(keys) * T
+        wanted = keys[first:]
+        if end > whole:  # a tail (match_prefix found one of end - whole tokens)
+            tails = self.namespace.tail_keys(tokens, keys, req.extra_key)
+            wanted.append(tails[-1])
+            end = whole + len(tails) * self.namespace.tail_granule
         # match_prefix promised CPU-resident chunks only: never read disk or network here.
-        lease = self.store.acquire(keys[first:], wait_s=0.0, lower=False)
+        lease = self.store.acquire(wanted, wait_s=0.0, lower=False)
         got = self._agree(len(lease.keys))
-        end = (first + got) * T
+        end = min(end, (first + got) * T)
+        if end > whole:
+            self.store.metrics.tail_tokens.inc(end - max(whole, matched))
         self.inc_lock_ref(node)  # the rows gained since the match are this request's now: not evictable
         rows = self._alloc(end - matched) if end > matched else None
         self.dec_lock_ref(node)
         if rows is None:
             lease.release()
             return present, node
-        # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten.
+        # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten, and
+        # so are a tail slot's rows past the tail.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)
+        past = torch.full(((first + got) * T - end,), -1, dtype=torch.int64, device=rows.device)
         inserted = super().insert(
             InsertParams(key=RadixKey(tokens[:end], req.extra_key), value=torch.cat([prefix.to(rows.device), rows]))
         ).last_device_node
         self._node_keys[inserted.id] = keys[: first + got]  # its path ends at ``end``: no hashing again
-        self._queued.append(_QueuedLoad(lease, lease.views[:got], torch.cat([skip, rows]), inserted))
+        self._queued.append(_QueuedLoad(lease, lease.views[:got], torch.cat([skip, rows, past]), inserted))
         if not self._batch_loads:
             self.launch_loads()
         return (torch.cat([present.to(rows.device), rows]) if len(present) else rows), inserted

@@ -98,3 +98,40 @@ def test_matches_the_documented_formula(namespace):
         prev = hashlib.blake2b(prev + chunk, digest_size=32).digest()
         expected.append(prev)
     assert namespace.chunk_keys(tokens, "salt") == expected
+
+
+def test_tail_keys_match_the_documented_formula(namespace):
+    """Tail of L tokens after whole chunks ending in h_last: BLAKE2b-256(h_last || int64-LE tail),
+    personalized ``kvtier-tail``; one key per multiple of the granule (16 here, page size 16)."""
+    tokens = list(range(64 * 2 + 40))
+    keys = namespace.chunk_keys(tokens)
+    tail = b"".join(t.to_bytes(8, "little", signed=True) for t in tokens[128:])
+    expected = [hashlib.blake2b(keys[-1] + tail[: 8 * n], digest_size=32, person=b"kvtier-tail").digest()
+                for n in (16, 32)]
+    assert namespace.tail_keys(tokens, keys) == expected
+    assert not set(expected) & set(namespace.chunk_keys(tokens[128:] + [0] * 24))
+
+
+def test_a_tail_is_named_by_its_whole_prefix_and_only_its_own_tokens(namespace):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 128_000, 64 * 3 + 50).tolist()
+    ka = namespace.chunk_keys(a)
+    ta = namespace.tail_keys(a, ka)
+    assert len(ta) == 3  # 16, 32, 48 of the 50 tail tokens
+    # A shorter continuation, or the tail cut at another length, names the same leading tails.
+    assert namespace.tail_keys(a[:64 * 3 + 33], ka) == ta[:2]
+    # The same tail tokens after a different prefix, or under another tenant, are another tail.
+    b = [a[0] + 1] + a[1:]
+    assert set(namespace.tail_keys(b, namespace.chunk_keys(b))).isdisjoint(ta)
+    assert set(namespace.tail_keys(a, namespace.chunk_keys(a, "salt"), "salt")).isdisjoint(ta)
+    # A sequence shorter than a chunk has a tail too, seeded like its first chunk.
+    short = namespace.tail_keys(a[:20], [])
+    assert len(short) == 1 and short != namespace.tail_keys(a[:20], [], "salt")
+
+
+@pytest.mark.parametrize("page_size, lengths", [(1, [16, 32, 48]), (32, [32]), (64, [])])
+def test_tail_lengths_are_whole_pages(namespace, page_size, lengths):
+    ns = dataclasses.replace(namespace, page_size=page_size)
+    tokens = list(range(64 + 63))
+    tails = ns.tail_keys(tokens, ns.chunk_keys(tokens))
+    assert [ns.tail_granule * (j + 1) for j in range(len(tails))] == lengths

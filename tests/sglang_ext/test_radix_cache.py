@@ -111,22 +111,23 @@ def match_and_load(cache, req, flush: bool = True):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
     cache = make_cache(page_size, **copy)
-    doc = list(range(1000, 1000 + 4 * CHUNK_TOKENS + 32))  # 4 whole chunks + a partial one
+    doc = list(range(1000, 1000 + 4 * CHUNK_TOKENS + 32))  # 4 whole chunks + a 32-token tail
     rows = insert(cache, doc)
     expected = kv_rows(cache, rows)
     evict_all(cache)
     keys = cache.namespace.chunk_keys(doc)
-    assert cache.store.prefix_hits(keys) == 4  # whole chunks spilled; the partial tail is not stored
+    assert cache.store.prefix_hits(keys) == 4
+    assert cache.store.cpu.contains(cache.namespace.tail_keys(doc, keys)) == [False, True]  # 16, 32 tokens
 
     clear_pool(cache)
-    req = make_req(doc + [7, 8, 9])
+    req = make_req(doc + [7, 8, 9])  # the document continued: whole chunks and tail come back
     device_len, host_hit, loaded, node = match_and_load(cache, req)
-    assert (device_len, host_hit) == (0, 4 * CHUNK_TOKENS)
-    assert len(loaded) == 4 * CHUNK_TOKENS
-    assert same_kv(kv_rows(cache, loaded), [e[: 4 * CHUNK_TOKENS] for e in expected])
+    assert (device_len, host_hit) == (0, len(doc))
+    assert len(loaded) == len(doc)
+    assert same_kv(kv_rows(cache, loaded), expected)
     assert node is not cache.root_node
     # The loaded prefix is now an ordinary GPU hit.
-    again = make_req(doc, "r1")
+    again = make_req(doc + [1], "r1")
     again.init_next_round_input(cache)
     assert torch.equal(again.prefix_indices, loaded) and again.host_hit_length == 0
     assert not cache.store.cpu._leases  # load-back pins released
@@ -163,6 +164,84 @@ def test_write_through_stores_on_insert(make_cache):
     evict_all(cache)
     assert cache.store.metrics.registry.get_sample_value("kvtier_bytes_total", {"tier": "cpu", "direction": "in"}) == 2 * cache.store.chunk_bytes
     assert [spilled_chunks(cache, when) for when in ("insert", "ahead", "eviction")] == [2, 0, 0]
+
+
+def tail_tokens(cache) -> int:
+    return int(cache.store.metrics.registry.get_sample_value("kvtier_tail_tokens_total") or 0)
+
+
+@pytest.mark.parametrize("whole", [4, 0], ids=["chunks_and_tail", "tail_only"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_the_next_chat_turn_loads_the_last_turn_s_tail(make_cache, page_size, whole):
+    """The last turn's prompt and answer (whole chunks + 40 tokens) were evicted; the next prompt
+    continues them with a new message. The whole chunks and a 32-token tail (40 cut to the 16-token
+    granule) come back bit-exact: 8 tokens and the message are left to compute."""
+    cache = make_cache(page_size)
+    turn = list(range(3000, 3000 + whole * CHUNK_TOKENS + 40))
+    expected = kv_rows(cache, insert(cache, turn))
+    evict_all(cache)
+    assert spilled_chunks(cache, "eviction") == whole + 1
+    clear_pool(cache)
+    req = make_req(turn + list(range(90_000, 90_100)))
+    device_len, host_hit, loaded, _ = match_and_load(cache, req)
+    assert (device_len, host_hit) == (0, whole * CHUNK_TOKENS + 32)
+    assert same_kv(kv_rows(cache, loaded), [e[: whole * CHUNK_TOKENS + 32] for e in expected])
+    assert tail_tokens(cache) == 32 and not cache.store.cpu._leases
+
+
+def test_a_tail_is_loaded_only_for_its_own_tokens(make_cache):
+    cache = make_cache(1)
+    turn = list(range(3000, 3000 + 2 * CHUNK_TOKENS + 40))
+    insert(cache, turn)
+    evict_all(cache)
+    # The same whole chunks, then a token inside the stored 32-token tail differs.
+    other = turn[: 2 * CHUNK_TOKENS + 20] + [7] + turn[2 * CHUNK_TOKENS + 21 :] + [1, 2, 3]
+    _, host_hit, loaded, _ = match_and_load(cache, make_req(other))
+    assert host_hit == len(loaded) == 2 * CHUNK_TOKENS and tail_tokens(cache) == 0
+
+
+def test_without_tail_chunks_only_whole_chunks_are_stored(make_cache):
+    cache = make_cache(1, tail_chunks=False)
+    turn = list(range(3000, 3000 + 2 * CHUNK_TOKENS + 40))
+    insert(cache, turn)
+    evict_all(cache)
+    assert spilled_chunks(cache, "eviction") == 2
+    _, host_hit, _, _ = match_and_load(cache, make_req(turn + [1, 2, 3]))
+    assert host_hit == 2 * CHUNK_TOKENS
+
+
+def test_write_through_stores_a_tail_when_its_node_is_evicted(make_cache):
+    cache = make_cache(16, write_policy="write_through")
+    turn = list(range(3000, 3000 + 2 * CHUNK_TOKENS + 40))
+    expected = kv_rows(cache, insert(cache, turn))
+    cache.flush()
+    assert [spilled_chunks(cache, when) for when in ("insert", "eviction")] == [2, 0]
+    evict_all(cache)  # the whole chunks are stored already: only the tail is copied
+    assert [spilled_chunks(cache, when) for when in ("insert", "eviction")] == [2, 1]
+    clear_pool(cache)
+    _, host_hit, loaded, _ = match_and_load(cache, make_req(turn + [1, 2, 3]))
+    assert host_hit == 2 * CHUNK_TOKENS + 32
+    assert same_kv(kv_rows(cache, loaded), [e[: 2 * CHUNK_TOKENS + 32] for e in expected])
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_tail_load_continues_a_gpu_match_that_ends_inside_it(make_cache, page_size):
+    cache = make_cache(page_size)
+    turn = list(range(3000, 3000 + 2 * CHUNK_TOKENS + 40))
+    expected = kv_rows(cache, insert(cache, turn))
+    evict_all(cache)
+    clear_pool(cache)
+    # The whole chunks and the tail's first 16 tokens are on the GPU again (recomputed, say).
+    on_gpu = 2 * CHUNK_TOKENS + 16
+    head = insert(cache, turn[:on_gpu])
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    for buf, e in zip(pool.k_buffer + pool.v_buffer, expected):
+        buf[head] = e[:on_gpu]
+    head_before = kv_rows(cache, head)
+    device_len, host_hit, loaded, _ = match_and_load(cache, make_req(turn + [1, 2, 3]))
+    assert (device_len, host_hit) == (on_gpu, 16)
+    assert same_kv(kv_rows(cache, loaded), [e[on_gpu : on_gpu + 16] for e in expected])
+    assert same_kv(kv_rows(cache, head), head_before) and tail_tokens(cache) == 16
 
 
 def spilled_bytes(cache) -> float:

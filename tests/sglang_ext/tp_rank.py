@@ -1,7 +1,7 @@
 """One TP rank of a kvtier radix cache in its own process (driven by ``test_tp.py``).
 
 argv: rank, world size, a free port for the gloo rendezvous, the tiny Llama dir, and how many
-chunks of the shared document this rank stores. Prints one JSON line with what it matched and
+tokens of the shared document this rank stores (whole chunks, then a tail). Prints one JSON line with what it matched and
 whether the loaded KV is bit-exact.
 """
 
@@ -26,7 +26,7 @@ CHUNK = 64
 
 
 def main() -> None:
-    rank, world, port, model_dir, stored_chunks = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    rank, world, port, model_dir, stored = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     ctx = build_context(server_args(model_dir), page_size=16, tp_rank=rank, tp_size=world, tp_group=dist.group.WORLD)
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
@@ -35,7 +35,7 @@ def main() -> None:
         buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
     cache = KVTierRadixCache(ctx, load_config(env={}, chunk_tokens=CHUNK, cpu_size_gb=0.02))
     doc = list(range(1000, 1000 + 3 * CHUNK))
-    mine = doc[: stored_chunks * CHUNK]
+    mine = doc[:stored]
     rows = cache.token_to_kv_pool_allocator.alloc(len(mine))
     expected = [buf[rows].clone() for buf in pool.k_buffer + pool.v_buffer]
     cache.insert(InsertParams(key=RadixKey(array("q", mine)), value=rows))

@@ -202,7 +202,8 @@ def metric_label(key: str, label: str) -> str:
 def kvtier_summary(delta: Mapping[str, float]) -> dict:
     """Chunks loaded per tier, chunks asked for but not delivered (``misses``, kvtier_misses_total:
     the radix hook asks only for chunks its match reported, so a cold prompt adds none), each tier's
-    share of the chunks asked for, GB moved per tier and direction, chunks copied out by what started
+    share of the chunks asked for, GB moved per tier and direction, tokens loaded in tails (the partial
+    chunk after the last whole one), chunks copied out by what started
     the copy (``eviction`` ones are on a request's path), GPU copy times, and the time the
     hook spent on SGLang's scheduler thread per operation (what kvtier adds to every request there)."""
     hits = {metric_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
@@ -224,6 +225,7 @@ def kvtier_summary(delta: Mapping[str, float]) -> dict:
         "gb_moved": dict(sorted(moved.items())),
         "demotions": int(sum(v for k, v in delta.items() if k.startswith("kvtier_demotions_total{"))),
         "dropped_puts": int(sum(v for k, v in delta.items() if k.startswith("kvtier_dropped_puts_total{"))),
+        "tail_tokens": int(sum(v for k, v in delta.items() if k.startswith("kvtier_tail_tokens_total{"))),
         "spilled_chunks": {metric_label(k, "when"): int(v) for k, v in sorted(delta.items())
                            if k.startswith("kvtier_spilled_chunks_total{")},
         "gpu_copies": dict(sorted(timed["gpu"].items())),

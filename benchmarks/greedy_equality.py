@@ -5,9 +5,11 @@ small Llama whose weights are random but not flat (transformers' default init, s
 reference server has a pool large enough that the second pass is a GPU radix hit; the kvtier
 server's pool is too small, so its second pass loads every prompt's prefix back from the CPU tier
 (checked in its metrics); a third pass sends ``--batch`` prompts per request, so that one prefill
-batch loads several together (checked in the server log), and a fourth sends each prompt twice in
-one request (one evicted prefix wanted twice in one batch). Passes when every token and every
-logprob is identical and SGLang's idle check found no leaked KV rows. Variants:
+batch loads several together (checked in the server log); a fourth sends each prompt twice in one
+request (one evicted prefix wanted twice in one batch); a fifth continues each prompt with 40 new
+tokens (its tokens after the last whole chunk then come back as a tail: checked in the metrics for
+the CPU variants). Passes when every token and every logprob is identical and SGLang's idle check found no
+leaked KV rows. Variants:
 ``write_back`` and ``write_through`` (an 8 GB CPU tier) and ``disk``: a 0.1 GB CPU tier (one
 prompt's KV) over a disk tier, with ``lower_tier_wait_s`` so the second pass waits for its chunks
 to come back from disk instead of recomputing them (checked: disk hits > 0).
@@ -67,18 +69,21 @@ def _batched(port: int, requests: list[list[list[int]]], n: int) -> list[dict]:
     return [_greedy_output(r) for prompts in requests for r in generate(port, prompts, n, return_logprob=True)[1]]
 
 
-def passes(port: int, prompts: list[list[int]], n: int, batch: int) -> list[dict]:
+def passes(port: int, prompts: list[list[int]], n: int, batch: int, more: list[list[int]]) -> list[dict]:
     """A first pass that fills the cache; the outputs of a second pass one prompt at a time, of a
     third in batch requests of ``batch`` prompts (sent apart, concurrent requests reach the scheduler
     a little apart, and it prefills the first alone: one batch request lands in one prefill batch),
-    and of a fourth that sends each prompt twice in one request (two requests of one prefill batch
-    hitting the same evicted prefix: the second must share the first's rows, not load them again)."""
+    of a fourth that sends each prompt twice in one request (two requests of one prefill batch
+    hitting the same evicted prefix: the second must share the first's rows, not load them again),
+    and of a fifth that continues each prompt with the tokens ``more`` (as a chat turn continues the
+    last: the prompt's tokens after its last whole chunk come back as a tail)."""
     for p in prompts:
         greedy(port, p, n)
     second = [greedy(port, p, n) for p in prompts]
     third = _batched(port, [prompts[i : i + batch] for i in range(0, len(prompts), batch)], n)
     fourth = _batched(port, [[p, p] for p in prompts], n)
-    return second + third + fourth
+    fifth = [greedy(port, p + m, n) for p, m in zip(prompts, more)]
+    return second + third + fourth + fifth
 
 
 def serve(name: str, args, pool: int, extra: list[str], env: dict[str, str]):
@@ -106,10 +111,11 @@ def main() -> None:
     make_model(args.model_dir)
     rnd = random.Random(1)
     prompts = [[rnd.randrange(100, 31000) for _ in range(args.prompt_len)] for _ in range(args.prompts)]
+    more = [[rnd.randrange(100, 31000) for _ in range(40)] for _ in range(args.prompts)]
     small_pool = 2 * args.prompt_len + 2000  # holds two prompts: the second pass finds none on the GPU
 
     with serve("reference", args, 200_000, [], {}):
-        expected = passes(args.port, prompts, args.new_tokens, args.batch)
+        expected = passes(args.port, prompts, args.new_tokens, args.batch, more)
     results = {}
     for variant in variants:
         env, tier = dict(VARIANTS[variant]), "disk" if variant == "disk" else "cpu"
@@ -117,9 +123,9 @@ def main() -> None:
             shutil.rmtree(args.disk_root, ignore_errors=True)
             env["KVTIER_DISK_PATH"] = str(args.disk_root)
         with serve(f"kvtier-{variant}", args, small_pool, ["--radix-cache-backend", "kvtier"], env):
-            got = passes(args.port, prompts, args.new_tokens, args.batch)
-            found = kvtier_summary(scrape_metrics("http://127.0.0.1:9400/metrics"))["hits"]
-            hits = {t: found.get(t, 0) for t in ("cpu", "disk")}
+            got = passes(args.port, prompts, args.new_tokens, args.batch, more)
+            summary = kvtier_summary(scrape_metrics("http://127.0.0.1:9400/metrics"))
+            hits = {t: summary["hits"].get(t, 0) for t in ("cpu", "disk")}
         log = (Path(args.log_dir) / f"server-kvtier-{variant}.log").read_text(errors="replace")
         same = [g == e for g, e in zip(got, expected)]
         results[variant] = {
@@ -127,6 +133,7 @@ def main() -> None:
             "outputs": len(expected),  # each prompt once per compared pass
             "chunk_hits": hits,
             "checked_tier": tier,
+            "tail_tokens": summary["tail_tokens"],
             "largest_prefill_batch_with_hits": max(map(int, prefill_batches(log, hits_only=True)), default=0),
             "memory_leak_reports": log.count("memory leak detected"),  # SGLang's idle check of the pools
             "kvtier_env": env,
@@ -138,14 +145,14 @@ def main() -> None:
         "model": SMALL_LLAMA,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "passes": "fill, then one prompt per request, then --batch per request, then each prompt twice in one "
-                  "request; the last three compared",
+                  "request, then each continued by 40 new tokens; the last four compared",
         "batch": args.batch,
         "reference": "radix-only, 200,000-token pool (second pass = GPU hit)",
         "kvtier_pool_tokens": small_pool,
         "results": results,
         "passed": all(r["identical_outputs"] == r["outputs"] and r["chunk_hits"][r["checked_tier"]] > 0
                       and r["largest_prefill_batch_with_hits"] >= min(args.batch, args.prompts)
-                      and r["memory_leak_reports"] == 0
+                      and r["memory_leak_reports"] == 0 and (r["checked_tier"] != "cpu" or r["tail_tokens"] > 0)
                       for r in results.values()),
         **run_facts(args.commit),
     }

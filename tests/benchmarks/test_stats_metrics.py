@@ -58,6 +58,7 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     m.bytes.labels("cpu", "out").inc(30 * chunk)
     m.bytes.labels("disk", "in").inc(6 * chunk)
     m.demotions.inc(6)
+    m.tail_tokens.inc(48)
     m.spills.labels("ahead").inc(8)
     m.spills.labels("eviction").inc(2)
     for t in (0.02, 0.04):
@@ -73,7 +74,7 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     assert s["misses"] == 4
     assert s["hit_rate"] == {"cpu": 0.75, "disk": 0.15}
     assert s["gb_moved"] == {"cpu_out": round(30 * chunk / 1e9, 3), "disk_in": round(6 * chunk / 1e9, 3)}
-    assert s["demotions"] == 6 and s["dropped_puts"] == 0
+    assert s["demotions"] == 6 and s["dropped_puts"] == 0 and s["tail_tokens"] == 48
     assert s["spilled_chunks"] == {"ahead": 8, "eviction": 2}
     assert s["gpu_copies"] == {"load": {"count": 2, "mean_s": 0.03}}
     assert s["hook_seconds"] == {"spill_ahead": {"count": 3, "mean_s": 0.0002, "total_s": 0.001}}

@@ -219,28 +219,33 @@ class KVTierRadixCache(RadixCache):
         if keys is None:
             tokens = path_tokens()
             keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, extra_key)
+        tail_key = None
         if whole + tail > start and tail:
             tokens = path_tokens() if tokens is None else tokens
-            keys = [*keys, self.namespace.tail_keys(tokens, keys, extra_key)[-1]]
-        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes])[: whole + tail], start, when, owner)
+            tail_key = self.namespace.tail_keys(tokens, keys, extra_key)[-1]
+        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes])[: whole + tail], start, when, owner,
+                           tail_key)
 
     def _store_chunks(
         self, keys: list[ChunkKey], rows: Callable[[], torch.Tensor], start: int,
         when: Literal["eviction", "ahead", "insert"], owner: Optional[TreeNode] = None,
+        tail_key: Optional[ChunkKey] = None,
     ) -> None:
-        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives; the
-        last may be a tail, shorter than a chunk) that end after token ``start`` and no tier holds
-        yet. At an ``eviction`` the rows were just freed and wait for the copy; otherwise they are
-        still in the tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must
-        come before theirs, waits for the copy."""
+        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives) that
+        end after token ``start``, and the tail ``tail_key`` after them, that no tier holds yet. At
+        an ``eviction`` the rows were just freed and wait for the copy; otherwise they are still in
+        the tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must come before
+        theirs, waits for the copy."""
         T = self.chunk_tokens
         first = start // T
-        if first >= len(keys):
-            return
-        lease = self.store.reserve(keys[first:])
-        if not lease.keys:
-            return
         index = {k: i for i, k in enumerate(keys[first:], start=first)}
+        leases = [self.store.reserve(keys[first:])] if first < len(keys) else []
+        if tail_key is not None:  # kept in the CPU tier only, the first to go when it is full
+            index[tail_key] = len(keys)
+            leases.append(self.store.reserve([tail_key], expendable=True))
+        leases = [lease for lease in leases if lease.keys]
+        if not leases:
+            return
         path_rows = rows()
 
         def chunk_rows(i: int) -> torch.Tensor:
@@ -249,10 +254,10 @@ class KVTierRadixCache(RadixCache):
             # and a load of the tail skips those rows.
             return part if len(part) == T else torch.cat([part, part[-1:].expand(T - len(part))])
 
-        slots = torch.cat([chunk_rows(index[k]) for k in lease.keys])
-        self.store.metrics.spills.labels(when).inc(len(lease.keys))
-        self._track(self.io.to_host(slots, lease.views, lambda: self.store.commit(lease), guard=when == "eviction",
-                                    owner=owner))
+        slots = torch.cat([chunk_rows(index[k]) for lease in leases for k in lease.keys])
+        self.store.metrics.spills.labels(when).inc(sum(len(lease.keys) for lease in leases))
+        self._track(self.io.to_host(slots, [v for lease in leases for v in lease.views],
+                                    partial(_commit_all, self.store, leases), guard=when == "eviction", owner=owner))
 
     def _timed_spill_ahead(self, incoming: int) -> None:
         if self._spill_ahead_on:
@@ -555,6 +560,11 @@ class _QueuedLoad(NamedTuple):
     views: list[torch.Tensor]
     slots: torch.Tensor
     owner: TreeNode
+
+
+def _commit_all(store: TierStore, leases: list[Lease]) -> None:
+    for lease in leases:
+        store.commit(lease)
 
 
 def _release_all(queued: list[_QueuedLoad]) -> None:

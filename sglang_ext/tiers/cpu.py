@@ -10,6 +10,10 @@ When a slot is needed and none is free, the least recently used unpinned chunk i
 reused only once the write completed, so a full CPU tier demotes instead of dropping. To keep
 that off the hot path, the LRU eighth of the tier is demoted ahead of need, so eviction usually
 finds a chunk that is already below and reuses its slot at once.
+
+Chunks reserved ``expendable`` (the tree hook's tails: a few tokens each, cheap to recompute, useful
+only while their sequence is continued soon) are committed at the LRU end that goes first, are
+never demoted, and are the first evicted while no reader touched them since.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class _Entry:
     pins: int = 0
     demoting: bool = False
     written_below: bool = False  # the tier below holds a copy, eviction needs no write
+    expendable: bool = False  # evicted without a copy below; committed as the next to go
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Lease:
     _id: int = 0
     _open: bool = True
     expired: bool = False
+    expendable: bool = False
+    """Reserved ``expendable``: for this tier only (the store writes it to no other tier)."""
 
     def release(self) -> bool:
         """Unpin (a read lease) or abort uncommitted slots (a write lease).
@@ -193,6 +200,7 @@ class CpuTier:
         wait_s: float = 0.0,
         timeout_s: Optional[float] = None,
         written_below: bool = False,
+        expendable: bool = False,
     ) -> Lease:
         """Slots for the keys not yet present, evicting or demoting LRU chunks as needed.
 
@@ -211,10 +219,11 @@ class CpuTier:
                 if slot is None:
                     self._metrics.dropped.labels("cpu_full").inc()
                     continue
-                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below)
+                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below, expendable=expendable)
                 got.append(key)
                 slots.append(slot)
             lease = self._new_lease(got, slots, True, timeout_s)
+            lease.expendable = expendable
             self._close_if_empty(lease)
             return lease
 
@@ -254,7 +263,7 @@ class CpuTier:
                 continue
             if commit:
                 entry.ready = True
-                self._lru.move_to_end(key)
+                self._lru.move_to_end(key, last=not entry.expendable)
                 self._metrics.bytes.labels(self.name, "in").inc(self.chunk_bytes)
             else:
                 del self._lru[key]
@@ -288,7 +297,7 @@ class CpuTier:
                 if entry.demoting:
                     waiting_on_demotion = True
                     continue
-                if self._demote is None or entry.written_below:
+                if self._demote is None or entry.written_below or entry.expendable:
                     del self._lru[key]
                     self._metrics.evictions.labels(self.name).inc()
                     return entry.slot
@@ -352,7 +361,7 @@ class CpuTier:
             for key, entry in self._lru.items():
                 if not entry.ready or entry.pins:
                     continue
-                if entry.written_below or entry.demoting:
+                if entry.written_below or entry.demoting or entry.expendable:
                     reusable += 1
                 else:
                     candidates.append((key, entry))
@@ -377,7 +386,7 @@ class CpuTier:
         started = 0
         with self._lock:
             for key, entry in list(self._lru.items()):
-                if not entry.ready or entry.written_below or entry.demoting:
+                if not entry.ready or entry.written_below or entry.demoting or entry.expendable:
                     continue
                 while not self._start_demotion(key, entry):
                     remaining = deadline - time.monotonic()

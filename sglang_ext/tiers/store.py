@@ -155,18 +155,21 @@ class TierStore:
         self.metrics.bytes.labels("cpu", "out").inc(len(lease.keys) * self.chunk_bytes)
         return lease
 
-    def reserve(self, keys: Sequence[ChunkKey], wait_s: float = 0.0, timeout_s: Optional[float] = None) -> Lease:
-        """Fresh CPU slots for the keys no local tier holds yet; write them, then ``commit``."""
-        if self.disk is not None:
+    def reserve(
+        self, keys: Sequence[ChunkKey], wait_s: float = 0.0, timeout_s: Optional[float] = None, expendable: bool = False
+    ) -> Lease:
+        """Fresh CPU slots for the keys no local tier holds yet; write them, then ``commit``.
+        ``expendable`` chunks stay in the CPU tier only and go first when it is full (see CpuTier)."""
+        if self.disk is not None and not expendable:
             on_disk = self.disk.contains(keys)
             keys = [k for k, d in zip(keys, on_disk) if not d]
-        return self.cpu.reserve(keys, wait_s=wait_s, timeout_s=timeout_s)
+        return self.cpu.reserve(keys, wait_s=wait_s, timeout_s=timeout_s, expendable=expendable)
 
     def commit(self, lease: Lease) -> bool:
         """Publish a ``reserve`` lease's chunks, and start writing them to the remote tier."""
         if not lease.commit():
             return False
-        if self.remote is not None:
+        if self.remote is not None and not lease.expendable:
             self._to_remote(lease.keys)
         return True
 

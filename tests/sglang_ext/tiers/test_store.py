@@ -179,3 +179,31 @@ def test_close_writes_cpu_only_chunks_to_disk_for_the_next_start(namespace, tmp_
     assert again.get_into(keys, out) == 5
     assert all(torch.equal(a, b) for a, b in zip(out, data))
     again.close()
+
+
+def put_expendable(store, key, value) -> None:
+    lease = store.reserve([key], expendable=True)
+    lease.views[0].copy_(value)
+    assert store.commit(lease)
+
+
+def test_an_expendable_chunk_goes_first_and_never_to_disk(namespace, tmp_path, chunk_of):
+    """A tail: kept while the CPU tier has room, evicted before older chunks without a demotion,
+    and not written to disk when the store closes (lookups find tails in the CPU tier only)."""
+    store = make_store(namespace, tmp_path, cpu_slots=3, disk_slots=16)
+    keys, data = chunks(namespace, 3, chunk_of)
+    tail = namespace.tail_keys(list(range(3 * 64 + 20)), keys)[0]
+    put_one_by_one(store, keys[:2], data[:2])
+    put_expendable(store, tail, data[2])
+    assert store.cpu.contains([*keys[:2], tail]) == [True, True, True]  # room for it: kept
+    put_one_by_one(store, keys[2:], data[2:])  # the tier is full: the tail goes, not keys[0]
+    assert store.cpu.contains([*keys, tail]) == [True, True, True, False]
+    store.disk.flush(timeout_s=10)
+    assert store.disk.contains([tail]) == [False]
+    put_expendable(store, tail, data[2])  # a full tier makes room for it as for any chunk
+    assert store.cpu.contains([tail]) == [True]
+    store.close()
+    again = make_store(namespace, tmp_path, cpu_slots=3, disk_slots=16)
+    assert again.prefix_hits(keys) == 3 and again.prefix_hits([tail]) == 0
+    again.close()
+

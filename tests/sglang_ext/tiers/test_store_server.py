@@ -78,6 +78,13 @@ def test_one_clients_chunks_are_another_clients_hits(namespace, store_server, ch
     assert b.get_into(keys, out) == 4
     assert all(torch.equal(x, y) for x, y in zip(out, data))
     assert metric(b.metrics, "kvtier_hits_total", tier="remote") == 4
+    # A tail (an expendable chunk) stays in its writer's CPU tier.
+    tail = namespace.tail_keys(list(range(4 * 64 + 20)), keys)[0]
+    lease = a.reserve([tail], expendable=True)
+    lease.views[0].copy_(data[0])
+    assert a.commit(lease)
+    a.remote.flush(timeout_s=10)
+    assert a.cpu.contains([tail]) == [True] and b.remote.contains([tail]) == [False]
     a.close()
     b.close()
 

@@ -218,12 +218,12 @@ class PoolIO:
 
     def to_host(
         self, slots: torch.Tensor, views: Sequence[torch.Tensor], on_done: Callable[[], None], guard: bool = True,
-        owner: Optional[Hashable] = None,
+        owners: Sequence[Hashable] = (),
     ) -> Completion:
         """Copy the pool rows ``slots`` (chunk after chunk) into the slot ``views``.
 
         ``guard=False`` for rows that stay allocated: the forward pass does not wait for it, and
-        ``guard_pending(owner)`` makes it wait before those rows are freed.
+        ``guard_pending(owner)`` of any of ``owners`` makes it wait before those rows are freed.
         """
         slots = slots.to(self.device, non_blocking=True)
         if self.ring is None:
@@ -231,7 +231,7 @@ class PoolIO:
                              self.chunk_tokens, max_programs=self.spill_max_programs)
         else:
             launch = partial(self._spill_staged, slots, views)
-        return self._run("spill", launch, on_done, guard, slots, owners=() if owner is None else (owner,))
+        return self._run("spill", launch, on_done, guard, slots, owners=tuple(owners))
 
     def _spill_staged(self, slots: torch.Tensor, views: Sequence[torch.Tensor]) -> None:
         """Gather ring-fulls of chunks into the ring, then copy each to its host view. One stream

@@ -183,12 +183,9 @@ class KVTierRadixCache(RadixCache):
 
     # -- spill -----------------------------------------------------------------------------------
 
-    def _store_node(
-        self, node: TreeNode, when: Literal["eviction", "ahead"], owner: Optional[TreeNode] = None,
-        tail_only: bool = False,
-    ) -> None:
-        """Copy the chunks that end inside ``node`` and no tier holds yet: its whole chunks (unless
-        ``tail_only``) and, with ``tail_chunks``, the tail ending its path. The chunk keys of its
+    def _node_spill(self, node: TreeNode, tail_only: bool = False) -> Optional[_Spill]:
+        """The copy of the chunks that end inside ``node`` and no tier holds yet: its whole chunks
+        (unless ``tail_only``) and, with ``tail_chunks``, the tail ending its path. The chunk keys of its
         path are hashed once per node and kept (a split keeps a node's end, so they stay right):
         spill ahead and eviction look at the same documents again and again, most of them already
         stored, and hashing a 10K-token path costs the scheduler's thread ~0.2 ms each time."""
@@ -206,7 +203,7 @@ class KVTierRadixCache(RadixCache):
         granule = self.namespace.tail_granule
         tail = (length - whole) // granule * granule if self.cfg.tail_chunks else 0
         if whole <= start // T * T and whole + tail <= start:
-            return  # no whole chunk and no tail ends inside the node
+            return None  # no whole chunk and no tail ends inside the node
 
         def path_tokens() -> array:
             tokens = array("q")
@@ -223,19 +220,14 @@ class KVTierRadixCache(RadixCache):
         if whole + tail > start and tail:
             tokens = path_tokens() if tokens is None else tokens
             tail_key = self.namespace.tail_keys(tokens, keys, extra_key)[-1]
-        self._store_chunks(keys, lambda: torch.cat([n.value for n in nodes])[: whole + tail], start, when, owner,
-                           tail_key)
+        return self._plan_spill(keys, lambda: torch.cat([n.value for n in nodes])[: whole + tail], start, tail_key)
 
-    def _store_chunks(
-        self, keys: list[ChunkKey], rows: Callable[[], torch.Tensor], start: int,
-        when: Literal["eviction", "ahead", "insert"], owner: Optional[TreeNode] = None,
-        tail_key: Optional[ChunkKey] = None,
-    ) -> None:
-        """Copy the chunks of ``keys`` (those of a token path whose pool rows ``rows()`` gives) that
-        end after token ``start``, and the tail ``tail_key`` after them, that no tier holds yet. At
-        an ``eviction`` the rows were just freed and wait for the copy; otherwise they are still in
-        the tree, owned by ``owner`` and its ancestors: ``owner``'s deletion, which must come before
-        theirs, waits for the copy."""
+    def _plan_spill(
+        self, keys: list[ChunkKey], rows: Callable[[], torch.Tensor], start: int, tail_key: Optional[ChunkKey] = None
+    ) -> Optional[_Spill]:
+        """CPU slots for the chunks of ``keys`` (those of a token path whose pool rows ``rows()``
+        gives) that end after token ``start``, and the tail ``tail_key`` after them, that no tier
+        holds yet, and the pool rows to copy into them; None if there are none."""
         T = self.chunk_tokens
         first = start // T
         index = {k: i for i, k in enumerate(keys[first:], start=first)}
@@ -245,7 +237,7 @@ class KVTierRadixCache(RadixCache):
             leases.append(self.store.reserve([tail_key], expendable=True))
         leases = [lease for lease in leases if lease.keys]
         if not leases:
-            return
+            return None
         path_rows = rows()
 
         def chunk_rows(i: int) -> torch.Tensor:
@@ -254,10 +246,22 @@ class KVTierRadixCache(RadixCache):
             # and a load of the tail skips those rows.
             return part if len(part) == T else torch.cat([part, part[-1:].expand(T - len(part))])
 
-        slots = torch.cat([chunk_rows(index[k]) for lease in leases for k in lease.keys])
+        return _Spill(torch.cat([chunk_rows(index[k]) for lease in leases for k in lease.keys]), leases)
+
+    def _spill(
+        self, spills: list[Optional[_Spill]], when: Literal["eviction", "ahead", "insert"], owners: Sequence[TreeNode] = ()
+    ) -> None:
+        """Copy ``spills`` out in one launch. At an ``eviction`` the rows were just freed and wait for
+        the copy; otherwise they are still in the tree, held by ``owners`` and their ancestors: the
+        deletion of any owner, which must come before theirs, waits for the copy."""
+        spills = [s for s in spills if s is not None]
+        if not spills:
+            return
+        leases = [lease for s in spills for lease in s.leases]
         self.store.metrics.spills.labels(when).inc(sum(len(lease.keys) for lease in leases))
+        slots = spills[0].slots if len(spills) == 1 else torch.cat([s.slots for s in spills])
         self._track(self.io.to_host(slots, [v for lease in leases for v in lease.views],
-                                    partial(_commit_all, self.store, leases), guard=when == "eviction", owner=owner))
+                                    partial(_commit_all, self.store, leases), guard=when == "eviction", owners=owners))
 
     def _timed_spill_ahead(self, incoming: int) -> None:
         if self._spill_ahead_on:
@@ -308,8 +312,9 @@ class KVTierRadixCache(RadixCache):
             return
         with self._hook("spill_deferred"):
             nodes, self._deferred = list(self._deferred.values()), {}
-            for node in nodes:  # in eviction order
-                self._store_node(node, "ahead", owner=node)
+            # One copy for all: each launch costs the scheduler's thread ~1 ms (tails made every
+            # request's node worth a copy: 98 launches in a rag warm pass at fda5359).
+            self._spill([self._node_spill(node) for node in nodes], "ahead", owners=nodes)
 
     def reset(self) -> None:
         io = getattr(self, "io", None)  # RadixCache.__init__ resets before the copies exist
@@ -320,7 +325,7 @@ class KVTierRadixCache(RadixCache):
         super().reset()
         self._spilled_ahead: set[int] = set()  # ids of nodes copied out (or due to be) ahead of eviction
         self._deferred: dict[int, TreeNode] = {}  # spill-ahead nodes whose copy waits for the loads, in order
-        self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_store_node)
+        self._node_keys: dict[int, list[ChunkKey]] = {}  # node id -> chunk keys of its path (_node_spill)
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
         self._queued: list[_QueuedLoad] = []  # loads of the prefill batch being formed (launch_loads)
@@ -338,9 +343,9 @@ class KVTierRadixCache(RadixCache):
         self._tree_version += 1
         if node.value is not None and len(node.value):
             if self.cfg.write_policy == "write_back":
-                self._store_node(node, "eviction")
+                self._spill([self._node_spill(node)], "eviction")
             elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
-                self._store_node(node, "eviction", tail_only=True)
+                self._spill([self._node_spill(node, tail_only=True)], "eviction")
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
@@ -357,7 +362,8 @@ class KVTierRadixCache(RadixCache):
             match = super().match_prefix(MatchPrefixParams(key=key))
             rows = match.device_indices
             keys = self.namespace.chunk_keys(key.raw_token_ids()[: len(rows)], key.extra_key)
-            self._store_chunks(keys, lambda: rows, result.prefix_len, "insert", owner=match.last_device_node)
+            self._spill([self._plan_spill(keys, lambda: rows, result.prefix_len)], "insert",
+                        owners=(match.last_device_node,))
         return result
 
     # -- load-back -----------------------------------------------------------------------------
@@ -550,6 +556,14 @@ class KVTierRadixCache(RadixCache):
         if rows is None:
             logger.debug("kvtier: no room for %d loaded tokens; recomputing them", n)
         return rows
+
+
+class _Spill(NamedTuple):
+    """A copy out of the pool: ``slots`` (pool rows, chunk after chunk) into the reserved slots of
+    ``leases``, committed once it is done."""
+
+    slots: torch.Tensor
+    leases: list[Lease]
 
 
 class _QueuedLoad(NamedTuple):

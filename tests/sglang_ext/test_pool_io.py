@@ -192,7 +192,7 @@ def test_freeing_rows_waits_only_for_the_copies_of_their_owner():
     expected = [pool.k_buffer[l][rows].clone() for l in range(layers)]
     owner, other = object(), object()
     torch.cuda.synchronize()
-    spill = io.to_host(rows, views, lambda: None, guard=False, owner=owner)
+    spill = io.to_host(rows, views, lambda: None, guard=False, owners=(owner,))
     free_rows_of(io, other)
     assert not spill.event.query()  # the 1.3 GB spill is still running: nothing waited for it
     io.guard_pending(owner)

@@ -249,11 +249,11 @@ def spilled_bytes(cache) -> float:
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
+def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size, monkeypatch):
     """A request that would leave less than ``spill_ahead`` of the pool free gets the nodes that
-    eviction takes first copied out when it is matched; evicting them later copies nothing, and
-    what comes back is bit-exact. A document shared by two requests is an inner node: it is
-    copied once both of its leaves are counted, as ``RadixCache.evict`` would take it."""
+    eviction takes first copied out when it is matched, in one copy; evicting them later copies
+    nothing, and what comes back is bit-exact. A document shared by two requests is an inner node:
+    it is copied once both of its leaves are counted, as ``RadixCache.evict`` would take it."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     T = CHUNK_TOKENS
@@ -264,6 +264,9 @@ def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
     # insert() allocates rows for a whole document, the shared part twice: 20 of 24 chunks in use.
     expected = {doc[-1]: kv_rows(cache, insert(cache, doc)) for doc in oldest + newer}
     assert spilled_bytes(cache) == 0
+    copies = []
+    to_host = cache.io.to_host
+    monkeypatch.setattr(cache.io, "to_host", lambda *a, **kw: copies.append(kw["owners"]) or to_host(*a, **kw))
 
     # 3 chunks arriving would leave about one free (less the allocator's padding page): the two
     # leaves of the shared document (2 chunks each), then the document itself (4) are copied out,
@@ -275,6 +278,7 @@ def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size):
     assert [cache.store.prefix_hits(keys(doc)) for doc in oldest] == [6, 6]
     assert [cache.store.cpu.contains(keys(doc)) for doc in newer] == [[False] * 4] * 2
     assert spilled_bytes(cache) == 8 * cache.store.chunk_bytes
+    assert len(copies) == 1 and len(copies[0]) == 3  # the three nodes' chunks went as one copy
 
     req.init_next_round_input(cache)  # matched again: nothing new to copy
     cache.evict(EvictParams(num_tokens=8 * T))  # takes the shared document: no copy at eviction
@@ -550,10 +554,10 @@ class InFlight:
             self.touched |= rows
             self.copies.append(kind)
 
-        def on_host(slots, views, on_done, guard=True, owner=None):
+        def on_host(slots, views, on_done, guard=True, owners=()):
             if not guard:
-                track("spill", () if owner is None else (owner,), slots)
-            return to_host(slots, views, on_done, guard=guard, owner=owner)
+                track("spill", owners, slots)
+            return to_host(slots, views, on_done, guard=guard, owners=owners)
 
         def on_device(views, slots, on_done, owners=()):
             if len(io.load_groups) > 1:

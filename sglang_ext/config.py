@@ -94,11 +94,12 @@ class KVTierConfig:
     tail_chunks: bool = True
     """Also store the partial chunk at the end of an evicted node (cut to a multiple of 16 tokens), so
     a prompt that continues it (the next chat turn) loads it instead of recomputing up to
-    ``chunk_tokens - 1`` tokens, as HiCache, which keeps every token, does not. It takes a whole CPU
-    slot and is looked up in the CPU tier only (it may be demoted to disk or written to the remote tier
-    like any chunk, but is not fetched back from there). H100 chat at bdd34b8, before tails: kvtier's
-    rounds prefilled 3,807 new tokens where HiCache's 3,300 (turn 4), latency 1.55 vs 1.53 s
-    (``benchmarks/results/ab/long_doc_chat_load_programs.json``)."""
+    ``chunk_tokens - 1`` tokens (HiCache keeps every token). A tail takes a whole CPU slot, so it is
+    expendable: kept in the CPU tier only (never demoted to disk or written to the remote tier) and
+    the first evicted there. H100 chat at fda5359, side by side: turns 2-4 latency 1.399 / 1.455 /
+    1.534 s with, 1.400 / 1.473 / 1.551 without, HiCache 1.386 / 1.454 / 1.526
+    (``benchmarks/results/ab/long_doc_chat_tails.json``); rag unchanged within noise at de6f705
+    (``ab/long_doc_tails_de6f705.json``)."""
     spill_staging_chunks: int = 0
     """Spill through a GPU staging ring of this many chunks (each ``chunk_tokens`` of KV, 32 MiB for
     Llama-3-8B at 256 tokens): the kernel gathers into the ring at device-memory speed and the copy

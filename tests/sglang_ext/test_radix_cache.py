@@ -951,7 +951,7 @@ def test_load_layer_groups_auto_follows_the_prefill_graph_and_a_setting_wins_unl
 
 
 def test_chunk_keys_kept_for_a_loaded_node_stay_right_after_it_is_split(make_cache):
-    """_store_node keeps a node's path keys instead of hashing the path again; a load-back records
+    """_node_spill keeps a node's path keys instead of hashing the path again; a load-back records
     them for the node it inserts. Splitting that node (another document sharing its first chunks)
     must leave the kept keys equal to a fresh hash of the node's path, and eviction after the split
     still brings both documents back bit for bit."""

@@ -491,20 +491,20 @@ class KVTierRadixCache(RadixCache):
         wanted = keys[first:]
         if end > whole:  # a tail (match_prefix found one of end - whole tokens)
             tails = self.namespace.tail_keys(tokens, keys, req.extra_key)
-            wanted.append(tails[-1])
+            wanted.extend(tails[-1:])
             end = whole + len(tails) * self.namespace.tail_granule
         # match_prefix promised CPU-resident chunks only: never read disk or network here.
         lease = self.store.acquire(wanted, wait_s=0.0, lower=False)
         got = self._agree(len(lease.keys))
         end = min(end, (first + got) * T)
-        if end > whole:
-            self.store.metrics.tail_tokens.inc(end - max(whole, matched))
         self.inc_lock_ref(node)  # the rows gained since the match are this request's now: not evictable
         rows = self._alloc(end - matched) if end > matched else None
         self.dec_lock_ref(node)
         if rows is None:
             lease.release()
             return present, node
+        if end > whole:
+            self.store.metrics.tail_tokens.inc(end - max(whole, matched))
         # Tokens of the first chunk that the GPU already holds are skipped (-1), not overwritten, and
         # so are a tail slot's rows past the tail.
         skip = torch.full((matched - first * T,), -1, dtype=torch.int64, device=rows.device)

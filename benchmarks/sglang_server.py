@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -88,11 +88,13 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
     try:
         yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        # A server that died at start left no process group: its exit, not this, is the error.
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def generate(port: int, ids: list[int] | list[list[int]], max_new_tokens: int = 1,

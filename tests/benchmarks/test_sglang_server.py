@@ -70,3 +70,23 @@ def test_prefill_batches_reads_sglangs_own_log_lines():
     assert prefill_batches(log) == {"1": 1, "2": 1}
     assert prefill_batches(log, hits_only=True) == {"2": 1}
     assert prefill_batches("") == {}
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
+    """Real SGLang 0.5.17 refusing to start (here: no accelerator): the benchmark exits naming the
+    server and the end of its log, not with an error from stopping a process that is gone."""
+    import socket
+
+    import pytest
+
+    from sglang_server import sglang_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as exit_info:
+        with sglang_server(tmp_path / "no-model", port, [], {}, tmp_path / "server.log", ready_timeout_s=120):
+            pass
+    message = str(exit_info.value.code)
+    assert "exited with 1" in message and "server.log" in message and "Error" in message
+

@@ -69,12 +69,15 @@ class KVNamespace:
             seed.update(len(raw).to_bytes(8, "little") + raw)
         return seed.digest()
 
-    def chunk_keys(self, token_ids: Sequence[int], extra_key: Optional[str] = None) -> list[ChunkKey]:
-        """Keys of the whole chunks of ``token_ids``; a trailing partial chunk gets none."""
+    def chunk_keys(
+        self, token_ids: Sequence[int], extra_key: Optional[str] = None, known: Sequence[ChunkKey] = ()
+    ) -> list[ChunkKey]:
+        """Keys of the whole chunks of ``token_ids``; a trailing partial chunk gets none. ``known``:
+        the keys of its first chunks, computed before (e.g. for a prefix), which are not hashed again."""
         tokens = np.asarray(token_ids, dtype="<i8")
-        prev = self._seed(extra_key)
-        keys = []
-        for start in range(0, len(tokens) - self.chunk_tokens + 1, self.chunk_tokens):
+        prev = known[-1] if known else self._seed(extra_key)
+        keys = list(known)
+        for start in range(len(known) * self.chunk_tokens, len(tokens) - self.chunk_tokens + 1, self.chunk_tokens):
             h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
             h.update(tokens[start : start + self.chunk_tokens].tobytes())
             prev = h.digest()

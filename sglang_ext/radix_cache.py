@@ -214,8 +214,10 @@ class KVTierRadixCache(RadixCache):
         tokens, extra_key = None, nodes[0].key.extra_key
         keys = self._node_keys.get(nodes[-1].id)
         if keys is None:
+            # A new leaf under a document hashes only its own chunks: the document's keys are kept.
+            known = next((self._node_keys[n.id] for n in reversed(nodes[:-1]) if n.id in self._node_keys), ())
             tokens = path_tokens()
-            keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, extra_key)
+            keys = self._node_keys[nodes[-1].id] = self.namespace.chunk_keys(tokens, extra_key, known)
         tail_key = None
         if whole + tail > start and tail:
             tokens = path_tokens() if tokens is None else tokens

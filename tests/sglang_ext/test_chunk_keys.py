@@ -35,6 +35,15 @@ def test_keys_chain_the_whole_prefix(namespace):
     assert namespace.chunk_keys(a[:200]) == ka[:3]
 
 
+def test_keys_known_for_a_prefix_are_continued_not_hashed_again(namespace):
+    tokens = list(range(64 * 5 + 7))
+    full = namespace.chunk_keys(tokens, "salt")
+    known = namespace.chunk_keys(tokens[: 64 * 2 + 30], "salt")
+    assert namespace.chunk_keys(tokens, "salt", known) == full
+    # Only the chunks after the known ones are hashed: known keys are taken as they are.
+    assert namespace.chunk_keys(tokens, "salt", [b"x" * 32])[1:] != full[1:]
+
+
 def test_input_types_agree(namespace):
     tokens = list(range(1000, 1000 + 128))
     as_list = namespace.chunk_keys(tokens)

@@ -48,8 +48,8 @@ class _Entry:
     ready: bool = False  # committed: visible to readers
     pins: int = 0
     demoting: bool = False
-    written_below: bool = False  # the tier below holds a copy, eviction needs no write
-    expendable: bool = False  # evicted without a copy below; committed as the next to go
+    written_below: bool = False  # eviction needs no write below: a copy is there, or none is wanted
+    expendable: bool = False  # committed as the next to go (and written_below: never demoted)
 
 
 @dataclass
@@ -219,7 +219,8 @@ class CpuTier:
                 if slot is None:
                     self._metrics.dropped.labels("cpu_full").inc()
                     continue
-                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below, expendable=expendable)
+                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below or expendable,
+                                        expendable=expendable)
                 got.append(key)
                 slots.append(slot)
             lease = self._new_lease(got, slots, True, timeout_s)
@@ -297,7 +298,7 @@ class CpuTier:
                 if entry.demoting:
                     waiting_on_demotion = True
                     continue
-                if self._demote is None or entry.written_below or entry.expendable:
+                if self._demote is None or entry.written_below:
                     del self._lru[key]
                     self._metrics.evictions.labels(self.name).inc()
                     return entry.slot
@@ -361,7 +362,7 @@ class CpuTier:
             for key, entry in self._lru.items():
                 if not entry.ready or entry.pins:
                     continue
-                if entry.written_below or entry.demoting or entry.expendable:
+                if entry.written_below or entry.demoting:
                     reusable += 1
                 else:
                     candidates.append((key, entry))
@@ -386,7 +387,7 @@ class CpuTier:
         started = 0
         with self._lock:
             for key, entry in list(self._lru.items()):
-                if not entry.ready or entry.written_below or entry.demoting or entry.expendable:
+                if not entry.ready or entry.written_below or entry.demoting:
                     continue
                 while not self._start_demotion(key, entry):
                     remaining = deadline - time.monotonic()

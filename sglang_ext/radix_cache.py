@@ -372,11 +372,13 @@ class KVTierRadixCache(RadixCache):
 
     def _agree(self, n: int) -> int:
         """The smallest ``n`` over the TP group: every rank must load the same chunks."""
-        if self._tp_group is None:
-            return n
-        t = torch.tensor([n], dtype=torch.int64)
+        return n if self._tp_group is None else self._agree_each([n])[0]
+
+    def _agree_each(self, values: list[int]) -> list[int]:
+        """Each of ``values`` at its smallest over the TP group, in one all-reduce."""
+        t = torch.tensor(values, dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self._tp_group)
-        return int(t.item())
+        return t.tolist()
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         with self._hook("match_prefix"):  # SGLang's own tree walk included
@@ -424,15 +426,12 @@ class KVTierRadixCache(RadixCache):
         """Tokens of the longest CPU-tier tail after the leading whole chunks ``keys`` of ``tokens``
         that reaches past the ``matched`` GPU prefix, the same on every TP rank; 0 if none."""
         tails = self.namespace.tail_keys(tokens, keys, extra_key)
-        held = self.store.cpu.contains(tails)
+        held = [int(h) for h in self.store.cpu.contains(tails)]
+        if self._tp_group is not None and held:  # the same number of candidates on every rank
+            held = self._agree_each(held)  # each rank holds the tails it spilled: those every one holds
         granule, whole = self.namespace.tail_granule, len(keys) * self.chunk_tokens
-        n = next((j + 1 for j in reversed(range(len(tails))) if held[j]), 0)
-        tail = n * granule if whole + n * granule > matched else 0
-        if self._tp_group is not None:
-            # Each rank holds the tails it spilled; agree on a length that every one holds.
-            tail = self._agree(tail)
-            tail = self._agree(tail if tail == 0 or held[tail // granule - 1] else 0)
-        return tail
+        n = next((j + 1 for j in reversed(range(len(held))) if held[j]), 0)
+        return n * granule if whole + n * granule > matched else 0
 
     def prefetch_on_arrival(self, req) -> None:
         """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier

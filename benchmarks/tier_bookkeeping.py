@@ -3,8 +3,9 @@
 A spill reserves one slot per chunk; once the tier is full each slot comes from evicting its least
 recently used chunk, under the tier's lock, on SGLang's scheduler thread. This fills a ``CpuTier``
 of ``--slots`` tiny chunks (the bookkeeping does not depend on the chunk size) and times
-``reserve`` + ``commit`` of ``--chunks-per-reserve`` new keys at a time. 1,907 slots are a 64 GB
-tier of Llama-3-8B 256-token chunks (32 MiB), 30,000 about a 1 TB one. Writes JSON.
+``reserve`` + ``commit`` of ``--chunks-per-reserve`` new keys at a time, without a tier below and
+with one (demotions that finish at once: the tier's own work around them, no disk). 1,907 slots are
+a 64 GB tier of Llama-3-8B 256-token chunks (32 MiB), 30,000 about a 1 TB one. Writes JSON.
 
     python benchmarks/tier_bookkeeping.py --out benchmarks/results/ab/tier_bookkeeping.json
 """
@@ -15,6 +16,8 @@ import argparse
 import json
 import os
 import time
+from concurrent.futures import Future
+from typing import Optional
 
 from bench_common import add_commit_option, run_facts
 
@@ -24,8 +27,14 @@ from kvtier.sglang_ext.tiers.cpu import CpuTier
 CHUNK = 4096
 
 
-def us_per_slot(slots: int, chunks_per_reserve: int, reserves: int) -> float:
-    tier = CpuTier(CHUNK, slots * CHUNK, metrics=TierMetrics(), pin=False)
+def demoted_at_once(key: bytes, view) -> Optional["Future[bool]"]:
+    done: Future[bool] = Future()
+    done.set_result(True)
+    return done
+
+
+def us_per_slot(slots: int, chunks_per_reserve: int, reserves: int, below: bool) -> float:
+    tier = CpuTier(CHUNK, slots * CHUNK, metrics=TierMetrics(), pin=False, demote=demoted_at_once if below else None)
     for _ in range(0, slots, chunks_per_reserve):
         tier.reserve([os.urandom(16) for _ in range(chunks_per_reserve)]).commit()
     assert len(tier) == slots
@@ -46,12 +55,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     add_commit_option(ap)
     args = ap.parse_args()
-    cases = {}
-    for slots in args.slots or [1907, 30_000]:
-        us = us_per_slot(slots, args.chunks_per_reserve, args.reserves)
-        cases[str(slots)] = {"us_per_slot": round(us, 1), "ms_per_reserve": round(us * args.chunks_per_reserve / 1e3, 2)}
-        print(f"full tier of {slots:,} chunks: {us:.1f} us per slot taken, "
-              f"{us * args.chunks_per_reserve / 1e3:.2f} ms per reserve of {args.chunks_per_reserve}", flush=True)
+    cases: dict[str, dict] = {"no_tier_below": {}, "tier_below": {}}
+    for case, below in (("no_tier_below", False), ("tier_below", True)):
+        for slots in args.slots or [1907, 30_000]:
+            us = us_per_slot(slots, args.chunks_per_reserve, args.reserves, below)
+            ms = us * args.chunks_per_reserve / 1e3
+            cases[case][str(slots)] = {"us_per_slot": round(us, 1), "ms_per_reserve": round(ms, 2)}
+            print(f"{case}: full tier of {slots:,} chunks: {us:.1f} us per slot taken, {ms:.2f} ms per reserve "
+                  f"of {args.chunks_per_reserve}", flush=True)
     report = {"benchmark": "tier_bookkeeping", "chunks_per_reserve": args.chunks_per_reserve,
               "reserves": args.reserves, "full_tier": cases, **run_facts(args.commit)}
     if args.out:

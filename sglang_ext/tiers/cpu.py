@@ -354,6 +354,9 @@ class CpuTier:
 
         Without it a burst of puts into a full tier finds only chunks that still have to be
         written below, and (not waiting) drops itself; with it eviction is a pointer move.
+        Eviction takes the LRU end first, so only the ``reuse_target`` evictable chunks there count:
+        the walk stops at them (it ran the whole tier at every commit and every finished
+        demotion before: 24 ms per put of 4 chunks into a full tier of 30,000).
         """
         if self._demote is None or self._demoting_ahead:
             return
@@ -362,13 +365,15 @@ class CpuTier:
             reusable = len(self._free)
             candidates = []
             for key, entry in self._lru.items():
+                if reusable + len(candidates) >= self.reuse_target:
+                    break
                 if not entry.ready or entry.pins:
                     continue
                 if entry.written_below or entry.demoting:
                     reusable += 1
                 else:
                     candidates.append((key, entry))
-            for key, entry in candidates[: max(0, self.reuse_target - reusable)]:
+            for key, entry in candidates:
                 if not self._start_demotion(key, entry):
                     break
         finally:

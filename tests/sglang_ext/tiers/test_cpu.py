@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import torch
 
@@ -61,6 +62,33 @@ def test_lru_eviction_order(metrics, chunk_of):
     put(tier, [e], chunk_of)
     assert tier.contains([a, c, d, e]) == [True, False, True, True]
     assert metrics.registry.get_sample_value("kvtier_evictions_total", {"tier": "cpu"}) == 2
+
+
+def test_demotion_ahead_readies_the_lru_end_though_chunks_read_from_below_sit_at_the_other(metrics, chunk_of):
+    """Eviction takes the LRU end first, so that is where demotion ahead must leave reusable slots;
+    chunks read back from the tier below (already written there, now most recently used) do not
+    count (counted, as the tier once did, they left the end unready and a put that cannot wait dropped)."""
+    handed_down: list[tuple[bytes, Future]] = []
+
+    def demote(key: bytes, view: torch.Tensor) -> Future:
+        handed_down.append((key, Future()))
+        return handed_down[-1][1]
+
+    tier = make_tier(metrics, 16, demote=demote)  # reuse_target 2
+    assert tier.reuse_target == 2
+    old = [bytes([i]) * 32 for i in range(12)]
+    put(tier, old, chunk_of)  # 4 slots free: nothing to demote yet
+    assert handed_down == []
+    from_below = [bytes([100 + i]) * 32 for i in range(2)]
+    with tier.acquire(from_below, fill=lambda keys, views: [True] * len(keys)) as lease:
+        assert lease.keys == from_below and lease.release()
+    put(tier, [bytes([50]) * 32], chunk_of)  # 1 slot free: the oldest chunk goes below ahead
+    assert [key for key, _ in handed_down] == [old[0]]
+    handed_down[0][1].set_result(True)
+    new = [bytes([60 + i]) * 32 for i in range(2)]
+    assert put(tier, new, chunk_of) == new  # the free slot, then old[0]'s without a wait
+    assert tier.contains([old[0], old[1], *from_below]) == [False, True, True, True]
+    assert metrics.registry.get_sample_value("kvtier_dropped_puts_total", {"reason": "cpu_full"}) is None
 
 
 def test_pinned_chunks_are_not_evicted_and_a_full_tier_does_not_block(metrics, chunk_of):

@@ -228,9 +228,8 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
     # CUDA-resident slots are trusted: checking them would stall the stream on a sync.
     if slots.device.type == "cpu" and n_chunks:
         low, high = int(slots.min()), int(slots.max())
-        lowest = 0 if gather else -1
-        if low < lowest or high >= rows:
-            raise ValueError(f"slots must lie in [{lowest}, {rows}), got [{low}, {high}]")
+        if low < -1 or high >= rows:
+            raise ValueError(f"slots must lie in [-1, {rows}), got [{low}, {high}]")
     # Tensor ops, not Python loops: PD moves pages of one token as chunks, thousands per call.
     offsets_align = 8  # only powers of two up to a word matter below
     if n_chunks:
@@ -334,14 +333,19 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
                   slots: torch.Tensor, dst: torch.Tensor, chunk_tokens: int) -> None:
     n_chunks = plan.offsets.numel()
     slots = slots.to(k_buffers[0].device)
-    parts = []
+    keep = slots >= 0
+    parts, keep_parts = [], []
     for bufs in (k_buffers, v_buffers):
-        rows = torch.stack([_byte_rows(b).index_select(0, slots) for b in bufs])  # [L, n*T, row]
-        per_chunk = rows.view(plan.num_layers, n_chunks, -1).transpose(0, 1)
+        rows = torch.stack([_byte_rows(b).index_select(0, slots.clamp(min=0)) for b in bufs])  # [L, n*T, row]
+        per_chunk = rows.view(plan.num_layers, n_chunks, chunk_tokens, -1).transpose(0, 1)
         parts.append(per_chunk.reshape(n_chunks, -1))
+        keep_parts.append(keep.view(n_chunks, 1, chunk_tokens, 1).expand(per_chunk.shape).reshape(n_chunks, -1))
     chunks = torch.cat(parts, dim=1).to(dst.device)
+    skipping = not bool(keep.all())
+    keep_bytes = torch.cat(keep_parts, dim=1).to(dst.device) if skipping else None
     for i, off in enumerate(plan.offsets.tolist()):
-        dst[off : off + plan.chunk_bytes].copy_(chunks[i])
+        out = dst[off : off + plan.chunk_bytes]
+        out.copy_(chunks[i] if keep_bytes is None else torch.where(keep_bytes[i], chunks[i], out))
 
 
 def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
@@ -375,7 +379,9 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
         k_buffers, v_buffers: the pool's per-layer ``[rows, heads, dim]`` buffers (SGLang's
             ``MHATokenToKVPool.k_buffer``/``v_buffer``), all of one dtype and device.
         slots: int64 ``[n_chunks * chunk_tokens]``, the pool rows of each chunk's tokens, chunk
-            after chunk; on the pool's device or the CPU. Only CPU slots are range-checked.
+            after chunk; on the pool's device or the CPU. Only CPU slots are range-checked. A
+            slot of -1 leaves its token's rows of the chunk in ``dst`` as they were (a partly
+            filled chunk moves only its tokens' bytes).
         dst: 1-D uint8 slab receiving the chunks in the module's layout; on a CUDA pool's device,
             or pinned host memory, which the kernel writes directly.
         dst_offsets: int64 ``[n_chunks]`` byte offset in ``dst`` where each chunk starts; read
@@ -407,8 +413,8 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     (or one per group of layers).
 
     The inverse of :func:`gather_kv`, with the same argument rules (``src``/``src_offsets`` in
-    the roles of ``dst``/``dst_offsets``), except that a slot of -1 skips its token (as when the
-    start of a chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
+    the roles of ``dst``/``dst_offsets``; a slot of -1 skips its token, as when the start of a
+    chunk is still in the pool). ``src`` chunks may overlap; slots should not repeat.
     ``groups`` (default: one group of all layers) issues the copy as one launch per contiguous
     range of layers, in order, and calls ``on_launched(layers)`` after each (to record an event
     that the forward pass waits on before it reads those layers); the arguments are checked and

@@ -244,9 +244,9 @@ class KVTierRadixCache(RadixCache):
 
         def chunk_rows(i: int) -> torch.Tensor:
             part = path_rows[i * T : (i + 1) * T]
-            # A tail's slot is filled up with copies of its last row: the copy moves whole slots,
-            # and a load of the tail skips those rows.
-            return part if len(part) == T else torch.cat([part, part[-1:].expand(T - len(part))])
+            # A tail's slot past the tail is left unwritten (-1): the copy moves only the tail's
+            # rows (16 tokens of a 256-token slot: 2 of 32 MiB), and a load of the tail skips them.
+            return part if len(part) == T else torch.cat([part, part.new_full((T - len(part),), -1)])
 
         return _Spill(torch.cat([chunk_rows(index[k]) for lease in leases for k in lease.keys]), leases)
 

@@ -261,8 +261,40 @@ def test_scatter_skips_slots_of_minus_one():
         assert torch.equal(dst, ref)
         assert torch.equal(dst[dst_slots[~skip]], src[src_slots[~skip]])
         assert torch.equal(dst[skipped_rows], old[skipped_rows])
-    with pytest.raises(ValueError, match=r"slots must lie in \[0, 65\)"):
-        gather_kv(src_pool.k_buffer, src_pool.v_buffer, dst_slots.cpu(), slab, offsets, T)
+
+
+def test_gather_leaves_the_rows_of_slots_of_minus_one_unwritten():
+    """A partly filled chunk (a tail) moves only its tokens' rows; the rest of its slab bytes,
+    every layer, K and V, keep what they held."""
+    T = 16
+    gen = seeded("gather-skip")
+    pool = make_pool(torch.bfloat16, 1, 64, gen)
+    slots = random_slots(pool, 2 * T, gen)
+    keep = torch.ones(2 * T, dtype=torch.bool, device=DEVICE)
+    keep[5:T] = False  # chunk 0: a 5-token tail
+    keep[T + 9] = False
+    slots[~keep] = -1
+    offsets, slab_bytes = random_offsets(chunk_nbytes(pool.k_buffer, pool.v_buffer, T), 2, gen)
+    old = torch.randint(0, 256, (slab_bytes,), dtype=torch.uint8, generator=gen)
+    got, want = host_slab(slab_bytes), host_slab(slab_bytes)
+    got.copy_(old)
+    want.copy_(old)
+    gather_kv(pool.k_buffer, pool.v_buffer, slots, got, offsets, T)
+    gather_kv_reference(pool.k_buffer, pool.v_buffer, slots, want, offsets, T)
+    sync()
+    assert torch.equal(got, want)
+    # Layout by hand: token t of chunk c, layer l, K then V; kept tokens hold the pool's rows.
+    k_row, v_row = (buf[0][0].numel() * buf[0].element_size() for buf in (pool.k_buffer, pool.v_buffer))
+    k_rows, v_rows = pool.k_buffer, pool.v_buffer
+    for c, off in enumerate(offsets.tolist()):
+        for t in range(T):
+            i = c * T + t
+            for layer in range(LAYERS):
+                k_at = off + (layer * T + t) * k_row
+                v_at = off + LAYERS * T * k_row + (layer * T + t) * v_row
+                for at, n, rows in ((k_at, k_row, k_rows[layer]), (v_at, v_row, v_rows[layer])):
+                    expected = rows[int(slots[i])].view(torch.uint8).flatten().cpu() if keep[i] else old[at : at + n]
+                    assert torch.equal(got[at : at + n].cpu(), expected), (c, t, layer)
 
 
 @pytest.mark.parametrize("max_programs", [None, 2])
@@ -357,7 +389,7 @@ BAD_CASES = {
     "layers": "as many K as V",
     "slots-length": r"n_chunks \* chunk_tokens = 2 \* 16",
     "slots-dtype": "slots must be 1-D int64",
-    "slots-range": r"slots must lie in \[(0|-1), 65\)",
+    "slots-range": r"slots must lie in \[-1, 65\)",
     "offset-past-end": "is outside",
     "offset-negative": "offset -1",
     "slab-dtype": "contiguous 1-D uint8",

@@ -210,6 +210,29 @@ def test_without_tail_chunks_only_whole_chunks_are_stored(make_cache):
     assert host_hit == 2 * CHUNK_TOKENS
 
 
+def test_a_tail_spill_writes_only_the_tail_s_rows_of_its_slot(make_cache):
+    """A tail's slot past the tail stays as it was (the copy moves 32 tokens' rows, not 64); a load
+    of the tail skips those rows, so what it left there never matters."""
+    cache = make_cache(1)
+    cpu = cache.store.cpu
+    for slot in range(cpu.num_slots):
+        cpu.view(slot).fill_(0xAB)
+    doc = list(range(1000, 1000 + 2 * CHUNK_TOKENS + 32))
+    expected = kv_rows(cache, insert(cache, doc))
+    evict_all(cache)
+    tail_key = cache.namespace.tail_keys(doc, cache.namespace.chunk_keys(doc))[-1]
+    chunk = cpu.view(cpu._lru[tail_key].slot)
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    layers, T = len(pool.k_buffer), CHUNK_TOKENS
+    for half, bufs in enumerate((pool.k_buffer, pool.v_buffer)):
+        row = bufs[0][0].numel() * bufs[0].element_size()
+        per_layer = chunk[half * layers * T * row : (half + 1) * layers * T * row].view(layers, T, row)
+        assert torch.all(per_layer[:, 32:] == 0xAB)  # never written
+        for layer in range(layers):
+            tail_kv = expected[half * layers + layer][2 * T :].reshape(32, -1).view(torch.uint8)
+            assert torch.equal(per_layer[layer, :32], tail_kv)
+
+
 def test_write_through_stores_a_tail_when_its_node_is_evicted(make_cache):
     cache = make_cache(16, write_policy="write_through")
     turn = list(range(3000, 3000 + 2 * CHUNK_TOKENS + 40))

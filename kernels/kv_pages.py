@@ -334,14 +334,15 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
     n_chunks = plan.offsets.numel()
     slots = slots.to(k_buffers[0].device)
     keep = slots >= 0
+    skipping = not bool(keep.all())
     parts, keep_parts = [], []
     for bufs in (k_buffers, v_buffers):
         rows = torch.stack([_byte_rows(b).index_select(0, slots.clamp(min=0)) for b in bufs])  # [L, n*T, row]
         per_chunk = rows.view(plan.num_layers, n_chunks, chunk_tokens, -1).transpose(0, 1)
         parts.append(per_chunk.reshape(n_chunks, -1))
-        keep_parts.append(keep.view(n_chunks, 1, chunk_tokens, 1).expand(per_chunk.shape).reshape(n_chunks, -1))
+        if skipping:  # which bytes of each chunk belong to a kept token
+            keep_parts.append(keep.view(n_chunks, 1, chunk_tokens, 1).expand(per_chunk.shape).reshape(n_chunks, -1))
     chunks = torch.cat(parts, dim=1).to(dst.device)
-    skipping = not bool(keep.all())
     keep_bytes = torch.cat(keep_parts, dim=1).to(dst.device) if skipping else None
     for i, off in enumerate(plan.offsets.tolist()):
         out = dst[off : off + plan.chunk_bytes]

@@ -13,7 +13,8 @@ and evicts another. The GPU is synchronized before each request so that a hook's
 the first is also profiled (cProfile, top functions by cumulative time). On CUDA every call inside
 a hook that makes the CPU wait for the GPU is listed (``warm_syncs``, torch's sync debug mode). On
 CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
-(``warm_hook_seconds``).
+(``warm_hook_seconds``); ``--no-copies`` turns the copies themselves off there, leaving the
+hooks' bookkeeping alone (tree, keys, tiers), comparable between variants.
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
     python benchmarks/hook_cost.py --device cpu --layers 2 --docs 46 --pool-tokens 100000 --cpu-gb 4 \
@@ -56,7 +57,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from kvtier.sglang_ext import plugin
+from kvtier.sglang_ext import plugin, pool_io
 from kvtier.sglang_ext.config import load_config
 from kvtier.sglang_ext.radix_cache import KVTierRadixCache
 
@@ -208,6 +209,8 @@ def main() -> None:
                     help="kvtier settings of one run, e.g. lg8:load_layer_groups=8 (default: the defaults, "
                          "load_layer_groups 32, load_layer_groups 1)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (no launches)")
+    ap.add_argument("--no-copies", action="store_true",
+                    help="cpu: skip the KV copies (the loaded and spilled bytes are not moved; bookkeeping only)")
     ap.add_argument("--profile-top", type=int, default=30)
     ap.add_argument("--layers", type=int, default=32,
                     help="fewer than Llama-3-8B's 32 keep a CPU run's pool and tier small (the tree work is the same)")
@@ -217,6 +220,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hook_cost.py times kernel launches of the load path: it needs a CUDA GPU")
+    if args.no_copies:
+        if args.device != "cpu":
+            raise SystemExit("--no-copies is for --device cpu, where copies are synchronous torch work")
+        pool_io.gather_kv = pool_io.scatter_kv = lambda *args, **kwargs: None
     variants = dict(parse_variant(spec) for spec in args.variant) or {
         "defaults": {}, **dict(parse_variant(spec) for spec in ("lg32:load_layer_groups=32", "lg1:load_layer_groups=1"))}
 
@@ -228,7 +235,7 @@ def main() -> None:
         "workload": {"docs": args.docs, "doc_len": args.doc_len, "question_tokens": QUESTION_TOKENS,
                      "output_tokens": OUTPUT_TOKENS, "pool_tokens": args.pool_tokens, "cpu_gb": args.cpu_gb,
                      "model": f"Llama-3-8B shape with {args.layers} layers (8 KV heads, head dim 128, bf16)",
-                     "seed": args.seed},
+                     "seed": args.seed, "copies": not args.no_copies},
         **run_facts(args.commit),
         "variants": {},
     }

@@ -83,6 +83,23 @@ def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tm
     assert "warm_profile_by_cumulative_time" not in report["variants"]["lg2"]
 
 
+def test_hook_cost_without_copies_keeps_the_bookkeeping_and_moves_no_bytes(tmp_path):
+    """--no-copies: the same replay through the same hooks (documents still found and loaded back in
+    the tree), only the KV bytes stay where they are; --profile-top 0: no profiled replay."""
+    out = tmp_path / "hook_cost.json"
+    done = subprocess.run(
+        [sys.executable, str(Path(transfer_gpu.__file__).with_name("hook_cost.py")), "--device", "cpu", "--layers", "2",
+         "--docs", "3", "--doc-len", "1000", "--pool-tokens", "1500", "--cpu-gb", "0.2", "--profile-top", "0",
+         "--no-copies", "--model-dir", str(tmp_path / "model"), "--variant", "d:load_layer_groups=1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    v = report["variants"]["d"]
+    assert report["workload"]["copies"] is False and v["warm_loaded_tokens"] >= 2 * 256
+    assert v["warm_hook_seconds"]["launch_loads"]["count"] == v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
+    assert "warm_profile_by_cumulative_time" not in v
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode watches CUDA calls")
 def test_hook_cost_names_a_call_that_waits_for_the_gpu_and_not_one_that_does_not():
     import hook_cost

@@ -24,6 +24,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,7 @@ class DiskTier:
         os.ftruncate(self._fd, BLOCK + self.num_slots * self.stride)
         buf[:] = self._superblock().ljust(BLOCK, b"\0")
         os.pwritev(self._fd, [buf], 0)
+        started = time.monotonic()
         found: list[tuple[int, ChunkKey, int]] = []
         for slot in range(min(old_slots, self.num_slots)):
             header = self._read_header(slot, buf)
@@ -162,7 +164,8 @@ class DiskTier:
             self._seq = max(self._seq, seq)
         self._free = [s for s in range(self.num_slots - 1, -1, -1) if s not in used]
         if self._index:
-            logger.info("kvtier: disk tier %s restored %d chunks", self.path, len(self._index))
+            logger.info("kvtier: disk tier %s restored %d chunks (%d headers read in %.1f s)", self.path,
+                        len(self._index), min(old_slots, self.num_slots), time.monotonic() - started)
 
     def _read_header(self, slot: int, buf: mmap.mmap) -> Optional[tuple[ChunkKey, int]]:
         if os.preadv(self._fd, [buf], self._offset(slot)) < BLOCK:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -83,6 +84,9 @@ class TierStore:
                 retry_after_s=cfg.remote_retry_s,
                 queue_depth=cfg.remote_write_queue,
             )
+        # Faulting in and pinning tens of GB takes seconds at server start: say what is happening.
+        logger.info("kvtier: allocating %.1f GB of host memory for the CPU tier", cfg.cpu_bytes / 1e9)
+        started = time.monotonic()
         self.cpu = CpuTier(
             chunk_bytes,
             cfg.cpu_bytes,
@@ -91,6 +95,7 @@ class TierStore:
             demote=self.disk.submit if self.disk is not None else None,
             pin=pin,
         )
+        cpu_seconds = time.monotonic() - started
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-io")
         self._closed = False
         self._http = None
@@ -99,9 +104,11 @@ class TierStore:
             self._http = self.metrics.serve(port, self.health)
             logger.info("kvtier: Prometheus metrics on port %d (/metrics, /health)", port)
         logger.info(
-            "kvtier: tier store ready: %d CPU slots of %d bytes%s",
+            "kvtier: tier store ready: %d CPU slots of %d bytes (%s in %.1f s)%s",
             self.cpu.num_slots,
             chunk_bytes,
+            "allocated and pinned" if self.cpu.slab.pinned else "allocated, not pinned",
+            cpu_seconds,
             (f", {self.disk.num_slots} disk slots in {self.disk.path}" if self.disk else "")
             + (f", remote tier {self.remote.url}" if self.remote else ""),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,13 +74,16 @@ def test_a_filesystem_refusing_o_direct_falls_back_with_a_warning(tmp_path, chun
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_restart_serves_what_was_written(tmp_path, metrics, chunk_of):
+def test_restart_serves_what_was_written(tmp_path, metrics, chunk_of, caplog):
     tier = open_tier(tmp_path, metrics)
     keys = keys_of(6)
     write(tier, keys, chunk_of)
     tier.close()
-    again = open_tier(tmp_path, TierMetrics())
+    with caplog.at_level(logging.INFO, logger="kvtier.sglang_ext.tiers.disk"):
+        again = open_tier(tmp_path, TierMetrics())
     assert again.contains(keys) == [True] * 6
+    # A big slab file takes a while to scan at start: the log says how long.
+    assert re.search(r"restored 6 chunks \(\d+ headers read in \d+\.\d s\)", caplog.text)
     for key in keys:
         assert torch.equal(read(again, key), chunk_of(key, CHUNK))
     again.close()

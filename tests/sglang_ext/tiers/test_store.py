@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -35,6 +37,16 @@ def put_one_by_one(store, keys, data) -> None:
     """As evictions from the GPU arrive: a chunk at a time, each stored."""
     for key, value in zip(keys, data):
         assert store.put([key], [value], wait_s=5.0) == 1
+
+
+def test_start_says_how_much_host_memory_it_takes_and_how_long(namespace, tmp_path, caplog):
+    """A CPU tier of tens of GB takes seconds to fault in and pin at server start: logged before and after."""
+    with caplog.at_level(logging.INFO, logger="kvtier.sglang_ext.tiers.store"):
+        store = make_store(namespace, tmp_path, cpu_slots=8)
+    store.close()
+    assert re.search(r"allocating 0\.0 GB of host memory for the CPU tier", caplog.text)
+    pinned = "allocated and pinned" if torch.cuda.is_available() else "allocated, not pinned"
+    assert re.search(rf"tier store ready: 8 CPU slots of {CHUNK} bytes \({pinned} in \d+\.\d s\)", caplog.text)
 
 
 def test_put_and_get_round_trip(namespace, tmp_path, chunk_of, metric):

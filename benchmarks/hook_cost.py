@@ -225,7 +225,7 @@ def main() -> None:
     if args.no_copies:
         if args.device != "cpu":
             raise SystemExit("--no-copies is for --device cpu, where copies are synchronous torch work")
-        pool_io.gather_kv = pool_io.scatter_kv = lambda *args, **kwargs: None
+        pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
     variants = dict(parse_variant(spec) for spec in args.variant) or {
         "defaults": {}, **dict(parse_variant(spec) for spec in ("lg32:load_layer_groups=32", "lg1:load_layer_groups=1"))}
 

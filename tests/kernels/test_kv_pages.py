@@ -58,15 +58,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def chunk_by_contract(pool: MHATokenToKVPool, chunk_slots: list[int]) -> torch.Tensor:
-    """One chunk built straight from the documented element offsets, independent of the module."""
+def chunk_by_contract(pool: MHATokenToKVPool, chunk_slots: list[int], base: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk built straight from the documented element offsets, independent of the module; a
+    slot of -1 keeps ``base``'s bytes of its token."""
     T, L, H = len(chunk_slots), LAYERS, pool.head_num
     dk, dv, itemsize = pool.head_dim, pool.v_head_dim, pool.k_buffer[0].element_size()
-    out = torch.empty(T * L * H * (dk + dv) * itemsize, dtype=torch.uint8)
+    out = torch.empty(T * L * H * (dk + dv) * itemsize, dtype=torch.uint8) if base is None else base.clone()
     for layer in range(L):
         k_rows = pool.k_buffer[layer].view(torch.uint8).reshape(pool.k_buffer[layer].shape[0], -1)
         v_rows = pool.v_buffer[layer].view(torch.uint8).reshape(pool.v_buffer[layer].shape[0], -1)
         for t, slot in enumerate(chunk_slots):
+            if slot < 0:
+                continue
             k_at = (layer * T + t) * H * dk * itemsize
             v_at = (L * T * H * dk + (layer * T + t) * H * dv) * itemsize
             out[k_at : k_at + H * dk * itemsize] = k_rows[slot].cpu()
@@ -270,11 +273,10 @@ def test_gather_leaves_the_rows_of_slots_of_minus_one_unwritten():
     gen = seeded("gather-skip")
     pool = make_pool(torch.bfloat16, 1, 64, gen)
     slots = random_slots(pool, 2 * T, gen)
-    keep = torch.ones(2 * T, dtype=torch.bool, device=DEVICE)
-    keep[5:T] = False  # chunk 0: a 5-token tail
-    keep[T + 9] = False
-    slots[~keep] = -1
-    offsets, slab_bytes = random_offsets(chunk_nbytes(pool.k_buffer, pool.v_buffer, T), 2, gen)
+    slots[5:T] = -1  # chunk 0: a 5-token tail
+    slots[T + 9] = -1
+    chunk_bytes = chunk_nbytes(pool.k_buffer, pool.v_buffer, T)
+    offsets, slab_bytes = random_offsets(chunk_bytes, 2, gen)
     old = torch.randint(0, 256, (slab_bytes,), dtype=torch.uint8, generator=gen)
     got, want = host_slab(slab_bytes), host_slab(slab_bytes)
     got.copy_(old)
@@ -283,18 +285,9 @@ def test_gather_leaves_the_rows_of_slots_of_minus_one_unwritten():
     gather_kv_reference(pool.k_buffer, pool.v_buffer, slots, want, offsets, T)
     sync()
     assert torch.equal(got, want)
-    # Layout by hand: token t of chunk c, layer l, K then V; kept tokens hold the pool's rows.
-    k_row, v_row = (buf[0][0].numel() * buf[0].element_size() for buf in (pool.k_buffer, pool.v_buffer))
-    k_rows, v_rows = pool.k_buffer, pool.v_buffer
-    for c, off in enumerate(offsets.tolist()):
-        for t in range(T):
-            i = c * T + t
-            for layer in range(LAYERS):
-                k_at = off + (layer * T + t) * k_row
-                v_at = off + LAYERS * T * k_row + (layer * T + t) * v_row
-                for at, n, rows in ((k_at, k_row, k_rows[layer]), (v_at, v_row, v_rows[layer])):
-                    expected = rows[int(slots[i])].view(torch.uint8).flatten().cpu() if keep[i] else old[at : at + n]
-                    assert torch.equal(got[at : at + n].cpu(), expected), (c, t, layer)
+    for off, chunk_slots in zip(offsets.tolist(), slots.view(2, -1).tolist()):
+        expected = chunk_by_contract(pool, chunk_slots, base=old[off : off + chunk_bytes])
+        assert torch.equal(got[off : off + chunk_bytes].cpu(), expected)
 
 
 @pytest.mark.parametrize("max_programs", [None, 2])

@@ -108,6 +108,11 @@ def _watching_syncs(found: set[str], hook: str, device: torch.device) -> Iterato
                  if "called a synchronizing CUDA operation" in str(w.message))
 
 
+def skip_copies() -> None:
+    """``--no-copies``: PoolIO's gathers and scatters do nothing, every other step of a spill or load runs."""
+    pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
+
+
 class Replay:
     """The scheduler's calls for one request at a time, timed per hook."""
 
@@ -225,7 +230,7 @@ def main() -> None:
     if args.no_copies:
         if args.device != "cpu":
             raise SystemExit("--no-copies is for --device cpu, where copies are synchronous torch work")
-        pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
+        skip_copies()
     variants = dict(parse_variant(spec) for spec in args.variant) or {
         "defaults": {}, **dict(parse_variant(spec) for spec in ("lg32:load_layer_groups=32", "lg1:load_layer_groups=1"))}
 

@@ -83,9 +83,9 @@ def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tm
     assert "warm_profile_by_cumulative_time" not in report["variants"]["lg2"]
 
 
-def test_hook_cost_without_copies_keeps_the_bookkeeping_and_moves_no_bytes(tmp_path):
+def test_hook_cost_without_copies_replays_the_same_hooks(tmp_path):
     """--no-copies: the same replay through the same hooks (documents still found and loaded back in
-    the tree), only the KV bytes stay where they are; --profile-top 0: no profiled replay."""
+    the tree) and the mode in the report; --profile-top 0: no profiled replay."""
     out = tmp_path / "hook_cost.json"
     done = subprocess.run(
         [sys.executable, str(Path(transfer_gpu.__file__).with_name("hook_cost.py")), "--device", "cpu", "--layers", "2",
@@ -98,6 +98,33 @@ def test_hook_cost_without_copies_keeps_the_bookkeeping_and_moves_no_bytes(tmp_p
     assert report["workload"]["copies"] is False and v["warm_loaded_tokens"] >= 2 * 256
     assert v["warm_hook_seconds"]["launch_loads"]["count"] == v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
     assert "warm_profile_by_cumulative_time" not in v
+
+
+def test_skip_copies_leaves_the_host_slab_and_the_pool_as_they_were(monkeypatch):
+    """What --no-copies does to a real PoolIO over a real SGLang pool: a spill writes no host byte,
+    a load no pool row, and each still reports done."""
+    import hook_cost
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from kvtier.sglang_ext import pool_io
+
+    for name in ("gather_kv", "scatter_kv"):
+        monkeypatch.setattr(pool_io, name, getattr(pool_io, name))  # put back after the test
+    hook_cost.skip_copies()
+    pool = MHATokenToKVPool(64, 1, torch.bfloat16, 2, 8, 2, "cpu", False)
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf.copy_(torch.randn(buf.shape).to(buf.dtype))
+    before = [buf.clone() for buf in pool.k_buffer + pool.v_buffer]
+    chunk_bytes = 16 * 2 * 2 * 8 * 2 * 2
+    slab = torch.zeros(2 * chunk_bytes, dtype=torch.uint8)
+    io = pool_io.PoolIO(pool.k_buffer, pool.v_buffer, 16, slab)
+    rows = torch.arange(1, 17)
+    done = []
+    io.to_host(rows, [slab[:chunk_bytes]], lambda: done.append("spill"))
+    slab[chunk_bytes:].fill_(7)
+    io.to_device([slab[chunk_bytes:]], rows + 16, lambda: done.append("load"))
+    assert done == ["spill", "load"] and not slab[:chunk_bytes].any()
+    assert all(torch.equal(b, a) for b, a in zip(pool.k_buffer + pool.v_buffer, before))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode watches CUDA calls")

@@ -49,7 +49,6 @@ class _Entry:
     pins: int = 0
     demoting: bool = False
     written_below: bool = False  # eviction needs no write below: a copy is there, or none is wanted
-    expendable: bool = False  # committed as the next to go (and written_below: never demoted)
 
 
 @dataclass
@@ -65,7 +64,8 @@ class Lease:
     _open: bool = True
     expired: bool = False
     expendable: bool = False
-    """Reserved ``expendable``: for this tier only (the store writes it to no other tier)."""
+    """Reserved ``expendable``: committed as the next to go, for this tier only (its chunks are
+    ``written_below``: never demoted; the store writes them to no other tier)."""
 
     def release(self) -> bool:
         """Unpin (a read lease) or abort uncommitted slots (a write lease).
@@ -219,8 +219,7 @@ class CpuTier:
                 if slot is None:
                     self._metrics.dropped.labels("cpu_full").inc()
                     continue
-                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below or expendable,
-                                        expendable=expendable)
+                self._lru[key] = _Entry(slot=slot, pins=1, written_below=written_below or expendable)
                 got.append(key)
                 slots.append(slot)
             lease = self._new_lease(got, slots, True, timeout_s)
@@ -264,7 +263,7 @@ class CpuTier:
                 continue
             if commit:
                 entry.ready = True
-                self._lru.move_to_end(key, last=not entry.expendable)
+                self._lru.move_to_end(key, last=not lease.expendable)
                 self._metrics.bytes.labels(self.name, "in").inc(self.chunk_bytes)
             else:
                 del self._lru[key]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from array import array
 
-from sglang_server import request_stages
+import pytest
+from sglang_server import request_stages, sglang_server
 
 
 def test_request_stages_reads_the_line_sglang_logs(caplog):
@@ -75,12 +77,6 @@ def test_prefill_batches_reads_sglangs_own_log_lines():
 def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
     """Real SGLang 0.5.17 refusing to start (here: no accelerator): the benchmark exits naming the
     server and the end of its log, not with an error from stopping a process that is gone."""
-    import socket
-
-    import pytest
-
-    from sglang_server import sglang_server
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -89,4 +85,3 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
             pass
     message = str(exit_info.value.code)
     assert "exited with 1" in message and "server.log" in message and "Error" in message
-

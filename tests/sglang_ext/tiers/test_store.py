@@ -218,4 +218,3 @@ def test_an_expendable_chunk_goes_first_and_never_to_disk(namespace, tmp_path, c
     again = make_store(namespace, tmp_path, cpu_slots=3, disk_slots=16)
     assert again.prefix_hits(keys) == 3 and again.prefix_hits([tail]) == 0
     again.close()
-

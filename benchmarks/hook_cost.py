@@ -13,7 +13,8 @@ and evicts another. The GPU is synchronized before each request so that a hook's
 the first is then replayed once more under cProfile (top functions by cumulative time): a replay of
 its own, since the profiler slows the hooks 1.5-1.8x and the timed runs must compare (before, the
 first variant was timed under it). On CUDA every call inside a hook that makes the CPU wait for the
-GPU is listed (``warm_syncs``, torch's sync debug mode). On
+GPU is listed (``warm_syncs``, torch's sync debug mode); ``--busy-ms`` queues GPU work before each
+hook, as the forward pass the scheduler runs beside, so a wait torch does not flag shows as time. On
 CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
 (``warm_hook_seconds``); ``--no-copies`` turns the copies themselves off there, leaving the
 hooks' bookkeeping alone (tree, keys, tiers), comparable between variants.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import importlib.util
 import io
 import json
@@ -113,16 +115,32 @@ def skip_copies() -> None:
     pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
 
 
+def _sleep_cycles_per_ms(device: torch.device) -> int:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # the first launch loads the kernel
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return int(cycles / start.elapsed_time(end))
+
+
 class Replay:
     """The scheduler's calls for one request at a time, timed per hook."""
 
-    def __init__(self, cache: KVTierRadixCache, rnd: random.Random) -> None:
+    def __init__(self, cache: KVTierRadixCache, rnd: random.Random, busy_ms: float = 0.0) -> None:
         self.cache, self.rnd = cache, rnd
         self.times: dict[str, list[float]] = {}
         self.syncs: set[str] = set()
         self.loaded_tokens = 0
+        self.busy_cycles = int(busy_ms * _sleep_cycles_per_ms(cache.io.device)) if busy_ms else 0
 
     def _timed(self, name: str, fn, *args):
+        if self.busy_cycles:
+            # A forward pass runs while the scheduler works: a hook that waits for the GPU waits for it.
+            torch.cuda._sleep(self.busy_cycles)
         with _watching_syncs(self.syncs, name, self.cache.io.device):
             start = time.perf_counter()
             out = fn(*args)
@@ -168,7 +186,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
     try:
         rnd = random.Random(args.seed)
         docs = [[rnd.randrange(1000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        replay = Replay(cache, rnd)
+        replay = Replay(cache, rnd, args.busy_ms)
         for i, doc in enumerate(docs):
             replay.serve(doc, f"cold{i}")
         replay.times.clear()
@@ -203,6 +221,10 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
     finally:
         cache.flush()
         cache.store.close()
+        del cache
+        # The tree's cycles hold views of the pinned tier: without a collection each variant's
+        # tier stays (three 64 GB tiers outgrew the H100 host's 128 GiB and the process was killed).
+        gc.collect()
 
 
 def main() -> None:
@@ -218,6 +240,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only checks that the script runs (no launches)")
     ap.add_argument("--no-copies", action="store_true",
                     help="cpu: skip the KV copies (the loaded and spilled bytes are not moved; bookkeeping only)")
+    ap.add_argument("--busy-ms", type=float, default=0.0,
+                    help="cuda: queue this much GPU work before each hook, as a forward pass running beside "
+                         "the scheduler; a hook that waits for the GPU then shows it in its time")
     ap.add_argument("--profile-top", type=int, default=30, help="0: no profiled replay")
     ap.add_argument("--layers", type=int, default=32,
                     help="fewer than Llama-3-8B's 32 keep a CPU run's pool and tier small (the tree work is the same)")
@@ -227,6 +252,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hook_cost.py times kernel launches of the load path: it needs a CUDA GPU")
+    if args.busy_ms and args.device != "cuda":
+        raise SystemExit("--busy-ms queues GPU work: it needs --device cuda")
     if args.no_copies:
         if args.device != "cpu":
             raise SystemExit("--no-copies is for --device cpu, where copies are synchronous torch work")
@@ -242,21 +269,24 @@ def main() -> None:
         "workload": {"docs": args.docs, "doc_len": args.doc_len, "question_tokens": QUESTION_TOKENS,
                      "output_tokens": OUTPUT_TOKENS, "pool_tokens": args.pool_tokens, "cpu_gb": args.cpu_gb,
                      "model": f"Llama-3-8B shape with {args.layers} layers (8 KV heads, head dim 128, bf16)",
-                     "seed": args.seed, "copies": not args.no_copies},
+                     "seed": args.seed, "copies": not args.no_copies, "busy_ms": args.busy_ms},
         **run_facts(args.commit),
         "variants": {},
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name, env in variants.items():
         report["variants"][name] = result = run_variant(objects, base_args, env, args, profile=False)
         print(f"[{name}] warm ms (mean/p50/p99): " + ", ".join(
             f"{hook} {t['mean']}/{t['p50']}/{t['p99']}" for hook, t in result["warm_ms"].items()), flush=True)
+        print(f"[{name}] calls that waited for the GPU: {result['warm_syncs']}", flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")  # a later variant's crash keeps this one
     if args.profile_top > 0:
         name, env = next(iter(variants.items()))
         profiled = run_variant(objects, base_args, env, args, profile=True)
         report["variants"][name]["warm_profile_by_cumulative_time"] = profiled["warm_profile_by_cumulative_time"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

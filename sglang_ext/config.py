@@ -62,6 +62,11 @@ class KVTierConfig:
     only at eviction. H100 long_doc at f560139 (copies held back during loads): 0.75 left no
     eviction copy and the warm pass's first 3-request batch at 0.155 s, 0.25 copied 151 chunks at
     eviction (rounds up to 0.181 s); ``ab/long_doc_spill_ahead.json``."""
+    spill_on_insert: bool = False
+    """write_back: also copy out every node the tree inserts (a prefilled prompt, a finished request),
+    held back like spill ahead's copies until no load runs and launched at the scheduler's next step,
+    whatever the pool's pressure: a round's KV then crosses PCIe while the round decodes, not when
+    the next requests' loads need the link. Counted as spilled ahead."""
     load_layer_groups: int = 0
     """A load-back is copied in this many groups of layers (at most one per layer) and the forward
     pass reads a layer as soon as its group landed, so the copy runs under the forward pass as
@@ -258,6 +263,8 @@ def _validate(cfg: KVTierConfig) -> None:
     if cfg.load_layer_groups < 0:
         raise bad("load_layer_groups", "must be >= 0 (0: chosen by the prefill CUDA graph; 1 copies all layers "
                                        "before the forward pass)")
+    if cfg.spill_on_insert and cfg.write_policy != "write_back":
+        raise bad("spill_on_insert", "is for write_back (write_through copies at insert already)")
     if not 0 <= cfg.spill_ahead < 1:
         raise bad("spill_ahead", "must be a fraction of the GPU pool in [0, 1) (0: copy only at eviction)")
     for key in ("spill_max_programs", "load_max_programs"):

@@ -505,6 +505,42 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
     assert spilled_chunks(cache, "ahead") == 3 and spilled_chunks(cache, "eviction") == 3
 
 
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on"])
+def test_spill_on_insert_copies_each_inserted_node_at_the_next_step(make_cache, on):
+    """``spill_on_insert``: a prefilled prompt and then the finished request's reply under it are each
+    copied out at the scheduler's next step once no load runs, though the pool is far from the spill
+    ahead reserve; their eviction then copies nothing, and they come back bit-exact. Off, the same
+    steps copy nothing and eviction copies it all."""
+    from kvtier.sglang_ext.pool_io import Completion
+
+    T = CHUNK_TOKENS
+    cache = make_cache(16, pool_tokens=32 * T, spill_on_insert=on)  # 7 of 32 chunks in use below: no walk copies
+    step = scheduler_step()
+    scheduler = _hooked_scheduler(cache)
+    prompt, reply = list(range(10_000, 10_000 + 3 * T)), list(range(20_000, 20_000 + T))
+    expected = kv_rows(cache, insert(cache, prompt))
+    load = Flag()
+    cache.io._last_load = Completion(load, lambda: None)  # the latest load, still copying
+    step(scheduler)
+    cache.flush()
+    assert spilled_chunks(cache, "ahead") == 0
+    load.done = True
+    step(scheduler)
+    cache.flush()
+    assert spilled_chunks(cache, "ahead") == (3 if on else 0)
+    expected = [torch.cat([a, b]) for a, b in zip(expected, kv_rows(cache, insert(cache, prompt + reply)[3 * T :]))]
+    step(scheduler)
+    cache.flush()
+    assert spilled_chunks(cache, "ahead") == (4 if on else 0)
+
+    evict_all(cache)
+    assert spilled_chunks(cache, "eviction") == (0 if on else 4)
+    clear_pool(cache)
+    device_len, host_hit, loaded, _ = match_and_load(cache, make_req(prompt + reply + [1]))
+    assert (device_len, host_hit) == (0, 4 * T)
+    assert same_kv(kv_rows(cache, loaded), expected)
+
+
 def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
     """What SGLang's ``/start_profile`` records, without Python stacks: ``kvtier.<op>`` spans."""
     from torch.profiler import ProfilerActivity, profile

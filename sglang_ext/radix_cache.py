@@ -297,15 +297,19 @@ class KVTierRadixCache(RadixCache):
         while heap and covered < reserve:
             _, node = heapq.heappop(heap)
             covered += len(node.value)
-            if node.id not in self._spilled_ahead:
-                self._spilled_ahead.add(node.id)
-                self._deferred[node.id] = node
+            self._defer(node)
             parent = node.parent
             if parent is not self.root_node and parent.lock_ref == 0:
                 children_left[parent.id] = children_left.get(parent.id, len(parent.children)) - 1
                 if children_left[parent.id] == 0:
                     heapq.heappush(heap, (priority(parent), parent))
         self.spill_deferred()
+
+    def _defer(self, node: TreeNode) -> None:
+        """Hold ``node`` for the next ``spill_deferred``, unless it was copied out (or held) already."""
+        if node.id not in self._spilled_ahead:
+            self._spilled_ahead.add(node.id)
+            self._deferred[node.id] = node
 
     def spill_deferred(self) -> None:
         """Launch the spill-ahead copies held back, unless a load still runs on the GPU; timed as hook
@@ -361,9 +365,8 @@ class KVTierRadixCache(RadixCache):
         result = super().insert(params)
         self._tree_version += 1
         node = result.last_device_node
-        if self.cfg.spill_on_insert and node is not None and node is not self.root_node and node.id not in self._spilled_ahead:
-            self._spilled_ahead.add(node.id)
-            self._deferred[node.id] = node
+        if self.cfg.spill_on_insert and node is not None and node is not self.root_node:
+            self._defer(node)
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)
             match = super().match_prefix(MatchPrefixParams(key=key))

@@ -115,8 +115,8 @@ def skip_copies() -> None:
     pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
 
 
-def _sleep_cycles_per_ms(device: torch.device) -> int:
-    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured."""
+def _sleep_cycles_per_ms() -> int:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond on the current device, measured."""
     cycles = 10_000_000
     torch.cuda._sleep(cycles)  # the first launch loads the kernel
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -135,7 +135,7 @@ class Replay:
         self.times: dict[str, list[float]] = {}
         self.syncs: set[str] = set()
         self.loaded_tokens = 0
-        self.busy_cycles = int(busy_ms * _sleep_cycles_per_ms(cache.io.device)) if busy_ms else 0
+        self.busy_cycles = int(busy_ms * _sleep_cycles_per_ms()) if busy_ms else 0
 
     def _timed(self, name: str, fn, *args):
         if self.busy_cycles:
@@ -222,8 +222,8 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
         cache.flush()
         cache.store.close()
         del cache
-        # The tree's cycles hold views of the pinned tier: without a collection each variant's
-        # tier stays (three 64 GB tiers outgrew the H100 host's 128 GiB and the process was killed).
+        # The tree's cycles hold views of the pinned tier: without a collection each variant's tier
+        # stays (three 64 GB tiers would outgrow the H100 host's 128 GiB; such a run ended without its file).
         gc.collect()
 
 

@@ -275,17 +275,21 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every run: a later run's crash keeps the ones before
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
     for name, env in variants.items():
         report["variants"][name] = result = run_variant(objects, base_args, env, args, profile=False)
         print(f"[{name}] warm ms (mean/p50/p99): " + ", ".join(
             f"{hook} {t['mean']}/{t['p50']}/{t['p99']}" for hook, t in result["warm_ms"].items()), flush=True)
         print(f"[{name}] calls that waited for the GPU: {result['warm_syncs']}", flush=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")  # a later variant's crash keeps this one
+        write()
     if args.profile_top > 0:
         name, env = next(iter(variants.items()))
         profiled = run_variant(objects, base_args, env, args, profile=True)
         report["variants"][name]["warm_profile_by_cumulative_time"] = profiled["warm_profile_by_cumulative_time"]
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write()
     print(f"wrote {out}")
 
 

@@ -17,9 +17,10 @@ import json
 import os
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Optional
 
-from bench_common import add_commit_option, run_facts
+from bench_common import BENCHMARKS_DIR, add_commit_option, run_facts
 
 from kvtier.sglang_ext.metrics import TierMetrics
 from kvtier.sglang_ext.tiers.cpu import CpuTier
@@ -52,11 +53,12 @@ def main() -> None:
     ap.add_argument("--slots", type=int, action="append", help="tier sizes in chunks (default 1907 and 30000)")
     ap.add_argument("--chunks-per-reserve", type=int, default=40, help="a 10,000-token document: 40 chunks")
     ap.add_argument("--reserves", type=int, default=20)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(BENCHMARKS_DIR / "results" / "ab" / "tier_bookkeeping.json"))
     add_commit_option(ap)
     args = ap.parse_args()
-    cases: dict[str, dict] = {"no_tier_below": {}, "tier_below": {}}
+    cases: dict[str, dict] = {}
     for case, below in (("no_tier_below", False), ("tier_below", True)):
+        cases[case] = {}
         for slots in args.slots or [1907, 30_000]:
             us = us_per_slot(slots, args.chunks_per_reserve, args.reserves, below)
             ms = us * args.chunks_per_reserve / 1e3
@@ -65,10 +67,8 @@ def main() -> None:
                   f"of {args.chunks_per_reserve}", flush=True)
     report = {"benchmark": "tier_bookkeeping", "chunks_per_reserve": args.chunks_per_reserve,
               "reserves": args.reserves, "full_tier": cases, **run_facts(args.commit)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

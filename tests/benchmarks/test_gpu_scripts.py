@@ -127,6 +127,21 @@ def test_skip_copies_leaves_the_host_slab_and_the_pool_as_they_were(monkeypatch)
     assert all(torch.equal(b, a) for b, a in zip(pool.k_buffer + pool.v_buffer, before))
 
 
+def test_tier_bookkeeping_times_puts_into_a_full_real_tier_with_and_without_one_below(tmp_path):
+    """tier_bookkeeping.py on a real CpuTier: every case and size in the report, each reserve into the
+    full tier got all its slots (the script checks that itself and fails otherwise)."""
+    out = tmp_path / "tier_bookkeeping.json"
+    done = subprocess.run(
+        [sys.executable, str(Path(transfer_gpu.__file__).with_name("tier_bookkeeping.py")), "--slots", "64",
+         "--slots", "128", "--chunks-per-reserve", "4", "--reserves", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["full_tier"]) == {"no_tier_below", "tier_below"}
+    for case in report["full_tier"].values():
+        assert set(case) == {"64", "128"} and all(r["us_per_slot"] > 0 for r in case.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode watches CUDA calls")
 def test_hook_cost_names_a_call_that_waits_for_the_gpu_and_not_one_that_does_not():
     import hook_cost

@@ -12,7 +12,8 @@
   by the next walk or match, or at the scheduler's next step (``spill_deferred``,
   called by the plugin after every ``get_new_batch_prefill``), so they run in the decode steps
   between loads. A node evicted before its copy was launched is copied at its eviction.
-  ``spill_on_insert`` holds every inserted node for such a copy, whatever the pool's pressure.
+  ``spill_on_insert`` (on by default) holds every inserted node for such a copy, whatever the
+  pool's pressure, so a round's KV is stored before the next round's loads want the link.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
   ``host_hit_length`` (and starts prefetching the rest from disk or remote, waiting for that up to
   ``lower_tier_wait_s``). SGLang matches a prefix only when it schedules a request, so the plugin
@@ -365,7 +366,8 @@ class KVTierRadixCache(RadixCache):
         result = super().insert(params)
         self._tree_version += 1
         node = result.last_device_node
-        if self.cfg.spill_on_insert and node is not None and node is not self.root_node:
+        write_back = self.cfg.write_policy == "write_back"
+        if write_back and self.cfg.spill_on_insert and node is not None and node is not self.root_node:
             self._defer(node)
         if self.cfg.write_policy == "write_through" and not self.disable:
             key = params.key.page_aligned(self.page_size)

@@ -56,7 +56,6 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"spill_ahead": -0.1}, "spill_ahead"),
         ({"load_max_programs": -2}, "load_max_programs"),
         ({"load_layer_groups": -1}, "load_layer_groups"),
-        ({"spill_on_insert": True, "write_policy": "write_through"}, "spill_on_insert"),
     ],
 )
 def test_invalid_values_name_the_key(changes, key):

@@ -155,9 +155,11 @@ def test_load_continues_a_partial_gpu_match(make_cache, page_size):
 
 
 def test_write_through_stores_on_insert(make_cache):
+    """Stored at insert, once: ``spill_on_insert`` (on by default) is write_back's and copies nothing again."""
     cache = make_cache(16, write_policy="write_through")
     doc = list(range(2 * CHUNK_TOKENS + 10))
     insert(cache, doc)
+    scheduler_step()(_hooked_scheduler(cache))
     cache.flush()
     assert cache.store.prefix_hits(cache.namespace.chunk_keys(doc)) == 2
     # Eviction then needs no copy: the chunks are already there.
@@ -281,7 +283,8 @@ def test_spill_ahead_copies_what_eviction_takes_next(make_cache, page_size, monk
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     T = CHUNK_TOKENS
-    cache = make_cache(page_size, pool_tokens=24 * T, spill_ahead=0.35)  # keep ~8.4 chunks' rows ready
+    # spill_on_insert off: the walk's copies alone.
+    cache = make_cache(page_size, pool_tokens=24 * T, spill_ahead=0.35, spill_on_insert=False)  # ~8.4 chunks' rows ready
     shared = list(range(10_000, 10_000 + 4 * T))
     oldest = [shared + list(range(20_000, 20_000 + 2 * T)), shared + list(range(30_000, 30_000 + 2 * T))]
     newer = [list(range(n, n + 4 * T)) for n in (40_000, 50_000)]
@@ -323,7 +326,7 @@ def test_spill_ahead_walks_again_once_the_tree_changed(make_cache, monkeypatch):
     pool is fuller, and a request needing more sees a fuller pool too: the next node in eviction
     order is copied out."""
     T = CHUNK_TOKENS
-    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25, spill_on_insert=False)  # 4 chunks' rows ready
     walked = []  # the nodes each walk ranks
     priority = cache.eviction_strategy.get_priority
     monkeypatch.setattr(cache.eviction_strategy, "get_priority", lambda node: walked.append(node) or priority(node))
@@ -365,7 +368,7 @@ def test_spill_ahead_keeps_up_with_requests_of_one_size(make_cache):
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     T = CHUNK_TOKENS
-    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25, spill_on_insert=False)  # 4 chunks' rows ready
     docs = [list(range(n, n + 4 * T)) for n in range(10_000, 130_000, 10_000)]  # 12 documents of 4 chunks
     at_eviction = []  # chunks copied as their rows were freed, per request
     for i, doc in enumerate(docs):
@@ -399,7 +402,7 @@ def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monke
     from kvtier.sglang_ext.pool_io import PoolIO
 
     T = CHUNK_TOKENS
-    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.4)  # ~6 chunks' rows ready
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.4, spill_on_insert=False)  # ~6 chunks' rows ready
     launched = []  # the copies in launch order, each as (op, chunks)
     for op, method in (("spill", "to_host"), ("load", "to_device")):
         real = getattr(PoolIO, method)
@@ -471,7 +474,7 @@ def test_spill_ahead_waits_until_no_load_runs(make_cache):
     from kvtier.sglang_ext.pool_io import Completion
 
     T = CHUNK_TOKENS
-    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25)  # 4 chunks' rows ready
+    cache = make_cache(16, pool_tokens=16 * T, spill_ahead=0.25, spill_on_insert=False)  # 4 chunks' rows ready
     step = scheduler_step()
     docs = [list(range(n, n + 3 * T)) for n in (10_000, 20_000, 30_000, 40_000)]
     for doc in docs[:3]:
@@ -582,7 +585,8 @@ def test_the_plugin_hooks_the_scheduler_step():
 
 
 def test_without_spill_ahead_nothing_is_copied_before_eviction(make_cache):
-    cache = make_cache(16, pool_tokens=8 * CHUNK_TOKENS, spill_ahead=0)
+    """``spill_ahead`` 0 and ``spill_on_insert`` off: write_back copies at eviction only."""
+    cache = make_cache(16, pool_tokens=8 * CHUNK_TOKENS, spill_ahead=0, spill_on_insert=False)
     insert(cache, list(range(6 * CHUNK_TOKENS)))
     make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS))).init_next_round_input(cache)
     cache.flush()

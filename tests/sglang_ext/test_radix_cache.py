@@ -155,7 +155,8 @@ def test_load_continues_a_partial_gpu_match(make_cache, page_size):
 
 
 def test_write_through_stores_on_insert(make_cache):
-    """Stored at insert, once: ``spill_on_insert`` (on by default) is write_back's and copies nothing again."""
+    """Stored at insert, once: the scheduler's next step (where write_back's ``spill_on_insert``
+    copies run) copies nothing more."""
     cache = make_cache(16, write_policy="write_through")
     doc = list(range(2 * CHUNK_TOKENS + 10))
     insert(cache, doc)

@@ -204,7 +204,8 @@ def kvtier_summary(delta: Mapping[str, float]) -> dict:
     the radix hook asks only for chunks its match reported, so a cold prompt adds none), each tier's
     share of the chunks asked for, GB moved per tier and direction, tokens loaded in tails (the partial
     chunk after the last whole one), chunks copied out by what started
-    the copy (``eviction`` ones are on a request's path), GPU copy times, and the time the
+    the copy (``eviction`` ones are on a request's path), chunks each tier evicted (the CPU tier's
+    include tails, the first to go when it is full), GPU copy times, and the time the
     hook spent on SGLang's scheduler thread per operation (what kvtier adds to every request there)."""
     hits = {metric_label(k, "tier"): v for k, v in delta.items() if k.startswith("kvtier_hits_total{")}
     misses = sum(v for k, v in delta.items() if k.startswith("kvtier_misses_total{"))
@@ -228,6 +229,8 @@ def kvtier_summary(delta: Mapping[str, float]) -> dict:
         "tail_tokens": int(sum(v for k, v in delta.items() if k.startswith("kvtier_tail_tokens_total{"))),
         "spilled_chunks": {metric_label(k, "when"): int(v) for k, v in sorted(delta.items())
                            if k.startswith("kvtier_spilled_chunks_total{")},
+        "tier_evictions": {metric_label(k, "tier"): int(v) for k, v in sorted(delta.items())
+                           if k.startswith("kvtier_evictions_total{")},
         "gpu_copies": dict(sorted(timed["gpu"].items())),
         "hook_seconds": dict(sorted(timed["hook"].items())),
     }

@@ -61,6 +61,7 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     m.tail_tokens.inc(48)
     m.spills.labels("ahead").inc(8)
     m.spills.labels("eviction").inc(2)
+    m.evictions.labels("cpu").inc(5)
     for t in (0.02, 0.04):
         m.latency.labels("gpu", "load").observe(t)
     for t in (0.0001, 0.0003, 0.0002):
@@ -76,6 +77,7 @@ def test_scrape_of_served_registry_gives_per_pass_deltas():
     assert s["gb_moved"] == {"cpu_out": round(30 * chunk / 1e9, 3), "disk_in": round(6 * chunk / 1e9, 3)}
     assert s["demotions"] == 6 and s["dropped_puts"] == 0 and s["tail_tokens"] == 48
     assert s["spilled_chunks"] == {"ahead": 8, "eviction": 2}
+    assert s["tier_evictions"] == {"cpu": 5}
     assert s["gpu_copies"] == {"load": {"count": 2, "mean_s": 0.03}}
     assert s["hook_seconds"] == {"spill_ahead": {"count": 3, "mean_s": 0.0002, "total_s": 0.001}}
 

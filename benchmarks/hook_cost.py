@@ -8,7 +8,9 @@ TTFT, ``ab/long_doc_lg8_9992635.json``.) This measures that thread's time per ho
 over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workload's pattern:
 ``--docs`` documents of ``--doc-len`` tokens + a question + decoded tokens, cold, then warm in
 another order through a pool that holds few of them, so each warm request loads a whole document
-and evicts another. The GPU is synchronized before each request so that a hook's time is its own
+and evicts another. Each request holds its prefix, inserts its prompt after the prefill (SGLang's
+``cache_unfinished_req``; up to d340f56 only at finish, so no inner node's tail was
+left to copy at eviction), and its reply at finish. The GPU is synchronized before each request so that a hook's time is its own
 (launches, not waits behind earlier work). Each ``--variant`` (kvtier settings) gets its own cache;
 the first is then replayed once more under cProfile (top functions by cumulative time): a replay of
 its own, since the profiler slows the hooks 1.5-1.8x and the timed runs must compare (before, the
@@ -149,33 +151,43 @@ class Replay:
 
     def serve(self, doc: list[int], rid: str) -> None:
         cache, rnd = self.cache, self.rnd
-        allocator = cache.token_to_kv_pool_allocator
         _synchronize(cache)
         prompt = doc + [rnd.randrange(1000) for _ in range(QUESTION_TOKENS)]
         req = Req(rid, "", array("q", prompt), SamplingParams(max_new_tokens=OUTPUT_TOKENS))
         self._timed("match_prefix", req.init_next_round_input, cache)
+        prefix_node = req.last_node
         if req.host_hit_length > 0:
-            rows, node = self._timed("init_load_back", cache.init_load_back, InitLoadBackParams(
+            rows, prefix_node = self._timed("init_load_back", cache.init_load_back, InitLoadBackParams(
                 best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req))
             self.loaded_tokens += len(rows)
             req.prefix_indices = torch.cat([req.prefix_indices, rows])
+        cache.inc_lock_ref(prefix_node)  # the running request holds its prefix, as the scheduler does
         # The batch is formed (the plugin's hook on get_new_batch_prefill): its loads launch as one copy.
         self._timed("launch_loads", cache.launch_loads)
         _synchronize(cache)
         # The scheduler's next step (the same hook): the load is done, the walk's held copies launch.
         self._timed("spill_deferred", cache.spill_deferred)
-        # The request's own KV (prompt past the prefix, decoded tokens), then SGLang's insert at finish.
-        new = len(prompt) + OUTPUT_TOKENS - len(req.prefix_indices)
-        rows = allocator.alloc(new)
-        if rows is None:
-            self._timed("evict", cache.evict, EvictParams(num_tokens=new))
-            rows = allocator.alloc(new)
+        # The prompt past its prefix is prefilled and inserted, as SGLang's cache_unfinished_req does,
+        # and locked while the reply decodes; the scheduler's next step follows; the reply's rows are
+        # then inserted with it at finish (cache_finished_req). The question is new: nothing to free.
+        value = torch.cat([req.prefix_indices, self._alloc(len(prompt) - len(req.prefix_indices))])
+        node = self._timed("insert", cache.insert, InsertParams(key=RadixKey(array("q", prompt)), value=value)).last_device_node
+        cache.inc_lock_ref(node)
+        self._timed("spill_deferred", cache.spill_deferred)
+        value = torch.cat([value, self._alloc(OUTPUT_TOKENS)])
         tokens = prompt + [rnd.randrange(1000) for _ in range(OUTPUT_TOKENS)]
-        value = torch.cat([req.prefix_indices, rows])
-        done = self._timed("insert", cache.insert, InsertParams(key=RadixKey(array("q", tokens)), value=value))
-        if done.prefix_len > len(req.prefix_indices):
-            allocator.free(value[len(req.prefix_indices):done.prefix_len])
+        self._timed("insert", cache.insert, InsertParams(key=RadixKey(array("q", tokens)), value=value))
+        cache.dec_lock_ref(node)
+        cache.dec_lock_ref(prefix_node)
         cache.flush()
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        allocator = self.cache.token_to_kv_pool_allocator
+        rows = allocator.alloc(n)
+        if rows is None:
+            self._timed("evict", self.cache.evict, EvictParams(num_tokens=n))
+            rows = allocator.alloc(n)
+        return rows
 
 
 def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespace, profile: bool) -> dict:
@@ -212,6 +224,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
             "warm_hook_seconds": summary["hook_seconds"],
             "warm_gpu_copies": summary["gpu_copies"],
             "warm_spilled_chunks": summary["spilled_chunks"],
+            "warm_tier_evictions": summary["tier_evictions"],
         }
         if profiler:
             out = io.StringIO()

@@ -185,9 +185,10 @@ class KVTierRadixCache(RadixCache):
 
     # -- spill -----------------------------------------------------------------------------------
 
-    def _node_spill(self, node: TreeNode, tail_only: bool = False) -> Optional[_Spill]:
+    def _node_spill(self, node: TreeNode, part: Literal["all", "whole", "tail"] = "all") -> Optional[_Spill]:
         """The copy of the chunks that end inside ``node`` and no tier holds yet: its whole chunks
-        (unless ``tail_only``) and, with ``tail_chunks``, the tail ending its path. The chunk keys of its
+        (unless ``part`` is "tail") and, with ``tail_chunks``, the tail ending its path (unless
+        ``part`` is "whole"). The chunk keys of its
         path are hashed once per node and kept (a split keeps a node's end, so they stay right):
         spill ahead and eviction look at the same documents again and again, most of them already
         stored, and hashing a 10K-token path costs the scheduler's thread ~0.2 ms each time."""
@@ -200,10 +201,10 @@ class KVTierRadixCache(RadixCache):
         start = length - len(nodes[-1].value)
         T = self.chunk_tokens
         whole = length // T * T
-        if tail_only:
+        if part == "tail":
             start = max(start, whole)
         granule = self.namespace.tail_granule
-        tail = (length - whole) // granule * granule if self.cfg.tail_chunks else 0
+        tail = (length - whole) // granule * granule if self.cfg.tail_chunks and part != "whole" else 0
         if whole <= start // T * T and whole + tail <= start:
             return None  # no whole chunk and no tail ends inside the node
 
@@ -353,7 +354,7 @@ class KVTierRadixCache(RadixCache):
             if self.cfg.write_policy == "write_back":
                 self._spill([self._node_spill(node)], "eviction")
             elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
-                self._spill([self._node_spill(node, tail_only=True)], "eviction")
+                self._spill([self._node_spill(node, "tail")], "eviction")
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
@@ -366,16 +367,14 @@ class KVTierRadixCache(RadixCache):
         result = super().insert(params)
         self._tree_version += 1
         node = result.last_device_node
-        write_back = self.cfg.write_policy == "write_back"
-        if write_back and self.cfg.spill_on_insert and node is not None and node is not self.root_node:
+        if node is None or node is self.root_node:
+            return result
+        if self.cfg.write_policy == "write_through":
+            # The new tokens end the path in ``node`` (insert split off whatever matched): its whole
+            # chunks are the new ones; a tail is stored when the node is evicted.
+            self._spill([self._node_spill(node, "whole")], "insert", owners=(node,))
+        elif self.cfg.spill_on_insert:
             self._defer(node)
-        if self.cfg.write_policy == "write_through" and not self.disable:
-            key = params.key.page_aligned(self.page_size)
-            match = super().match_prefix(MatchPrefixParams(key=key))
-            rows = match.device_indices
-            keys = self.namespace.chunk_keys(key.raw_token_ids()[: len(rows)], key.extra_key)
-            self._spill([self._plan_spill(keys, lambda: rows, result.prefix_len)], "insert",
-                        owners=(match.last_device_node,))
         return result
 
     # -- load-back -----------------------------------------------------------------------------

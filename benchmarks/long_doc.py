@@ -130,6 +130,7 @@ class RequestResult:
     cached_device: int
     cached_host: int
     cached_storage: int
+    sent_s: float = 0.0  # time.monotonic() when it was sent: one clock with the server's processes (gc_pauses)
 
 
 async def sse_events(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
@@ -161,6 +162,7 @@ async def sse_events(session: aiohttp.ClientSession, url: str, ids: list[int], o
 async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
                           timeout_s: float) -> RequestResult:
     """One streaming ``/generate``, timed: TTFT at the first ``data:`` event, latency at ``[DONE]``."""
+    sent = time.monotonic()
     start = time.perf_counter()
     ttft = None
     last: dict | None = None
@@ -182,6 +184,7 @@ async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[in
         cached_device=int(details.get("device", cached - host - storage)),
         cached_host=host,
         cached_storage=storage,
+        sent_s=sent,
     )
 
 
@@ -220,8 +223,10 @@ async def run_pass(url: str, prompts: Sequence[list[int]], concurrency: int, out
 
 
 def pass_report(results: Sequence[RequestResult], wall_s: float) -> dict:
-    """TTFT and latency summaries, throughput and the share of prompt tokens served per cache level."""
+    """TTFT and latency summaries, throughput and the share of prompt tokens served per cache level;
+    per request (in prompt order) TTFT, latency and when it was sent after the pass's first request."""
     prompt = sum(r.prompt_tokens for r in results)
+    first_sent = min((r.sent_s for r in results), default=0.0)
     out = sum(r.output_tokens for r in results)
 
     def share(attr: str) -> float:
@@ -238,6 +243,7 @@ def pass_report(results: Sequence[RequestResult], wall_s: float) -> dict:
         "hit_rate": {"gpu": share("cached_device"), "host": share("cached_host"), "storage": share("cached_storage")},
         "ttft_all_s": [round(r.ttft_s, 4) for r in results],
         "latency_all_s": [round(r.latency_s, 4) for r in results],
+        "sent_all_s": [round(r.sent_s - first_sent, 4) for r in results],
     }
 
 
@@ -257,6 +263,7 @@ class RunOptions:
     profile_dir: str = ""
     profile_stack: bool = False
     attention_backend: str = "triton"
+    gc_log_dir: str = ""  # with a folder: log every server process's GC pauses there (gc_pauses/)
 
 
 def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
@@ -268,6 +275,32 @@ def _progress(name: str, pass_name: str) -> Callable[[int, int, float], None]:
             print(f"[{name}] {pass_name}: {done}/{total} requests, {elapsed:.1f} s", flush=True)
 
     return show
+
+
+GC_PAUSES_PATH = Path(__file__).resolve().parent / "gc_pauses"
+
+
+def gc_pause_env(folder: Path) -> dict[str, str]:
+    """The environment that makes a server's Python processes log their GC pauses into ``folder``
+    (emptied first), through ``gc_pauses/sitecustomize.py``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    path = os.environ.get("PYTHONPATH")
+    return {"KVTIER_BENCH_GC_LOG": str(folder),
+            "PYTHONPATH": f"{GC_PAUSES_PATH}{os.pathsep}{path}" if path else str(GC_PAUSES_PATH)}
+
+
+def gc_pauses(folder: Path, start: float, end: float, origin: float) -> list[dict]:
+    """The GC pauses logged in ``folder`` that began between ``start`` and ``end`` (time.monotonic), in
+    order, each at its start after ``origin``, by process title."""
+    pauses = []
+    for log in folder.glob("gc-*.jsonl"):
+        for line in log.read_text().splitlines():
+            p = json.loads(line)
+            if start <= p["t"] <= end:
+                pauses.append({"at_s": round(p["t"] - origin, 4), "ms": round(p["s"] * 1e3, 2), "gen": p["gen"],
+                               "proc": p["proc"]})
+    return sorted(pauses, key=lambda p: p["at_s"])
 
 
 def _prepare_disk(setup: ServerSetup) -> None:
@@ -290,15 +323,20 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
     metrics_url = f"http://127.0.0.1:{opts.metrics_port}/metrics"
     args = [*server_args, "--max-total-tokens", str(opts.pool_tokens), *setup.args]
     log = Path(opts.log_dir) / f"server-{name}.log"
+    env = dict(setup.env)
+    gc_log = Path(opts.gc_log_dir) / name if opts.gc_log_dir else None
+    if gc_log is not None:
+        env.update(gc_pause_env(gc_log))
     other_ports = (opts.metrics_port,) if setup.is_kvtier else ()
     result: dict = {"description": setup.description, "pool_tokens": opts.pool_tokens, "server_args": args,
                     "cuda_graph_max_bs": opts.cuda_graph_max_bs, "env": dict(setup.env), "passes": {}}
     try:
-        with sglang_server(model_dir, opts.port, args, dict(setup.env), log, other_ports=other_ports,
+        with sglang_server(model_dir, opts.port, args, env, log, other_ports=other_ports,
                            cuda_graph_max_bs=opts.cuda_graph_max_bs, attention_backend=opts.attention_backend) as startup:
             print(f"[{name}] server ready after {startup:.0f} s ({setup.description})", flush=True)
             result["startup_s"] = round(startup, 1)
-            result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts, log)
+            result["passes"] = measure_passes(name, url, metrics_url if setup.is_kvtier else None, passes, opts, log,
+                                              gc_log)
             if opts.profile_requests:
                 result["profiled"] = profile_pass(name, url, passes[-1][1][: opts.profile_requests], opts)
     finally:
@@ -308,10 +346,10 @@ def measure_config(name: str, setup: ServerSetup, passes: Sequence[Pass], opts: 
 
 
 def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequence[Pass], opts: RunOptions,
-                   server_log: Path | None = None) -> dict:
+                   server_log: Path | None = None, gc_log: Path | None = None) -> dict:
     """Warm the server at ``url`` up off the record, then run every pass; kvtier's counters come from
-    ``metrics_url`` and the sizes of SGLang's prefill batches from ``server_log`` when given. Returns
-    the report of each pass by name."""
+    ``metrics_url``, the sizes of SGLang's prefill batches from ``server_log`` and its processes' GC
+    pauses from ``gc_log`` when given. Returns the report of each pass by name."""
     rng = np.random.default_rng(12345)
     warmup = [rng.integers(1000, 2000, size=1000).tolist() for _ in range(opts.concurrency)]
     asyncio.run(run_pass(url, warmup, opts.concurrency, 8, opts.request_timeout_s))
@@ -319,9 +357,12 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
     for pass_name, prompts in passes:
         before = scrape_metrics(metrics_url) if metrics_url else None
         log_start = server_log.stat().st_size if server_log else 0
+        began = time.monotonic()
         results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
                                              opts.request_timeout_s, _progress(name, pass_name)))
         report = pass_report(results, wall)
+        if gc_log is not None:  # at_s on the clock of sent_all_s
+            report["gc_pauses"] = gc_pauses(gc_log, began, time.monotonic(), min(r.sent_s for r in results))
         report["kvtier"] = kvtier_summary(counter_delta(before, scrape_metrics(metrics_url))) if before is not None else "n/a"
         if server_log:
             # How the scheduler grouped the pass's requests: rounds split over batches move TTFT.
@@ -347,13 +388,16 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
 
 
 def describe_pass(p: Mapping) -> str:
-    """One line: TTFT and latency mean/p50/p99, throughput, hit shares, prefill batch sizes if known."""
+    """One line: TTFT and latency mean/p50/p99, throughput, hit shares, prefill batch sizes and GC pauses
+    if known."""
     t, lat, h = p["ttft"], p["latency"], p["hit_rate"]
-    batches = p.get("prefill_batches")
+    batches, pauses = p.get("prefill_batches"), p.get("gc_pauses")
     return (f"TTFT {t['mean_s']:.3f}/{t['p50_s']:.3f}/{t['p99_s']:.3f} s, latency {lat['mean_s']:.2f}/"
             f"{lat['p50_s']:.2f}/{lat['p99_s']:.2f} s (mean/p50/p99), {p['throughput_tok_s']:.0f} out tok/s, "
             f"cached gpu {h['gpu']:.0%} host {h['host']:.0%} storage {h['storage']:.0%}"
-            + (", prefill batches by size " + " ".join(f"{k}x{v}" for k, v in batches.items()) if batches else ""))
+            + (", prefill batches by size " + " ".join(f"{k}x{v}" for k, v in batches.items()) if batches else "")
+            + (f", GC pauses {len(pauses)} ({sum(g['ms'] for g in pauses):.0f} ms, longest "
+               f"{max(g['ms'] for g in pauses):.0f} ms)" if pauses else ""))
 
 
 def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> list[Pass]:
@@ -423,6 +467,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
+    ap.add_argument("--gc-log", metavar="DIR",
+                    help="log every server process's garbage-collection pauses of 2 ms or more into DIR/<config> "
+                         "(gc_pauses/sitecustomize.py) and list those of each pass in its report (gc_pauses, on "
+                         "the clock of sent_all_s)")
     ap.add_argument("--attention-backend", default="triton", choices=["triton", "flashinfer", "fa3"],
                     help="SGLang's attention backend for every config (triton: what the carried GPU bundle has always "
                          "run; flashinfer JIT-compiles its kernels at the first start, needs nvcc)")
@@ -431,7 +479,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
                       args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir,
-                      args.profile_stack, args.attention_backend)
+                      args.profile_stack, args.attention_backend, args.gc_log or "")
 
 
 def setups_from(args: argparse.Namespace) -> dict[str, ServerSetup]:

@@ -69,6 +69,10 @@ def test_passes_time_every_request_and_count_reuse(standin):
     assert report["hit_rate"]["gpu"] == round(sum(expected) / sum(map(len, warm)), 4)
     assert report["hit_rate"]["host"] == 0
     assert report["ttft_all_s"] == [round(r.ttft_s, 4) for r in warm_results]
+    # Four users: the first four requests go at once, each later one when a user's last one ended.
+    sent = report["sent_all_s"]
+    assert min(sent) == 0 and max(sent[:4]) < 0.1
+    assert all(s >= 0.21 for s in sent[4:8]) and all(s >= 0.42 for s in sent[8:])
     assert report["ttft"]["p99_s"] <= max(report["ttft_all_s"])
 
 

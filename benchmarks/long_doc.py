@@ -286,7 +286,7 @@ def gc_pause_env(folder: Path) -> dict[str, str]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     path = os.environ.get("PYTHONPATH")
-    return {"KVTIER_BENCH_GC_LOG": str(folder),
+    return {"GC_PAUSE_LOG": str(folder),
             "PYTHONPATH": f"{GC_PAUSES_PATH}{os.pathsep}{path}" if path else str(GC_PAUSES_PATH)}
 
 

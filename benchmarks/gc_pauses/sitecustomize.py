@@ -1,12 +1,12 @@
 """Logs the garbage collector's pauses of a Python process started with this folder on PYTHONPATH.
 
 A benchmark puts this folder first on a server's ``PYTHONPATH`` and names a folder in
-``KVTIER_BENCH_GC_LOG``: every Python process of that server (SGLang's tokenizer, scheduler and
+``GC_PAUSE_LOG``: every Python process of that server (SGLang's tokenizer, scheduler and
 detokenizer processes import ``sitecustomize`` at start) then appends each collection that paused it
-for at least ``KVTIER_BENCH_GC_MIN_MS`` (default 2) milliseconds to ``gc-<pid>.jsonl`` there:
+for at least ``GC_PAUSE_MIN_MS`` (default 2) milliseconds to ``gc-<pid>.jsonl`` there:
 ``{"t": start (time.monotonic), "s": seconds, "gen": generation, "collected": n, "proc": title}``.
 ``time.monotonic`` is one clock for every process of the host, so a client can lay the pauses
-beside its requests. Without ``KVTIER_BENCH_GC_LOG`` it does nothing. It shadows any other
+beside its requests. Without ``GC_PAUSE_LOG`` it does nothing. It shadows any other
 ``sitecustomize`` (on Debian/Ubuntu Python, apport's crash hook).
 """
 
@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-_folder = os.environ.get("KVTIER_BENCH_GC_LOG")
+_folder = os.environ.get("GC_PAUSE_LOG")
 
 
 def _title() -> str:
@@ -28,7 +28,7 @@ def _title() -> str:
 
 
 if _folder:
-    _min_s = float(os.environ.get("KVTIER_BENCH_GC_MIN_MS", "2")) / 1e3
+    _min_s = float(os.environ.get("GC_PAUSE_MIN_MS", "2")) / 1e3
     _started: dict[int, float] = {}
 
     def _on_gc(phase: str, info: dict) -> None:

@@ -467,6 +467,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cuda-graph-max-bs", type=int, default=8,
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="an SGLang argument for every config (e.g. --server-arg=--triton-attention-num-kv-splits=32)")
     ap.add_argument("--gc-log", metavar="DIR",
                     help="log every server process's garbage-collection pauses of 2 ms or more into DIR/<config> "
                          "(gc_pauses/sitecustomize.py) and list those of each pass in its report (gc_pauses, on "
@@ -513,7 +515,8 @@ def main() -> None:
             names.append(name)
         for name in names:
             facts = run_facts(args.commit)
-            result = measure_config(name, table[name], passes, options(args), model_dir, load_args)
+            result = measure_config(name, table[name], passes, options(args), model_dir,
+                                    [*load_args, *args.server_arg])
             result.update(facts, model=model_shape(config, source))
             report = merge_result(out, "long_doc", workload, name, result)
             for pass_name, ratio in report["configs"][name].get("vs_radix", {}).items():

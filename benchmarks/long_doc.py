@@ -470,8 +470,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--triton-kv-splits", type=int, default=32,
                     help="with Triton attention, every config's --triton-attention-num-kv-splits: the most splits of "
                          "a decode's KV (SGLang's default 8; its own heuristic asks for 31 for 4 requests over 10K "
-                         "tokens on an H100, and 32 took a warm decode step from 10.4 to 9.3 ms in every config; the "
-                         "tables before session 19 ran with 8; 0: SGLang's default)")
+                         "tokens on an H100, and 32 took a warm decode step from 10.4 to 9.3 ms in every config; results "
+                         "without it in their server_args ran with 8; 0: SGLang's default)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="an SGLang argument for every config (e.g. --server-arg=--triton-attention-num-kv-splits=32)")
     ap.add_argument("--gc-log", metavar="DIR",

@@ -56,7 +56,7 @@ from bench_common import (
     summarize,
     write_dummy_model,
 )
-from sglang_server import prefill_batches, profiled, sglang_server
+from sglang_server import prefill_batches, profiled, request_stages, sglang_server
 
 Pass = tuple[str, list[list[int]]]
 WORKLOADS = ("rag", "chat", "noreuse")
@@ -131,14 +131,18 @@ class RequestResult:
     cached_host: int
     cached_storage: int
     sent_s: float = 0.0  # time.monotonic() when it was sent: one clock with the server's processes (gc_pauses)
+    rid: str = ""  # the request id it was sent with, if any
 
 
 async def sse_events(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
-                     timeout_s: float) -> AsyncIterator[dict]:
-    """POST one streaming greedy ``/generate`` (``ignore_eos``) and yield each ``data:`` event until ``[DONE]``;
-    an HTTP error, a streamed error, a timeout or a broken connection raise ``BenchError``."""
+                     timeout_s: float, rid: str = "") -> AsyncIterator[dict]:
+    """POST one streaming greedy ``/generate`` (``ignore_eos``; request id ``rid`` if given) and yield each
+    ``data:`` event until ``[DONE]``; an HTTP error, a streamed error, a timeout or a broken connection
+    raise ``BenchError``."""
     body = {"input_ids": ids, "stream": True,
             "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+    if rid:
+        body["rid"] = rid
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)) as resp:
             if resp.status != 200:
@@ -160,13 +164,13 @@ async def sse_events(session: aiohttp.ClientSession, url: str, ids: list[int], o
 
 
 async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[int], output_len: int,
-                          timeout_s: float) -> RequestResult:
+                          timeout_s: float, rid: str = "") -> RequestResult:
     """One streaming ``/generate``, timed: TTFT at the first ``data:`` event, latency at ``[DONE]``."""
     sent = time.monotonic()
     start = time.perf_counter()
     ttft = None
     last: dict | None = None
-    async for last in sse_events(session, url, ids, output_len, timeout_s):
+    async for last in sse_events(session, url, ids, output_len, timeout_s, rid):
         if ttft is None:
             ttft = time.perf_counter() - start
     latency = time.perf_counter() - start
@@ -185,16 +189,19 @@ async def stream_generate(session: aiohttp.ClientSession, url: str, ids: list[in
         cached_host=host,
         cached_storage=storage,
         sent_s=sent,
+        rid=rid,
     )
 
 
 async def run_pass(url: str, prompts: Sequence[list[int]], concurrency: int, output_len: int,
                    timeout_s: float = 300.0,
-                   on_done: Callable[[int, int, float], None] | None = None) -> tuple[list[RequestResult], float]:
+                   on_done: Callable[[int, int, float], None] | None = None,
+                   rid_prefix: str = "") -> tuple[list[RequestResult], float]:
     """Send ``prompts`` in order with ``concurrency`` users (each sends its next prompt when its last ends).
 
     Returns the results in prompt order and the wall time of the pass; ``on_done(done, total,
-    elapsed_s)`` is called after every request. The first failure cancels the pass.
+    elapsed_s)`` is called after every request. With ``rid_prefix``, prompt ``i`` is sent as request
+    id ``f"{rid_prefix}{i}"``. The first failure cancels the pass.
     """
     results: list[RequestResult | None] = [None] * len(prompts)
     queue = iter(enumerate(prompts))
@@ -206,7 +213,8 @@ async def run_pass(url: str, prompts: Sequence[list[int]], concurrency: int, out
         async def user() -> None:
             nonlocal done
             for i, ids in queue:
-                results[i] = await stream_generate(session, url, ids, output_len, timeout_s)
+                rid = f"{rid_prefix}{i}" if rid_prefix else ""
+                results[i] = await stream_generate(session, url, ids, output_len, timeout_s, rid)
                 done += 1
                 if on_done is not None:
                     on_done(done, len(prompts), time.perf_counter() - start)
@@ -359,7 +367,7 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
         log_start = server_log.stat().st_size if server_log else 0
         began = time.monotonic()
         results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
-                                             opts.request_timeout_s, _progress(name, pass_name)))
+                                             opts.request_timeout_s, _progress(name, pass_name), f"{pass_name}-"))
         report = pass_report(results, wall)
         if gc_log is not None:  # at_s on the clock of sent_all_s
             report["gc_pauses"] = gc_pauses(gc_log, began, time.monotonic(), min(r.sent_s for r in results))
@@ -368,7 +376,11 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
             # How the scheduler grouped the pass's requests: rounds split over batches move TTFT.
             with open(server_log, "rb") as f:
                 f.seek(log_start)
-                report["prefill_batches"] = prefill_batches(f.read().decode(errors="replace"))
+                text = f.read().decode(errors="replace")
+            report["prefill_batches"] = prefill_batches(text)
+            stages = server_stages(request_stages(text), results, time.time() - time.monotonic())
+            if stages:
+                report["server_stages"] = stages
         reports[pass_name] = report
         print(f"[{name}] {pass_name}: {describe_pass(report)}", flush=True)
     return reports
@@ -385,6 +397,23 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
     print(f"[{name}] profiled ({len(prompts)} requests, traces in {opts.profile_dir}): {describe_pass(report)}",
           flush=True)
     return {"requests": len(prompts), "trace_dir": opts.profile_dir, "profiler": answers, "report": report}
+
+
+def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult], wall_minus_monotonic: float) -> dict:
+    """Per request in prompt order, from SGLang's time-stats log lines (``stages`` by request id): when it
+    entered the scheduler's queue after the pass's first request was sent (on the clock of
+    ``sent_all_s``), how long it waited there (ms) and SGLang's prefill attempts; empty unless every
+    request has a line (the server ran with ``--enable-request-time-stats-logging``)."""
+    if not results or not all(r.rid in stages for r in results):
+        return {}
+    first = min(r.sent_s for r in results) + wall_minus_monotonic
+    got = [stages[r.rid] for r in results]
+    report = {"queue_ms": [s["queue"] for s in got]}
+    if all("entry" in s for s in got):
+        report["queued_at_s"] = [round(s["entry"] - first, 4) for s in got]
+    if all("attempts" in s for s in got):
+        report["attempts"] = [s["attempts"] for s in got]
+    return report
 
 
 def describe_pass(p: Mapping) -> str:

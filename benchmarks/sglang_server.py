@@ -114,14 +114,24 @@ def generate(port: int, ids: list[int] | list[list[int]], max_new_tokens: int = 
 
 
 # The line SGLang's scheduler logs per finished request with --enable-request-time-stats-logging.
-_STAGES = re.compile(r"ReqTimeStats\(rid=([^,)]+),.*?\): queue_duration=([\d.]+)ms, forward_duration=([\d.]+)ms")
+_STAGES = re.compile(r"ReqTimeStats\(rid=([^,)]+),(?:.*?attempts=(\d+))?.*?\): queue_duration=([\d.]+)ms, "
+                     r"forward_duration=([\d.]+)ms(?:, entry_time=([\d.]+))?")
 
 
 def request_stages(log_text: str) -> dict[str, dict[str, float]]:
-    """Per request id, the scheduler's own times in ms from a server log written with
+    """Per request id, the scheduler's own times from a server log written with
     ``--enable-request-time-stats-logging``: ``queue`` (entering the waiting queue to the forward pass
-    that runs it) and ``forward`` (from there until its result is processed)."""
-    return {m[1]: {"queue": float(m[2]), "forward": float(m[3])} for m in _STAGES.finditer(log_text)}
+    that runs it) and ``forward`` (from there until its result is processed) in ms, and where the
+    line has them ``entry`` (when it entered the queue, ``time.time()`` seconds) and ``attempts``
+    (SGLang's count of prefill attempts)."""
+    stages = {}
+    for m in _STAGES.finditer(log_text):
+        stages[m[1]] = {"queue": float(m[3]), "forward": float(m[4])}
+        if m[5] is not None:
+            stages[m[1]]["entry"] = float(m[5])
+        if m[2] is not None:
+            stages[m[1]]["attempts"] = int(m[2])
+    return stages
 
 
 # The line SGLang's scheduler logs for each prefill batch it runs.

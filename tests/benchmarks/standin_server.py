@@ -6,7 +6,7 @@ It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-token
 carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
-returns the most requests it ever had in flight at once. Each request is logged on stderr as
+returns the most requests it ever had in flight at once and the request ids (``rid``) sent with streamed requests. Each request is logged on stderr as
 SGLang's scheduler logs a prefill batch (one request per batch here). ``--mode error`` streams
 SGLang's error event, ``--mode hang`` sends the headers and then nothing. ``GET /health`` answers 200 once up.
 ``POST /start_profile`` and ``/stop_profile`` are recorded in ``/stats`` and answered with the path,
@@ -42,7 +42,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | None = None,
              log_stages: bool = False) -> web.Application:
     seen: list[list[int]] = []
-    state = {"in_flight": 0, "max_in_flight": 0, "requests": 0}
+    state = {"in_flight": 0, "max_in_flight": 0, "requests": 0, "rids": []}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -68,6 +68,8 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
                       f"attempts=1, type=unified): queue_duration=0.50ms, forward_duration={ttft_s * 1e3:.2f}ms, "
                       f"entry_time={time.time():.3f}", file=sys.stderr, flush=True)
             return web.json_response({"text": "", "output_ids": list(range(n_out)), "meta_info": meta})
+        if "rid" in body:
+            state["rids"].append(body["rid"])
         state["in_flight"] += 1
         state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -14,7 +14,8 @@ import urllib.request
 
 import pytest
 from bench_common import LLAMA3_8B, BenchError
-from long_doc import pass_report, rag_passes, run_pass, token_range
+from long_doc import RequestResult, pass_report, rag_passes, run_pass, server_stages, token_range
+from sglang_server import request_stages
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,6 +75,31 @@ def test_passes_time_every_request_and_count_reuse(standin):
     assert min(sent) == 0 and max(sent[:4]) < 0.1
     assert all(s >= 0.21 for s in sent[4:8]) and all(s >= 0.42 for s in sent[8:])
     assert report["ttft"]["p99_s"] <= max(report["ttft_all_s"])
+
+
+@pytest.mark.parametrize("standin", [["--ttft-s", "0.01", "--token-s", "0.001"]], indirect=True)
+def test_requests_carry_their_pass_and_index_as_request_id(standin):
+    results, _ = asyncio.run(run_pass(standin + "/generate", [[1, 2, 3]] * 5, 2, 3, rid_prefix="warm-"))
+    assert sorted(stats(standin)["rids"]) == [f"warm-{i}" for i in range(5)]
+    assert [r.rid for r in results] == [f"warm-{i}" for i in range(5)]
+    asyncio.run(run_pass(standin + "/generate", [[1, 2, 3]], 1, 3))
+    assert len(stats(standin)["rids"]) == 5  # no prefix: no request id, SGLang picks one
+
+
+def test_server_stages_line_up_with_the_client_clock():
+    # SGLang's lines for two of a pass's requests; the client sent them at monotonic 100.0 and 100.5,
+    # when the wall clock read 1000 s more.
+    log = "\n".join(
+        f"[2026-11-24 16:00:00] ReqTimeStats(rid={rid}, input_len=10, cached_input_len=0, output_len=1, "
+        f"attempts={attempts}, type=unified): queue_duration={queue}ms, forward_duration=40.00ms, entry_time={entry}"
+        for rid, attempts, queue, entry in (("warm-0", 1, "3.50", "1100.004"), ("warm-1", 2, "51.25", "1100.512")))
+    results = [RequestResult(0.05, 1.0, 10, 1, 0, 0, 0, sent_s=100.0, rid="warm-0"),
+               RequestResult(0.09, 1.0, 10, 1, 0, 0, 0, sent_s=100.5, rid="warm-1")]
+    stages = server_stages(request_stages(log), results, wall_minus_monotonic=1000.0)
+    assert stages == {"queue_ms": [3.5, 51.25], "queued_at_s": [0.004, 0.512], "attempts": [1, 2]}
+    # A request without its line (a server without the flag): nothing rather than a partial list.
+    assert server_stages(request_stages(log), [*results, RequestResult(0.1, 1.0, 10, 1, 0, 0, 0, rid="warm-2")],
+                         1000.0) == {}
 
 
 @pytest.mark.parametrize("standin", [["--mode", "error"]], indirect=True)

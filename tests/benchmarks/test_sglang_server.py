@@ -31,6 +31,8 @@ def test_request_stages_reads_the_line_sglang_logs(caplog):
     assert set(stages) == {"a1b2", "c3"}
     assert abs(stages["a1b2"]["queue"] - 3.0) < 0.01 and abs(stages["a1b2"]["forward"] - 47.0) < 0.01
     assert stages["c3"]["queue"] == 0.0 and abs(stages["c3"]["forward"] - 12.5) < 0.01
+    # When it entered the queue, on the wall clock (SGLang converts its perf_counter stamps), to the ms.
+    assert abs(stages["a1b2"]["entry"] - time.time()) < 5 and stages["a1b2"]["attempts"] == 0
     assert request_stages("no such lines") == {}
 
 

@@ -1,9 +1,9 @@
 """The ``kvtier`` radix-cache backend: SGLang's RadixCache whose evicted KV spills to the tiers.
 
 - Spill (``write_back``, the default): ``RadixCache.evict`` frees a leaf's pool rows and then
-  calls ``_delete_leaf``; nothing touches KV in between, so the leaf's whole chunks are copied
-  out there, on a side stream (see ``pool_io``), into CPU-tier slots that are published when the
-  copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
+  calls ``_delete_leaf``; nothing can be given those rows before ``evict`` returns, so the whole
+  chunks of every leaf it deleted are copied out as it returns, in one copy on a side stream (see
+  ``pool_io``), into CPU-tier slots that are published when the copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
   ``spill_ahead`` moves most write-back copies off the critical path: when a scheduled request
   would leave less than that fraction of the pool free, the nodes eviction would take first are
   copied out in the background (not guarded: their rows stay in the tree), so their eviction
@@ -338,6 +338,7 @@ class KVTierRadixCache(RadixCache):
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
         self._queued: list[_QueuedLoad] = []  # loads of the prefill batch being formed (launch_loads)
+        self._evicted: list[Optional[_Spill]] = []  # copies of the leaves the running evict deleted
 
     def _delete_leaf(self, node: TreeNode) -> None:
         if any(q.owner is node for q in self._queued):
@@ -352,16 +353,23 @@ class KVTierRadixCache(RadixCache):
         self._tree_version += 1
         if node.value is not None and len(node.value):
             if self.cfg.write_policy == "write_back":
-                self._spill([self._node_spill(node)], "eviction")
+                self._evicted.append(self._node_spill(node))
             elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
-                self._spill([self._node_spill(node, "tail")], "eviction")
+                self._evicted.append(self._node_spill(node, "tail"))
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
     def evict(self, params: EvictParams):
+        """SGLang's evict; the chunks of every leaf it deletes go out in one copy at its end, before
+        anything can be given the freed rows (a launch costs the scheduler's thread ~1 ms; in the
+        CPU replay of the rag warm pass, hook_cost.py, an evict deleted ~3 leaves)."""
         self._reap()
         with self._hook("evict"):
-            return super().evict(params)
+            try:
+                return super().evict(params)
+            finally:
+                spills, self._evicted = self._evicted, []
+                self._spill(spills, "eviction")
 
     def insert(self, params: InsertParams) -> InsertResult:
         result = super().insert(params)

@@ -133,6 +133,38 @@ def test_evicted_prefix_comes_back_bit_exact(make_cache, page_size, copy):
     assert not cache.store.cpu._leases  # load-back pins released
 
 
+@pytest.mark.parametrize("policy", ["write_back", "write_through"])
+def test_one_evict_copies_every_leaf_it_deletes_in_one_copy(make_cache, monkeypatch, policy):
+    """Three documents with tails, evicted by one call: one copy for all their chunks (write_back) or
+    tails (write_through stored the whole chunks at insert), launched before evict returns; each
+    comes back bit-exact. An evict that deletes two of them copies those two, again in one copy."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    cache = make_cache(1, write_policy=policy, spill_on_insert=False)
+    docs = [list(range(base, base + 2 * CHUNK_TOKENS + 16)) for base in (1000, 3000, 5000, 7000)]
+    rows = [insert(cache, doc) for doc in docs]
+    expected = [kv_rows(cache, r) for r in rows]
+    cache.flush()
+    launches = []
+    to_host = cache.io.to_host
+    monkeypatch.setattr(cache.io, "to_host", lambda *a, **k: launches.append(len(a[1])) or to_host(*a, **k))
+
+    before = spilled_chunks(cache, "eviction")
+    cache.evict(EvictParams(num_tokens=2 * len(docs[0])))  # the two least recently used
+    per_doc = 3 if policy == "write_back" else 1  # two whole chunks and a tail, or the tail alone
+    assert launches == [2 * per_doc] and spilled_chunks(cache, "eviction") - before == 2 * per_doc
+    cache.evict(EvictParams(num_tokens=10**9))
+    assert launches == [2 * per_doc, 2 * per_doc]
+    cache.flush()
+    assert cache.total_size() == 0
+
+    clear_pool(cache)
+    for i, doc in enumerate(docs):
+        req = make_req(doc + [1], f"r{i}")
+        _, host_hit, loaded, _ = match_and_load(cache, req)
+        assert host_hit == len(doc) and same_kv(kv_rows(cache, loaded), expected[i])
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_load_continues_a_partial_gpu_match(make_cache, page_size):
     cache = make_cache(page_size)
@@ -423,12 +455,12 @@ def test_a_request_with_a_host_hit_spills_ahead_after_its_load(make_cache, monke
     loaded, _ = cache.init_load_back(
         InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
     )
-    # SGLang's evict(256 tokens) takes the two oldest documents, copied as their rows are freed; the
-    # load waits for the batch to be formed, and the spill ahead for the load.
-    assert launched == [("spill", 3), ("spill", 3)]
+    # SGLang's evict(256 tokens) takes the two oldest documents, copied in one copy as it returns;
+    # the load waits for the batch to be formed, and the spill ahead for the load.
+    assert launched == [("spill", 6)]
     scheduler_step()(_hooked_scheduler(cache))  # the batch is formed: the load, then, ahead, the next
     cache.flush()                               # document eviction would take
-    assert launched == [("spill", 3), ("spill", 3), ("load", 4), ("spill", 3)]
+    assert launched == [("spill", 6), ("load", 4), ("spill", 3)]
     assert same_kv(kv_rows(cache, loaded), expected)
     keys = cache.namespace.chunk_keys
     assert [cache.store.prefix_hits(keys(o)) for o in others] == [3, 3, 3, 0]

@@ -19,7 +19,8 @@ GPU is listed (``warm_syncs``, torch's sync debug mode); ``--busy-ms`` queues GP
 hook, as the forward pass the scheduler runs beside, so a wait torch does not flag shows as time. On
 CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
 (``warm_hook_seconds``); ``--no-copies`` turns the copies themselves off there, leaving the
-hooks' bookkeeping alone (tree, keys, tiers), comparable between variants.
+hooks' bookkeeping alone (tree, keys, tiers), comparable between variants. ``warm_launches`` counts
+the warm pass's copy launches by kind (spills at eviction, in the background, loads).
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
     python benchmarks/hook_cost.py --device cpu --layers 2 --docs 46 --pool-tokens 100000 --cpu-gb 4 \
@@ -190,6 +191,24 @@ class Replay:
         return rows
 
 
+def count_launches(io) -> dict[str, int]:
+    """Count ``io``'s copy launches from now on, by kind: spills at eviction (guarded: the freed rows
+    wait for them), spills in the background (ahead of eviction, at insert) and loads."""
+    counts = {"spill_at_eviction": 0, "spill_background": 0, "load": 0}
+    to_host, to_device = io.to_host, io.to_device
+
+    def counted_to_host(slots, views, on_done, guard=True, owners=()):
+        counts["spill_at_eviction" if guard else "spill_background"] += 1
+        return to_host(slots, views, on_done, guard, owners)
+
+    def counted_to_device(*a, **k):
+        counts["load"] += 1
+        return to_device(*a, **k)
+
+    io.to_host, io.to_device = counted_to_host, counted_to_device
+    return counts
+
+
 def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespace, profile: bool) -> dict:
     plugin.register()  # as every SGLang scheduler process does before it builds the cache
     HookRegistry.apply_hooks()
@@ -203,6 +222,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
             replay.serve(doc, f"cold{i}")
         replay.times.clear()
         replay.syncs.clear()
+        launches = count_launches(cache.io)
         before = _counters(cache)
         order = list(range(args.docs))
         rnd.shuffle(order)
@@ -225,6 +245,7 @@ def run_variant(objects, base_args, env: dict[str, str], args: argparse.Namespac
             "warm_gpu_copies": summary["gpu_copies"],
             "warm_spilled_chunks": summary["spilled_chunks"],
             "warm_tier_evictions": summary["tier_evictions"],
+            "warm_launches": launches,
         }
         if profiler:
             out = io.StringIO()

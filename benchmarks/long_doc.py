@@ -367,7 +367,8 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
         log_start = server_log.stat().st_size if server_log else 0
         began = time.monotonic()
         results, wall = asyncio.run(run_pass(url, prompts, opts.concurrency, opts.output_len,
-                                             opts.request_timeout_s, _progress(name, pass_name), f"{pass_name}-"))
+                                             opts.request_timeout_s, _progress(name, pass_name),
+                                             rid_prefix=f"{pass_name}-"))
         report = pass_report(results, wall)
         if gc_log is not None:  # at_s on the clock of sent_all_s
             report["gc_pauses"] = gc_pauses(gc_log, began, time.monotonic(), min(r.sent_s for r in results))
@@ -399,7 +400,8 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
     return {"requests": len(prompts), "trace_dir": opts.profile_dir, "profiler": answers, "report": report}
 
 
-def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult], wall_minus_monotonic: float) -> dict:
+def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult],
+                  wall_minus_monotonic: float) -> dict:
     """Per request in prompt order, from SGLang's time-stats log lines (``stages`` by request id): when it
     entered the scheduler's queue after the pass's first request was sent (on the clock of
     ``sent_all_s``), how long it waited there (ms) and SGLang's prefill attempts; empty unless every
@@ -497,10 +499,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="decode CUDA graphs up to this batch size, for every config (0: --disable-cuda-graph, "
                          "as in the results before session 7)")
     ap.add_argument("--triton-kv-splits", type=int, default=32,
-                    help="with Triton attention, every config's --triton-attention-num-kv-splits: the most splits of "
-                         "a decode's KV (SGLang's default 8; its own heuristic asks for 31 for 4 requests over 10K "
-                         "tokens on an H100, and 32 took a warm decode step from 10.4 to 9.3 ms in every config; results "
-                         "without it in their server_args ran with 8; 0: SGLang's default)")
+                    help="with Triton attention, every config's --triton-attention-num-kv-splits: the most splits "
+                         "of a decode's KV (SGLang's default 8; its own heuristic asks for 31 for 4 requests over "
+                         "10K tokens on an H100, and 32 took a warm decode step from 10.4 to 9.2 ms in every "
+                         "config; results without it in their server_args ran with 8; 0: SGLang's default)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="an SGLang argument for every config (e.g. --server-arg=--triton-attention-num-kv-splits=32)")
     ap.add_argument("--gc-log", metavar="DIR",

@@ -3,7 +3,8 @@
 - Spill (``write_back``, the default): ``RadixCache.evict`` frees a leaf's pool rows and then
   calls ``_delete_leaf``; nothing can be given those rows before ``evict`` returns, so the whole
   chunks of every leaf it deleted are copied out as it returns, in one copy on a side stream (see
-  ``pool_io``), into CPU-tier slots that are published when the copy completed. ``write_through`` copies new whole chunks when they are inserted instead.
+  ``pool_io``), into CPU-tier slots that are published when the copy completed. ``write_through``
+  copies new whole chunks when they are inserted instead.
   ``spill_ahead`` moves most write-back copies off the critical path: when a scheduled request
   would leave less than that fraction of the pool free, the nodes eviction would take first are
   copied out in the background (not guarded: their rows stay in the tree), so their eviction

@@ -419,16 +419,18 @@ def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult
 
 
 def describe_pass(p: Mapping) -> str:
-    """One line: TTFT and latency mean/p50/p99, throughput, hit shares, prefill batch sizes and GC pauses
-    if known."""
+    """One line: TTFT and latency mean/p50/p99, throughput, hit shares, prefill batch sizes, GC pauses
+    and the mean wait in SGLang's scheduler queue if known."""
     t, lat, h = p["ttft"], p["latency"], p["hit_rate"]
     batches, pauses = p.get("prefill_batches"), p.get("gc_pauses")
+    queued = p.get("server_stages", {}).get("queue_ms")
     return (f"TTFT {t['mean_s']:.3f}/{t['p50_s']:.3f}/{t['p99_s']:.3f} s, latency {lat['mean_s']:.2f}/"
             f"{lat['p50_s']:.2f}/{lat['p99_s']:.2f} s (mean/p50/p99), {p['throughput_tok_s']:.0f} out tok/s, "
             f"cached gpu {h['gpu']:.0%} host {h['host']:.0%} storage {h['storage']:.0%}"
             + (", prefill batches by size " + " ".join(f"{k}x{v}" for k, v in batches.items()) if batches else "")
             + (f", GC pauses {len(pauses)} ({sum(g['ms'] for g in pauses):.0f} ms, longest "
-               f"{max(g['ms'] for g in pauses):.0f} ms)" if pauses else ""))
+               f"{max(g['ms'] for g in pauses):.0f} ms)" if pauses else "")
+            + (f", scheduler queue wait mean {sum(queued) / len(queued):.1f} ms" if queued else ""))
 
 
 def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> list[Pass]:

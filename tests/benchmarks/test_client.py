@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 from bench_common import LLAMA3_8B, BenchError
-from long_doc import RequestResult, pass_report, rag_passes, run_pass, server_stages, token_range
+from long_doc import RequestResult, describe_pass, pass_report, rag_passes, run_pass, server_stages, token_range
 from sglang_server import request_stages
 
 def free_port() -> int:
@@ -100,6 +100,18 @@ def test_server_stages_line_up_with_the_client_clock():
     # A request without its line (a server without the flag): nothing rather than a partial list.
     assert server_stages(request_stages(log), [*results, RequestResult(0.1, 1.0, 10, 1, 0, 0, 0, rid="warm-2")],
                          1000.0) == {}
+
+
+def test_a_pass_s_line_names_its_gc_pauses_and_queue_wait_when_recorded():
+    results = [RequestResult(0.05, 1.0, 10, 2, 0, 0, 0, sent_s=1.0, rid="warm-0"),
+               RequestResult(0.09, 1.2, 10, 2, 0, 0, 0, sent_s=1.1, rid="warm-1")]
+    report = pass_report(results, wall_s=2.0)
+    assert "GC pauses" not in describe_pass(report) and "queue wait" not in describe_pass(report)
+    report["gc_pauses"] = [{"at_s": 0.5, "ms": 2.0, "gen": 1, "proc": "p"},
+                           {"at_s": 0.9, "ms": 4.0, "gen": 0, "proc": "p"}]
+    report["server_stages"] = {"queue_ms": [5.0, 10.0]}
+    line = describe_pass(report)
+    assert "GC pauses 2 (6 ms, longest 4 ms)" in line and line.endswith("scheduler queue wait mean 7.5 ms")
 
 
 @pytest.mark.parametrize("standin", [["--mode", "error"]], indirect=True)

@@ -370,8 +370,9 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
                                              opts.request_timeout_s, _progress(name, pass_name),
                                              rid_prefix=f"{pass_name}-"))
         report = pass_report(results, wall)
-        if gc_log is not None:  # at_s on the clock of sent_all_s
-            report["gc_pauses"] = gc_pauses(gc_log, began, time.monotonic(), min(r.sent_s for r in results))
+        first_sent = min(r.sent_s for r in results)  # the origin of sent_all_s
+        if gc_log is not None:
+            report["gc_pauses"] = gc_pauses(gc_log, began, time.monotonic(), first_sent)
         report["kvtier"] = kvtier_summary(counter_delta(before, scrape_metrics(metrics_url))) if before is not None else "n/a"
         if server_log:
             # How the scheduler grouped the pass's requests: rounds split over batches move TTFT.
@@ -379,7 +380,7 @@ def measure_passes(name: str, url: str, metrics_url: str | None, passes: Sequenc
                 f.seek(log_start)
                 text = f.read().decode(errors="replace")
             report["prefill_batches"] = prefill_batches(text)
-            stages = server_stages(request_stages(text), results, time.time() - time.monotonic())
+            stages = server_stages(request_stages(text), results, first_sent + time.time() - time.monotonic())
             if stages:
                 report["server_stages"] = stages
         reports[pass_name] = report
@@ -400,19 +401,17 @@ def profile_pass(name: str, url: str, prompts: Sequence[list[int]], opts: RunOpt
     return {"requests": len(prompts), "trace_dir": opts.profile_dir, "profiler": answers, "report": report}
 
 
-def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult],
-                  wall_minus_monotonic: float) -> dict:
+def server_stages(stages: Mapping[str, Mapping], results: Sequence[RequestResult], origin_wall_s: float) -> dict:
     """Per request in prompt order, from SGLang's time-stats log lines (``stages`` by request id): when it
-    entered the scheduler's queue after the pass's first request was sent (on the clock of
-    ``sent_all_s``), how long it waited there (ms) and SGLang's prefill attempts; empty unless every
-    request has a line (the server ran with ``--enable-request-time-stats-logging``)."""
+    entered the scheduler's queue after ``origin_wall_s`` (``time.time()`` of the pass's first send,
+    the origin of ``sent_all_s``), how long it waited there (ms) and SGLang's prefill attempts; empty
+    unless every request has a line (the server ran with ``--enable-request-time-stats-logging``)."""
     if not results or not all(r.rid in stages for r in results):
         return {}
-    first = min(r.sent_s for r in results) + wall_minus_monotonic
     got = [stages[r.rid] for r in results]
     report = {"queue_ms": [s["queue"] for s in got]}
     if all("entry" in s for s in got):
-        report["queued_at_s"] = [round(s["entry"] - first, 4) for s in got]
+        report["queued_at_s"] = [round(s["entry"] - origin_wall_s, 4) for s in got]
     if all("attempts" in s for s in got):
         report["attempts"] = [s["attempts"] for s in got]
     return report
@@ -445,7 +444,8 @@ def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> li
 
 def describe_workload(kind: str, args: argparse.Namespace, source: str, passes: Sequence[Pass]) -> dict:
     """What a result file's runs must share: workload, sizes, seed, GPU pool, model, requests per pass,
-    decode CUDA graphs."""
+    decode CUDA graphs, and what else every server was given: another attention backend, Triton's KV
+    splits, ``--server-arg``s (each moves decode or scheduling for every config alike)."""
     workload = {"kind": kind, "docs": args.docs, "doc_len": args.doc_len, "concurrency": args.concurrency,
                 "output_len": args.output_len, "pool_tokens": args.pool_tokens, "seed": args.seed,
                 "model": source, "passes": {name: len(p) for name, p in passes},
@@ -454,6 +454,10 @@ def describe_workload(kind: str, args: argparse.Namespace, source: str, passes: 
         workload.update(users=args.users, turns=args.turns, turn_len=args.turn_len)
     if args.attention_backend != "triton":  # results of other backends never merge into a triton file
         workload["attention_backend"] = args.attention_backend
+    if kv_split_args(args):  # absent: SGLang's default 8, as every file before --triton-kv-splits
+        workload["triton_kv_splits"] = args.triton_kv_splits
+    if args.server_arg:
+        workload["server_args"] = list(args.server_arg)
     return workload
 
 

@@ -339,7 +339,8 @@ class KVTierRadixCache(RadixCache):
         self._tree_version = 0  # bumped by every insert and leaf deletion
         self._ahead_walk: tuple[tuple[int, int, int], int] = ((-1, -1, -1), 0)  # (free, evictable, version), incoming
         self._queued: list[_QueuedLoad] = []  # loads of the prefill batch being formed (launch_loads)
-        self._evicted: list[Optional[_Spill]] = []  # copies of the leaves the running evict deleted
+        # Copies of the leaves the running evict deleted, launched as it returns; None outside evict.
+        self._evicted: Optional[list[Optional[_Spill]]] = None
 
     def _delete_leaf(self, node: TreeNode) -> None:
         if any(q.owner is node for q in self._queued):
@@ -353,10 +354,15 @@ class KVTierRadixCache(RadixCache):
         self._deferred.pop(node.id, None)  # copied below, as any node evicted before it was stored
         self._tree_version += 1
         if node.value is not None and len(node.value):
+            spill = None
             if self.cfg.write_policy == "write_back":
-                self._evicted.append(self._node_spill(node))
+                spill = self._node_spill(node)
             elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
-                self._evicted.append(self._node_spill(node, "tail"))
+                spill = self._node_spill(node, "tail")
+            if self._evicted is not None:
+                self._evicted.append(spill)
+            else:  # deleted outside evict (not in SGLang 0.5.17): its rows may go at once
+                self._spill([spill], "eviction")
         self._node_keys.pop(node.id, None)
         super()._delete_leaf(node)
 
@@ -366,10 +372,11 @@ class KVTierRadixCache(RadixCache):
         CPU replay of the rag warm pass, hook_cost.py, an evict deleted ~3 leaves)."""
         self._reap()
         with self._hook("evict"):
+            self._evicted = []
             try:
                 return super().evict(params)
             finally:
-                spills, self._evicted = self._evicted, []
+                spills, self._evicted = self._evicted, None
                 self._spill(spills, "eviction")
 
     def insert(self, params: InsertParams) -> InsertResult:

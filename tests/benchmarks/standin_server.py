@@ -2,7 +2,9 @@
 
 It answers ``input_ids`` requests the way SGLang 0.5.17 does with ``--skip-tokenizer-init``: without
 ``stream`` one JSON object (its ``meta_info`` with the request's ``id`` and ``e2e_latency``, and with
-``log_stages`` the ``ReqTimeStats`` line SGLang logs under ``--enable-request-time-stats-logging`` on stderr); with ``stream: true`` ``data: {json}`` events with cumulative ``output_ids`` and a ``meta_info`` that
+``log_stages`` the ``ReqTimeStats`` line SGLang logs under ``--enable-request-time-stats-logging`` on stderr,
+for streamed requests too, under the body's ``rid`` when given); with ``stream: true`` ``data: {json}`` events
+with cumulative ``output_ids`` and a ``meta_info`` that
 carries ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and ``cached_tokens_details``,
 then ``data: [DONE]``. Its "cache" is every prompt seen so far: a request's cached tokens are its
 longest common prefix with an earlier prompt, reported as GPU (``device``) tokens. ``GET /stats``
@@ -44,8 +46,16 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
     seen: list[list[int]] = []
     state = {"in_flight": 0, "max_in_flight": 0, "requests": 0, "rids": []}
 
+    def log_time_stats(rid: str, ids: list[int], cached: int, n_out: int, entry: float) -> None:
+        if log_stages:
+            print(f"ReqTimeStats(rid={rid}, input_len={len(ids)}, cached_input_len={cached}, output_len={n_out}, "
+                  f"attempts=1, type=unified): queue_duration=0.50ms, forward_duration={ttft_s * 1e3:.2f}ms, "
+                  f"entry_time={entry:.3f}", file=sys.stderr, flush=True)
+
     async def generate(request: web.Request) -> web.StreamResponse:
+        entry = time.time()
         body = await request.json()
+        rid = body.get("rid") or uuid.uuid4().hex
         ids = body["input_ids"]
         n_out = body["sampling_params"]["max_new_tokens"]
         cached = max((common_prefix(ids, s) for s in seen), default=0)
@@ -60,13 +70,9 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
         if not body.get("stream"):  # one JSON answer with every output id, as SGLang without streaming
             start = time.perf_counter()
             await asyncio.sleep(ttft_s + token_s * max(n_out - 1, 0))
-            rid = uuid.uuid4().hex
             meta = {"id": rid, "prompt_tokens": len(ids), "completion_tokens": n_out, "cached_tokens": cached,
                     "e2e_latency": time.perf_counter() - start}
-            if log_stages:
-                print(f"ReqTimeStats(rid={rid}, input_len={len(ids)}, cached_input_len={cached}, output_len={n_out}, "
-                      f"attempts=1, type=unified): queue_duration=0.50ms, forward_duration={ttft_s * 1e3:.2f}ms, "
-                      f"entry_time={time.time():.3f}", file=sys.stderr, flush=True)
+            log_time_stats(rid, ids, cached, n_out, entry)
             return web.json_response({"text": "", "output_ids": list(range(n_out)), "meta_info": meta})
         if "rid" in body:
             state["rids"].append(body["rid"])
@@ -89,6 +95,7 @@ def make_app(mode: str, ttft_s: float, token_s: float, metrics: TierMetrics | No
                     await resp.write(b"data: " + json.dumps(out).encode() + b"\n\n")
                     await asyncio.sleep(token_s)
             await resp.write(b"data: [DONE]\n\n")
+            log_time_stats(rid, ids, cached, n_out, entry)
         finally:
             state["in_flight"] -= 1
         return resp

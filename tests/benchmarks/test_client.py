@@ -95,11 +95,11 @@ def test_server_stages_line_up_with_the_client_clock():
         for rid, attempts, queue, entry in (("warm-0", 1, "3.50", "1100.004"), ("warm-1", 2, "51.25", "1100.512")))
     results = [RequestResult(0.05, 1.0, 10, 1, 0, 0, 0, sent_s=100.0, rid="warm-0"),
                RequestResult(0.09, 1.0, 10, 1, 0, 0, 0, sent_s=100.5, rid="warm-1")]
-    stages = server_stages(request_stages(log), results, wall_minus_monotonic=1000.0)
+    stages = server_stages(request_stages(log), results, origin_wall_s=1100.0)
     assert stages == {"queue_ms": [3.5, 51.25], "queued_at_s": [0.004, 0.512], "attempts": [1, 2]}
     # A request without its line (a server without the flag): nothing rather than a partial list.
     assert server_stages(request_stages(log), [*results, RequestResult(0.1, 1.0, 10, 1, 0, 0, 0, rid="warm-2")],
-                         1000.0) == {}
+                         1100.0) == {}
 
 
 def test_a_pass_s_line_names_its_gc_pauses_and_queue_wait_when_recorded():

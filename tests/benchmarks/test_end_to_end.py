@@ -81,6 +81,37 @@ def test_another_attention_backend_reaches_the_server_and_never_merges_into_a_tr
     assert second.returncode != 0 and "holds results of another workload" in second.stderr
 
 
+def test_kv_splits_server_args_request_times_and_gc_pauses_reach_the_report(tmp_path, monkeypatch):
+    """Triton's 32 KV splits and every --server-arg go to the server and into the workload (a file of
+    other settings is refused); the stand-in logs SGLang's per-request time line under the request id
+    long_doc sent, which lands per request in server_stages; --gc-log lists the pass's collections."""
+    monkeypatch.setenv("GC_PAUSE_MIN_MS", "0")  # every collection, so the stand-in's show up
+    out, gc_dir = tmp_path / "r.json", tmp_path / "gc"
+    r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--server-arg=--enable-request-time-stats-logging",
+            "--gc-log", str(gc_dir), "--out", str(out), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    launched = (tmp_path / "server-radix.log").read_text().splitlines()[0]
+    assert "--triton-attention-num-kv-splits 32" in launched and "--enable-request-time-stats-logging" in launched
+    report = json.loads(out.read_text())
+    assert report["workload"]["triton_kv_splits"] == 32
+    assert report["workload"]["server_args"] == ["--enable-request-time-stats-logging"]
+
+    warm = report["configs"]["radix"]["passes"]["warm"]
+    stages = warm["server_stages"]
+    assert stages["queue_ms"] == [0.5] * 5 and stages["attempts"] == [1] * 5
+    # Each request entered the (stand-in's) queue after it was sent and before its first token,
+    # to the stand-in's millisecond and the two clocks' read-out.
+    for queued, sent, ttft in zip(stages["queued_at_s"], warm["sent_all_s"], warm["ttft_all_s"]):
+        assert sent - 0.005 <= queued <= sent + ttft + 0.005
+    assert "scheduler queue wait mean 0.5 ms" in r.stdout
+    assert list((gc_dir / "radix").glob("gc-*.jsonl"))  # the stand-in process logged its collections
+    assert all(-0.1 <= p["at_s"] <= warm["wall_s"] + 0.1 for p in warm["gc_pauses"])
+
+    again = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--triton-kv-splits", "0",
+                "--server-arg=--enable-request-time-stats-logging", "--out", str(out), tmp_path=tmp_path)
+    assert again.returncode != 0 and "holds results of another workload" in again.stderr
+
+
 def test_long_doc_refuses_a_disk_tier_larger_than_the_disk(tmp_path):
     r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "kvtier_disk", "--out", str(tmp_path / "r.json"),
             "--disk-root", str(tmp_path), "--disk-gb", "1e9", tmp_path=tmp_path)

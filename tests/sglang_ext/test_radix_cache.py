@@ -165,6 +165,26 @@ def test_one_evict_copies_every_leaf_it_deletes_in_one_copy(make_cache, monkeypa
         assert host_hit == len(doc) and same_kv(kv_rows(cache, loaded), expected[i])
 
 
+def test_a_leaf_deleted_outside_evict_is_copied_at_once(make_cache, monkeypatch):
+    """SGLang 0.5.17 deletes leaves only in evict; should another path delete one, its chunks must not
+    wait for an evict that may never come: they are copied before the deletion returns."""
+    cache = make_cache(1, spill_on_insert=False)
+    doc = list(range(1000, 1000 + 2 * CHUNK_TOKENS))
+    rows = insert(cache, doc)
+    expected = kv_rows(cache, rows)
+    launches = []
+    to_host = cache.io.to_host
+    monkeypatch.setattr(cache.io, "to_host", lambda *a, **k: launches.append(len(a[1])) or to_host(*a, **k))
+    leaf = next(iter(cache.root_node.children.values()))
+    cache.token_to_kv_pool_allocator.free(leaf.value)
+    cache._delete_leaf(leaf)
+    assert launches == [2]
+    cache.flush()
+    clear_pool(cache)
+    _, host_hit, loaded, _ = match_and_load(cache, make_req(doc + [1]))
+    assert host_hit == len(doc) and same_kv(kv_rows(cache, loaded), expected)
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_load_continues_a_partial_gpu_match(make_cache, page_size):
     cache = make_cache(page_size)

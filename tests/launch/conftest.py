@@ -163,20 +163,46 @@ def spawn() -> Iterator[Callable[..., Proc]]:
         p.kill()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
+def _bound(port: int, host: str) -> socket.socket | None:
+    s = socket.socket()
+    try:
+        s.bind((host, port))
+    except OSError:
         s.close()
-    return ports
+        return None
+    return s
 
 
 @pytest.fixture
-def free_ports() -> Callable[[int], list[int]]:
-    """``free_ports(n)``: n distinct TCP ports free on loopback right now."""
-    return _free_ports
+def free_ports() -> Callable[..., list[int]]:
+    """``free_ports(n, consecutive=False)``: n distinct TCP ports free right now, none handed out
+    before in this test; ``consecutive`` makes them a run free on every address (kvtier's metrics
+    ports, one per worker rank from ``metrics_port`` on)."""
+    given: set[int] = set()
+
+    def pick(n: int, consecutive: bool = False) -> list[int]:
+        held: list[socket.socket] = []  # open until the choice is made, so no port is chosen twice
+        chosen: list[int] = []
+        try:
+            while len(chosen) < n:
+                first = _bound(0, "" if consecutive else "127.0.0.1")
+                assert first is not None, "the OS gave no free port"
+                held.append(first)
+                base = first.getsockname()[1]
+                run = list(range(base, base + n)) if consecutive else [base]
+                if any(port in given or port > 65535 for port in run):
+                    continue
+                rest = [_bound(port, "") for port in run[1:]]
+                held += [s for s in rest if s is not None]
+                if all(rest):
+                    chosen += run
+        finally:
+            for s in held:
+                s.close()
+        given.update(chosen)
+        return chosen
+
+    return pick
 
 
 @pytest.fixture

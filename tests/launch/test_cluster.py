@@ -209,7 +209,7 @@ def test_cluster_serves_through_the_router_and_stops_everything_on_sigint(start_
 
 def test_two_prefill_and_two_decode_workers_serve_through_the_router(start_cluster, client, free_ports, tmp_path):
     config = tmp_path / "kvtier.yaml"
-    metrics = free_ports(1)[0]
+    metrics = free_ports(4, consecutive=True)[0]  # one per worker
     config.write_text(f"metrics_port: {metrics}\n")
     cluster, ports = start_cluster("--prefill-gpus", "0,1", "--decode-gpus", "2,3", "--policy", "round_robin",
                                    "--kvtier-config", str(config), workers=(2, 2))
@@ -302,7 +302,8 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
 @pytest.mark.parametrize("taken,what", [("metrics", "prefill's kvtier metrics port"),
                                          ("decode", "decode's port"), ("bootstrap", "prefill's bootstrap port")])
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path, free_ports, taken, what):
-    ports = dict(zip(("metrics", "router", "prefill", "decode", "bootstrap"), free_ports(5)))
+    ports = dict(zip(("metrics", "router", "prefill", "decode", "bootstrap"),
+                     free_ports(2, consecutive=True)[:1] + free_ports(4)))  # metrics: prefill's, decode's
     config = tmp_path / "kvtier.yaml"
     config.write_text(f"metrics_port: {ports['metrics']}\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),

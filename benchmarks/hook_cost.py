@@ -19,8 +19,9 @@ GPU is listed (``warm_syncs``, torch's sync debug mode); ``--busy-ms`` queues GP
 hook, as the forward pass the scheduler runs beside, so a wait torch does not flag shows as time. On
 CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
 (``warm_hook_seconds``); ``--no-copies`` turns the copies themselves off there, leaving the
-hooks' bookkeeping alone (tree, keys, tiers), comparable between variants. ``warm_launches`` counts
-the warm pass's copy launches by kind (spills at eviction, in the background, loads).
+hooks' bookkeeping alone (tree, keys, tiers, each copy's argument checks; until 8fb48b8 the
+checks were left out too), comparable between variants. ``warm_launches`` counts the warm pass's
+copy launches by kind (spills at eviction, in the background, loads).
 
     python benchmarks/hook_cost.py --out benchmarks/results/ab/hook_cost.json
     python benchmarks/hook_cost.py --device cpu --layers 2 --docs 46 --pool-tokens 100000 --cpu-gb 4 \
@@ -64,7 +65,8 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from kvtier.sglang_ext import plugin, pool_io
+from kvtier.kernels import kv_pages
+from kvtier.sglang_ext import plugin
 from kvtier.sglang_ext.config import load_config
 from kvtier.sglang_ext.radix_cache import KVTierRadixCache
 
@@ -114,8 +116,10 @@ def _watching_syncs(found: set[str], hook: str, device: torch.device) -> Iterato
 
 
 def skip_copies() -> None:
-    """``--no-copies``: PoolIO's gathers and scatters do nothing, every other step of a spill or load runs."""
-    pool_io.gather_kv = pool_io.scatter_kv = lambda *_, **__: None
+    """``--no-copies``: a copy moves no byte (neither the kernel, interpreted on CPU, nor the torch
+    copies standing in for it); every other step of a spill or load runs, the checks of each copy's
+    arguments included."""
+    kv_pages._launch = kv_pages._gather_torch = kv_pages._scatter_torch = lambda *_, **__: None
 
 
 def _sleep_cycles_per_ms() -> int:

@@ -3,7 +3,8 @@
 ``gather_kv`` copies the pool rows of a batch of chunks into a host slab and ``scatter_kv`` copies
 them back, each in a single Triton launch covering every layer, K and V, and every chunk (a
 scatter may be issued as one launch per group of layers instead; the GPU reads and writes the
-pinned host memory directly, no staging copy); ``*_reference`` are the
+pinned host memory directly, no staging copy); ``KVPool`` does the same for a pool whose buffers
+it checked once, for callers that copy from one pool again and again; ``*_reference`` are the
 same operations in plain torch. ``copy_kv_rows`` copies rows from one pool straight into another
 pool's rows (every layer, K and V, one launch); on CUDA the destination may be another GPU's memory
 mapped into this process (CUDA IPC), which the kernel reaches with peer stores.
@@ -30,6 +31,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
+    "KVPool",
     "chunk_nbytes",
     "copy_kv_rows",
     "copy_kv_rows_reference",
@@ -165,53 +167,112 @@ def uses_triton(device: torch.device) -> bool:
     return _INTERPRETED
 
 
-def chunk_nbytes(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
+def chunk_nbytes(k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor],
                  chunk_tokens: int) -> int:
     """Bytes of one chunk of ``chunk_tokens`` tokens of this pool (see the module's layout)."""
     return chunk_tokens * len(k_buffers) * (_row_bytes(k_buffers[0]) + _row_bytes(v_buffers[0]))
 
 
-@dataclass(frozen=True)
-class _Plan:
-    num_layers: int
+@dataclass(frozen=True, eq=False)
+class KVPool:
+    """A pool's per-layer K and V buffers, checked once (``KVPool.of``).
+
+    Checking 2L buffers takes the caller's thread ~0.2 ms (``benchmarks/launch_cost.py``), so a
+    server's copies, each launched from SGLang's scheduler thread, go through one ``KVPool`` made at
+    start-up (``gather``/``scatter``); ``gather_kv``/``scatter_kv`` make one per call. The buffers'
+    addresses are read here: they must keep their storage (SGLang allocates a pool's buffers once).
+    """
+
+    k_buffers: tuple[torch.Tensor, ...]
+    v_buffers: tuple[torch.Tensor, ...]
+    rows: int
     k_row_bytes: int
     v_row_bytes: int
+    layer_ptrs: tuple[int, ...]
+    """data_ptr() of K layer 0, V layer 0, K layer 1, ... (the kernel's table)."""
+
+    @classmethod
+    def of(cls, k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor]) -> "KVPool":
+        """The pool of ``k_buffers``/``v_buffers`` (SGLang's ``k_buffer``/``v_buffer``): every layer
+        ``[rows, heads, dim]``, contiguous, of one dtype, device and shape."""
+        if len(k_buffers) == 0 or len(k_buffers) != len(v_buffers):
+            raise ValueError(f"need as many K as V layer buffers, at least one; got "
+                             f"{len(k_buffers)} K and {len(v_buffers)} V")
+        first = k_buffers[0]
+        for name, bufs in (("k_buffers", k_buffers), ("v_buffers", v_buffers)):
+            for i, buf in enumerate(bufs):
+                if buf.dtype != first.dtype or buf.device != first.device:
+                    raise ValueError(f"{name}[{i}] is {buf.dtype} on {buf.device}, but k_buffers[0] "
+                                     f"is {first.dtype} on {first.device}; all layers must match")
+                if buf.dim() < 2 or buf.shape != bufs[0].shape or buf.shape[0] != first.shape[0]:
+                    raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer needs "
+                                     f"the same [rows, heads, dim] shape and K and V the same rows")
+                if not buf.is_contiguous():
+                    raise ValueError(f"{name}[{i}] is not contiguous")
+        return cls(tuple(k_buffers), tuple(v_buffers), first.shape[0], _row_bytes(first), _row_bytes(v_buffers[0]),
+                   _layer_addresses(k_buffers, v_buffers))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_buffers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_buffers[0].device
+
+    def chunk_nbytes(self, chunk_tokens: int) -> int:
+        """Bytes of one chunk of ``chunk_tokens`` tokens (see the module's layout)."""
+        return chunk_nbytes(self.k_buffers, self.v_buffers, chunk_tokens)
+
+    def gather(self, slots: torch.Tensor, dst: torch.Tensor, dst_offsets: torch.Tensor, chunk_tokens: int,
+               max_programs: Optional[int] = None) -> None:
+        """:func:`gather_kv` from this pool."""
+        plan = _check(self, slots, dst, dst_offsets, chunk_tokens, "dst", gather=True)
+        if not plan.offsets.numel():
+            return
+        if uses_triton(self.device):
+            _launch(plan, slots, dst, "dst", chunk_tokens, gather=True,
+                    max_programs=_check_programs(max_programs), groups=[range(self.num_layers)])
+        else:
+            _gather_torch(plan, slots, dst, chunk_tokens)
+
+    def scatter(self, src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor, chunk_tokens: int,
+                max_programs: Optional[int] = None, groups: Optional[Sequence[range]] = None,
+                on_launched: Optional[Callable[[range], None]] = None) -> None:
+        """:func:`scatter_kv` into this pool."""
+        plan = _check(self, slots, src, src_offsets, chunk_tokens, "src", gather=False)
+        groups = _layer_groups(groups, self.num_layers)
+        if not plan.offsets.numel():
+            return
+        if uses_triton(self.device):
+            _launch(plan, slots, src, "src", chunk_tokens, gather=False,
+                    max_programs=_check_programs(max_programs), groups=groups, on_launched=on_launched)
+        else:
+            _scatter_torch(plan, src, slots, chunk_tokens, groups, on_launched)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One copy's checked arguments."""
+
+    pool: KVPool
     chunk_bytes: int
     offsets: torch.Tensor
     """int64 [n_chunks] on the CPU."""
     word_bytes: int
-    layer_ptrs: tuple[int, ...]
-    """data_ptr() of K layer 0, V layer 0, K layer 1, ... (the kernel's table)."""
 
 
-def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: torch.Tensor,
-           host: torch.Tensor, host_offsets: torch.Tensor, chunk_tokens: int, host_name: str,
-           gather: bool) -> _Plan:
+def _check(pool: KVPool, slots: torch.Tensor, host: torch.Tensor, host_offsets: torch.Tensor, chunk_tokens: int,
+           host_name: str, gather: bool) -> _Plan:
     if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    if len(k_buffers) == 0 or len(k_buffers) != len(v_buffers):
-        raise ValueError(f"need as many K as V layer buffers, at least one; got "
-                         f"{len(k_buffers)} K and {len(v_buffers)} V")
-    first = k_buffers[0]
-    for name, bufs in (("k_buffers", k_buffers), ("v_buffers", v_buffers)):
-        for i, buf in enumerate(bufs):
-            if buf.dtype != first.dtype or buf.device != first.device:
-                raise ValueError(f"{name}[{i}] is {buf.dtype} on {buf.device}, but k_buffers[0] "
-                                 f"is {first.dtype} on {first.device}; all layers must match")
-            if buf.dim() < 2 or buf.shape != bufs[0].shape or buf.shape[0] != first.shape[0]:
-                raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer needs "
-                                 f"the same [rows, heads, dim] shape and K and V the same rows")
-            if not buf.is_contiguous():
-                raise ValueError(f"{name}[{i}] is not contiguous")
-    num_layers, rows = len(k_buffers), first.shape[0]
-    k_row_bytes, v_row_bytes = _row_bytes(first), _row_bytes(v_buffers[0])
-    chunk_bytes = chunk_tokens * num_layers * (k_row_bytes + v_row_bytes)
+    device, chunk_bytes = pool.device, pool.chunk_nbytes(chunk_tokens)
 
     if host.dtype != torch.uint8 or host.dim() != 1 or not host.is_contiguous():
         raise ValueError(f"{host_name} must be a contiguous 1-D uint8 tensor, got {host.dtype} "
                          f"with shape {tuple(host.shape)}")
-    if host.device != first.device and host.device.type != "cpu":
-        raise ValueError(f"{host_name} is on {host.device} but the pool is on {first.device}")
+    if host.device != device and host.device.type != "cpu":
+        raise ValueError(f"{host_name} is on {host.device} but the pool is on {device}")
 
     if host_offsets.dtype != torch.int64 or host_offsets.dim() != 1:
         raise ValueError(f"{host_name}_offsets must be a 1-D int64 tensor, got "
@@ -223,13 +284,13 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
         raise ValueError(f"slots must be 1-D int64 with n_chunks * chunk_tokens = {n_chunks} * "
                          f"{chunk_tokens} entries, got {slots.dtype} with shape "
                          f"{tuple(slots.shape)}")
-    if slots.device != first.device and slots.device.type != "cpu":
-        raise ValueError(f"slots are on {slots.device} but the pool is on {first.device}")
+    if slots.device != device and slots.device.type != "cpu":
+        raise ValueError(f"slots are on {slots.device} but the pool is on {device}")
     # CUDA-resident slots are trusted: checking them would stall the stream on a sync.
     if slots.device.type == "cpu" and n_chunks:
         low, high = int(slots.min()), int(slots.max())
-        if low < -1 or high >= rows:
-            raise ValueError(f"slots must lie in [-1, {rows}), got [{low}, {high}]")
+        if low < -1 or high >= pool.rows:
+            raise ValueError(f"slots must lie in [-1, {pool.rows}), got [{low}, {high}]")
     # Tensor ops, not Python loops: PD moves pages of one token as chunks, thousands per call.
     offsets_align = 8  # only powers of two up to a word matter below
     if n_chunks:
@@ -248,9 +309,8 @@ def _check(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slots: 
             raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
                              f"({chunk_bytes} bytes each)")
 
-    ptrs = _layer_addresses(k_buffers, v_buffers)
-    alignment = math.gcd(k_row_bytes, v_row_bytes, host.data_ptr(), offsets_align, *ptrs)
-    return _Plan(num_layers, k_row_bytes, v_row_bytes, chunk_bytes, offsets, _word_bytes(alignment), ptrs)
+    alignment = math.gcd(pool.k_row_bytes, pool.v_row_bytes, host.data_ptr(), offsets_align, *pool.layer_ptrs)
+    return _Plan(pool, chunk_bytes, offsets, _word_bytes(alignment))
 
 
 def _layer_addresses(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> tuple[int, ...]:
@@ -276,15 +336,15 @@ def _layer_ptr_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tenso
     return torch.tensor(ptrs, dtype=torch.int64, device=device)
 
 
-def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-            slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int, gather: bool,
+def _launch(plan: _Plan, slots: torch.Tensor, host: torch.Tensor, host_name: str, chunk_tokens: int, gather: bool,
             max_programs: Optional[int], groups: Sequence[range],
             on_launched: Optional[Callable[[range], None]] = None) -> None:
-    device = k_buffers[0].device
+    pool = plan.pool
+    device = pool.device
     if host.device != device and not host.is_pinned():
         raise ValueError(f"{host_name} is pageable host memory; the GPU kernel can only reach "
                          f"pinned (cudaHostRegister'd) memory")
-    table = _layer_ptr_table(plan.layer_ptrs, device)
+    table = _layer_ptr_table(pool.layer_ptrs, device)
     offsets = plan.offsets.contiguous()
     if device.type == "cuda":
         # From pinned memory, without a wait: a blocking copy of pageable memory synchronizes the
@@ -292,10 +352,10 @@ def _launch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Te
         # that a spill's side stream waits on.
         offsets = offsets.pin_memory().to(device, non_blocking=True)
     slots = slots.to(device, non_blocking=True)
-    k_words, v_words, block_kw, block_vw, block_t = _blocks(plan.k_row_bytes, plan.v_row_bytes, plan.word_bytes)
+    k_words, v_words, block_kw, block_vw, block_t = _blocks(pool.k_row_bytes, pool.v_row_bytes, plan.word_bytes)
     n_tokens = plan.offsets.numel() * chunk_tokens
     n_tiles = triton.cdiv(n_tokens, block_t)
-    v_region_words = plan.num_layers * chunk_tokens * k_words
+    v_region_words = pool.num_layers * chunk_tokens * k_words
     # Everything above is done once per call: a load issued as one launch per layer sits on the
     # scheduler's critical path, so each further group costs only the launch itself.
     for layers in groups:
@@ -329,16 +389,16 @@ def _byte_rows(buf: torch.Tensor) -> torch.Tensor:
     return buf.view(torch.uint8).view(buf.shape[0], -1)
 
 
-def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                  slots: torch.Tensor, dst: torch.Tensor, chunk_tokens: int) -> None:
+def _gather_torch(plan: _Plan, slots: torch.Tensor, dst: torch.Tensor, chunk_tokens: int) -> None:
+    pool = plan.pool
     n_chunks = plan.offsets.numel()
-    slots = slots.to(k_buffers[0].device)
+    slots = slots.to(pool.device)
     keep = slots >= 0
     skipping = not bool(keep.all())
     parts, keep_parts = [], []
-    for bufs in (k_buffers, v_buffers):
+    for bufs in (pool.k_buffers, pool.v_buffers):
         rows = torch.stack([_byte_rows(b).index_select(0, slots.clamp(min=0)) for b in bufs])  # [L, n*T, row]
-        per_chunk = rows.view(plan.num_layers, n_chunks, chunk_tokens, -1).transpose(0, 1)
+        per_chunk = rows.view(pool.num_layers, n_chunks, chunk_tokens, -1).transpose(0, 1)
         parts.append(per_chunk.reshape(n_chunks, -1))
         if skipping:  # which bytes of each chunk belong to a kept token
             keep_parts.append(keep.view(n_chunks, 1, chunk_tokens, 1).expand(per_chunk.shape).reshape(n_chunks, -1))
@@ -349,19 +409,18 @@ def _gather_torch(plan: _Plan, k_buffers: list[torch.Tensor], v_buffers: list[to
         out.copy_(chunks[i] if keep_bytes is None else torch.where(keep_bytes[i], chunks[i], out))
 
 
-def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor,
-                   k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
-                   chunk_tokens: int, groups: Sequence[range],
+def _scatter_torch(plan: _Plan, src: torch.Tensor, slots: torch.Tensor, chunk_tokens: int, groups: Sequence[range],
                    on_launched: Optional[Callable[[range], None]] = None) -> None:
-    device = k_buffers[0].device
+    pool = plan.pool
+    device = pool.device
     n_chunks = plan.offsets.numel()
     slots = slots.to(device)
     keep = slots >= 0
     chunks = torch.stack([src[off : off + plan.chunk_bytes] for off in plan.offsets.tolist()]).to(device)
-    k_bytes = plan.num_layers * chunk_tokens * plan.k_row_bytes
-    per_layer = [(bufs, region.reshape(n_chunks, plan.num_layers, chunk_tokens, row_bytes), row_bytes)
-                 for bufs, region, row_bytes in ((k_buffers, chunks[:, :k_bytes], plan.k_row_bytes),
-                                                 (v_buffers, chunks[:, k_bytes:], plan.v_row_bytes))]
+    k_bytes = pool.num_layers * chunk_tokens * pool.k_row_bytes
+    per_layer = [(bufs, region.reshape(n_chunks, pool.num_layers, chunk_tokens, row_bytes), row_bytes)
+                 for bufs, region, row_bytes in ((pool.k_buffers, chunks[:, :k_bytes], pool.k_row_bytes),
+                                                 (pool.v_buffers, chunks[:, k_bytes:], pool.v_row_bytes))]
     for layers in groups:
         for bufs, region, row_bytes in per_layer:
             for layer in layers:
@@ -394,15 +453,7 @@ def gather_kv(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], slot
 
     Runs on the current stream for CUDA pools: synchronize before reading ``dst`` on the host.
     """
-    plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst",
-                  gather=True)
-    if not plan.offsets.numel():
-        return
-    if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, dst, "dst", chunk_tokens, gather=True,
-                max_programs=_check_programs(max_programs), groups=[range(plan.num_layers)])
-    else:
-        _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
+    KVPool.of(k_buffers, v_buffers).gather(slots, dst, dst_offsets, chunk_tokens, max_programs)
 
 
 def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
@@ -422,16 +473,7 @@ def scatter_kv(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor
     moved to the GPU once for all groups.
     Runs on the current stream for CUDA pools: leave ``src`` untouched until it has finished.
     """
-    plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
-                  gather=False)
-    groups = _layer_groups(groups, plan.num_layers)
-    if not plan.offsets.numel():
-        return
-    if uses_triton(k_buffers[0].device):
-        _launch(plan, k_buffers, v_buffers, slots, src, "src", chunk_tokens, gather=False,
-                max_programs=_check_programs(max_programs), groups=groups, on_launched=on_launched)
-    else:
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, groups, on_launched)
+    KVPool.of(k_buffers, v_buffers).scatter(src, src_offsets, slots, chunk_tokens, max_programs, groups, on_launched)
 
 
 def _layer_groups(groups: Optional[Sequence[range]], num_layers: int) -> list[range]:
@@ -450,20 +492,19 @@ def gather_kv_reference(k_buffers: list[torch.Tensor], v_buffers: list[torch.Ten
                         slots: torch.Tensor, dst: torch.Tensor, dst_offsets: torch.Tensor,
                         chunk_tokens: int) -> None:
     """:func:`gather_kv` in plain torch (``index_select``), on any device."""
-    plan = _check(k_buffers, v_buffers, slots, dst, dst_offsets, chunk_tokens, "dst",
-                  gather=True)
+    plan = _check(KVPool.of(k_buffers, v_buffers), slots, dst, dst_offsets, chunk_tokens, "dst", gather=True)
     if plan.offsets.numel():
-        _gather_torch(plan, k_buffers, v_buffers, slots, dst, chunk_tokens)
+        _gather_torch(plan, slots, dst, chunk_tokens)
 
 
 def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: torch.Tensor,
                          k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor],
                          chunk_tokens: int) -> None:
     """:func:`scatter_kv` in plain torch (``index_copy_``), on any device."""
-    plan = _check(k_buffers, v_buffers, slots, src, src_offsets, chunk_tokens, "src",
-                  gather=False)
+    pool = KVPool.of(k_buffers, v_buffers)
+    plan = _check(pool, slots, src, src_offsets, chunk_tokens, "src", gather=False)
     if plan.offsets.numel():
-        _scatter_torch(plan, src, slots, k_buffers, v_buffers, chunk_tokens, [range(plan.num_layers)])
+        _scatter_torch(plan, src, slots, chunk_tokens, [range(pool.num_layers)])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 SGLang hands a PD backend only addresses (``KVArgs.kv_data_ptrs`` and friends), so the pool and
 the metadata rows are wrapped here as uint8 tensors on their device, without a copy. ``Packer``
 moves the pages of a request, every layer, K and V, between the pool and a contiguous staging
-buffer with ``gather_kv`` / ``scatter_kv`` (one launch per buffer group), in page order: page
+buffer with ``KVPool.gather`` / ``scatter`` (one launch per buffer group), in page order: page
 ``i`` of a batch sits at ``i * page_bytes``; between servers of different TP sizes it moves a
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
@@ -30,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from kvtier.kernels.kv_pages import copy_kv_rows, gather_kv, scatter_kv
+from kvtier.kernels.kv_pages import KVPool, copy_kv_rows
 from kvtier.sglang_ext.config import ConfigError, KVTierConfig
 from kvtier.transfer.pd_heads import slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows, pages_outside
@@ -106,7 +106,7 @@ class Packer:
         self.index_groups = kv_groups(list(item_lens))
         offset = 0
         for ks, vs in self.index_groups:
-            self.groups.append(([views[i] for i in ks], [views[i] for i in vs], offset))
+            self.groups.append((KVPool.of([views[i] for i in ks], [views[i] for i in vs]), offset))
             offset += sum(item_lens[i] for i in ks + vs)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._row_buffer: Optional[torch.Tensor] = None
@@ -128,8 +128,8 @@ class Packer:
         rows = torch.from_numpy(page_rows(pages, self.page_size))
         with self._copying(wait) as timer:
             if heads is None:
-                for ks, vs, off in self.groups:
-                    gather_kv(ks, vs, rows, dst, self._offsets(len(pages), 0, off), self.page_size)
+                for pool, off in self.groups:
+                    pool.gather(rows, dst, self._offsets(len(pages), 0, off), self.page_size)
             else:
                 rows, n, ps = rows.to(self.device), len(pages), self.page_size
                 nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
@@ -150,8 +150,8 @@ class Packer:
         rows = torch.from_numpy(page_rows(pages, self.page_size))
         with self._copying(None) as timer:
             if heads is None:
-                for ks, vs, off in self.groups:
-                    scatter_kv(src, self._offsets(len(pages), base, off), rows, ks, vs, self.page_size)
+                for pool, off in self.groups:
+                    pool.scatter(src, self._offsets(len(pages), base, off), rows, self.page_size)
             else:
                 rows, n, ps = rows.to(self.device), len(pages), self.page_size
                 nbytes, plan = slice_plan(self.item_lens, ps, heads[2], heads[0], heads[1])
@@ -186,8 +186,9 @@ class Packer:
         with self._copying(wait) as timer:
             both = self._on_device(rows)
             src_rows, dst_rows = both[: len(rows) // 2], both[len(rows) // 2 :]
-            for (k_views, v_views, _), (ks, vs) in zip(self.groups, self.index_groups):
-                copy_kv_rows(k_views, v_views, [dst[i] for i in ks], [dst[i] for i in vs], src_rows, dst_rows)
+            for (pool, _), (ks, vs) in zip(self.groups, self.index_groups):
+                copy_kv_rows(pool.k_buffers, pool.v_buffers, [dst[i] for i in ks], [dst[i] for i in vs], src_rows,
+                             dst_rows)
         return timer.seconds
 
     def _on_device(self, rows: np.ndarray) -> torch.Tensor:

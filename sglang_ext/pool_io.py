@@ -35,7 +35,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from kvtier.kernels.kv_pages import chunk_nbytes, gather_kv, scatter_kv
+from kvtier.kernels.kv_pages import KVPool
 
 
 class LayerGate:
@@ -125,8 +125,7 @@ class PoolIO:
         self.load_max_programs = load_max_programs
         self.gate = LayerGate(len(k_buffers))
         self.load_groups = layer_groups(len(k_buffers), load_layer_groups)
-        self.k_buffers = k_buffers
-        self.v_buffers = v_buffers
+        self.pool = KVPool.of(k_buffers, v_buffers)  # checked once: each copy is launched on the scheduler's thread
         self.chunk_tokens = chunk_tokens
         self.slab = slab
         self.device = k_buffers[0].device
@@ -135,7 +134,7 @@ class PoolIO:
         self.spill_stream = torch.cuda.Stream(self.device) if cuda else None
         self._unguarded: list[tuple[Completion, tuple[Hashable, ...]]] = []
         self._last_load: Optional[Completion] = None
-        self.chunk_bytes = chunk_nbytes(k_buffers, v_buffers, chunk_tokens)
+        self.chunk_bytes = self.pool.chunk_nbytes(chunk_tokens)
         # Allocated now, so that a ring the GPU cannot hold fails at start, not in a request.
         self.ring = (torch.empty(spill_staging_chunks * self.chunk_bytes, dtype=torch.uint8, device=self.device)
                      if spill_staging_chunks > 0 else None)
@@ -227,8 +226,8 @@ class PoolIO:
         """
         slots = slots.to(self.device, non_blocking=True)
         if self.ring is None:
-            launch = partial(gather_kv, self.k_buffers, self.v_buffers, slots, self.slab, self._offsets(views),
-                             self.chunk_tokens, max_programs=self.spill_max_programs)
+            launch = partial(self.pool.gather, slots, self.slab, self._offsets(views), self.chunk_tokens,
+                             max_programs=self.spill_max_programs)
         else:
             launch = partial(self._spill_staged, slots, views)
         return self._run("spill", launch, on_done, guard, slots, owners=tuple(owners))
@@ -241,8 +240,8 @@ class PoolIO:
         ring_offsets = torch.arange(ring_chunks, dtype=torch.int64) * size
         for first in range(0, len(views), ring_chunks):
             group = views[first : first + ring_chunks]
-            gather_kv(self.k_buffers, self.v_buffers, slots[first * T : (first + len(group)) * T], self.ring,
-                      ring_offsets[: len(group)], T, max_programs=self.spill_max_programs)
+            self.pool.gather(slots[first * T : (first + len(group)) * T], self.ring, ring_offsets[: len(group)], T,
+                             max_programs=self.spill_max_programs)
             for j, view in enumerate(group):
                 view.copy_(self.ring[j * size : (j + 1) * size], non_blocking=True)
 
@@ -268,9 +267,8 @@ class PoolIO:
             self.gate.record(layers, events[-1])
 
         def launch() -> None:
-            scatter_kv(self.slab, offsets, slots, self.k_buffers, self.v_buffers, self.chunk_tokens,
-                       max_programs=self.load_max_programs, groups=self.load_groups,
-                       on_launched=launched if gated else None)
+            self.pool.scatter(self.slab, offsets, slots, self.chunk_tokens, max_programs=self.load_max_programs,
+                              groups=self.load_groups, on_launched=launched if gated else None)
 
         def done() -> None:
             self.gate.forget(events)

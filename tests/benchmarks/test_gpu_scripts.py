@@ -106,10 +106,11 @@ def test_skip_copies_leaves_the_host_slab_and_the_pool_as_they_were(monkeypatch)
     import hook_cost
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+    from kvtier.kernels import kv_pages
     from kvtier.sglang_ext import pool_io
 
-    for name in ("gather_kv", "scatter_kv"):
-        monkeypatch.setattr(pool_io, name, getattr(pool_io, name))  # put back after the test
+    for name in ("_launch", "_gather_torch", "_scatter_torch"):
+        monkeypatch.setattr(kv_pages, name, getattr(kv_pages, name))  # put back after the test
     hook_cost.skip_copies()
     pool = MHATokenToKVPool(64, 1, torch.bfloat16, 2, 8, 2, "cpu", False)
     for buf in pool.k_buffer + pool.v_buffer:
@@ -154,3 +155,21 @@ def test_hook_cost_names_a_call_that_waits_for_the_gpu_and_not_one_that_does_not
     with hook_cost._watching_syncs(found, "waits", x.device):
         y.sum().item()  # the CPU reads a GPU result: a sync
     assert len(found) == 1 and next(iter(found)).startswith("waits: ") and "test_gpu_scripts.py" in next(iter(found))
+
+
+def test_launch_cost_times_each_copy_kind_after_a_bit_exact_round_trip(tmp_path):
+    """launch_cost.py on CPU through a real PoolIO over a real SGLang pool: each size's round trip is
+    checked bit-exact (the script exits non-zero otherwise), then each kind of launch is timed."""
+    out = tmp_path / "launch_cost.json"
+    done = subprocess.run(
+        [sys.executable, str(Path(transfer_gpu.__file__).with_name("launch_cost.py")), "--device", "cpu", "--layers",
+         "2", "--chunks", "1,3", "--pool-tokens", "2048", "--repeats", "5", "--load-layer-groups", "2", "--out",
+         str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["round_trip_bit_exact"] == {"1": True, "3": True}
+    assert report["workload"]["load_layer_groups"] == 2 and report["workload"]["copies"] is True
+    assert set(report["by_chunks"]) == {"1", "3"}
+    for kinds in report["by_chunks"].values():
+        assert set(kinds) == {"spill_guarded", "spill_unguarded", "load"}
+        assert all(0 < t["median_us"] <= t["p90_us"] for t in kinds.values())

@@ -13,6 +13,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels import kv_pages
 from kvtier.kernels.kv_pages import (
+    KVPool,
     chunk_nbytes,
     gather_kv,
     gather_kv_reference,
@@ -400,6 +401,41 @@ def test_bad_inputs_raise(small_pool, fn, case):
             fn(k, v, slots, slab, offsets, T)
         else:
             fn(slab, offsets, slots, k, v, T)
+
+
+def test_one_kv_pool_serves_copies_of_other_layouts_as_the_reference_does():
+    """A server checks its pool's buffers once (``KVPool.of``) and then copies with other rows, chunk
+    counts and slab offsets each time: every copy matches the reference byte for byte, and the
+    round trip lands bit-exact in other rows."""
+    chunk_tokens, gen = 16, seeded("kv pool")
+    src_pool = make_pool(torch.bfloat16, 1, 8 * chunk_tokens, gen)
+    dst_pool, ref_pool = make_pool(torch.bfloat16, 1, 8 * chunk_tokens), make_pool(torch.bfloat16, 1, 8 * chunk_tokens)
+    src, dst = KVPool.of(src_pool.k_buffer, src_pool.v_buffer), KVPool.of(dst_pool.k_buffer, dst_pool.v_buffer)
+    assert src.num_layers == LAYERS and src.chunk_nbytes(chunk_tokens) == chunk_nbytes(
+        src_pool.k_buffer, src_pool.v_buffer, chunk_tokens)
+    for n_chunks in (1, 3, 2, 4):
+        slots, back = (random_slots(src_pool, n_chunks * chunk_tokens, gen) for _ in range(2))
+        offsets, slab_bytes = random_offsets(src.chunk_nbytes(chunk_tokens), n_chunks, gen)
+        got, want = host_slab(slab_bytes), host_slab(slab_bytes)
+        src.gather(slots, got, offsets, chunk_tokens)
+        gather_kv_reference(src_pool.k_buffer, src_pool.v_buffer, slots, want, offsets, chunk_tokens)
+        sync()
+        assert torch.equal(got, want)
+        dst.scatter(got, offsets, back, chunk_tokens, groups=[range(1), range(1, LAYERS)])
+        scatter_kv_reference(got, offsets, back, ref_pool.k_buffer, ref_pool.v_buffer, chunk_tokens)
+        sync()
+        for s, d, r in zip(layer_bytes(src_pool), layer_bytes(dst_pool), layer_bytes(ref_pool)):
+            assert torch.equal(d[back], s[slots]) and torch.equal(d, r)
+
+
+@pytest.mark.parametrize("case", ["slots-length", "slots-range", "offset-past-end", "slab-dtype", "chunk-tokens"])
+def test_a_kv_pool_still_checks_each_copys_arguments(small_pool, case):
+    k, v, slots, slab, offsets, T = _bad_case(small_pool, case)
+    pool = KVPool.of(k, v)
+    with pytest.raises(ValueError, match=BAD_CASES[case]):
+        pool.gather(slots, slab, offsets, T)
+    with pytest.raises(ValueError, match=BAD_CASES[case]):
+        pool.scatter(slab, offsets, slots, T)
 
 
 def test_overlapping_chunks_raise_only_when_written(small_pool):

@@ -17,6 +17,7 @@ without it, up to ``chunk_tokens - 1`` tokens of every turn were recomputed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -53,8 +54,7 @@ class KVNamespace:
     chunk_tokens: int
 
     def digest(self) -> bytes:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.blake2b(_VERSION + canonical, digest_size=KEY_BYTES).digest()
+        return _digest(self)
 
     @property
     def tail_granule(self) -> int:
@@ -62,12 +62,7 @@ class KVNamespace:
         return math.lcm(TAIL_GRANULE, self.page_size)
 
     def _seed(self, extra_key: Optional[str]) -> bytes:
-        seed = hashlib.blake2b(self.digest(), digest_size=KEY_BYTES)
-        # Length-prefix the extra key so that None, "" and any string hash apart.
-        if extra_key is not None:
-            raw = extra_key.encode()
-            seed.update(len(raw).to_bytes(8, "little") + raw)
-        return seed.digest()
+        return _seed(self, extra_key)
 
     def chunk_keys(
         self, token_ids: Sequence[int], extra_key: Optional[str] = None, known: Sequence[ChunkKey] = ()
@@ -100,3 +95,21 @@ class KVNamespace:
             h.update(tail[end - g : end].tobytes())
             out.append(h.copy().digest())
         return out
+
+
+# Kept: each chunk_keys call starts from a seed, and the radix hook makes several per request on
+# SGLang's scheduler thread (the namespace's JSON and two hashes took ~0.1 ms a call there).
+@functools.lru_cache(maxsize=64)
+def _digest(namespace: KVNamespace) -> bytes:
+    canonical = json.dumps(asdict(namespace), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(_VERSION + canonical, digest_size=KEY_BYTES).digest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _seed(namespace: KVNamespace, extra_key: Optional[str]) -> bytes:
+    seed = hashlib.blake2b(_digest(namespace), digest_size=KEY_BYTES)
+    # Length-prefix the extra key so that None, "" and any string hash apart.
+    if extra_key is not None:
+        raw = extra_key.encode()
+        seed.update(len(raw).to_bytes(8, "little") + raw)
+    return seed.digest()

@@ -12,7 +12,9 @@
   runs on the GPU (beside one they share PCIe and halve its speed) and launched once none does:
   by the next walk or match, or at the scheduler's next step (``spill_deferred``,
   called by the plugin after every ``get_new_batch_prefill``), so they run in the decode steps
-  between loads. A node evicted before its copy was launched is copied at its eviction.
+  between loads. A node evicted before its copy was launched is copied at its eviction; one
+  copied before gets only whole chunks the tier lost since, not its tail again (the tier drops
+  tails first: re-copying one would cost the request that wants the rows).
   ``spill_on_insert`` (on by default) holds every inserted node for such a copy, whatever the
   pool's pressure, so a round's KV is stored before the next round's loads want the link.
 - Load-back: ``match_prefix`` reports the chunks beyond the GPU match that the CPU tier holds as
@@ -350,13 +352,16 @@ class KVTierRadixCache(RadixCache):
             self.launch_loads()
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
-        self._spilled_ahead.discard(node.id)
-        self._deferred.pop(node.id, None)  # copied below, as any node evicted before it was stored
+        copied = node.id in self._spilled_ahead and self._deferred.pop(node.id, None) is None
+        self._spilled_ahead.discard(node.id)  # a node held but not yet copied is copied below
         self._tree_version += 1
         if node.value is not None and len(node.value):
             spill = None
             if self.cfg.write_policy == "write_back":
-                spill = self._node_spill(node)
+                # A tail copied out with its node before is not copied again: the CPU tier drops tails
+                # first, and copying one it dropped sits on the path of the request that wants the rows
+                # (all 54 chunks copied at eviction in hook_cost's CPU replay of the rag warm pass).
+                spill = self._node_spill(node, "whole" if copied else "all")
             elif self.cfg.tail_chunks:  # write_through stored the whole chunks at insert
                 spill = self._node_spill(node, "tail")
             if self._evicted is not None:

@@ -597,6 +597,35 @@ def test_spill_on_insert_copies_each_inserted_node_at_the_next_step(make_cache, 
     assert same_kv(kv_rows(cache, loaded), expected)
 
 
+def test_a_tail_the_tier_dropped_after_its_node_was_copied_is_not_copied_again_at_eviction(make_cache):
+    """spill_on_insert copied a chat turn's whole chunks and its tail at the next step; the CPU tier,
+    full, then dropped the tail first (tails are the first to go). Evicting the turn from the GPU
+    copies nothing: the tail would be copied on the path of the request that wants the rows, only
+    to be dropped again. The next turn loads the whole chunks back bit-exact. (A node evicted before
+    its copy ran still gets its tail: test_the_next_chat_turn_loads_the_last_turn_s_tail.)"""
+    T = CHUNK_TOKENS
+    cache = make_cache(16, pool_tokens=32 * T)
+    step, scheduler = scheduler_step(), _hooked_scheduler(cache)
+    turn = list(range(3000, 3000 + 4 * T + 40))
+    expected = kv_rows(cache, insert(cache, turn))
+    step(scheduler)
+    cache.flush()
+    assert spilled_chunks(cache, "ahead") == 5  # 4 whole chunks and a 32-token tail
+    keys = cache.namespace.chunk_keys(turn)
+    tail = cache.namespace.tail_keys(turn, keys)[-1]
+    tier = cache.store.cpu
+    others = [bytes([1, i % 256, i // 256]) * 11 for i in range(tier.num_slots - len(tier) + 1)]
+    cache.store.commit(cache.store.reserve(others))  # one more than the tier has free
+    assert tier.contains([tail]) == [False] and all(tier.contains(keys))
+
+    evict_all(cache)
+    assert spilled_chunks(cache, "eviction") == 0
+    clear_pool(cache)
+    device_len, host_hit, loaded, _ = match_and_load(cache, make_req(turn + [1, 2, 3]))
+    assert (device_len, host_hit) == (0, 4 * T)
+    assert same_kv(kv_rows(cache, loaded), [e[: 4 * T] for e in expected])
+
+
 def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
     """What SGLang's ``/start_profile`` records, without Python stacks: ``kvtier.<op>`` spans."""
     from torch.profiler import ProfilerActivity, profile

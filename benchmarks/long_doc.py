@@ -527,6 +527,12 @@ def kv_split_args(args: argparse.Namespace) -> list[str]:
     return ["--triton-attention-num-kv-splits", str(args.triton_kv_splits)]
 
 
+def common_server_args(args: argparse.Namespace, load_args: Sequence[str]) -> list[str]:
+    """Every server's SGLang arguments before its pool size and its config's own: the model's loading,
+    Triton's KV splits and each ``--server-arg``."""
+    return [*load_args, *kv_split_args(args), *args.server_arg]
+
+
 def options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(args.port, args.pool_tokens, args.concurrency, args.output_len, args.request_timeout,
                       args.log_dir, args.metrics_port, args.cuda_graph_max_bs, args.profile_requests, args.profile_dir,
@@ -565,7 +571,7 @@ def main() -> None:
         for name in names:
             facts = run_facts(args.commit)
             result = measure_config(name, table[name], passes, options(args), model_dir,
-                                    [*load_args, *kv_split_args(args), *args.server_arg])
+                                    common_server_args(args, load_args))
             result.update(facts, model=model_shape(config, source))
             report = merge_result(out, "long_doc", workload, name, result)
             for pass_name, ratio in report["configs"][name].get("vs_radix", {}).items():

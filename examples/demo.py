@@ -28,6 +28,7 @@ from bench_common import BenchError, add_commit_option, merge_result, model_shap
 from long_doc import (  # noqa: E402
     add_arguments,
     build_passes,
+    common_server_args,
     describe_workload,
     load_model,
     measure_config,
@@ -75,9 +76,10 @@ def main() -> None:
         for name in [*CONFIGS, *(["kvtier_pd"] if args.pd else [])]:
             facts = run_facts(args.commit)
             if name == "kvtier_pd":
-                results[name] = measure_pd(args, passes, model_dir, load_args)
+                results[name] = measure_pd(args, passes, model_dir, common_server_args(args, load_args))
             else:
-                results[name] = measure_config(name, table_of[name], passes, options(args), model_dir, load_args)
+                results[name] = measure_config(name, table_of[name], passes, options(args), model_dir,
+                                               common_server_args(args, load_args))
             if args.out:
                 merge_result(args.out, "long_doc", workload, name,
                              {**results[name], **facts, "model": model_shape(config, source)})
@@ -90,11 +92,12 @@ def main() -> None:
         print(table(results, "kvtier_pd"))
 
 
-def measure_pd(args: argparse.Namespace, passes, model_dir: str, load_args: list[str]) -> dict:
-    """The workload through prefill (kvtier's CPU tier) + decode + router, on two GPUs."""
+def measure_pd(args: argparse.Namespace, passes, model_dir: str, common_args: list[str]) -> dict:
+    """The workload through prefill (kvtier's CPU tier) + decode + router, on two GPUs; ``common_args``:
+    ``long_doc.common_server_args``."""
     prefill_gpu, decode_gpu = (int(g) for g in args.pd_gpus.split(","))
     ports = PDPorts(prefill_metrics=args.metrics_port, decode_metrics=args.metrics_port + 1)
-    server_args = [*load_args, "--max-total-tokens", str(args.pool_tokens)]
+    server_args = [*common_args, "--max-total-tokens", str(args.pool_tokens)]
     env = {"KVTIER_CPU_SIZE_GB": str(args.host_gb)}
     opts = replace(options(args), metrics_port=ports.prefill_metrics)
     with pd_cluster(model_dir, server_args, env, ports, prefill_gpu, decode_gpu, Path(opts.log_dir),

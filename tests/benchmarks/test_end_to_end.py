@@ -126,6 +126,8 @@ def test_demo_prints_the_speedup_table(tmp_path):
     assert any(line.startswith("[kvtier_cpu] warm: 5/5 requests") for line in lines)
     rows = [line for line in lines if line.startswith(("cold ", "warm "))]
     assert len(rows) == 2 and all(line.count("x |") == 2 for line in rows)
+    for name in ("radix", "kvtier_cpu"):  # long_doc's server arguments, Triton's KV splits among them
+        assert "--triton-attention-num-kv-splits 32" in (tmp_path / f"server-{name}.log").read_text().splitlines()[0]
 
 
 def test_demo_with_pd_runs_the_workload_through_prefill_decode_and_the_router(tmp_path):
@@ -141,6 +143,8 @@ def test_demo_with_pd_runs_the_workload_through_prefill_decode_and_the_router(tm
     report = json.loads((tmp_path / "demo.json").read_text())
     assert set(report["configs"]) == {"radix", "kvtier_cpu", "kvtier_pd"}
     assert report["configs"]["kvtier_pd"]["passes"]["warm"]["requests"] == 5
+    assert report["workload"]["triton_kv_splits"] == 32
+    assert all("--triton-attention-num-kv-splits" in report["configs"][name]["server_args"] for name in report["configs"])
     assert (tmp_path / "pd-router.log").exists()
 
 

@@ -44,7 +44,7 @@ import threading
 import weakref
 from array import array
 from concurrent.futures import Future, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence
 
@@ -72,6 +72,7 @@ from kvtier.sglang_ext.tiers.store import TierStore
 logger = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.05
+_KEPT_REQUESTS = 1024  # requests whose chunk keys are kept (_request_keys)
 
 
 def kv_pool_layout(pool: object) -> tuple[str, int]:
@@ -154,6 +155,7 @@ class KVTierRadixCache(RadixCache):
         # Stopped before the interpreter tears down: a daemon thread inside torch then aborts it.
         atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
+        self._req_keys: dict[int, tuple[array, Optional[str], list[ChunkKey]]] = {}  # id(req) -> tokens, extra, keys
         self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
         self._batch_loads = cfg.batch_loads and step_hook_applied()
         if cfg.batch_loads and not self._batch_loads:
@@ -162,9 +164,12 @@ class KVTierRadixCache(RadixCache):
 
     @contextmanager
     def _hook(self, op: str) -> Iterator[None]:
-        """Time a hook on the scheduler's thread (``kvtier_op_seconds{tier="hook",op=...}``) and name it
-        ``kvtier.<op>`` in torch profiler traces (SGLang's ``/start_profile``), stacks recorded or not."""
-        with self.store.metrics.timed("hook", op), torch.profiler.record_function(f"kvtier.{op}"):
+        """Time a hook on the scheduler's thread (``kvtier_op_seconds{tier="hook",op=...}``) and, while a
+        torch profiler records (SGLang's ``/start_profile``), name it ``kvtier.<op>`` in its trace,
+        stacks recorded or not (a span costs ~8 us of that thread even when no profiler records)."""
+        profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)  # torch's flag; absent: assume on
+        with self.store.metrics.timed("hook", op), (
+                torch.profiler.record_function(f"kvtier.{op}") if profiling else nullcontext()):
             yield
 
     # -- completions ---------------------------------------------------------------------------
@@ -422,7 +427,7 @@ class KVTierRadixCache(RadixCache):
         if self.disable or not self._report_host_hits or params.req is None or len(key) == 0:
             return result
         matched = len(result.device_indices)
-        host_hit = self._host_hit(key, matched)
+        host_hit = self._host_hit(key, matched, params.req)
         if host_hit <= 0:
             # With a host hit, init_load_back walks once the load is queued, so that the walk's
             # copies wait for it (spill_deferred) instead of starting beside it now.
@@ -430,14 +435,14 @@ class KVTierRadixCache(RadixCache):
             return result
         return result._replace(host_hit_length=host_hit)
 
-    def _host_hit(self, key: RadixKey, matched: int) -> int:
+    def _host_hit(self, key: RadixKey, matched: int, req) -> int:
         """Tokens past the ``matched`` GPU prefix of ``key`` in CPU-tier chunks (and a tail after the
         last whole one), after waiting up to ``lower_tier_wait_s`` for the disk or remote tier to
         bring more whole chunks there."""
         T = self.chunk_tokens
         # The raw int64 array, not a list: hashing a 10K-token prompt takes 0.1 ms instead of 0.4.
         tokens = key.page_aligned(self.page_size).raw_token_ids()
-        keys = self.namespace.chunk_keys(tokens, key.extra_key)
+        keys = self._request_keys(req, tokens, key.extra_key)
         first, hits = matched // T, 0
         if first < len(keys):
             rest = keys[first:]
@@ -462,6 +467,28 @@ class KVTierRadixCache(RadixCache):
         granule, whole = self.namespace.tail_granule, len(keys) * self.chunk_tokens
         n = next((j + 1 for j in reversed(range(len(held))) if held[j]), 0)
         return n * granule if whole + n * granule > matched else 0
+
+    def _request_keys(self, req, tokens: array, extra_key: Optional[str]) -> list[ChunkKey]:
+        """``namespace.chunk_keys(tokens, extra_key)`` for tokens of ``req``. SGLang matches a request
+        twice before it runs and the load-back needs the keys again: hashing a 10K-token prompt each
+        time took the scheduler's thread ~0.15 ms. So a request's last tokens and keys are kept, and
+        the whole chunks that the new tokens share with them (compared, never assumed) keep theirs."""
+        T = self.chunk_tokens
+        known: list[ChunkKey] = []
+        kept = self._req_keys.pop(id(req), None)
+        if kept is not None and kept[1] == extra_key:
+            old, old_keys = kept[0], kept[2]
+            n = min(len(old), len(tokens)) // T * T
+            if n and (old if len(old) == n else old[:n]) == (tokens if len(tokens) == n else tokens[:n]):
+                known = old_keys[: n // T]
+                if len(old) >= len(tokens):  # a prefix of the kept tokens (the load after the matches)
+                    self._req_keys[id(req)] = kept
+                    return known
+        keys = self.namespace.chunk_keys(tokens, extra_key, known)
+        self._req_keys[id(req)] = (array("q", tokens), extra_key, keys)
+        if len(self._req_keys) > _KEPT_REQUESTS:  # the oldest first: finished requests are never asked again
+            del self._req_keys[next(iter(self._req_keys))]
+        return keys
 
     def prefetch_on_arrival(self, req) -> None:
         """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
@@ -517,7 +544,7 @@ class KVTierRadixCache(RadixCache):
         matched = len(prefix)
         if matched >= end:
             return present, node
-        keys = self.namespace.chunk_keys(tokens, req.extra_key)
+        keys = self._request_keys(req, tokens, req.extra_key)
         first, whole = matched // T, len(keys) * T
         wanted = keys[first:]
         if end > whole:  # a tail (match_prefix found one of end - whole tokens)

@@ -626,6 +626,37 @@ def test_a_tail_the_tier_dropped_after_its_node_was_copied_is_not_copied_again_a
     assert same_kv(kv_rows(cache, loaded), [e[: 4 * T] for e in expected])
 
 
+def test_a_request_s_chunk_keys_are_hashed_once_and_always_right(make_cache, monkeypatch):
+    """A request is matched twice and loaded once: its prompt's chunks are hashed the first time only,
+    and an extension hashes only its new chunks. Whatever tokens it is asked about next (a prefix, an
+    extension, a changed token, another extra key, a list instead of an array), the keys are those
+    of a fresh hash."""
+    from kvtier.sglang_ext.chunk_keys import KVNamespace
+
+    T = CHUNK_TOKENS
+    cache = make_cache(1)
+    hashed, chunk_keys = [], KVNamespace.chunk_keys
+
+    def counted(self, token_ids, extra_key=None, known=()):
+        hashed.append(len(token_ids) // T - len(known))
+        return chunk_keys(self, token_ids, extra_key, known)
+
+    monkeypatch.setattr(KVNamespace, "chunk_keys", counted)
+    prompt = array("q", range(7000, 7000 + 5 * T + 9))
+    req = make_req(list(prompt))
+    req.init_next_round_input(cache)
+    req.init_next_round_input(cache)
+    assert sum(hashed) == 5
+    changed = array("q", prompt)
+    changed[3 * T + 1] = 1
+    for tokens, extra, fresh in ((prompt[: 2 * T + 5], None, 0), (prompt + array("q", range(2 * T)), None, 2),
+                                 (changed, None, 5), (changed, "salt", 5), (list(changed), "salt", 5),
+                                 (prompt, None, 5)):
+        hashed.clear()
+        assert cache._request_keys(req, tokens, extra) == chunk_keys(cache.namespace, tokens, extra)
+        assert sum(hashed) == fresh
+
+
 def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):
     """What SGLang's ``/start_profile`` records, without Python stacks: ``kvtier.<op>`` spans."""
     from torch.profiler import ProfilerActivity, profile

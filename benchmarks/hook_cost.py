@@ -10,7 +10,8 @@ over a real SGLang pool on the GPU (Llama-3-8B shape), replaying the rag workloa
 another order through a pool that holds few of them, so each warm request loads a whole document
 and evicts another. Each request holds its prefix, inserts its prompt after the prefill (SGLang's
 ``cache_unfinished_req``; up to d340f56 only at finish, so no inner node's tail was
-left to copy at eviction), and its reply at finish. The GPU is synchronized before each request so that a hook's time is its own
+left to copy at eviction), and its reply at finish; it is matched twice before, as SGLang's
+scheduler does (its schedule policy, then the prefill adder; once until 0c0d77d). The GPU is synchronized before each request so that a hook's time is its own
 (launches, not waits behind earlier work). Each ``--variant`` (kvtier settings) gets its own cache;
 the first is then replayed once more under cProfile (top functions by cumulative time): a replay of
 its own, since the profiler slows the hooks 1.5-1.8x and the timed runs must compare (before, the
@@ -60,6 +61,7 @@ from bench_common import (
     write_dummy_model,
 )
 from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.schedule_policy import match_prefix_for_req
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.plugins.hook_registry import HookRegistry
@@ -144,13 +146,13 @@ class Replay:
         self.loaded_tokens = 0
         self.busy_cycles = int(busy_ms * _sleep_cycles_per_ms()) if busy_ms else 0
 
-    def _timed(self, name: str, fn, *args):
+    def _timed(self, name: str, fn, *args, **kwargs):
         if self.busy_cycles:
             # A forward pass runs while the scheduler works: a hook that waits for the GPU waits for it.
             torch.cuda._sleep(self.busy_cycles)
         with _watching_syncs(self.syncs, name, self.cache.io.device):
             start = time.perf_counter()
-            out = fn(*args)
+            out = fn(*args, **kwargs)
             self.times.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
@@ -159,6 +161,9 @@ class Replay:
         _synchronize(cache)
         prompt = doc + [rnd.randrange(1000) for _ in range(QUESTION_TOKENS)]
         req = Req(rid, "", array("q", prompt), SamplingParams(max_new_tokens=OUTPUT_TOKENS))
+        # Matched twice, as SGLang's scheduler does: its schedule policy matches the waiting queue,
+        # then the prefill adder matches the request it takes.
+        self._timed("match_prefix", match_prefix_for_req, cache, req, None, include_req=True)
         self._timed("match_prefix", req.init_next_round_input, cache)
         prefix_node = req.last_node
         if req.host_hit_length > 0:

@@ -72,7 +72,7 @@ from kvtier.sglang_ext.tiers.store import TierStore
 logger = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.05
-_KEPT_REQUESTS = 1024  # requests whose chunk keys are kept (_request_keys)
+_KEPT_TOKENS = 1 << 22  # tokens of the requests whose chunk keys are kept (_request_keys): 32 MiB
 
 
 def kv_pool_layout(pool: object) -> tuple[str, int]:
@@ -156,6 +156,7 @@ class KVTierRadixCache(RadixCache):
         atexit.register(_stop_thread, stop, self._reaper)
         self._prefetching: dict[ChunkKey, Future] = {}
         self._req_keys: dict[int, tuple[array, Optional[str], list[ChunkKey]]] = {}  # id(req) -> tokens, extra, keys
+        self._req_keys_tokens = 0
         self._spill_ahead_on = cfg.write_policy == "write_back" and cfg.spill_ahead > 0
         self._batch_loads = cfg.batch_loads and step_hook_applied()
         if cfg.batch_loads and not self._batch_loads:
@@ -468,27 +469,38 @@ class KVTierRadixCache(RadixCache):
         n = next((j + 1 for j in reversed(range(len(held))) if held[j]), 0)
         return n * granule if whole + n * granule > matched else 0
 
-    def _request_keys(self, req, tokens: array, extra_key: Optional[str]) -> list[ChunkKey]:
+    def _request_keys(self, req, tokens: array, extra_key: Optional[str], keep: bool = True) -> list[ChunkKey]:
         """``namespace.chunk_keys(tokens, extra_key)`` for tokens of ``req``. SGLang matches a request
         twice before it runs and the load-back needs the keys again: hashing a 10K-token prompt each
-        time took the scheduler's thread ~0.15 ms. So a request's last tokens and keys are kept, and
-        the whole chunks that the new tokens share with them (compared, never assumed) keep theirs."""
+        time took the scheduler's thread ~0.15 ms. So a request's last tokens and keys are kept (unless
+        ``keep`` is False: the load-back, after which the request runs), and the whole chunks that the
+        new tokens share with them (compared, never assumed) keep theirs."""
         T = self.chunk_tokens
         known: list[ChunkKey] = []
         kept = self._req_keys.pop(id(req), None)
-        if kept is not None and kept[1] == extra_key:
+        if kept is not None:
+            self._req_keys_tokens -= len(kept[0])
             old, old_keys = kept[0], kept[2]
             n = min(len(old), len(tokens)) // T * T
-            if n and (old if len(old) == n else old[:n]) == (tokens if len(tokens) == n else tokens[:n]):
+            if kept[1] == extra_key and n and (old if len(old) == n else old[:n]) == (
+                    tokens if len(tokens) == n else tokens[:n]):
                 known = old_keys[: n // T]
-                if len(old) >= len(tokens):  # a prefix of the kept tokens (the load after the matches)
-                    self._req_keys[id(req)] = kept
+                if len(old) >= len(tokens):  # a prefix of the kept tokens: nothing new to hash
+                    if keep:
+                        self._keep_keys(id(req), kept)
                     return known
         keys = self.namespace.chunk_keys(tokens, extra_key, known)
-        self._req_keys[id(req)] = (array("q", tokens), extra_key, keys)
-        if len(self._req_keys) > _KEPT_REQUESTS:  # the oldest first: finished requests are never asked again
-            del self._req_keys[next(iter(self._req_keys))]
+        if keep:
+            self._keep_keys(id(req), (array("q", tokens), extra_key, keys))
         return keys
+
+    def _keep_keys(self, req_id: int, kept: tuple[array, Optional[str], list[ChunkKey]]) -> None:
+        """Keep a request's tokens and keys; the oldest go while more than ``_KEPT_TOKENS`` are kept
+        (requests matched and never loaded back, e.g. GPU hits, are never asked about again)."""
+        self._req_keys[req_id] = kept
+        self._req_keys_tokens += len(kept[0])
+        while self._req_keys_tokens > _KEPT_TOKENS and len(self._req_keys) > 1:
+            self._req_keys_tokens -= len(self._req_keys.pop(next(iter(self._req_keys)))[0])
 
     def prefetch_on_arrival(self, req) -> None:
         """Start fetching the disk- or remote-tier chunks of a request just queued into the CPU tier
@@ -544,7 +556,7 @@ class KVTierRadixCache(RadixCache):
         matched = len(prefix)
         if matched >= end:
             return present, node
-        keys = self._request_keys(req, tokens, req.extra_key)
+        keys = self._request_keys(req, tokens, req.extra_key, keep=False)
         first, whole = matched // T, len(keys) * T
         wanted = keys[first:]
         if end > whole:  # a tail (match_prefix found one of end - whole tokens)

@@ -75,7 +75,8 @@ def test_hook_cost_replays_loads_on_the_real_cache_and_reports_kvtiers_timers(tm
         assert v["warm_ms"]["init_load_back"]["mean"] > 0
         # kvtier's own timer runs inside each call the replay timed (the call adds the spill ahead)
         assert v["warm_hook_seconds"]["init_load_back"]["count"] >= 1
-        assert v["warm_hook_seconds"]["match_prefix"]["count"] == 3  # once per warm request, as the scheduler does
+        # twice per warm request, as the scheduler does (schedule policy, then the prefill adder)
+        assert v["warm_hook_seconds"]["match_prefix"]["count"] == 6
         # the loads go from the plugin's hook once the (one-request) batch is formed, as in a server
         assert v["warm_hook_seconds"]["launch_loads"]["count"] == v["warm_hook_seconds"]["init_load_back"]["count"]
         assert v["warm_hook_seconds"]["init_load_back"]["mean_s"] * 1e3 <= v["warm_ms"]["init_load_back"]["mean"] + 0.01

@@ -631,6 +631,7 @@ def test_a_request_s_chunk_keys_are_hashed_once_and_always_right(make_cache, mon
     and an extension hashes only its new chunks. Whatever tokens it is asked about next (a prefix, an
     extension, a changed token, another extra key, a list instead of an array), the keys are those
     of a fresh hash."""
+    from kvtier.sglang_ext import radix_cache
     from kvtier.sglang_ext.chunk_keys import KVNamespace
 
     T = CHUNK_TOKENS
@@ -655,6 +656,17 @@ def test_a_request_s_chunk_keys_are_hashed_once_and_always_right(make_cache, mon
         hashed.clear()
         assert cache._request_keys(req, tokens, extra) == chunk_keys(cache.namespace, tokens, extra)
         assert sum(hashed) == fresh
+    # Kept up to a budget of tokens, the oldest going first; a request loaded back runs: its keys go.
+    # A match leaves the prompt's last token to compute: it asks about 2 * T of these.
+    others = [make_req(list(range(i * 10_000, i * 10_000 + 2 * T + 1)), rid=f"o{i}") for i in range(3)]
+    monkeypatch.setattr(radix_cache, "_KEPT_TOKENS", 4 * T + 1)  # the prompt above goes first, then others[0]
+    for other in others:
+        other.init_next_round_input(cache)
+    assert set(cache._req_keys) == {id(others[1]), id(others[2])} and cache._req_keys_tokens == 4 * T
+    insert(cache, list(range(10_000, 10_000 + 2 * T)))
+    evict_all(cache)
+    device_len, host_hit, _, _ = match_and_load(cache, others[1])
+    assert host_hit == 2 * T and set(cache._req_keys) == {id(others[2])} and cache._req_keys_tokens == 2 * T
 
 
 def test_each_hook_is_a_span_in_a_torch_profiler_trace(make_cache):

@@ -20,7 +20,7 @@ GPU is listed (``warm_syncs``, torch's sync debug mode); ``--busy-ms`` queues GP
 hook, as the forward pass the scheduler runs beside, so a wait torch does not flag shows as time. On
 CPU (``--device cpu``, copies in torch) the tree and store work still shows in kvtier's own timers
 (``warm_hook_seconds``); ``--no-copies`` turns the copies themselves off there, leaving the
-hooks' bookkeeping alone (tree, keys, tiers, each copy's argument checks; until 8fb48b8 the
+hooks' bookkeeping alone (tree, keys, tiers, each copy's argument checks; until 7b1b4ab the
 checks were left out too), comparable between variants. ``warm_launches`` counts the warm pass's
 copy launches by kind (spills at eviction, in the background, loads).
 

@@ -5,7 +5,8 @@ and ``launch_loads``), so what a launch costs that thread delays the next batch;
 runs on a side stream. This times ``PoolIO.to_host`` (a guarded spill, as at eviction),
 ``to_host`` unguarded (a spill ahead) and ``to_device`` (a load, in ``--load-layer-groups``
 launches) over a real SGLang ``MHATokenToKVPool`` of the Llama-3-8B shape and a ``HostSlab``
-(pinned on CUDA): argument checks, stream and event bookkeeping and the kernel launch(es). On
+(pinned on CUDA): argument checks, stream and event bookkeeping and the kernel launch(es); and,
+as parts of a spill, its argument checks alone and the checked kernel call (``KVPool.gather``). On
 CUDA the GPU is synchronized before each timed call, so a call's time is its own and not a wait
 behind an earlier copy. ``--no-copies`` (CPU only) moves no byte, leaving the rest. Each size
 first makes one round trip (spill random rows, load them into other rows) and checks that it is
@@ -29,6 +30,7 @@ from bench_common import BENCHMARKS_DIR, add_commit_option, percentile, run_fact
 from hook_cost import skip_copies
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+from kvtier.kernels import kv_pages
 from kvtier.sglang_ext.pool_io import PoolIO
 from kvtier.sglang_ext.tiers.host_memory import HostSlab
 
@@ -82,6 +84,7 @@ def main() -> None:
     io = PoolIO(pool.k_buffer, pool.v_buffer, CHUNK, slab.tensor, load_layer_groups=args.load_layer_groups)
     io.warm_up()
     views = [slab.tensor[i * chunk_bytes : (i + 1) * chunk_bytes] for i in range(max(sizes))]
+    offsets = torch.arange(max(sizes), dtype=torch.int64) * chunk_bytes
 
     results: dict[str, dict] = {}
     exact: dict[str, bool] = {}
@@ -100,6 +103,12 @@ def main() -> None:
             "spill_unguarded": timed_us(lambda: io.to_host(src, views[:n], done, guard=False, owners=(n,)),
                                         args.repeats, device),
             "load": timed_us(lambda: io.to_device(views[:n], dst, done), args.repeats, device),
+            # Parts of a spill: the argument checks alone, then the checks and the kernel launch (the rest
+            # of spill_unguarded is PoolIO's stream, event and completion bookkeeping).
+            "spill_checks": timed_us(lambda: kv_pages._check(io.pool, src, slab.tensor, offsets[:n], CHUNK, "dst",
+                                                             True), args.repeats, device),
+            "spill_kernel_call": timed_us(lambda: io.pool.gather(src, slab.tensor, offsets[:n], CHUNK),
+                                          args.repeats, device),
         }
         io.guard_pending()
         print(f"{n} chunk(s): " + ", ".join(f"{op} {t['median_us']} us" for op, t in results[str(n)].items()),

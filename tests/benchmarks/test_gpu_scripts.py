@@ -172,5 +172,5 @@ def test_launch_cost_times_each_copy_kind_after_a_bit_exact_round_trip(tmp_path)
     assert report["workload"]["load_layer_groups"] == 2 and report["workload"]["copies"] is True
     assert set(report["by_chunks"]) == {"1", "3"}
     for kinds in report["by_chunks"].values():
-        assert set(kinds) == {"spill_guarded", "spill_unguarded", "load"}
+        assert set(kinds) == {"spill_guarded", "spill_unguarded", "load", "spill_checks", "spill_kernel_call"}
         assert all(0 < t["median_us"] <= t["p90_us"] for t in kinds.values())

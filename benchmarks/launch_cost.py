@@ -76,9 +76,10 @@ def main() -> None:
         raise SystemExit(f"--pool-tokens {args.pool_tokens} is too small for two copies of {max(sizes)} chunks")
 
     pool = MHATokenToKVPool(args.pool_tokens, 1, torch.bfloat16, HEADS, DIM, args.layers, args.device, False)
-    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
     for buf in pool.k_buffer + pool.v_buffer:
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+        buf.normal_()  # on the pool's device: 64 x 25M random values
+    gen = torch.Generator().manual_seed(args.seed)
     chunk_bytes = CHUNK * args.layers * HEADS * DIM * 2 * 2
     slab = HostSlab(max(sizes) * chunk_bytes, pin=device.type == "cuda")
     io = PoolIO(pool.k_buffer, pool.v_buffer, CHUNK, slab.tensor, load_layer_groups=args.load_layer_groups)

@@ -190,6 +190,9 @@ class KVPool:
     v_row_bytes: int
     layer_ptrs: tuple[int, ...]
     """data_ptr() of K layer 0, V layer 0, K layer 1, ... (the kernel's table)."""
+    alignment: int
+    """gcd of the row sizes and the layer addresses: with a copy's host address and offsets, the
+    widest word the kernel may move."""
 
     @classmethod
     def of(cls, k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor]) -> "KVPool":
@@ -209,8 +212,10 @@ class KVPool:
                                      f"the same [rows, heads, dim] shape and K and V the same rows")
                 if not buf.is_contiguous():
                     raise ValueError(f"{name}[{i}] is not contiguous")
-        return cls(tuple(k_buffers), tuple(v_buffers), first.shape[0], _row_bytes(first), _row_bytes(v_buffers[0]),
-                   _layer_addresses(k_buffers, v_buffers))
+        k_row_bytes, v_row_bytes = _row_bytes(first), _row_bytes(v_buffers[0])
+        ptrs = _layer_addresses(k_buffers, v_buffers)
+        return cls(tuple(k_buffers), tuple(v_buffers), first.shape[0], k_row_bytes, v_row_bytes, ptrs,
+                   math.gcd(k_row_bytes, v_row_bytes, *ptrs))
 
     @property
     def num_layers(self) -> int:
@@ -309,8 +314,7 @@ def _check(pool: KVPool, slots: torch.Tensor, host: torch.Tensor, host_offsets: 
             raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
                              f"({chunk_bytes} bytes each)")
 
-    alignment = math.gcd(pool.k_row_bytes, pool.v_row_bytes, host.data_ptr(), offsets_align, *pool.layer_ptrs)
-    return _Plan(pool, chunk_bytes, offsets, _word_bytes(alignment))
+    return _Plan(pool, chunk_bytes, offsets, _word_bytes(math.gcd(pool.alignment, host.data_ptr(), offsets_align)))
 
 
 def _layer_addresses(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> tuple[int, ...]:
@@ -515,7 +519,7 @@ class _RowPlan:
     n_rows: int
     word_bytes: int
     src_ptrs: tuple[int, ...]
-    """The source's layer addresses as in ``_Plan.layer_ptrs``."""
+    """The source's layer addresses as in ``KVPool.layer_ptrs``."""
     dst_ptrs: tuple[int, ...]
 
 

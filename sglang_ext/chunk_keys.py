@@ -61,16 +61,13 @@ class KVNamespace:
         """Tail lengths are multiples of this (``TAIL_GRANULE`` and the page size)."""
         return math.lcm(TAIL_GRANULE, self.page_size)
 
-    def _seed(self, extra_key: Optional[str]) -> bytes:
-        return _seed(self, extra_key)
-
     def chunk_keys(
         self, token_ids: Sequence[int], extra_key: Optional[str] = None, known: Sequence[ChunkKey] = ()
     ) -> list[ChunkKey]:
         """Keys of the whole chunks of ``token_ids``; a trailing partial chunk gets none. ``known``:
         the keys of its first chunks, computed before (e.g. for a prefix), which are not hashed again."""
         tokens = np.asarray(token_ids, dtype="<i8")
-        prev = known[-1] if known else self._seed(extra_key)
+        prev = known[-1] if known else _seed(self, extra_key)
         keys = list(known)
         for start in range(len(known) * self.chunk_tokens, len(tokens) - self.chunk_tokens + 1, self.chunk_tokens):
             h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
@@ -89,7 +86,7 @@ class KVNamespace:
         tail = np.asarray(token_ids[start : start + self.chunk_tokens - 1], dtype="<i8")
         if len(tail) < g:
             return []
-        h = hashlib.blake2b(keys[-1] if keys else self._seed(extra_key), digest_size=KEY_BYTES, person=_TAIL)
+        h = hashlib.blake2b(keys[-1] if keys else _seed(self, extra_key), digest_size=KEY_BYTES, person=_TAIL)
         out = []
         for end in range(g, len(tail) + 1, g):
             h.update(tail[end - g : end].tobytes())

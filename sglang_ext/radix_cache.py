@@ -358,8 +358,9 @@ class KVTierRadixCache(RadixCache):
             self.launch_loads()
         # The leaf's rows were just freed: nothing may overwrite them before its copies are done.
         self.io.guard_pending(node)
-        copied = node.id in self._spilled_ahead and self._deferred.pop(node.id, None) is None
-        self._spilled_ahead.discard(node.id)  # a node held but not yet copied is copied below
+        held = self._deferred.pop(node.id, None) is not None  # held for a copy not launched: copied below
+        copied = node.id in self._spilled_ahead and not held
+        self._spilled_ahead.discard(node.id)
         self._tree_version += 1
         if node.value is not None and len(node.value):
             spill = None
@@ -508,8 +509,9 @@ class KVTierRadixCache(RadixCache):
         if self.disable or not self._report_host_hits or (self.store.disk is None and self.store.remote is None):
             return
         with self._hook("arrival"):
-            # Whole chunks are whole pages (check_page_size): no page alignment needed first.
-            keys = self.namespace.chunk_keys(array("q", req.origin_input_ids), req.extra_key)
+            # Whole chunks are whole pages (check_page_size): no page alignment needed first. Kept for
+            # the request's matches, whose tokens start with these.
+            keys = self._request_keys(req, array("q", req.origin_input_ids), req.extra_key)
             self._prefetch(keys[self._cpu_hits(keys):])
 
     def _cpu_hits(self, keys: list[ChunkKey]) -> int:

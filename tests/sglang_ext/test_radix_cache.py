@@ -1056,9 +1056,10 @@ def test_finished_copies_are_published_without_another_call_into_the_cache(make_
     assert not cache._reaper.is_alive()
 
 
-def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_cache):
+def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_cache, monkeypatch):
     """The real scheduler method, hooked by the plugin: queuing a request starts its disk fetch, so
-    the prefix match at scheduling time is a CPU-tier hit without any wait."""
+    the prefix match at scheduling time is a CPU-tier hit without any wait, and its prompt is not
+    hashed again."""
     import time
 
     chunk_bytes = 2 * 2 * 2 * 32 * 2 * CHUNK_TOKENS
@@ -1072,8 +1073,12 @@ def test_a_queued_request_fetches_its_disk_chunks_before_it_is_scheduled(make_ca
     while cache._prefetching and time.monotonic() < deadline:
         time.sleep(0.01)
     assert cache.store.cpu.contains(cache.namespace.chunk_keys(docs[0])) == [True, True]
+    hashed, namespace = [], type(cache.namespace)
+    chunk_keys = namespace.chunk_keys
+    monkeypatch.setattr(namespace, "chunk_keys", lambda *a, **k: hashed.append(1) or chunk_keys(*a, **k))
     _, host_hit, loaded, _ = match_and_load(cache, req)
     assert host_hit == 2 * CHUNK_TOKENS and same_kv(kv_rows(cache, loaded), expected[0])
+    assert not hashed  # the keys hashed at arrival served the match and the load
 
     cold = make_req(list(range(90_000, 90_000 + 2 * CHUNK_TOKENS)) + [1], "cold")
     scheduler._add_request_to_queue(cold)  # in no tier: no background work

@@ -12,6 +12,13 @@ behind an earlier copy. ``--no-copies`` (CPU only) moves no byte, leaving the re
 first makes one round trip (spill random rows, load them into other rows) and checks that it is
 bit-exact, unless ``--no-copies``.
 
+A thread that has just waited for the GPU runs slower for a while (on an H100 a 2 us CPU tensor op
+took 6-12 us after a synchronize that waited 1-40 ms), and the synchronize before each timed call
+waits for the previous call's copy, longer for more chunks. So on CUDA ``after_gpu_wait`` also
+times the checked kernel call of 1 and of the most chunks, and a 40-element ``torch.aminmax`` as a
+plain CPU reference, each after the GPU was kept busy ``--gpu-wait-ms`` before the synchronize:
+what a launch costs a scheduler thread that has just waited (SGLang's waits on each step's results).
+
     python benchmarks/launch_cost.py --out benchmarks/results/ab/launch_cost.json
     python benchmarks/launch_cost.py --device cpu --no-copies --out /tmp/launch_cost_cpu.json
 """
@@ -19,6 +26,7 @@ bit-exact, unless ``--no-copies``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -37,11 +45,28 @@ from kvtier.sglang_ext.tiers.host_memory import HostSlab
 HEADS, DIM, CHUNK = 8, 128, 256
 
 
-def timed_us(fn: Callable[[], object], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and p90 of ``fn``'s own time in microseconds over ``repeats`` calls, after 5 untimed."""
+@functools.cache
+def spin_cycles_per_ms(device: torch.device) -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond, measured (the SM clock varies)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(10_000_000)  # warm the clock up
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    end.synchronize()
+    return 50_000_000 / start.elapsed_time(end)
+
+
+def timed_us(fn: Callable[[], object], repeats: int, device: torch.device, gpu_wait_ms: float = 0.0
+             ) -> dict[str, float]:
+    """Median and p90 of ``fn``'s own time in microseconds over ``repeats`` calls, after 5 untimed;
+    on CUDA each after a synchronize, which first waits ``gpu_wait_ms`` for a spinning kernel."""
     times = []
+    cycles = int(gpu_wait_ms * spin_cycles_per_ms(device)) if gpu_wait_ms else 0
     for i in range(5 + repeats):
         if device.type == "cuda":
+            if cycles:
+                torch.cuda._sleep(cycles)
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
@@ -61,6 +86,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-copies", action="store_true", help="CPU only: move no byte, time everything else")
+    ap.add_argument("--gpu-wait-ms", default="0,1,10,40",
+                    help="CUDA only: GPU busy times before the synchronize for after_gpu_wait, comma-separated")
     ap.add_argument("--out", default=str(BENCHMARKS_DIR / "results" / "ab" / "launch_cost.json"))
     add_commit_option(ap)
     args = ap.parse_args()
@@ -117,6 +144,22 @@ def main() -> None:
     if exact and not all(exact.values()):
         raise SystemExit(f"a round trip was not bit-exact: {exact}")
 
+    after_wait: dict[str, dict] = {}
+    if device.type == "cuda":
+        n_max = max(sizes)
+        rows = (torch.randperm(args.pool_tokens - 1, generator=gen)[: n_max * CHUNK] + 1).to(device)
+        small = offsets.clone()
+        for ms in (float(x) for x in args.gpu_wait_ms.split(",")):
+            after_wait[f"{ms:g}"] = {
+                "cpu_aminmax": timed_us(lambda: torch.aminmax(small), args.repeats, device, ms),
+                "spill_kernel_call_1": timed_us(lambda: io.pool.gather(rows[:CHUNK], slab.tensor, offsets[:1], CHUNK),
+                                                args.repeats, device, ms),
+                f"spill_kernel_call_{n_max}": timed_us(lambda: io.pool.gather(rows, slab.tensor, offsets, CHUNK),
+                                                       args.repeats, device, ms),
+            }
+            print(f"after the GPU was busy {ms:g} ms: " + ", ".join(
+                f"{op} {t['median_us']} us" for op, t in after_wait[f"{ms:g}"].items()), flush=True)
+
     report = {
         "benchmark": "launch_cost",
         "workload": {"device": device.type, "layers": args.layers, "heads": HEADS, "head_dim": DIM,
@@ -126,6 +169,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "round_trip_bit_exact": exact or None,
         "by_chunks": results,
+        "after_gpu_wait": after_wait or None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

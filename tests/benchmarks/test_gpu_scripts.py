@@ -171,6 +171,7 @@ def test_launch_cost_times_each_copy_kind_after_a_bit_exact_round_trip(tmp_path)
     assert report["round_trip_bit_exact"] == {"1": True, "3": True}
     assert report["workload"]["load_layer_groups"] == 2 and report["workload"]["copies"] is True
     assert set(report["by_chunks"]) == {"1", "3"}
+    assert report["after_gpu_wait"] is None  # no GPU to have waited for
     for kinds in report["by_chunks"].values():
         assert set(kinds) == {"spill_guarded", "spill_unguarded", "load", "spill_checks", "spill_kernel_call"}
         assert all(0 < t["median_us"] <= t["p90_us"] for t in kinds.values())

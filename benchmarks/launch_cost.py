@@ -16,8 +16,11 @@ A thread that has just waited for the GPU runs slower for a while (on an H100 a 
 took 6-12 us after a synchronize that waited 1-40 ms), and the synchronize before each timed call
 waits for the previous call's copy, longer for more chunks. So on CUDA ``after_gpu_wait`` also
 times the checked kernel call of 1 and of the most chunks, and a 40-element ``torch.aminmax`` as a
-plain CPU reference, each after the GPU was kept busy ``--gpu-wait-ms`` before the synchronize:
-what a launch costs a scheduler thread that has just waited (SGLang's waits on each step's results).
+plain CPU reference, each after the GPU was kept busy ``--gpu-wait-ms`` before the wait: what a
+launch costs a scheduler thread that has just waited (SGLang's waits on each step's results). The
+wait is ``torch.cuda.synchronize`` (``synchronize``, as SGLang's) or, with ``spin`` in
+``--wait-modes``, a Python loop polling a CUDA event, which keeps the thread running: whether the
+slowdown comes from how the thread waits or from the wait's length.
 
     python benchmarks/launch_cost.py --out benchmarks/results/ab/launch_cost.json
     python benchmarks/launch_cost.py --device cpu --no-copies --out /tmp/launch_cost_cpu.json
@@ -57,17 +60,28 @@ def spin_cycles_per_ms(device: torch.device) -> float:
     return 50_000_000 / start.elapsed_time(end)
 
 
-def timed_us(fn: Callable[[], object], repeats: int, device: torch.device, gpu_wait_ms: float = 0.0
-             ) -> dict[str, float]:
+def wait_gpu(device: torch.device, mode: str = "synchronize") -> None:
+    """Wait until ``device`` is idle: ``synchronize``, or ``spin`` on an event's query from Python."""
+    if mode == "synchronize":
+        torch.cuda.synchronize(device)
+        return
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    while not done.query():
+        pass
+
+
+def timed_us(fn: Callable[[], object], repeats: int, device: torch.device, gpu_wait_ms: float = 0.0,
+             wait_mode: str = "synchronize") -> dict[str, float]:
     """Median and p90 of ``fn``'s own time in microseconds over ``repeats`` calls, after 5 untimed;
-    on CUDA each after a synchronize, which first waits ``gpu_wait_ms`` for a spinning kernel."""
+    on CUDA each after waiting (``wait_gpu``) for the GPU, kept busy ``gpu_wait_ms`` first."""
     times = []
     cycles = int(gpu_wait_ms * spin_cycles_per_ms(device)) if gpu_wait_ms else 0
     for i in range(5 + repeats):
         if device.type == "cuda":
             if cycles:
                 torch.cuda._sleep(cycles)
-            torch.cuda.synchronize(device)
+            wait_gpu(device, wait_mode)
         start = time.perf_counter()
         fn()
         if i >= 5:
@@ -87,7 +101,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-copies", action="store_true", help="CPU only: move no byte, time everything else")
     ap.add_argument("--gpu-wait-ms", default="0,1,10,40",
-                    help="CUDA only: GPU busy times before the synchronize for after_gpu_wait, comma-separated")
+                    help="CUDA only: GPU busy times before the wait for after_gpu_wait, comma-separated")
+    ap.add_argument("--wait-modes", default="synchronize,spin",
+                    help="CUDA only: how after_gpu_wait waits (synchronize, spin), comma-separated")
     ap.add_argument("--out", default=str(BENCHMARKS_DIR / "results" / "ab" / "launch_cost.json"))
     add_commit_option(ap)
     args = ap.parse_args()
@@ -149,16 +165,20 @@ def main() -> None:
         n_max = max(sizes)
         rows = (torch.randperm(args.pool_tokens - 1, generator=gen)[: n_max * CHUNK] + 1).to(device)
         small = offsets.clone()
-        for ms in (float(x) for x in args.gpu_wait_ms.split(",")):
-            after_wait[f"{ms:g}"] = {
-                "cpu_aminmax": timed_us(lambda: torch.aminmax(small), args.repeats, device, ms),
-                "spill_kernel_call_1": timed_us(lambda: io.pool.gather(rows[:CHUNK], slab.tensor, offsets[:1], CHUNK),
-                                                args.repeats, device, ms),
-                f"spill_kernel_call_{n_max}": timed_us(lambda: io.pool.gather(rows, slab.tensor, offsets, CHUNK),
-                                                       args.repeats, device, ms),
-            }
-            print(f"after the GPU was busy {ms:g} ms: " + ", ".join(
-                f"{op} {t['median_us']} us" for op, t in after_wait[f"{ms:g}"].items()), flush=True)
+        for mode in args.wait_modes.split(","):
+            if mode not in ("synchronize", "spin"):
+                raise SystemExit(f"--wait-modes: {mode!r} is not synchronize or spin")
+            after_wait[mode] = {}
+            for ms in (float(x) for x in args.gpu_wait_ms.split(",")):
+                after_wait[mode][f"{ms:g}"] = case = {
+                    "cpu_aminmax": timed_us(lambda: torch.aminmax(small), args.repeats, device, ms, mode),
+                    "spill_kernel_call_1": timed_us(lambda: io.pool.gather(rows[:CHUNK], slab.tensor, offsets[:1],
+                                                                           CHUNK), args.repeats, device, ms, mode),
+                    f"spill_kernel_call_{n_max}": timed_us(lambda: io.pool.gather(rows, slab.tensor, offsets, CHUNK),
+                                                           args.repeats, device, ms, mode),
+                }
+                print(f"after the GPU was busy {ms:g} ms ({mode}): " + ", ".join(
+                    f"{op} {t['median_us']} us" for op, t in case.items()), flush=True)
 
     report = {
         "benchmark": "launch_cost",

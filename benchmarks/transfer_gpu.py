@@ -19,7 +19,7 @@ the median of ``--repeats``:
   the row order.
 - ``direct_packer`` (two or more GPUs): the same store, through what PD's prefill does per chunk
   (``KvtierKVManager._send_direct``): ``CudaIpcTransport.peer_regions`` (the liveness check),
-  ``Packer.row_views`` (rebuilt only when the transport hands out other mappings, as PD keeps
+  ``Packer.copy_target`` (rebuilt only when the transport hands out other mappings, as PD keeps
   them), ``Packer.copy_rows`` after a scheduler event (row tensors, the kernel, the
   stream sync, CUDA events timing the copy) and a ``K`` notification that B's transport
   acknowledges. Each step is timed; the copy's GPU time is what ``kvtier_pd_copy_seconds_total``
@@ -262,7 +262,7 @@ def direct_packer_case(buffer_bytes: int, count: int, tokens: int, warmup: int, 
     modes = [("idle", False, None), ("busy_gil", True, None)]
     if switch_s is not None:
         modes.append(("busy_gil_switch", True, switch_s))
-    return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.row_views, Packer.copy_rows "
+    return {"path": "KvtierKVManager._send_direct's steps: peer_regions, Packer.copy_target, Packer.copy_rows "
                     "(after a scheduler event), K notification acknowledged by process B",
             "from": "process A cuda:0 pool", "to": "process B cuda:1 pool", "rows": tokens, "page_size": 1,
             "row_bytes": buffer_bytes // tokens, "buffers": count,
@@ -285,7 +285,7 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
         rng = np.random.default_rng(0)
         src_pages, dst_pages = rng.permutation(tokens), rng.permutation(tokens)
         enable_peer_access(0, 1)
-        steps: dict[str, list[float]] = {k: [] for k in ("peer_regions", "row_views", "copy_rows", "copy_gpu",
+        steps: dict[str, list[float]] = {k: [] for k in ("peer_regions", "copy_target", "copy_rows", "copy_gpu",
                                                          "notify", "total")}
         with make_transport("cuda_ipc") as transport, spinning(spin):
             peer = transport.connect(descriptor, map_device=0)
@@ -299,14 +299,14 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                 regions = transport.peer_regions(peer, names)
                 t1 = time.perf_counter()
                 if not views or any(a is not b for a, b in zip(views[0], regions)):
-                    views[:] = [regions, packer.row_views(regions)]
+                    views[:] = [regions, packer.copy_target(regions)]
                 dst = views[1]
                 t2 = time.perf_counter()
                 gpu_s = packer.copy_rows(src_pages, dst, dst_pages, event)
                 t3 = time.perf_counter()
                 transport.notify(peer, b"K" + note, timeout_s=30)
                 t4 = time.perf_counter()
-                for key, value in (("peer_regions", t1 - t0), ("row_views", t2 - t1), ("copy_rows", t3 - t2),
+                for key, value in (("peer_regions", t1 - t0), ("copy_target", t2 - t1), ("copy_rows", t3 - t2),
                                    ("copy_gpu", gpu_s), ("notify", t4 - t3), ("total", t4 - t0)):
                     steps[key].append(value)
 

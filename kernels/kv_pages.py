@@ -7,7 +7,8 @@ pinned host memory directly, no staging copy); ``KVPool`` does the same for a po
 it checked once, for callers that copy from one pool again and again; ``*_reference`` are the
 same operations in plain torch. ``copy_kv_rows`` copies rows from one pool straight into another
 pool's rows (every layer, K and V, one launch); on CUDA the destination may be another GPU's memory
-mapped into this process (CUDA IPC), which the kernel reaches with peer stores.
+mapped into this process (CUDA IPC), which the kernel reaches with peer stores; ``RowCopy`` does it
+for two pools checked once.
 
 Chunk layout (a contract other code relies on): a chunk holds ``T`` tokens (``chunk_tokens``) of
 all ``L`` layers, K then V, contiguous, in the pool's store dtype::
@@ -32,6 +33,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
     "KVPool",
+    "RowCopy",
     "chunk_nbytes",
     "copy_kv_rows",
     "copy_kv_rows_reference",
@@ -511,19 +513,7 @@ def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: to
         _scatter_torch(plan, src, slots, chunk_tokens, [range(pool.num_layers)])
 
 
-@dataclass(frozen=True)
-class _RowPlan:
-    num_layers: int
-    k_row_bytes: int
-    v_row_bytes: int
-    n_rows: int
-    word_bytes: int
-    src_ptrs: tuple[int, ...]
-    """The source's layer addresses as in ``KVPool.layer_ptrs``."""
-    dst_ptrs: tuple[int, ...]
-
-
-def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> None:
+def _check_layers(name: str, bufs: Sequence[torch.Tensor], first: torch.Tensor) -> None:
     for i, buf in enumerate(bufs):
         if buf.device != first.device:
             raise ValueError(f"{name}[{i}] is on {buf.device}, but the first buffer of its pool is on "
@@ -533,58 +523,112 @@ def _check_layers(name: str, bufs: list[torch.Tensor], first: torch.Tensor) -> N
                              f"contiguous [rows, ...] buffers with the same rows ({first.shape[0]})")
 
 
-def _check_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
-                dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> _RowPlan:
-    counts = {len(src_k), len(src_v), len(dst_k), len(dst_v)}
-    if len(counts) != 1 or not src_k:
-        raise ValueError(f"need as many K as V layer buffers in both pools, at least one; got "
-                         f"{len(src_k)} K and {len(src_v)} V in the source, {len(dst_k)} K and "
-                         f"{len(dst_v)} V in the destination")
-    for name, bufs in (("src_k", src_k), ("src_v", src_v)):
-        _check_layers(name, bufs, src_k[0])
-    for name, bufs in (("dst_k", dst_k), ("dst_v", dst_v)):
-        _check_layers(name, bufs, dst_k[0])
-    k_row_bytes, v_row_bytes = _row_bytes(src_k[0]), _row_bytes(src_v[0])
-    for name, bufs, want in (("src_k", src_k, k_row_bytes), ("src_v", src_v, v_row_bytes),
-                             ("dst_k", dst_k, k_row_bytes), ("dst_v", dst_v, v_row_bytes)):
-        for i, buf in enumerate(bufs):
-            if _row_bytes(buf) != want:
-                raise ValueError(f"{name}[{i}] has rows of {_row_bytes(buf)} bytes, src_{name[-1]}[0] of "
-                                 f"{want}; both pools need the same K and V row sizes (heads, dim, dtype)")
-    for name, rows, pool in (("src_rows", src_rows, src_k[0]), ("dst_rows", dst_rows, dst_k[0])):
-        if rows.dtype != torch.int64 or rows.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D int64 tensor, got {rows.dtype} with shape "
-                             f"{tuple(rows.shape)}")
-        if rows.device.type != "cpu" and rows.device != src_k[0].device:
-            raise ValueError(f"{name} are on {rows.device}; keep them on the CPU or on the source "
-                             f"pool's device {src_k[0].device}")
-        # Rows already on a GPU are trusted: checking them would stall the stream on a sync.
-        if rows.device.type == "cpu" and rows.numel():
-            low, high = int(rows.min()), int(rows.max())
-            if low < 0 or high >= pool.shape[0]:
-                raise ValueError(f"{name} must lie in [0, {pool.shape[0]}), got [{low}, {high}]")
-    if src_rows.numel() != dst_rows.numel():
-        raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}; give "
-                         f"one destination row per source row")
-    src_ptrs, dst_ptrs = _layer_addresses(src_k, src_v), _layer_addresses(dst_k, dst_v)
-    alignment = math.gcd(k_row_bytes, v_row_bytes, *src_ptrs, *dst_ptrs)
-    return _RowPlan(len(src_k), k_row_bytes, v_row_bytes, src_rows.numel(), _word_bytes(alignment), src_ptrs,
-                    dst_ptrs)
+@dataclass(frozen=True)
+class RowCopy:
+    """A source and a destination pool whose layer buffers were checked once (``RowCopy.of``), for
+    callers that copy rows between the same two pools again and again (PD's direct path, per
+    chunk): a call then checks only its rows. See :func:`copy_kv_rows` for the arguments."""
 
+    src_k: tuple[torch.Tensor, ...]
+    src_v: tuple[torch.Tensor, ...]
+    dst_k: tuple[torch.Tensor, ...]
+    dst_v: tuple[torch.Tensor, ...]
+    k_row_bytes: int
+    v_row_bytes: int
+    word_bytes: int
+    src_ptrs: tuple[int, ...]
+    """The source's layer addresses as in ``KVPool.layer_ptrs``."""
+    dst_ptrs: tuple[int, ...]
 
-def _copy_rows_torch(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
-                     dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
-    src_rows = src_rows.to(src_k[0].device)
-    dst_rows = dst_rows.to(dst_k[0].device)
-    for src, dst in zip((*src_k, *src_v), (*dst_k, *dst_v)):
-        rows = _byte_rows(src).index_select(0, src_rows).to(dst.device)
-        _byte_rows(dst).index_copy_(0, dst_rows, rows)
+    @classmethod
+    def of(cls, src_k: Sequence[torch.Tensor], src_v: Sequence[torch.Tensor], dst_k: Sequence[torch.Tensor],
+           dst_v: Sequence[torch.Tensor]) -> "RowCopy":
+        counts = {len(src_k), len(src_v), len(dst_k), len(dst_v)}
+        if len(counts) != 1 or not src_k:
+            raise ValueError(f"need as many K as V layer buffers in both pools, at least one; got "
+                             f"{len(src_k)} K and {len(src_v)} V in the source, {len(dst_k)} K and "
+                             f"{len(dst_v)} V in the destination")
+        for name, bufs in (("src_k", src_k), ("src_v", src_v)):
+            _check_layers(name, bufs, src_k[0])
+        for name, bufs in (("dst_k", dst_k), ("dst_v", dst_v)):
+            _check_layers(name, bufs, dst_k[0])
+        k_row_bytes, v_row_bytes = _row_bytes(src_k[0]), _row_bytes(src_v[0])
+        for name, bufs, want in (("src_k", src_k, k_row_bytes), ("src_v", src_v, v_row_bytes),
+                                 ("dst_k", dst_k, k_row_bytes), ("dst_v", dst_v, v_row_bytes)):
+            for i, buf in enumerate(bufs):
+                if _row_bytes(buf) != want:
+                    raise ValueError(f"{name}[{i}] has rows of {_row_bytes(buf)} bytes, src_{name[-1]}[0] of "
+                                     f"{want}; both pools need the same K and V row sizes (heads, dim, dtype)")
+        src_ptrs, dst_ptrs = _layer_addresses(list(src_k), list(src_v)), _layer_addresses(list(dst_k), list(dst_v))
+        word_bytes = _word_bytes(math.gcd(k_row_bytes, v_row_bytes, *src_ptrs, *dst_ptrs))
+        return cls(tuple(src_k), tuple(src_v), tuple(dst_k), tuple(dst_v), k_row_bytes, v_row_bytes, word_bytes,
+                   src_ptrs, dst_ptrs)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the copy runs: the source pool's device."""
+        return self.src_k[0].device
+
+    def copy(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        """:func:`copy_kv_rows` between these pools."""
+        if not self._check_rows(src_rows, dst_rows):
+            return
+        device = self.device
+        if not uses_triton(device):
+            self._copy_torch(src_rows, dst_rows)
+            return
+        if self.dst_k[0].device.type != device.type:
+            raise ValueError(f"the destination pool is on {self.dst_k[0].device}, the source on {device}; "
+                             f"the kernel copies between pools of one kind of device")
+        src_table = _layer_ptr_table(self.src_ptrs, device)
+        dst_table = _layer_ptr_table(self.dst_ptrs, device)
+        n_rows = src_rows.numel()
+        src_rows = src_rows.to(device, non_blocking=True)
+        dst_rows = dst_rows.to(device, non_blocking=True)
+        k_words, v_words, block_kw, block_vw, block_t = _blocks(self.k_row_bytes, self.v_row_bytes, self.word_bytes)
+        grid = (triton.cdiv(n_rows, block_t), len(self.src_k))
+        _row_copy_kernel[grid](
+            src_table, dst_table, src_rows, dst_rows, n_rows,
+            K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[self.word_bytes],
+            BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
+        )
+
+    def copy_reference(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        """:func:`copy_kv_rows_reference` between these pools."""
+        if self._check_rows(src_rows, dst_rows):
+            self._copy_torch(src_rows, dst_rows)
+
+    def _copy_torch(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+        src_rows = src_rows.to(self.device)
+        dst_rows = dst_rows.to(self.dst_k[0].device)
+        for src, dst in zip((*self.src_k, *self.src_v), (*self.dst_k, *self.dst_v)):
+            rows = _byte_rows(src).index_select(0, src_rows).to(dst.device)
+            _byte_rows(dst).index_copy_(0, dst_rows, rows)
+
+    def _check_rows(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> int:
+        """The number of rows to copy, after checking them."""
+        for name, rows, pool in (("src_rows", src_rows, self.src_k[0]), ("dst_rows", dst_rows, self.dst_k[0])):
+            if rows.dtype != torch.int64 or rows.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D int64 tensor, got {rows.dtype} with shape "
+                                 f"{tuple(rows.shape)}")
+            if rows.device.type != "cpu" and rows.device != self.device:
+                raise ValueError(f"{name} are on {rows.device}; keep them on the CPU or on the source "
+                                 f"pool's device {self.device}")
+            # Rows already on a GPU are trusted: checking them would stall the stream on a sync.
+            if rows.device.type == "cpu" and rows.numel():
+                low, high = int(rows.min()), int(rows.max())
+                if low < 0 or high >= pool.shape[0]:
+                    raise ValueError(f"{name} must lie in [0, {pool.shape[0]}), got [{low}, {high}]")
+        if src_rows.numel() != dst_rows.numel():
+            raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}; give "
+                             f"one destination row per source row")
+        return src_rows.numel()
 
 
 def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
                  dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
     """Copy rows ``src_rows`` of one pool into rows ``dst_rows`` of another, every layer, K and V,
-    in one kernel launch on the source pool's device.
+    in one kernel launch on the source pool's device (``RowCopy`` does it for two pools checked once).
 
     Args:
         src_k, src_v: the source pool's per-layer ``[rows, ...]`` buffers (any dtype, viewed as
@@ -599,32 +643,10 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
     Runs on the current stream of the source pool's device: synchronize before the destination's
     owner reads the rows.
     """
-    plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
-    if not plan.n_rows:
-        return
-    device = src_k[0].device
-    if not uses_triton(device):
-        _copy_rows_torch(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
-        return
-    if dst_k[0].device.type != device.type:
-        raise ValueError(f"the destination pool is on {dst_k[0].device}, the source on {device}; "
-                         f"the kernel copies between pools of one kind of device")
-    src_table = _layer_ptr_table(plan.src_ptrs, device)
-    dst_table = _layer_ptr_table(plan.dst_ptrs, device)
-    src_rows = src_rows.to(device, non_blocking=True)
-    dst_rows = dst_rows.to(device, non_blocking=True)
-    k_words, v_words, block_kw, block_vw, block_t = _blocks(plan.k_row_bytes, plan.v_row_bytes, plan.word_bytes)
-    grid = (triton.cdiv(plan.n_rows, block_t), plan.num_layers)
-    _row_copy_kernel[grid](
-        src_table, dst_table, src_rows, dst_rows, plan.n_rows,
-        K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[plan.word_bytes],
-        BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
-    )
+    RowCopy.of(src_k, src_v, dst_k, dst_v).copy(src_rows, dst_rows)
 
 
 def copy_kv_rows_reference(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: list[torch.Tensor],
                            dst_v: list[torch.Tensor], src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
     """:func:`copy_kv_rows` in plain torch (``index_select`` / ``index_copy_``), on any devices."""
-    plan = _check_rows(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
-    if plan.n_rows:
-        _copy_rows_torch(src_k, src_v, dst_k, dst_v, src_rows, dst_rows)
+    RowCopy.of(src_k, src_v, dst_k, dst_v).copy_reference(src_rows, dst_rows)

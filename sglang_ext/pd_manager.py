@@ -49,6 +49,7 @@ from sglang.srt.disaggregation.common.utils import FastQueue
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
+from kvtier.kernels.kv_pages import RowCopy
 from kvtier.sglang_ext.config import load_config
 from kvtier.sglang_ext.metrics import PDMetrics, pd_metrics_on
 from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
@@ -128,9 +129,9 @@ class _DecodePeer:
     """Bytes of one packed page (of the slice) in its staging slots."""
     direct: Optional[list[str]] = None
     """On the direct path: the decode's KV buffers, as its transport regions; None: staged."""
-    rows: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
-    """On the direct path: the mapped regions last handed out for ``direct`` and their row views
-    (``Packer.row_views``), reused while the transport hands out the same mappings."""
+    rows: Optional[tuple[list[torch.Tensor], list[RowCopy]]] = None
+    """On the direct path: the mapped regions last handed out for ``direct`` and the copies into them
+    (``Packer.copy_target``), reused while the transport hands out the same mappings."""
 
     @property
     def path(self) -> str:
@@ -419,7 +420,7 @@ class KvtierKVManager(CommonKVManager):
             try:
                 direct = msg["direct"]["regions"]
                 regions = self.transport.peer_regions(transport_peer, direct)
-                rows = (regions, self.packer.row_views(regions))
+                rows = (regions, self.packer.copy_target(regions))
             except (TransferError, ValueError, RuntimeError) as e:
                 path, reason, direct = STAGED, f"this prefill cannot store into the decode's pool: {e}", None
         old = self.peers.get(peer_id)
@@ -658,10 +659,10 @@ class KvtierKVManager(CommonKVManager):
         self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
         return direct_note(room, peer.stage, chunk.index_slice.start, n)
 
-    def _direct_rows(self, peer: _DecodePeer) -> list[torch.Tensor]:
-        """The decode's pool as row views. Asks the transport each time, which refuses a dead decode
+    def _direct_rows(self, peer: _DecodePeer) -> list[RowCopy]:
+        """The decode's pool as ``copy_rows``' target. Asks the transport each time, which refuses a dead decode
         or a deregistered pool before the launch (the mapping keeps the memory alive until we drop
-        it, so a decode that dies during the copy cannot fault it); the views are rebuilt only when
+        it, so a decode that dies during the copy cannot fault it); the target is rebuilt only when
         it hands out other mappings than last time."""
         try:
             regions = self.transport.peer_regions(peer.transport_peer, peer.direct)
@@ -670,7 +671,7 @@ class KvtierKVManager(CommonKVManager):
             raise
         if peer.rows is None or len(peer.rows[0]) != len(regions) or any(
                 a is not b for a, b in zip(peer.rows[0], regions)):
-            peer.rows = (regions, self.packer.row_views(regions))
+            peer.rows = (regions, self.packer.copy_target(regions))
         return peer.rows[1]
 
     def _send_done(self, chunk: Chunk, dst: _Destination, kv: Optional[dict] = None) -> None:

@@ -14,7 +14,7 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from kvtier.kernels import kv_pages
-from kvtier.kernels.kv_pages import copy_kv_rows, copy_kv_rows_reference, uses_triton
+from kvtier.kernels.kv_pages import RowCopy, copy_kv_rows, copy_kv_rows_reference, uses_triton
 from kvtier.transfer.pd_layout import page_rows
 
 _spec = importlib.util.spec_from_file_location("kvtier_kernel_test_pools", Path(__file__).with_name("pools.py"))
@@ -76,6 +76,26 @@ def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size):
     copy_kv_rows(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer, src_rows, dst_rows)
     copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
     check_like_reference(src, dst, ref, src_rows, dst_rows, before)
+
+
+def test_a_row_copy_checked_once_copies_again_and_still_checks_each_call_s_rows():
+    """PD's direct path checks the two pools once (``RowCopy.of``) and then copies chunk after chunk:
+    each copy lands like the reference's, and each call's rows are still range-checked."""
+    gen = seeded("row-copy")
+    src, dst, ref, _ = source_and_twin_destinations(torch.bfloat16, 16, gen)
+    once = RowCopy.of(src.k_buffer, src.v_buffer, dst.k_buffer, dst.v_buffer)
+    for n in (5, 1, 12):
+        src_rows = torch.from_numpy(page_rows(random_pages(src, n, gen), 16))
+        dst_rows = torch.from_numpy(page_rows(random_pages(dst, n, gen), 16))
+        before = [b.cpu().clone() for b in layer_bytes(dst)]
+        once.copy(src_rows, dst_rows)
+        copy_kv_rows_reference(src.k_buffer, src.v_buffer, ref.k_buffer, ref.v_buffer, src_rows, dst_rows)
+        check_like_reference(src, dst, ref, src_rows, dst_rows, before)
+    rows = dst.k_buffer[0].shape[0]
+    with pytest.raises(ValueError, match=rf"dst_rows must lie in \[0, {rows}\), got \[1, {rows}\]"):
+        once.copy(torch.tensor([1, 2]), torch.tensor([1, rows]))
+    with pytest.raises(ValueError, match="one destination row per source row"):
+        once.copy(torch.tensor([1, 2]), torch.tensor([1]))
 
 
 @pytest.mark.parametrize("head_dim,v_head_dim", [(16, 8), (3, 5), (2048, 16)])

@@ -102,23 +102,23 @@ def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_siz
     rng = np.random.default_rng(page_size)
     src_pages = rng.choice(np.arange(1, 128 // page_size), 9, replace=False)
     dst_pages = rng.choice(np.arange(1, 128 // page_size), 9, replace=False)
-    sp.copy_rows(src_pages, sp.row_views(regions), dst_pages)
+    sp.copy_rows(src_pages, sp.copy_target(regions), dst_pages)
     rows = lambda pages: torch.from_numpy((pages[:, None] * page_size + np.arange(page_size)).reshape(-1))  # noqa: E731
     for s, d, old in zip(src_bufs, dst_bufs, before):
         want = old.clone()
         want[rows(dst_pages).to(device)] = s.view(torch.uint8)[rows(src_pages).to(device)]
         assert torch.equal(d.view(torch.uint8), want)  # the pages, bit for bit, and nothing else
     with pytest.raises(ValueError, match="the destination pool has 3 KV buffers, this one 8"):
-        sp.row_views(regions[:3])
+        sp.copy_target(regions[:3])
     with pytest.raises(ValueError, match="2 source pages for 1 destination pages"):
-        sp.copy_rows(src_pages[:2], sp.row_views(regions), dst_pages[:1])
+        sp.copy_rows(src_pages[:2], sp.copy_target(regions), dst_pages[:1])
     # Out-of-pool pages are refused before any byte moves (on a GPU the kernel would store there).
     after = [b.view(torch.uint8).clone() for b in dst_bufs]
     n_pages = 128 // page_size + 1  # 128 tokens and SGLang's padding page
     with pytest.raises(ValueError, match=rf"^destination pages \[1, {n_pages}\] outside a pool of {n_pages} pages$"):
-        sp.copy_rows(np.array([1, 2]), sp.row_views(regions), np.array([1, n_pages]))
+        sp.copy_rows(np.array([1, 2]), sp.copy_target(regions), np.array([1, n_pages]))
     with pytest.raises(ValueError, match=rf"^source pages \[-1, 2\] outside a pool of {n_pages} pages$"):
-        sp.copy_rows(np.array([-1, 2]), sp.row_views(regions), np.array([1, 2]))
+        sp.copy_rows(np.array([-1, 2]), sp.copy_target(regions), np.array([1, 2]))
     assert all(torch.equal(b.view(torch.uint8), a) for b, a in zip(dst_bufs, after))
 
 
@@ -132,7 +132,7 @@ def test_each_copy_returns_its_own_seconds(device):
     pages = np.random.default_rng(0).permutation(np.arange(1, 32))
     buf = staging_buffer(len(pages) * sp.page_bytes, torch.device(device), device == "cuda")
     ptrs, lens, _ = dst.get_contiguous_buf_infos()
-    regions = sp.row_views([wrap_memory(p, n, torch.device(device)) for p, n in zip(ptrs, lens)])
+    regions = sp.copy_target([wrap_memory(p, n, torch.device(device)) for p, n in zip(ptrs, lens)])
     calls = {"gather": lambda: sp.gather(pages, buf), "scatter": lambda: dp.scatter(buf, 0, pages[::-1].copy()),
              "copy_rows": lambda: sp.copy_rows(pages, regions, pages)}
     for name, call in calls.items():
@@ -152,7 +152,7 @@ def test_copy_seconds_leave_out_the_work_the_copy_waited_for():
     src, dst = pool("cuda", 1, 4), pool("cuda", 2, 4)
     sp = packer_of(src)
     ptrs, lens, _ = dst.get_contiguous_buf_infos()
-    regions = sp.row_views([wrap_memory(p, n, torch.device("cuda")) for p, n in zip(ptrs, lens)])
+    regions = sp.copy_target([wrap_memory(p, n, torch.device("cuda")) for p, n in zip(ptrs, lens)])
     pages = np.arange(1, 32)
     sp.copy_rows(pages, regions, pages)  # compiles the kernel
     torch.cuda._sleep(100_000_000)  # cycles: ~50 ms at 2 GHz

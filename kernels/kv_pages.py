@@ -298,25 +298,47 @@ def _check(pool: KVPool, slots: torch.Tensor, host: torch.Tensor, host_offsets: 
         low, high = int(slots.min()), int(slots.max())
         if low < -1 or high >= pool.rows:
             raise ValueError(f"slots must lie in [-1, {pool.rows}), got [{low}, {high}]")
-    # Tensor ops, not Python loops: PD moves pages of one token as chunks, thousands per call.
     offsets_align = 8  # only powers of two up to a word matter below
     if n_chunks:
-        low, high = (int(x) for x in torch.aminmax(offsets))
+        low, high, offsets_align, close = _offset_facts(offsets, chunk_bytes, overlap=gather)
         if low < 0 or high + chunk_bytes > host.numel():
             off = next(o for o in offsets.tolist() if o < 0 or o + chunk_bytes > host.numel())
             raise ValueError(f"chunk at {host_name} offset {off} ({chunk_bytes} bytes) is outside "
                              f"{host_name}'s {host.numel()} bytes")
-        # gcd(8, o) is a power of two, so the smallest is gcd(8, every offset).
-        offsets_align = int(torch.gcd(offsets, torch.tensor(8)).min())
-    if gather and n_chunks > 1:
-        ordered = offsets.sort().values
-        close = (ordered.diff() < chunk_bytes).nonzero()
-        if close.numel():
-            a, b = ordered[int(close[0])].item(), ordered[int(close[0]) + 1].item()
-            raise ValueError(f"chunks at {host_name} offsets {a} and {b} overlap "
+        if close is not None:
+            raise ValueError(f"chunks at {host_name} offsets {close[0]} and {close[1]} overlap "
                              f"({chunk_bytes} bytes each)")
 
     return _Plan(pool, chunk_bytes, offsets, _word_bytes(math.gcd(pool.alignment, host.data_ptr(), offsets_align)))
+
+
+# Up to this many chunks a copy's offsets are checked as Python ints, above with tensor ops (PD
+# moves pages of one token as chunks, thousands per call). Each small torch op costs the calling
+# thread 4-70 us on an H100 host, the most right after it waited for the GPU, as SGLang's scheduler
+# has (ab/launch_cost_after_wait_h100.json); a pass over 40 Python ints takes a few us.
+_FEW_CHUNKS = 64
+
+
+def _offset_facts(offsets: torch.Tensor, chunk_bytes: int, overlap: bool
+                  ) -> tuple[int, int, int, Optional[tuple[int, int]]]:
+    """Of a non-empty int64 CPU tensor of chunk offsets: the smallest, the largest, gcd(8, all of
+    them) and, if ``overlap``, the first two in ascending order less than ``chunk_bytes`` apart (else
+    None). gcd(8, o) is a power of two, so gcd(8, every offset) is the smallest of them."""
+    if offsets.numel() <= _FEW_CHUNKS:
+        values = offsets.tolist()
+        ordered = sorted(values) if overlap else []
+        close = next(((a, b) for a, b in zip(ordered, ordered[1:]) if b - a < chunk_bytes), None)
+        return min(values), max(values), math.gcd(8, *values), close
+    low, high = (int(x) for x in torch.aminmax(offsets))
+    align = int(torch.gcd(offsets, torch.tensor(8)).min())
+    close = None
+    if overlap:
+        ordered = offsets.sort().values
+        near = (ordered.diff() < chunk_bytes).nonzero()
+        if near.numel():
+            i = int(near[0])
+            close = (int(ordered[i]), int(ordered[i + 1]))
+    return low, high, align, close
 
 
 def _layer_addresses(k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> tuple[int, ...]:

@@ -5,8 +5,10 @@ Triton's interpreter, see conftest.py)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -436,6 +438,24 @@ def test_a_kv_pool_still_checks_each_copys_arguments(small_pool, case):
         pool.gather(slots, slab, offsets, T)
     with pytest.raises(ValueError, match=BAD_CASES[case]):
         pool.scatter(slab, offsets, slots, T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 40, kv_pages._FEW_CHUNKS, kv_pages._FEW_CHUNKS + 1, 3000])
+def test_offset_checks_of_few_and_many_chunks_agree_with_a_plain_reading(n):
+    """A copy's offsets are read as Python ints for a few chunks and with tensor ops for many: both
+    give the extremes, the alignment and the first overlapping pair a plain reading gives."""
+    rng = np.random.default_rng(n)
+    chunk = 48
+    for trial in range(4):
+        offsets = rng.permutation(n) * chunk + int(rng.choice([0, 2, 4, 8, 16]))
+        if trial % 2 and n > 1:  # two chunks made to overlap
+            i, j = rng.choice(n, 2, replace=False)
+            offsets[j] = offsets[i] + int(rng.integers(1, chunk))
+        ordered = sorted(offsets.tolist())
+        want_close = next(((a, b) for a, b in zip(ordered, ordered[1:]) if b - a < chunk), None)
+        want = (min(ordered), max(ordered), math.gcd(8, *ordered), want_close)
+        assert kv_pages._offset_facts(torch.from_numpy(offsets), chunk, overlap=True) == want
+        assert kv_pages._offset_facts(torch.from_numpy(offsets), chunk, overlap=False) == want[:3] + (None,)
 
 
 def test_overlapping_chunks_raise_only_when_written(small_pool):

@@ -535,61 +535,42 @@ def scatter_kv_reference(src: torch.Tensor, src_offsets: torch.Tensor, slots: to
         _scatter_torch(plan, src, slots, chunk_tokens, [range(pool.num_layers)])
 
 
-def _check_layers(name: str, bufs: Sequence[torch.Tensor], first: torch.Tensor) -> None:
-    for i, buf in enumerate(bufs):
-        if buf.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {buf.device}, but the first buffer of its pool is on "
-                             f"{first.device}; all layers of a pool must be on one device")
-        if buf.dim() < 2 or buf.shape[0] != first.shape[0] or not buf.is_contiguous():
-            raise ValueError(f"{name}[{i}] has shape {tuple(buf.shape)}; every layer of a pool needs "
-                             f"contiguous [rows, ...] buffers with the same rows ({first.shape[0]})")
-
-
 @dataclass(frozen=True)
 class RowCopy:
-    """A source and a destination pool whose layer buffers were checked once (``RowCopy.of``), for
-    callers that copy rows between the same two pools again and again (PD's direct path, per
+    """Row copies from one checked pool into another (``KVPool.of`` each, then ``RowCopy.between``),
+    for callers that copy rows between the same two pools again and again (PD's direct path, per
     chunk): a call then checks only its rows. See :func:`copy_kv_rows` for the arguments."""
 
-    src_k: tuple[torch.Tensor, ...]
-    src_v: tuple[torch.Tensor, ...]
-    dst_k: tuple[torch.Tensor, ...]
-    dst_v: tuple[torch.Tensor, ...]
-    k_row_bytes: int
-    v_row_bytes: int
+    src: KVPool
+    dst: KVPool
     word_bytes: int
-    src_ptrs: tuple[int, ...]
-    """The source's layer addresses as in ``KVPool.layer_ptrs``."""
-    dst_ptrs: tuple[int, ...]
+
+    @classmethod
+    def between(cls, src: KVPool, dst: KVPool) -> "RowCopy":
+        if dst.num_layers != src.num_layers:
+            raise ValueError(f"the source pool has {src.num_layers} layers, the destination {dst.num_layers}")
+        if (dst.k_row_bytes, dst.v_row_bytes) != (src.k_row_bytes, src.v_row_bytes):
+            raise ValueError(f"the destination's K and V rows are {dst.k_row_bytes} and {dst.v_row_bytes} bytes, "
+                             f"the source's {src.k_row_bytes} and {src.v_row_bytes}; both pools need the same "
+                             f"row sizes (heads, dim, dtype)")
+        return cls(src, dst, _word_bytes(math.gcd(src.alignment, dst.alignment)))
 
     @classmethod
     def of(cls, src_k: Sequence[torch.Tensor], src_v: Sequence[torch.Tensor], dst_k: Sequence[torch.Tensor],
            dst_v: Sequence[torch.Tensor]) -> "RowCopy":
-        counts = {len(src_k), len(src_v), len(dst_k), len(dst_v)}
-        if len(counts) != 1 or not src_k:
-            raise ValueError(f"need as many K as V layer buffers in both pools, at least one; got "
-                             f"{len(src_k)} K and {len(src_v)} V in the source, {len(dst_k)} K and "
-                             f"{len(dst_v)} V in the destination")
-        for name, bufs in (("src_k", src_k), ("src_v", src_v)):
-            _check_layers(name, bufs, src_k[0])
-        for name, bufs in (("dst_k", dst_k), ("dst_v", dst_v)):
-            _check_layers(name, bufs, dst_k[0])
-        k_row_bytes, v_row_bytes = _row_bytes(src_k[0]), _row_bytes(src_v[0])
-        for name, bufs, want in (("src_k", src_k, k_row_bytes), ("src_v", src_v, v_row_bytes),
-                                 ("dst_k", dst_k, k_row_bytes), ("dst_v", dst_v, v_row_bytes)):
-            for i, buf in enumerate(bufs):
-                if _row_bytes(buf) != want:
-                    raise ValueError(f"{name}[{i}] has rows of {_row_bytes(buf)} bytes, src_{name[-1]}[0] of "
-                                     f"{want}; both pools need the same K and V row sizes (heads, dim, dtype)")
-        src_ptrs, dst_ptrs = _layer_addresses(list(src_k), list(src_v)), _layer_addresses(list(dst_k), list(dst_v))
-        word_bytes = _word_bytes(math.gcd(k_row_bytes, v_row_bytes, *src_ptrs, *dst_ptrs))
-        return cls(tuple(src_k), tuple(src_v), tuple(dst_k), tuple(dst_v), k_row_bytes, v_row_bytes, word_bytes,
-                   src_ptrs, dst_ptrs)
+        """``between`` the pools of these buffers, each checked by ``KVPool.of``."""
+        pools = []
+        for side, k, v in (("source", src_k, src_v), ("destination", dst_k, dst_v)):
+            try:
+                pools.append(KVPool.of(k, v))
+            except ValueError as e:
+                raise ValueError(f"{side} pool: {e}") from None
+        return cls.between(*pools)
 
     @property
     def device(self) -> torch.device:
         """Where the copy runs: the source pool's device."""
-        return self.src_k[0].device
+        return self.src.device
 
     def copy(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         """:func:`copy_kv_rows` between these pools."""
@@ -599,16 +580,17 @@ class RowCopy:
         if not uses_triton(device):
             self._copy_torch(src_rows, dst_rows)
             return
-        if self.dst_k[0].device.type != device.type:
-            raise ValueError(f"the destination pool is on {self.dst_k[0].device}, the source on {device}; "
+        if self.dst.device.type != device.type:
+            raise ValueError(f"the destination pool is on {self.dst.device}, the source on {device}; "
                              f"the kernel copies between pools of one kind of device")
-        src_table = _layer_ptr_table(self.src_ptrs, device)
-        dst_table = _layer_ptr_table(self.dst_ptrs, device)
+        src_table = _layer_ptr_table(self.src.layer_ptrs, device)
+        dst_table = _layer_ptr_table(self.dst.layer_ptrs, device)
         n_rows = src_rows.numel()
         src_rows = src_rows.to(device, non_blocking=True)
         dst_rows = dst_rows.to(device, non_blocking=True)
-        k_words, v_words, block_kw, block_vw, block_t = _blocks(self.k_row_bytes, self.v_row_bytes, self.word_bytes)
-        grid = (triton.cdiv(n_rows, block_t), len(self.src_k))
+        k_words, v_words, block_kw, block_vw, block_t = _blocks(self.src.k_row_bytes, self.src.v_row_bytes,
+                                                                self.word_bytes)
+        grid = (triton.cdiv(n_rows, block_t), self.src.num_layers)
         _row_copy_kernel[grid](
             src_table, dst_table, src_rows, dst_rows, n_rows,
             K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[self.word_bytes],
@@ -622,14 +604,15 @@ class RowCopy:
 
     def _copy_torch(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
         src_rows = src_rows.to(self.device)
-        dst_rows = dst_rows.to(self.dst_k[0].device)
-        for src, dst in zip((*self.src_k, *self.src_v), (*self.dst_k, *self.dst_v)):
+        dst_rows = dst_rows.to(self.dst.device)
+        pairs = zip((*self.src.k_buffers, *self.src.v_buffers), (*self.dst.k_buffers, *self.dst.v_buffers))
+        for src, dst in pairs:
             rows = _byte_rows(src).index_select(0, src_rows).to(dst.device)
             _byte_rows(dst).index_copy_(0, dst_rows, rows)
 
     def _check_rows(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> int:
         """The number of rows to copy, after checking them."""
-        for name, rows, pool in (("src_rows", src_rows, self.src_k[0]), ("dst_rows", dst_rows, self.dst_k[0])):
+        for name, rows, pool in (("src_rows", src_rows, self.src), ("dst_rows", dst_rows, self.dst)):
             if rows.dtype != torch.int64 or rows.dim() != 1:
                 raise ValueError(f"{name} must be a 1-D int64 tensor, got {rows.dtype} with shape "
                                  f"{tuple(rows.shape)}")
@@ -639,8 +622,8 @@ class RowCopy:
             # Rows already on a GPU are trusted: checking them would stall the stream on a sync.
             if rows.device.type == "cpu" and rows.numel():
                 low, high = int(rows.min()), int(rows.max())
-                if low < 0 or high >= pool.shape[0]:
-                    raise ValueError(f"{name} must lie in [0, {pool.shape[0]}), got [{low}, {high}]")
+                if low < 0 or high >= pool.rows:
+                    raise ValueError(f"{name} must lie in [0, {pool.rows}), got [{low}, {high}]")
         if src_rows.numel() != dst_rows.numel():
             raise ValueError(f"src_rows has {src_rows.numel()} rows, dst_rows {dst_rows.numel()}; give "
                              f"one destination row per source row")
@@ -653,9 +636,10 @@ def copy_kv_rows(src_k: list[torch.Tensor], src_v: list[torch.Tensor], dst_k: li
     in one kernel launch on the source pool's device (``RowCopy`` does it for two pools checked once).
 
     Args:
-        src_k, src_v: the source pool's per-layer ``[rows, ...]`` buffers (any dtype, viewed as
-            bytes); all on one device.
-        dst_k, dst_v: the destination pool's, as many, with the same K and V row sizes in bytes.
+        src_k, src_v: the source pool's per-layer ``[rows, ...]`` buffers, a pool as
+            ``KVPool.of`` takes it (its rows are copied as bytes).
+        dst_k, dst_v: the destination pool's (of any dtype), as many, with the same K and V row
+            sizes in bytes.
             On CUDA they may live on another GPU (memory of another process mapped by CUDA IPC
             included) that the source GPU has peer access to; the kernel stores there directly.
         src_rows, dst_rows: int64 ``[n]``, row ``src_rows[i]`` goes to ``dst_rows[i]`` (page_size

@@ -165,13 +165,13 @@ class Packer:
 
     def copy_target(self, regions: Sequence[torch.Tensor]) -> list[RowCopy]:
         """Another pool of this layout, given as one flat uint8 region per KV buffer (as wrapped or
-        registered), as the destination of ``copy_rows``: per buffer group, this pool's buffers and
-        the regions viewed as ``[rows, row bytes]``, checked once here rather than at every copy
-        (64 buffers of a Llama-3-8B pool: ~0.2 ms of the sending thread per copy on a CPU)."""
+        registered), as the destination of ``copy_rows``: per buffer group, the regions viewed as
+        ``[rows, row bytes]`` and checked once here rather than at every copy (64 buffers of a
+        Llama-3-8B pool: ~0.2 ms of the sending thread per copy on a CPU)."""
         if len(regions) != len(self.views):
             raise ValueError(f"the destination pool has {len(regions)} KV buffers, this one {len(self.views)}")
         dst = [r.view(-1, v.shape[1]) for r, v in zip(regions, self.views)]
-        return [RowCopy.of(pool.k_buffers, pool.v_buffers, [dst[i] for i in ks], [dst[i] for i in vs])
+        return [RowCopy.between(pool, KVPool.of([dst[i] for i in ks], [dst[i] for i in vs]))
                 for (pool, _), (ks, vs) in zip(self.groups, self.index_groups)]
 
     def copy_rows(self, pages: np.ndarray, dst: Sequence[RowCopy], dst_pages: np.ndarray,
@@ -183,7 +183,7 @@ class Packer:
         if len(pages) != len(dst_pages):
             raise ValueError(f"{len(pages)} source pages for {len(dst_pages)} destination pages")
         for side, side_pages, rows in (("source", pages, self.views[0].shape[0]),
-                                       ("destination", dst_pages, dst[0].dst_k[0].shape[0])):
+                                       ("destination", dst_pages, dst[0].dst.rows)):
             why = pages_outside(side_pages, rows // self.page_size)
             if why is not None:
                 raise ValueError(f"{side} {why}")

@@ -162,8 +162,12 @@ def _bad(case: str):
     src_rows, dst_rows = torch.arange(1, 5), torch.arange(5, 9)
     if case == "layers":
         dv = dv[:-1]
-    elif case == "row-bytes":
+    elif case == "pool-layers":
+        dk, dv = dk[:-1], dv[:-1]
+    elif case == "mixed-layer":
         dk[1] = torch.zeros(dk[1].shape[0], 3, dtype=torch.uint8, device=dk[1].device)
+    elif case == "row-bytes":
+        dk = dv = [torch.zeros(b.shape[0], 3, dtype=torch.uint8, device=b.device) for b in dk]
     elif case == "rows-dtype":
         src_rows = src_rows.to(torch.int32)
     elif case == "src-range":
@@ -178,13 +182,15 @@ def _bad(case: str):
 
 
 BAD = {
-    "layers": "as many K as V layer buffers in both pools",
-    "row-bytes": r"dst_k\[1\] has rows of 3 bytes",
+    "layers": "destination pool: need as many K as V layer buffers",
+    "pool-layers": "the source pool has 3 layers, the destination 2",
+    "mixed-layer": r"destination pool: k_buffers\[1\] is torch.uint8",
+    "row-bytes": "the destination's K and V rows are 3 and 3 bytes",
     "rows-dtype": "src_rows must be a 1-D int64 tensor",
     "src-range": r"src_rows must lie in \[0, 17\)",
     "dst-range": r"dst_rows must lie in \[0, 17\), got \[-1",
     "lengths": "one destination row per source row",
-    "shape": r"src_v\[0\] has shape \(5, 2, 16\)",
+    "shape": r"source pool: v_buffers\[0\] has shape \(5, 2, 16\)",
 }
 
 

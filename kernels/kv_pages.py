@@ -188,7 +188,8 @@ class _Launcher:
         if compiled is None:
             self._compiled[key] = kernel[grid](*args, *constexprs)
         else:
-            compiled[grid](*args, *constexprs, stream=torch.cuda.current_stream(device).cuda_stream)
+            # The compiled kernel's runner, unlike the entry point, wants all three grid dimensions.
+            compiled[(*grid, 1, 1)[:3]](*args, *constexprs, stream=torch.cuda.current_stream(device).cuda_stream)
 
 
 _launch_kernel = _Launcher()

@@ -169,17 +169,20 @@ class _Launcher:
     (``ab/launch_cost_h100.json``). The kernels are not specialized on their runtime ints' values
     or their pointers' alignment, so the first launch for each set of constexprs, argument dtypes,
     int widths and device compiles (or finds) the kernel through the entry point, and later ones
-    call the compiled kernel. On the CPU (Triton's interpreter) every launch takes the entry point.
+    call the compiled kernel. On the CPU (Triton's interpreter) every launch takes the entry point,
+    as does every launch of a ``_Launcher(reuse_compiled=False)`` (``benchmarks/launch_cost.py``'s
+    side-by-side measure).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reuse_compiled: bool = True) -> None:
+        self._reuse = reuse_compiled
         self._compiled: dict[tuple, object] = {}
 
     def __call__(self, kernel, grid: tuple[int, ...], args: tuple, constexprs: tuple, device: torch.device) -> None:
         """Launch ``kernel[grid](*args, *constexprs)`` on the current stream of ``device``: ``args``
         are the runtime arguments (tensors and ints), ``constexprs`` the rest, both in the
         kernel's order."""
-        if device.type != "cuda" or _INTERPRETED:
+        if device.type != "cuda" or _INTERPRETED or not self._reuse:
             kernel[grid](*args, *constexprs)
             return
         key = (kernel, device.index, constexprs,

@@ -19,10 +19,9 @@ away, not the wait), and the synchronize before each timed call waits for the pr
 longer for more chunks. So on CUDA ``after_gpu_wait`` also times the checked kernel call of 1 and
 of the most chunks and the load of 1 chunk as ``--load-layer-groups`` launches, and that aminmax as
 a plain CPU reference, each after the GPU was kept busy ``--gpu-wait-ms`` before the wait: what a
-launch costs SGLang's scheduler thread, which waits for each step's results. The kernel calls are
-timed side by side launched through the compiled kernel (as the server does) and through Triton's
-entry point (``_entry_point``). The wait is ``torch.cuda.synchronize`` (``synchronize``, as
-SGLang's) or, with ``spin`` in ``--wait-modes``, a Python loop polling a CUDA event.
+launch costs SGLang's scheduler thread, which waits for each step's results. The wait is
+``torch.cuda.synchronize`` (``synchronize``, as SGLang's) or, with ``spin`` in ``--wait-modes``, a
+Python loop polling a CUDA event.
 
     python benchmarks/launch_cost.py --out benchmarks/results/ab/launch_cost.json
     python benchmarks/launch_cost.py --device cpu --no-copies --out /tmp/launch_cost_cpu.json
@@ -167,29 +166,21 @@ def main() -> None:
         n_max = max(sizes)
         rows = (torch.randperm(args.pool_tokens - 1, generator=gen)[: n_max * CHUNK] + 1).to(device)
         small = offsets.clone()
-        compiled, entry_point = kv_pages._launch_kernel, kv_pages._Launcher(reuse_compiled=False)
         for mode in args.wait_modes.split(","):
             if mode not in ("synchronize", "spin"):
                 raise SystemExit(f"--wait-modes: {mode!r} is not synchronize or spin")
             after_wait[mode] = {}
             for ms in (float(x) for x in args.gpu_wait_ms.split(",")):
                 after_wait[mode][f"{ms:g}"] = case = {
-                    "cpu_aminmax": timed_us(lambda: torch.aminmax(small), args.repeats, device, ms, mode)}
-                # Side by side: each launch through the compiled kernel (as the server) or through
-                # Triton's entry point (as before 338fdda).
-                for suffix, launcher in (("", compiled), ("_entry_point", entry_point)):
-                    kv_pages._launch_kernel = launcher
-                    case.update({
-                        f"spill_kernel_call_1{suffix}": timed_us(
-                            lambda: io.pool.gather(rows[:CHUNK], slab.tensor, offsets[:1], CHUNK),
-                            args.repeats, device, ms, mode),
-                        f"spill_kernel_call_{n_max}{suffix}": timed_us(
-                            lambda: io.pool.gather(rows, slab.tensor, offsets, CHUNK), args.repeats, device, ms, mode),
-                        f"load_kernel_calls_1{suffix}": timed_us(
-                            lambda: io.pool.scatter(slab.tensor, offsets[:1], rows[:CHUNK], CHUNK,
-                                                    groups=io.load_groups), args.repeats, device, ms, mode),
-                    })
-                kv_pages._launch_kernel = compiled
+                    "cpu_aminmax": timed_us(lambda: torch.aminmax(small), args.repeats, device, ms, mode),
+                    "spill_kernel_call_1": timed_us(lambda: io.pool.gather(rows[:CHUNK], slab.tensor, offsets[:1],
+                                                                           CHUNK), args.repeats, device, ms, mode),
+                    f"spill_kernel_call_{n_max}": timed_us(lambda: io.pool.gather(rows, slab.tensor, offsets, CHUNK),
+                                                           args.repeats, device, ms, mode),
+                    "load_kernel_calls_1": timed_us(lambda: io.pool.scatter(slab.tensor, offsets[:1], rows[:CHUNK],
+                                                                            CHUNK, groups=io.load_groups),
+                                                    args.repeats, device, ms, mode),
+                }
                 print(f"after the GPU was busy {ms:g} ms ({mode}): " + ", ".join(
                     f"{op} {t['median_us']} us" for op, t in case.items()), flush=True)
 

@@ -67,11 +67,7 @@ def _copy_rows(pool, slot, host_rows, t_mask, ROW_WORDS: tl.constexpr, BLOCK_W: 
             tl.store(pool_ptrs, tl.load(host_ptrs, mask=mask), mask=mask)
 
 
-# Neither kernel is specialized on its runtime ints' values or its pointers' alignment (the layer
-# addresses come in as ints anyway), so the compiled kernel a launch needs follows from its
-# constexprs, argument types and device alone: see ``_Launcher``.
-@triton.jit(do_not_specialize=["v_region_words", "n_tokens", "n_tiles", "n_items", "first_layer"],
-            do_not_specialize_on_alignment=["layer_ptrs", "slots", "host", "host_offsets"])
+@triton.jit
 def _kv_copy_kernel(
     layer_ptrs,  # int64 [2L]: data_ptr() of K layer 0, V layer 0, K layer 1, ...
     slots,  # int64 [n_chunks * CHUNK_TOKENS]
@@ -125,8 +121,7 @@ def _layer_ptr(table_entry, WORD: tl.constexpr):
     return tl.load(table_entry).to(tl.pointer_type(WORD))
 
 
-@triton.jit(do_not_specialize=["n_rows"],
-            do_not_specialize_on_alignment=["src_ptrs", "dst_ptrs", "src_rows", "dst_rows"])
+@triton.jit
 def _row_copy_kernel(
     src_ptrs,  # int64 [2L]: data_ptr() of the source's K layer 0, V layer 0, K layer 1, ...
     dst_ptrs,  # int64 [2L]: the same for the destination pool
@@ -157,45 +152,6 @@ def _row_copy_kernel(
 
 # Triton chose compiling or interpreting when it defined the kernels (TRITON_INTERPRET at import).
 _INTERPRETED = isinstance(_kv_copy_kernel, InterpretedFunction)
-
-
-class _Launcher:
-    """Launches of the kernels above that skip Triton's JIT entry point once a launch like them ran.
-
-    ``kernel[grid](...)`` binds and specializes the arguments, builds a cache key string and reads
-    Triton's settings at every launch: ~20 us of the calling thread on an H100 host, and ~110 us
-    right after that thread did other work (SGLang's scheduler thread, which launches every spill
-    and load, a load as 8 launches), against ~33 us for the compiled kernel's own launcher
-    (``ab/launch_cost_h100.json``). The kernels are not specialized on their runtime ints' values
-    or their pointers' alignment, so the first launch for each set of constexprs, argument dtypes,
-    int widths and device compiles (or finds) the kernel through the entry point, and later ones
-    call the compiled kernel. On the CPU (Triton's interpreter) every launch takes the entry point,
-    as does every launch of a ``_Launcher(reuse_compiled=False)`` (``benchmarks/launch_cost.py``'s
-    side-by-side measure).
-    """
-
-    def __init__(self, reuse_compiled: bool = True) -> None:
-        self._reuse = reuse_compiled
-        self._compiled: dict[tuple, object] = {}
-
-    def __call__(self, kernel, grid: tuple[int, ...], args: tuple, constexprs: tuple, device: torch.device) -> None:
-        """Launch ``kernel[grid](*args, *constexprs)`` on the current stream of ``device``: ``args``
-        are the runtime arguments (tensors and ints), ``constexprs`` the rest, both in the
-        kernel's order."""
-        if device.type != "cuda" or _INTERPRETED or not self._reuse:
-            kernel[grid](*args, *constexprs)
-            return
-        key = (kernel, device.index, constexprs,
-               tuple(a.dtype if isinstance(a, torch.Tensor) else -(2**31) <= a < 2**31 for a in args))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            self._compiled[key] = kernel[grid](*args, *constexprs)
-        else:
-            # The compiled kernel's runner, unlike the entry point, wants all three grid dimensions.
-            compiled[(*grid, 1, 1)[:3]](*args, *constexprs, stream=torch.cuda.current_stream(device).cuda_stream)
-
-
-_launch_kernel = _Launcher()
 
 
 def uses_triton(device: torch.device) -> bool:
@@ -428,9 +384,6 @@ def _launch(plan: _Plan, slots: torch.Tensor, host: torch.Tensor, host_name: str
     n_tokens = plan.offsets.numel() * chunk_tokens
     n_tiles = triton.cdiv(n_tokens, block_t)
     v_region_words = pool.num_layers * chunk_tokens * k_words
-    # CHUNK_TOKENS, K_WORDS, V_WORDS, WORD, WORD_BYTES, BLOCK_T, BLOCK_KW, BLOCK_VW, GATHER
-    constexprs = (chunk_tokens, k_words, v_words, _WORD_DTYPES[plan.word_bytes], plan.word_bytes,
-                  block_t, block_kw, block_vw, gather)
     # Everything above is done once per call: a load issued as one launch per layer sits on the
     # scheduler's critical path, so each further group costs only the launch itself.
     for layers in groups:
@@ -438,10 +391,11 @@ def _launch(plan: _Plan, slots: torch.Tensor, host: torch.Tensor, host_name: str
         grid = (min(n_items, max_programs or n_items),)
         # A pinned CPU slab goes in as a tensor: Triton's launcher maps its address to the device
         # pointer of the registered memory (the same address under UVA), and refuses pageable memory.
-        _launch_kernel(
-            _kv_copy_kernel, grid,
-            (table, slots, host, offsets, v_region_words, n_tokens, n_tiles, n_items, layers.start),
-            constexprs, device,
+        _kv_copy_kernel[grid](
+            table, slots, host, offsets, v_region_words, n_tokens, n_tiles, n_items, layers.start,
+            CHUNK_TOKENS=chunk_tokens, K_WORDS=k_words, V_WORDS=v_words,
+            WORD=_WORD_DTYPES[plan.word_bytes], WORD_BYTES=plan.word_bytes,
+            BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw, GATHER=gather,
         )
         if on_launched is not None:
             on_launched(layers)
@@ -637,10 +591,10 @@ class RowCopy:
         k_words, v_words, block_kw, block_vw, block_t = _blocks(self.src.k_row_bytes, self.src.v_row_bytes,
                                                                 self.word_bytes)
         grid = (triton.cdiv(n_rows, block_t), self.src.num_layers)
-        _launch_kernel(
-            _row_copy_kernel, grid, (src_table, dst_table, src_rows, dst_rows, n_rows),
-            # K_WORDS, V_WORDS, WORD, BLOCK_T, BLOCK_KW, BLOCK_VW
-            (k_words, v_words, _WORD_DTYPES[self.word_bytes], block_t, block_kw, block_vw), device,
+        _row_copy_kernel[grid](
+            src_table, dst_table, src_rows, dst_rows, n_rows,
+            K_WORDS=k_words, V_WORDS=v_words, WORD=_WORD_DTYPES[self.word_bytes],
+            BLOCK_T=block_t, BLOCK_KW=block_kw, BLOCK_VW=block_vw,
         )
 
     def copy_reference(self, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -66,6 +67,24 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: str | Path, timeout
 
 
 @contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM (``timeout``'s, a job scheduler's) raises ``SystemExit`` in this
+    process, so that the ``finally`` blocks stop the servers started in it: each runs in a session of
+    its own, which the signal does not reach, and Python's default on SIGTERM runs no ``finally``
+    (a timed-out benchmark left a server holding the GPU and its port). No-op off the main thread
+    or where a SIGTERM handler is set already (an enclosing block's)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
 def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
                   log_path: str | Path, ready_timeout_s: float = 400,
                   other_ports: tuple[int, ...] = (), cuda_graph_max_bs: int = 0,
@@ -73,28 +92,30 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
     """Runs ``sglang.launch_server`` until the block ends; yields its start-up time in seconds.
 
     Refuses to start when ``port`` or one of ``other_ports`` (e.g. kvtier's metrics port) is taken,
-    since the health check would otherwise talk to whatever already listens there.
+    since the health check would otherwise talk to whatever already listens there. Stops the server
+    on SIGTERM too (``sigterm_exits``).
     """
     for p in (port, *other_ports):
         if port_in_use(p):
             sys.exit(f"port {p} is already in use (a server left running?); stop it or pick another port")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port),
            *base_args(cuda_graph_max_bs, attention_backend), *server_args]
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **env})
-    try:
-        yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
-    finally:
-        # A server that died at start left no process group: its exit, not this, is the error.
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with sigterm_exits():
+        with open(log_path, "w") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **env})
+        try:
+            yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
+        finally:
+            # A server that died at start left no process group: its exit, not this, is the error.
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def generate(port: int, ids: list[int] | list[list[int]], max_new_tokens: int = 1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -229,3 +230,33 @@ def test_long_doc_profiles_extra_requests_after_the_measured_passes(tmp_path):
     assert radix["profiled"]["requests"] == 2 and radix["profiled"]["report"]["requests"] == 2
     assert radix["profiled"]["trace_dir"] == str(tmp_path / "traces")
     assert set(radix["passes"]) == {"cold", "warm"} and "[radix] profiled (2 requests" in r.stdout
+
+
+def test_a_benchmark_stopped_by_sigterm_stops_its_server(tmp_path):
+    """``timeout`` SIGTERMs long_doc.py while it measures: the script exits 143 and its server, in a
+    session of its own which the signal does not reach, is stopped (its port free) instead of being
+    left holding the GPU (as a timed-out run on the H100 once did)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS_DIR / "long_doc.py"), "--config", "radix", "--docs", "400", "--doc-len", "700",
+         "--output-len", "4", "--concurrency", "1", "--port", str(port), "--metrics-port", str(free_port()),
+         "--log-dir", str(tmp_path), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "server ready" in line:
+                break
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the server listens
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM, "".join(seen) + proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert not (tmp_path / "r.json").exists()

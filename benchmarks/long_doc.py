@@ -5,7 +5,7 @@ The workload of LMCache's RAG benchmark: ``--docs`` documents of ``--doc-len`` r
 (20 to 50 tokens, different for every request), ``--output-len`` tokens decoded (``ignore_eos``).
 Pass ``cold`` sends every document once; pass ``warm`` sends the same documents in another order,
 so with a GPU pool smaller than the documents (``--pool-tokens``) a warm hit must come from a tier
-below the GPU. ``--workload chat`` runs several users whose turns grow their history (each turn is
+below the GPU (``--warm-passes N``: N such passes, ``warm``, ``warm2``, ...). ``--workload chat`` runs several users whose turns grow their history (each turn is
 the previous turn plus a reply and a new user message), ``--workload noreuse`` two passes of
 distinct documents (the cost of a tier on misses).
 
@@ -75,20 +75,33 @@ def _bos(config: Mapping) -> list[int]:
     return [bos] if isinstance(bos, int) else []
 
 
-def rag_passes(docs: int, doc_len: int, seed: int, ids: tuple[int, int], bos: Sequence[int]) -> list[Pass]:
-    """``cold``: every document once, each with its own question; ``warm``: the same documents in another order."""
+def rag_passes(docs: int, doc_len: int, seed: int, ids: tuple[int, int], bos: Sequence[int],
+               warm_passes: int = 1) -> list[Pass]:
+    """``cold``: every document once, each with its own question; ``warm``: the same documents in another
+    order; ``warm2``, ``warm3``, ... (``warm_passes`` > 1): again, each in an order of its own. The
+    passes of ``warm_passes=1`` are the same whatever ``warm_passes``: the later ones are drawn after."""
     if docs < 2:
         raise BenchError("--docs must be at least 2 (the warm pass reorders the documents)")
+    if warm_passes < 1:
+        raise BenchError(f"--warm-passes must be at least 1, got {warm_passes}")
     rng = np.random.default_rng(seed)
     documents = rng.integers(*ids, size=(docs, doc_len)).tolist()
-    order = list(range(docs))
-    while order == list(range(docs)):
-        order = rng.permutation(docs).tolist()
+
+    def shuffled() -> list[int]:
+        order = list(range(docs))
+        while order == list(range(docs)):
+            order = rng.permutation(docs).tolist()
+        return order
 
     def ask(doc: list[int]) -> list[int]:
         return [*bos, *doc, *rng.integers(*ids, size=int(rng.integers(20, 51))).tolist()]
 
-    return [("cold", [ask(documents[i]) for i in range(docs)]), ("warm", [ask(documents[i]) for i in order])]
+    order = shuffled()
+    passes = [("cold", [ask(documents[i]) for i in range(docs)]), ("warm", [ask(documents[i]) for i in order])]
+    for n in range(2, warm_passes + 1):
+        order = shuffled()
+        passes.append((f"warm{n}", [ask(documents[i]) for i in order]))
+    return passes
 
 
 def chat_passes(users: int, turns: int, first_len: int, turn_len: int, reply_len: int, seed: int,
@@ -436,7 +449,7 @@ def build_passes(workload: str, args: argparse.Namespace, config: Mapping) -> li
     """The passes of ``workload`` with the sizes in ``args`` and the token ids ``config`` allows."""
     ids, bos = token_range(config), _bos(config)
     if workload == "rag":
-        return rag_passes(args.docs, args.doc_len, args.seed, ids, bos)
+        return rag_passes(args.docs, args.doc_len, args.seed, ids, bos, args.warm_passes)
     if workload == "chat":
         return chat_passes(args.users, args.turns, args.doc_len, args.turn_len, args.output_len, args.seed, ids, bos)
     return noreuse_passes(args.docs, args.doc_len, args.seed, ids, bos)
@@ -476,6 +489,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--docs", type=int, default=46, help="documents per pass (rag, noreuse)")
     ap.add_argument("--doc-len", type=int, default=10_000, help="tokens per document (chat: first turn)")
     ap.add_argument("--concurrency", type=int, default=4, help="users sending at the same time")
+    ap.add_argument("--warm-passes", type=int, default=1,
+                    help="rag: warm passes after the cold one, each in another order (warm, warm2, ...): more "
+                         "samples of the warm ratios per server start")
     ap.add_argument("--output-len", type=int, default=100, help="tokens decoded per request (ignore_eos)")
     ap.add_argument("--pool-tokens", type=int, default=100_000, help="GPU KV pool (--max-total-tokens)")
     ap.add_argument("--seed", type=int, default=0)

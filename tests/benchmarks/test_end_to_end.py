@@ -260,3 +260,18 @@ def test_a_benchmark_stopped_by_sigterm_stops_its_server(tmp_path):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert not (tmp_path / "r.json").exists()
+
+
+def test_long_doc_runs_more_warm_passes_on_one_server_start(tmp_path):
+    out = tmp_path / "r.json"
+    r = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--warm-passes", "2", "--out", str(out),
+            tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads(out.read_text())
+    assert report["workload"]["passes"] == {"cold": 5, "warm": 5, "warm2": 5}
+    radix = report["configs"]["radix"]
+    assert list(radix["passes"]) == ["cold", "warm", "warm2"] and r.stdout.count("server ready") == 1
+    assert radix["vs_radix"]["warm2"]["latency_mean"] == 1.0
+    # A file of one warm pass is another workload: no merge.
+    other = run(BENCHMARKS_DIR / "long_doc.py", "--config", "radix", "--out", str(out), tmp_path=tmp_path)
+    assert other.returncode != 0 and "another workload" in other.stderr + other.stdout

@@ -30,6 +30,20 @@ def test_rag_warm_pass_reuses_every_document_in_another_order(docs, doc_len, see
     assert all(IDS[0] <= t < IDS[1] for p in cold + warm for t in p[1:])
 
 
+def test_more_warm_passes_add_orders_of_their_own_and_keep_the_first_passes():
+    docs, doc_len = 9, 40
+    one, three = rag_passes(docs, doc_len, 5, IDS, BOS), rag_passes(docs, doc_len, 5, IDS, BOS, warm_passes=3)
+    assert three[:2] == one and [name for name, _ in three] == ["cold", "warm", "warm2", "warm3"]
+    doc = lambda p: tuple(p[1 : 1 + doc_len])  # noqa: E731
+    orders = [list(map(doc, prompts)) for _, prompts in three]
+    assert all(sorted(o) == sorted(orders[0]) and o != orders[0] for o in orders[1:])
+    assert orders[2] != orders[1] and orders[3] != orders[2]
+    questions = [tuple(p[1 + doc_len :]) for _, prompts in three for p in prompts]
+    assert len(set(questions)) == 4 * docs
+    with pytest.raises(BenchError, match="--warm-passes"):
+        rag_passes(docs, doc_len, 5, IDS, BOS, warm_passes=0)
+
+
 def test_chat_turn_extends_the_previous_turn_exactly():
     users, turns, first, turn_len, reply = 5, 4, 300, 40, 10
     passes = chat_passes(users, turns, first, turn_len, reply, 3, IDS, BOS)

@@ -5,7 +5,8 @@ and each of their small torch ops was measured several times slower there than b
 (``launch_cost.py``'s ``after_gpu_wait``). This tells the causes apart: a 40-element CPU
 ``torch.aminmax`` is timed (median of ``--repeats``) after the thread spent 0 / 1 / 10 / 40 ms
   * ``sync``: in ``torch.cuda.synchronize`` for a GPU kept busy that long (as SGLang's scheduler),
-  * ``event_spin``: polling a CUDA event from Python for the same wait,
+  * ``event_spin``: polling a CUDA event from Python for the same wait (both as ``launch_cost.py``
+    waits),
   * ``cpu_sleep``: in ``time.sleep``, no GPU work,
   * ``cpu_busy``: in a Python busy loop, no GPU work,
 each in a fresh process per CUDA schedule flag of the primary context (``auto``, ``spin``,
@@ -36,7 +37,10 @@ MODES = ("sync", "event_spin", "cpu_sleep", "cpu_busy")
 
 def set_schedule_flag(flag: int) -> int:
     """Set the primary context's schedule flag of GPU 0 before it exists; the flags it then has."""
-    cuda = ctypes.CDLL("libcuda.so.1")
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise SystemExit(f"cold_thread.py needs an NVIDIA GPU and its driver: {e}") from None
     dev = ctypes.c_int()
     for name, call in (("cuInit", lambda: cuda.cuInit(0)),
                        ("cuDeviceGet", lambda: cuda.cuDeviceGet(ctypes.byref(dev), 0)),
@@ -50,29 +54,19 @@ def measure(flag_name: str, repeats: int) -> dict:
     """One process's medians (us) per mode and time away; the schedule flag is set first."""
     dev = set_schedule_flag(FLAGS[flag_name])
     import torch  # after the flag: torch must not create the context before
+    from launch_cost import spin_cycles_per_ms, wait_gpu
 
-    torch.zeros(1, device="cuda")
+    device = torch.device("cuda")
+    torch.zeros(1, device=device)
     flags, active = ctypes.c_uint(), ctypes.c_int()
     ctypes.CDLL("libcuda.so.1").cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
     small = torch.arange(40)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(10_000_000)  # warm the clock up, then measure cycles per ms
-    start.record()
-    torch.cuda._sleep(50_000_000)
-    end.record()
-    end.synchronize()
-    cycles_per_ms = 50_000_000 / start.elapsed_time(end)
 
     def away(mode: str, ms: float) -> None:
-        if mode in ("sync", "event_spin") and ms:
-            torch.cuda._sleep(int(ms * cycles_per_ms))
-        if mode == "sync":
-            torch.cuda.synchronize()
-        elif mode == "event_spin":
-            done = torch.cuda.Event()
-            done.record()
-            while not done.query():
-                pass
+        if mode in ("sync", "event_spin"):
+            if ms:
+                torch.cuda._sleep(int(ms * spin_cycles_per_ms(device)))
+            wait_gpu(device, "synchronize" if mode == "sync" else "spin")
         elif mode == "cpu_sleep":
             time.sleep(ms / 1e3)
         else:
@@ -111,7 +105,9 @@ def main() -> None:
         if name not in FLAGS:
             raise SystemExit(f"--flags: {name!r} is not one of {', '.join(FLAGS)}")
         child = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats)],
-                               check=True, capture_output=True, text=True)
+                               capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(f"the {name} measurement failed (exit {child.returncode}):\n{child.stderr[-2000:]}")
         by_flag[name] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{name}: " + ", ".join(f"{m} {by_flag[name][m]}" for m in MODES), flush=True)
     report = {"benchmark": "cold_thread", "op": "torch.aminmax of 40 int64 on the CPU, median us",

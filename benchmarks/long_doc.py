@@ -5,9 +5,10 @@ The workload of LMCache's RAG benchmark: ``--docs`` documents of ``--doc-len`` r
 (20 to 50 tokens, different for every request), ``--output-len`` tokens decoded (``ignore_eos``).
 Pass ``cold`` sends every document once; pass ``warm`` sends the same documents in another order,
 so with a GPU pool smaller than the documents (``--pool-tokens``) a warm hit must come from a tier
-below the GPU (``--warm-passes N``: N such passes, ``warm``, ``warm2``, ...). ``--workload chat`` runs several users whose turns grow their history (each turn is
-the previous turn plus a reply and a new user message), ``--workload noreuse`` two passes of
-distinct documents (the cost of a tier on misses).
+below the GPU (``--warm-passes N``: N such passes, ``warm``, ``warm2``, ...). ``--workload chat``
+runs several users whose turns grow their history (each turn is the previous turn plus a reply and
+a new user message), ``--workload noreuse`` two passes of distinct documents (the cost of a tier on
+misses).
 
 Each ``--config`` starts its own SGLang 0.5.17 server on the same GPU (dummy-weight Llama-3-8B
 shape unless ``--model-path``), streams ``/generate`` with ``input_ids`` (TTFT = first streamed

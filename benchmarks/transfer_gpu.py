@@ -289,7 +289,7 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                                                          "notify", "total")}
         with make_transport("cuda_ipc") as transport, spinning(spin):
             peer = transport.connect(descriptor, map_device=0)
-            views: list = []  # the regions last handed out and their row views, as _direct_rows keeps them
+            target: list = []  # the regions last handed out and the copies into them, as _direct_target keeps them
             note = json.dumps(direct_note(1, "stage/bench", 0, tokens)).encode()
 
             def chunk() -> None:
@@ -298,9 +298,9 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                 t0 = time.perf_counter()
                 regions = transport.peer_regions(peer, names)
                 t1 = time.perf_counter()
-                if not views or any(a is not b for a, b in zip(views[0], regions)):
-                    views[:] = [regions, packer.copy_target(regions)]
-                dst = views[1]
+                if not target or any(a is not b for a, b in zip(target[0], regions)):
+                    target[:] = [regions, packer.copy_target(regions)]
+                dst = target[1]
                 t2 = time.perf_counter()
                 gpu_s = packer.copy_rows(src_pages, dst, dst_pages, event)
                 t3 = time.perf_counter()

@@ -8,14 +8,15 @@ buffer with ``KVPool.gather`` / ``scatter`` (one launch per buffer group), in pa
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
 a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
-IPC) with ``RowCopy`` (checked once per mapping, ``copy_target``), one launch per buffer group, no staging. Each of these returns the
-copy's own seconds: on a CUDA pool the GPU time between two CUDA events recorded around the
-launches on the Packer's stream (read after the stream sync the call ends with anyway), on a CPU
-pool the wall time of the torch copy; PD's ``kvtier_pd_copy_seconds_total`` adds them up, so the
-copy can be told apart from the protocol around it. ``transport_kind`` resolves
-``pd_transport`` for the pool's device (``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer``
-allocates staging where that transport can reach it: on the pool's GPU for a device-capable
-transport, else in pinned host memory.
+IPC) with ``RowCopy`` (checked once per mapping, ``copy_target``), one launch per buffer group, no
+staging. Each of these returns the copy's own seconds: on a CUDA pool the GPU time between two
+CUDA events recorded around the launches on the Packer's stream (read after the stream sync the
+call ends with anyway), on a CPU pool the wall time of the torch copy; PD's
+``kvtier_pd_copy_seconds_total`` adds them up, so the copy can be told apart from the protocol
+around it. ``transport_kind`` resolves ``pd_transport`` for the pool's device
+(``kvtier.transfer.backends.open_transport`` opens it) and ``staging_buffer`` allocates staging
+where that transport can reach it: on the pool's GPU for a device-capable transport, else in pinned
+host memory.
 """
 
 from __future__ import annotations

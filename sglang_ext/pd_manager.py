@@ -129,7 +129,7 @@ class _DecodePeer:
     """Bytes of one packed page (of the slice) in its staging slots."""
     direct: Optional[list[str]] = None
     """On the direct path: the decode's KV buffers, as its transport regions; None: staged."""
-    rows: Optional[tuple[list[torch.Tensor], list[RowCopy]]] = None
+    target: Optional[tuple[list[torch.Tensor], list[RowCopy]]] = None
     """On the direct path: the mapped regions last handed out for ``direct`` and the copies into them
     (``Packer.copy_target``), reused while the transport hands out the same mappings."""
 
@@ -415,12 +415,12 @@ class KvtierKVManager(CommonKVManager):
             self.send_control(endpoint, control_message(REFUSED, refusal))
             return
         self.refused.pop(peer_id, None)
-        direct = rows = None
+        direct = target = None
         if path == DIRECT:
             try:
                 direct = msg["direct"]["regions"]
                 regions = self.transport.peer_regions(transport_peer, direct)
-                rows = (regions, self.packer.copy_target(regions))
+                target = (regions, self.packer.copy_target(regions))
             except (TransferError, ValueError, RuntimeError) as e:
                 path, reason, direct = STAGED, f"this prefill cannot store into the decode's pool: {e}", None
         old = self.peers.get(peer_id)
@@ -429,7 +429,7 @@ class KvtierKVManager(CommonKVManager):
             if old.path != path:
                 logger.info("kvtier PD: decode %s now uses the %s path (%s)", remote.address, path, reason)
                 self.stats.add_peer(path)
-            old.direct, old.rows = direct, rows
+            old.direct, old.target = direct, target
             return
         slot_bytes = int(msg["slot_bytes"])
         src_heads = dst_heads = None
@@ -440,7 +440,7 @@ class KvtierKVManager(CommonKVManager):
         self.peers[peer_id] = _DecodePeer(
             endpoint, transport_peer, msg["stage"], slot_bytes,
             min(self.slot_bytes, slot_bytes) // page_bytes, SlotCredits(int(msg["slots"])), src_heads, dst_heads,
-            page_bytes, direct, rows,
+            page_bytes, direct, target,
         )
         self.stats.add_peer(path)
         logger.info("kvtier PD: decode %s registered: %s, page %d B x %d KV buffers, transport %s, %s path (%s), "
@@ -655,11 +655,11 @@ class KvtierKVManager(CommonKVManager):
         room, n = chunk.room, len(src)
         with self._timing_lock:
             self._started(room)
-        copy_s = self.packer.copy_rows(src, self._direct_rows(peer), dst_pages, chunk.event)
+        copy_s = self.packer.copy_rows(src, self._direct_target(peer), dst_pages, chunk.event)
         self.stats.add(nbytes=n * peer.page_bytes, pages=n, path=DIRECT, copy_seconds=copy_s)
         return direct_note(room, peer.stage, chunk.index_slice.start, n)
 
-    def _direct_rows(self, peer: _DecodePeer) -> list[RowCopy]:
+    def _direct_target(self, peer: _DecodePeer) -> list[RowCopy]:
         """The decode's pool as ``copy_rows``' target. Asks the transport each time, which refuses a dead decode
         or a deregistered pool before the launch (the mapping keeps the memory alive until we drop
         it, so a decode that dies during the copy cannot fault it); the target is rebuilt only when
@@ -667,12 +667,12 @@ class KvtierKVManager(CommonKVManager):
         try:
             regions = self.transport.peer_regions(peer.transport_peer, peer.direct)
         except TransferError:
-            peer.rows = None  # holding the mappings would keep a dead decode's pool allocated
+            peer.target = None  # holding the mappings would keep a dead decode's pool allocated
             raise
-        if peer.rows is None or len(peer.rows[0]) != len(regions) or any(
-                a is not b for a, b in zip(peer.rows[0], regions)):
-            peer.rows = (regions, self.packer.copy_target(regions))
-        return peer.rows[1]
+        if peer.target is None or len(peer.target[0]) != len(regions) or any(
+                a is not b for a, b in zip(peer.target[0], regions)):
+            peer.target = (regions, self.packer.copy_target(regions))
+        return peer.target[1]
 
     def _send_done(self, chunk: Chunk, dst: _Destination, kv: Optional[dict] = None) -> None:
         """Notify ``D`` to one decode rank, carrying the request's metadata rows (and the last

@@ -175,3 +175,12 @@ def test_launch_cost_times_each_copy_kind_after_a_bit_exact_round_trip(tmp_path)
     for kinds in report["by_chunks"].values():
         assert set(kinds) == {"spill_guarded", "spill_unguarded", "load", "spill_checks", "spill_kernel_call"}
         assert all(0 < t["median_us"] <= t["p90_us"] for t in kinds.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without an NVIDIA driver")
+def test_cold_thread_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "cold.json"
+    done = subprocess.run([sys.executable, str(Path(transfer_gpu.__file__).with_name("cold_thread.py")), "--flags",
+                           "auto,spin", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and not out.exists()
+    assert "the auto measurement failed" in done.stderr and "needs an NVIDIA GPU and its driver" in done.stderr

@@ -87,11 +87,12 @@ def _stacked_bars(ax, shares: dict[str, list[float]]) -> None:
 
 def plot_hits(report: dict, path: Path) -> None:
     names, passes = ordered(report["configs"]), pass_names(report)
-    labels = [f"{n}\n{p}" for n in names for p in passes if p in report["configs"][n]["passes"]]
+    labels = [f"{n} {p}" for n in names for p in passes if p in report["configs"][n]["passes"]]
     runs = [report["configs"][n]["passes"][p] for n in names for p in passes if p in report["configs"][n]["passes"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(runs) * 2), 4.5))
+    # one panel above the other: side by side, a file of many passes made a figure too wide to read
+    fig, (left, right) = plt.subplots(2, 1, figsize=(max(10, 0.6 * len(runs)), 8))
     _stacked_bars(left, {level: [r["hit_rate"][level] for r in runs] for level in ("gpu", "host", "storage")})
-    left.set_xticks(range(len(runs)), labels, fontsize=7)
+    left.set_xticks(range(len(runs)), labels, fontsize=7, rotation=35, ha="right")
     left.set_ylim(0, 1)
     left.set_ylabel("share of prompt tokens")
     left.set_title("prompt tokens cached, as SGLang reports them")
@@ -99,7 +100,7 @@ def plot_hits(report: dict, path: Path) -> None:
     tiers = sorted({t for r in runs if isinstance(r["kvtier"], dict) for t in r["kvtier"]["hit_rate"]})
     _stacked_bars(right, {tier: [r["kvtier"]["hit_rate"].get(tier, 0.0) if isinstance(r["kvtier"], dict) else 0.0
                                  for r in runs] for tier in tiers})
-    right.set_xticks(range(len(runs)), labels, fontsize=7)
+    right.set_xticks(range(len(runs)), labels, fontsize=7, rotation=35, ha="right")
     right.set_ylim(0, 1)
     right.set_ylabel("share of chunks looked up")
     right.set_title("kvtier chunk hits per tier (n/a: not kvtier)")

@@ -5,7 +5,8 @@
 writes ``<name>_ttft.png`` (mean TTFT per configuration and pass, p99 marked),
 ``<name>_latency.png`` (CDF of request latency, one panel per pass) and ``<name>_hits.png``
 (prompt tokens served from GPU / host / storage as SGLang reports them, and kvtier's chunk hit
-rate per tier) next to the JSON (or in ``--out-dir``), and prints the Markdown table for the README.
+rate per tier) next to the JSON (or in ``--out-dir``), and prints the Markdown table for the README
+(with the GB kvtier moved to and from each tier).
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def markdown(report: dict) -> str:
         f"SGLang {_span(c['sglang'] for c in cfgs)}. Ratios are radix-only time / this time (>1 is faster).*",
         "",
         "| config | pass | TTFT mean / p50 / p99 | latency mean / p50 / p99 | output tok/s "
-        "| cached GPU / host / storage | kvtier chunks loaded | TTFT vs radix | latency vs radix |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cached GPU / host / storage | kvtier chunks loaded | kvtier GB to / from each tier "
+        "| TTFT vs radix | latency vs radix |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ordered(report["configs"]):
         cfg = report["configs"][name]
@@ -146,10 +148,19 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | {p} | {t['mean_s']:.3f} / {t['p50_s']:.3f} / {t['p99_s']:.3f} s "
                 f"| {lat['mean_s']:.2f} / {lat['p50_s']:.2f} / {lat['p99_s']:.2f} s | {run['throughput_tok_s']:.0f} "
-                f"| {h['gpu']:.0%} / {h['host']:.0%} / {h['storage']:.0%} | {chunks} "
+                f"| {h['gpu']:.0%} / {h['host']:.0%} / {h['storage']:.0%} | {chunks} | {_moved(kv)} "
                 f"| {_ratio(r, 'ttft_mean')} | {_ratio(r, 'latency_mean')} |"
             )
     return "\n".join(lines)
+
+
+def _moved(kvtier: dict | str) -> str:
+    """GB kvtier wrote to / read from each tier in a pass (its byte counters), or n/a for other servers."""
+    if not isinstance(kvtier, dict):
+        return "n/a"
+    gb = kvtier["gb_moved"]
+    tiers = sorted({key.rsplit("_", 1)[0] for key in gb})
+    return ", ".join(f"{t} {gb.get(f'{t}_in', 0.0):.1f} / {gb.get(f'{t}_out', 0.0):.1f}" for t in tiers) or "0 / 0"
 
 
 def _ratio(vs_radix: dict, key: str) -> str:

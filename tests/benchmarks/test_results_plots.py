@@ -79,6 +79,7 @@ def test_plot_script_writes_pngs_and_prints_the_table(tmp_path):
     assert [r.split(" | ")[0:2] for r in rows] == [["| radix", "cold"], ["| radix", "warm"], ["| hicache", "cold"],
                                                    ["| hicache", "warm"], ["| kvtier_cpu", "cold"], ["| kvtier_cpu", "warm"]]
     assert "cpu 20, disk 3, not delivered 5" in rows[-1] and "n/a" in rows[2]
+    assert "| cpu 0.0 / 0.7 |" in rows[-1] and "| n/a | 1.00x | 1.00x |" in rows[1]
 
 
 def test_a_file_without_radix_only_has_no_ratios_in_its_table():

@@ -14,9 +14,8 @@ bit-exact, unless ``--no-copies``.
 
 A thread that has just waited for the GPU runs slower for a while (on an H100 host a 40-element CPU
 ``torch.aminmax`` took 4 us back to back and 42-70 us after a synchronize that waited 10-40 ms; as
-slow after 10-40 ms of a Python busy loop or a sleep, with any CUDA schedule flag: it is the time
-away, not the wait), and the synchronize before each timed call waits for the previous call's copy,
-longer for more chunks. So on CUDA ``after_gpu_wait`` also times the checked kernel call of 1 and
+slow after a sleep, with any CUDA schedule flag, ``cold_thread.py``), and the synchronize before
+each timed call waits for the previous call's copy, longer for more chunks. So on CUDA ``after_gpu_wait`` also times the checked kernel call of 1 and
 of the most chunks and the load of 1 chunk as ``--load-layer-groups`` launches, and that aminmax as
 a plain CPU reference, each after the GPU was kept busy ``--gpu-wait-ms`` before the wait: what a
 launch costs SGLang's scheduler thread, which waits for each step's results. The wait is

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
@@ -59,7 +59,7 @@ from bench_common import (
     summarize,
 )
 from long_doc import load_model, sse_events, token_range
-from sglang_server import BASE_ARGS, base_args, port_in_use, sglang_server, sigterm_exits, wait_healthy
+from sglang_server import BASE_ARGS, base_args, port_in_use, session_process, sglang_server, wait_healthy
 
 from kvtier.launch.cluster import Plan as ClusterPlan
 from kvtier.launch.cluster import arg_parser as cluster_arg_parser
@@ -296,39 +296,22 @@ def pd_cluster(model_dir: str, args: Sequence[str], env: Mapping[str, str], port
                     # SGLang's /health runs a generation: keep the router's checks out of the measurement.
                     "--health-interval", "60"], ports.router, None),
     ]
-    procs: list[tuple[str, subprocess.Popen, Path, int]] = []
     start = time.monotonic()
-    with sigterm_exits():
-        try:
-            for name, argv, port, metrics_port in plan:
-                if name == "router":
-                    for n, proc, log, p in procs:
-                        wait_healthy(f"http://127.0.0.1:{p}", proc, log, timeout_s)
-                        print(f"[pd] {n} healthy after {time.monotonic() - start:.0f} s", flush=True)
-                log = log_dir / f"pd-{name}.log"
-                worker_env = {**os.environ, "SGLANG_HOST_IP": "127.0.0.1", **env}
-                if metrics_port is not None:
-                    worker_env["KVTIER_METRICS_PORT"] = str(metrics_port)
-                with open(log, "w") as out:
-                    out.write(f"$ {shlex.join([sys.executable, *argv])}\n")
-                    out.flush()
-                    proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=worker_env)
-                procs.append((name, proc, log, port))
-            wait_healthy(f"http://127.0.0.1:{ports.router}", procs[-1][1], procs[-1][2], 60)
-            yield time.monotonic() - start
-        finally:
-            for _, proc, _, _ in reversed(procs):
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for _, proc, _, _ in procs:
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+    with ExitStack() as running:  # stopped in reverse: the router first
+        procs: list[tuple[str, subprocess.Popen, Path, int]] = []
+        for name, argv, port, metrics_port in plan:
+            if name == "router":
+                for n, proc, log, p in procs:
+                    wait_healthy(f"http://127.0.0.1:{p}", proc, log, timeout_s)
+                    print(f"[pd] {n} healthy after {time.monotonic() - start:.0f} s", flush=True)
+            log = log_dir / f"pd-{name}.log"
+            worker_env = {"SGLANG_HOST_IP": "127.0.0.1", **env}
+            if metrics_port is not None:
+                worker_env["KVTIER_METRICS_PORT"] = str(metrics_port)
+            procs.append((name, running.enter_context(session_process([sys.executable, *argv], log, worker_env)),
+                          log, port))
+        wait_healthy(f"http://127.0.0.1:{ports.router}", procs[-1][1], procs[-1][2], 60)
+        yield time.monotonic() - start
 
 
 def cluster_layout(cluster_args: Sequence[str], model_dir: str, sglang_args: Sequence[str], ports: PDPorts,
@@ -357,23 +340,11 @@ def launched_cluster(argv: Sequence[str], layout: ClusterPlan, env: Mapping[str,
     answered. Ctrl-C's path stops it: SIGINT, after which the cluster stops every worker itself. A
     port already taken: the cluster refuses it before starting anything, naming it and whose it is."""
     start = time.monotonic()
-    with sigterm_exits():
-        with open(log, "w") as out:
-            out.write(f"$ {shlex.join(argv)}\n")
-            out.flush()
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "SGLANG_HOST_IP": "127.0.0.1", **env})
-        try:
-            wait_healthy(layout.router.url, proc, log, timeout_s * 2 + 60)  # workers start one after another at worst
-            print(f"[pd] launch.cluster ready after {time.monotonic() - start:.0f} s: {layout.placement()}", flush=True)
-            yield time.monotonic() - start
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with session_process(list(argv), log, {"SGLANG_HOST_IP": "127.0.0.1", **env}, stop=signal.SIGINT,
+                         grace_s=120) as proc:
+        wait_healthy(layout.router.url, proc, log, timeout_s * 2 + 60)  # workers start one after another at worst
+        print(f"[pd] launch.cluster ready after {time.monotonic() - start:.0f} s: {layout.placement()}", flush=True)
+        yield time.monotonic() - start
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,32 @@ def sigterm_exits() -> Iterator[None]:
 
 
 @contextmanager
+def session_process(argv: list[str], log_path: str | Path, env: dict[str, str] | None = None,
+                    stop: int = signal.SIGTERM, grace_s: float = 60) -> Iterator[subprocess.Popen]:
+    """Runs ``argv`` in a session of its own (so a server's children are stopped with it), its output
+    in ``log_path`` after its command line, until the block ends; then sends ``stop`` to its process
+    group and kills the group after ``grace_s``. A SIGTERM to this process ends the block too
+    (``sigterm_exits``): a benchmark cut by ``timeout`` leaves nothing running."""
+    with sigterm_exits():
+        with open(log_path, "w") as log:
+            log.write(f"$ {shlex.join(argv)}\n")
+            log.flush()
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **(env or {})})
+        try:
+            yield proc
+        finally:
+            # A process that died already left no process group: its exit, not this, is the error.
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, stop)
+                try:
+                    proc.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
 def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env: dict[str, str],
                   log_path: str | Path, ready_timeout_s: float = 400,
                   other_ports: tuple[int, ...] = (), cuda_graph_max_bs: int = 0,
@@ -93,29 +119,15 @@ def sglang_server(model_dir: str | Path, port: int, server_args: list[str], env:
 
     Refuses to start when ``port`` or one of ``other_ports`` (e.g. kvtier's metrics port) is taken,
     since the health check would otherwise talk to whatever already listens there. Stops the server
-    on SIGTERM too (``sigterm_exits``).
+    on SIGTERM too (``session_process``).
     """
     for p in (port, *other_ports):
         if port_in_use(p):
             sys.exit(f"port {p} is already in use (a server left running?); stop it or pick another port")
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port),
            *base_args(cuda_graph_max_bs, attention_backend), *server_args]
-    with sigterm_exits():
-        with open(log_path, "w") as log:
-            log.write(f"$ {shlex.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **env})
-        try:
-            yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
-        finally:
-            # A server that died at start left no process group: its exit, not this, is the error.
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+    with session_process(cmd, log_path, env) as proc:
+        yield wait_healthy(f"http://127.0.0.1:{port}", proc, log_path, ready_timeout_s)
 
 
 def generate(port: int, ids: list[int] | list[list[int]], max_new_tokens: int = 1,

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +35,7 @@ from bench_common import (
     summarize,
     write_dummy_model,
 )
-from sglang_server import generate, sglang_server, sigterm_exits
+from sglang_server import generate, session_process, sglang_server
 
 CHUNK_BYTES = 256 * model_shape(LLAMA3_8B, "")["kv_bytes_per_token"]  # 256-token chunks of the model served
 STORE_PORT, TOKEN = 9600, "shared-store-bench"
@@ -64,51 +61,44 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvtier-shared-"))
     model = write_dummy_model(work / "model")
     remote = f"kvtier://127.0.0.1:{STORE_PORT}?token={TOKEN}"
-    with sigterm_exits():
-        store_log = open(work / "store.log", "w")
-        store = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.launch.store", "--port", str(STORE_PORT), "--token", TOKEN,
-             "--chunk-bytes", str(CHUNK_BYTES), "--cpu-size-gb", str(args.store_gb)],
-            stdout=store_log, stderr=subprocess.STDOUT, start_new_session=True)
-        rng = random.Random(0)
-        shared = [[rng.randrange(1000, 120_000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        fresh = [[rng.randrange(1000, 120_000) for _ in range(args.doc_len)] for _ in range(args.docs)]
-        server_args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS]
-        # SGLang keeps (1 - fraction) of the whole GPU free for others, measured after the servers
-        # before it took theirs: the first server takes a small fraction, the second a large one.
-        args1, args2 = [*server_args, "--mem-fraction-static", "0.35"], [*server_args, "--mem-fraction-static", "0.75"]
-        common = {"KVTIER_CPU_SIZE_GB": "16", "KVTIER_REMOTE_URL": remote, "KVTIER_REMOTE_TIMEOUT_S": "10"}
-        (p1, m1), (p2, m2) = SERVERS
-        env1 = {**common, "KVTIER_WRITE_POLICY": "write_through", "KVTIER_REMOTE_WRITE_QUEUE": "512",
-                "KVTIER_METRICS_PORT": str(m1)}
-        env2 = {**common, "KVTIER_LOWER_TIER_WAIT_S": "10", "KVTIER_METRICS_PORT": str(m2)}
-        chunks_per_doc = args.doc_len // 256
-        try:
-            with sglang_server(model, p1, args1, env1, work / "server1.log", other_ports=(m1,)) as up1, \
-                    sglang_server(model, p2, args2, env2, work / "server2.log", other_ports=(m2,)) as up2:
-                print(f"servers up in {up1:.0f} s and {up2:.0f} s", flush=True)
-                url1, url2 = f"http://127.0.0.1:{m1}/metrics", f"http://127.0.0.1:{m2}/metrics"
-                server1 = [generate(p1, doc)[0] for doc in shared]
-                def pushes_ended() -> bool:
-                    m = scrape_metrics(url1)
-                    stored = m.get("kvtier_bytes_total{direction=in,tier=remote}", 0) // CHUNK_BYTES
-                    dropped = m.get("kvtier_dropped_puts_total{reason=remote_busy}", 0)
-                    return stored + dropped >= args.docs * chunks_per_doc
+    store_argv = [sys.executable, "-m", "kvtier.launch.store", "--port", str(STORE_PORT), "--token", TOKEN,
+                  "--chunk-bytes", str(CHUNK_BYTES), "--cpu-size-gb", str(args.store_gb)]
+    rng = random.Random(0)
+    shared = [[rng.randrange(1000, 120_000) for _ in range(args.doc_len)] for _ in range(args.docs)]
+    fresh = [[rng.randrange(1000, 120_000) for _ in range(args.doc_len)] for _ in range(args.docs)]
+    server_args = ["--load-format", "dummy", "--max-total-tokens", "40000", *KVTIER_ARGS]
+    # SGLang keeps (1 - fraction) of the whole GPU free for others, measured after the servers
+    # before it took theirs: the first server takes a small fraction, the second a large one.
+    args1, args2 = [*server_args, "--mem-fraction-static", "0.35"], [*server_args, "--mem-fraction-static", "0.75"]
+    common = {"KVTIER_CPU_SIZE_GB": "16", "KVTIER_REMOTE_URL": remote, "KVTIER_REMOTE_TIMEOUT_S": "10"}
+    (p1, m1), (p2, m2) = SERVERS
+    env1 = {**common, "KVTIER_WRITE_POLICY": "write_through", "KVTIER_REMOTE_WRITE_QUEUE": "512",
+            "KVTIER_METRICS_PORT": str(m1)}
+    env2 = {**common, "KVTIER_LOWER_TIER_WAIT_S": "10", "KVTIER_METRICS_PORT": str(m2)}
+    chunks_per_doc = args.doc_len // 256
+    with session_process(store_argv, work / "store.log"):
+        with sglang_server(model, p1, args1, env1, work / "server1.log", other_ports=(m1,)) as up1, \
+                sglang_server(model, p2, args2, env2, work / "server2.log", other_ports=(m2,)) as up2:
+            print(f"servers up in {up1:.0f} s and {up2:.0f} s", flush=True)
+            url1, url2 = f"http://127.0.0.1:{m1}/metrics", f"http://127.0.0.1:{m2}/metrics"
+            server1 = [generate(p1, doc)[0] for doc in shared]
+            def pushes_ended() -> bool:
+                m = scrape_metrics(url1)
+                stored = m.get("kvtier_bytes_total{direction=in,tier=remote}", 0) // CHUNK_BYTES
+                dropped = m.get("kvtier_dropped_puts_total{reason=remote_busy}", 0)
+                return stored + dropped >= args.docs * chunks_per_doc
 
-                wait_for(pushes_ended, 300, "server 1's chunks to reach the store",
-                         lambda: {k: v for k, v in scrape_metrics(url1).items() if k.startswith("kvtier") and v})
-                server1_metrics = kvtier_summary(counter_delta({}, scrape_metrics(url1)))
-                before = scrape_metrics(url2)
-                hits = []
-                for doc in shared:
-                    hits.append(generate(p2, doc)[0])
-                    print(f"server 2, shared document: {hits[-1]:.3f} s", flush=True)
-                mid = scrape_metrics(url2)
-                misses = [generate(p2, doc)[0] for doc in fresh]
-                after = scrape_metrics(url2)
-        finally:
-            os.killpg(store.pid, signal.SIGTERM)
-            store.wait(60)
+            wait_for(pushes_ended, 300, "server 1's chunks to reach the store",
+                     lambda: {k: v for k, v in scrape_metrics(url1).items() if k.startswith("kvtier") and v})
+            server1_metrics = kvtier_summary(counter_delta({}, scrape_metrics(url1)))
+            before = scrape_metrics(url2)
+            hits = []
+            for doc in shared:
+                hits.append(generate(p2, doc)[0])
+                print(f"server 2, shared document: {hits[-1]:.3f} s", flush=True)
+            mid = scrape_metrics(url2)
+            misses = [generate(p2, doc)[0] for doc in fresh]
+            after = scrape_metrics(url2)
 
     hit_delta = counter_delta(before, mid)
     fetch = hit_delta.get("kvtier_op_seconds_sum{op=read,tier=remote}", 0.0)

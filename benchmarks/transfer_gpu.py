@@ -289,7 +289,7 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                                                          "notify", "total")}
         with make_transport("cuda_ipc") as transport, spinning(spin):
             peer = transport.connect(descriptor, map_device=0)
-            target: list = []  # the regions last handed out and the copies into them, as _direct_target keeps them
+            target: list = [None]  # the CopyTarget last used, kept as _direct_target keeps it
             note = json.dumps(direct_note(1, "stage/bench", 0, tokens)).encode()
 
             def chunk() -> None:
@@ -298,9 +298,8 @@ def packer_run(buffer_bytes: int, count: int, tokens: int, warmup: int, repeats:
                 t0 = time.perf_counter()
                 regions = transport.peer_regions(peer, names)
                 t1 = time.perf_counter()
-                if not target or any(a is not b for a, b in zip(target[0], regions)):
-                    target[:] = [regions, packer.copy_target(regions)]
-                dst = target[1]
+                target[0] = packer.reuse_target(target[0], regions)
+                dst = target[0][1]
                 t2 = time.perf_counter()
                 gpu_s = packer.copy_rows(src_pages, dst, dst_pages, event)
                 t3 = time.perf_counter()

@@ -8,7 +8,7 @@ buffer with ``KVPool.gather`` / ``scatter`` (one launch per buffer group), in pa
 head slice instead (``kvtier.transfer.pd_heads.slice_plan``: the packing of a rank holding only
 those heads), column by column with torch copies; on the direct path ``Packer.copy_rows`` stores
 a request's pages straight into the destination pool's pages (the decode's buffers mapped by CUDA
-IPC) with ``RowCopy`` (checked once per mapping, ``copy_target``), one launch per buffer group, no
+IPC) with ``RowCopy`` (checked once per mapping, ``copy_target`` / ``reuse_target``), one launch per buffer group, no
 staging. Each of these returns the copy's own seconds: on a CUDA pool the GPU time between two
 CUDA events recorded around the launches on the Packer's stream (read after the stream sync the
 call ends with anyway), on a CPU pool the wall time of the torch copy; PD's
@@ -37,6 +37,9 @@ from kvtier.transfer.pd_heads import slice_plan
 from kvtier.transfer.pd_layout import kv_groups, page_rows, pages_outside
 
 logger = logging.getLogger(__name__)
+
+CopyTarget = tuple[list[torch.Tensor], list[RowCopy]]
+"""Another pool's mapped regions and the copies into them (``Packer.copy_target``)."""
 
 
 class _CudaMemory:
@@ -174,6 +177,13 @@ class Packer:
         dst = [r.view(-1, v.shape[1]) for r, v in zip(regions, self.views)]
         return [RowCopy.between(pool, KVPool.of([dst[i] for i in ks], [dst[i] for i in vs]))
                 for (pool, _), (ks, vs) in zip(self.groups, self.index_groups)]
+
+    def reuse_target(self, last: Optional[CopyTarget], regions: Sequence[torch.Tensor]) -> CopyTarget:
+        """``last`` if it was built for these very region objects (a transport hands out the same
+        mappings while they stay valid), else the regions with their ``copy_target``."""
+        if last is not None and len(last[0]) == len(regions) and all(a is b for a, b in zip(last[0], regions)):
+            return last
+        return list(regions), self.copy_target(regions)
 
     def copy_rows(self, pages: np.ndarray, dst: Sequence[RowCopy], dst_pages: np.ndarray,
                   wait: Optional[object] = None) -> float:

@@ -52,7 +52,7 @@ from sglang.srt.utils.network import NetworkAddress
 from kvtier.kernels.kv_pages import RowCopy
 from kvtier.sglang_ext.config import load_config
 from kvtier.sglang_ext.metrics import PDMetrics, pd_metrics_on
-from kvtier.sglang_ext.pd_io import Packer, staging_buffer, transport_kind, wrap_memory
+from kvtier.sglang_ext.pd_io import CopyTarget, Packer, staging_buffer, transport_kind, wrap_memory
 from kvtier.transfer.backends import open_transport
 from kvtier.transfer.base import TransferError
 from kvtier.transfer.pd_heads import HeadSlice, head_range, head_slice
@@ -129,7 +129,7 @@ class _DecodePeer:
     """Bytes of one packed page (of the slice) in its staging slots."""
     direct: Optional[list[str]] = None
     """On the direct path: the decode's KV buffers, as its transport regions; None: staged."""
-    target: Optional[tuple[list[torch.Tensor], list[RowCopy]]] = None
+    target: Optional[CopyTarget] = None
     """On the direct path: the mapped regions last handed out for ``direct`` and the copies into them
     (``Packer.copy_target``), reused while the transport hands out the same mappings."""
 
@@ -420,7 +420,7 @@ class KvtierKVManager(CommonKVManager):
             try:
                 direct = msg["direct"]["regions"]
                 regions = self.transport.peer_regions(transport_peer, direct)
-                target = (regions, self.packer.copy_target(regions))
+                target = self.packer.reuse_target(None, regions)
             except (TransferError, ValueError, RuntimeError) as e:
                 path, reason, direct = STAGED, f"this prefill cannot store into the decode's pool: {e}", None
         old = self.peers.get(peer_id)
@@ -669,9 +669,7 @@ class KvtierKVManager(CommonKVManager):
         except TransferError:
             peer.target = None  # holding the mappings would keep a dead decode's pool allocated
             raise
-        if peer.target is None or len(peer.target[0]) != len(regions) or any(
-                a is not b for a, b in zip(peer.target[0], regions)):
-            peer.target = (regions, self.packer.copy_target(regions))
+        peer.target = self.packer.reuse_target(peer.target, regions)
         return peer.target[1]
 
     def _send_done(self, chunk: Chunk, dst: _Destination, kv: Optional[dict] = None) -> None:

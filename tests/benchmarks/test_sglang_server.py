@@ -1,14 +1,19 @@
-"""The benchmarks' reading of SGLang's per-request time log, against the line SGLang 0.5.17's own ``Req`` writes."""
+"""The benchmarks' SGLang server: reading SGLang 0.5.17's per-request time log (against the line its own
+``Req`` writes), its start and stop."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
 import socket
+import sys
 import time
 from array import array
 
 import pytest
-from sglang_server import request_stages, sglang_server
+from sglang_server import request_stages, session_process, sglang_server
 
 
 def test_request_stages_reads_the_line_sglang_logs(caplog):
@@ -87,3 +92,41 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
             pass
     message = str(exit_info.value.code)
     assert "exited with 1" in message and "server.log" in message and "Error" in message
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_session_process_is_stopped_with_its_signal_or_killed_after_the_grace(tmp_path, stop):
+    """The block's end sends ``stop`` to the process's group; one that ignores it is killed after
+    ``grace_s``, and so is the child it started (same group), not left running."""
+    script = ("import os, signal, subprocess, sys, time\n"
+              f"signal.signal({int(stop)}, signal.SIG_IGN)\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              f"signal.signal({int(stop)}, signal.SIG_IGN); time.sleep(60)'])\n"
+              "print('pid=%d' % child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    log = tmp_path / "p.log"
+    t0 = time.monotonic()
+    with session_process([sys.executable, "-c", script], log, stop=stop, grace_s=1) as proc:
+        while not re.search(r"^pid=\d+$", log.read_text(), re.M):  # the command line holds the script
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+    assert proc.returncode == -signal.SIGKILL and time.monotonic() - t0 < 30
+    assert log.read_text().startswith(f"$ {sys.executable} -c ")
+    child = int(re.search(r"^pid=(\d+)$", log.read_text(), re.M)[1])
+    for _ in range(100):  # the group's SIGKILL reaches the child too; init reaps it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the child {child} outlived its session")
+
+
+def test_a_session_process_that_obeys_stops_at_once(tmp_path):
+    t0 = time.monotonic()
+    with session_process([sys.executable, "-c", "import time; print('u' + 'p', flush=True); time.sleep(60)"],
+                         tmp_path / "p.log") as proc:
+        while not re.search("^up$", (tmp_path / "p.log").read_text(), re.M):
+            time.sleep(0.05)
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - t0 < 30

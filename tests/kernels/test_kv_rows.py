@@ -79,7 +79,8 @@ def test_rows_land_bit_exact_and_nothing_else_moves(dtype, page_size):
 
 
 def test_a_row_copy_checked_once_copies_again_and_still_checks_each_call_s_rows():
-    """PD's direct path checks the two pools once (``RowCopy.of``) and then copies chunk after chunk:
+    """PD's direct path checks the two pools once (``RowCopy.between`` two ``KVPool.of``, as
+    ``RowCopy.of`` does) and then copies chunk after chunk:
     each copy lands like the reference's, and each call's rows are still range-checked."""
     gen = seeded("row-copy")
     src, dst, ref, _ = source_and_twin_destinations(torch.bfloat16, 16, gen)

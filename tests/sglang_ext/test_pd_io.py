@@ -120,6 +120,16 @@ def test_pages_move_bit_exact_pool_to_pool_into_wrapped_regions(device, page_siz
     with pytest.raises(ValueError, match=rf"^source pages \[-1, 2\] outside a pool of {n_pages} pages$"):
         sp.copy_rows(np.array([-1, 2]), sp.copy_target(regions), np.array([1, 2]))
     assert all(torch.equal(b.view(torch.uint8), a) for b, a in zip(dst_bufs, after))
+    # PD keeps the copies while the transport hands out the same mapping objects, rebuilds on others.
+    first = sp.reuse_target(None, regions)
+    assert sp.reuse_target(first, list(regions)) is first
+    remapped = sp.reuse_target(first, [r.view(-1) for r in regions])
+    assert remapped is not first and all(a is not b for a, b in zip(remapped[0], regions))
+    sp.copy_rows(src_pages[:1], remapped[1], dst_pages[-1:])  # the new target copies
+    assert torch.equal(dst_bufs[0].view(torch.uint8)[rows(dst_pages[-1:]).to(device)],
+                       src_bufs[0].view(torch.uint8)[rows(src_pages[:1]).to(device)])
+    with pytest.raises(ValueError, match="the destination pool has 3 KV buffers"):
+        sp.reuse_target(first, regions[:3])
 
 
 @pytest.mark.parametrize("device", DEVICES)
